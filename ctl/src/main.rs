@@ -1,0 +1,2 @@
+//! `ctl`: the command-line client of pagerd's control socket.
+fn main() {}

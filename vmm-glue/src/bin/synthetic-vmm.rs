@@ -1,0 +1,155 @@
+//! `synthetic-vmm`: restores guest memory like Firecracker, hands its uffd to a page server and
+//! runs a script of steps against it, printing one JSON line per step on stdout.
+//!
+//! ```text
+//! synthetic-vmm --snapshot mem.bin --socket fork.sock --region 4M@0 --region 1M@8M \
+//!     verify dontneed:0:64K verify wait verify
+//! ```
+//!
+//! Steps: `verify` (every page), `verify:OFF:LEN` (one guest range), `dontneed:OFF:LEN`,
+//! `wait` (prints `waiting`, reads a line from stdin), `hold` (waits for stdin to close),
+//! `churn` (touch everything, give it all back, forever), `touch-outside` (fault in the
+//! registered but undeclared tail). Sizes take K, M and G suffixes. Exit status 1 means a page
+//! held the wrong bytes; the offending page is printed.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm_glue::synthetic::{AccessOrder, AccessPath, GuestMemory, RegionSpec};
+
+/// Restores guest memory like Firecracker and checks it against the snapshot.
+#[derive(Debug, Parser)]
+struct Args {
+    /// The snapshot memory file (what every page must hold).
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// The page server's handoff socket. Without it, guest memory is the file mapped
+    /// MAP_PRIVATE (Firecracker's File backend).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// A region as SIZE@FILE_OFFSET; repeat for several. Default: the whole file as one.
+    #[arg(long = "region", value_parser = parse_region)]
+    regions: Vec<RegionSpec>,
+    /// Back guest memory with 2 MiB hugetlbfs pages.
+    #[arg(long)]
+    hugepages: bool,
+    /// Page order for `verify`.
+    #[arg(long, value_enum, default_value = "sequential")]
+    order: AccessOrder,
+    /// How `verify` reads guest memory.
+    #[arg(long, value_enum, default_value = "user")]
+    access: AccessPath,
+    /// Register this many bytes past the last region without declaring them.
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    undeclared_tail: u64,
+    /// The steps to run, in order.
+    steps: Vec<String>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, mult) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n = if let Some(hex) = digits.strip_prefix("0x") {
+        u64::from_str_radix(hex, 16)
+    } else {
+        digits.parse()
+    };
+    n.map(|n| n * mult)
+        .map_err(|e| format!("bad size `{s}`: {e}"))
+}
+
+fn parse_region(s: &str) -> Result<RegionSpec, String> {
+    let (size, offset) = s.split_once('@').ok_or("a region is SIZE@FILE_OFFSET")?;
+    Ok(RegionSpec {
+        size: parse_size(size)?,
+        file_offset: parse_size(offset)?,
+    })
+}
+
+fn parse_range(rest: &str) -> Result<(u64, u64), String> {
+    let (off, len) = rest.split_once(':').ok_or("a range is OFF:LEN")?;
+    Ok((parse_size(off)?, parse_size(len)?))
+}
+
+fn emit(value: serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let layout = if args.regions.is_empty() {
+        vec![RegionSpec {
+            size: std::fs::metadata(&args.snapshot)?.len(),
+            file_offset: 0,
+        }]
+    } else {
+        args.regions.clone()
+    };
+    let mut memory;
+    let _connection;
+    if let Some(socket) = &args.socket {
+        memory = GuestMemory::map_for_uffd(
+            &args.snapshot,
+            &layout,
+            args.hugepages,
+            args.undeclared_tail,
+        )?;
+        _connection = Some(memory.hand_off(socket)?);
+        emit(serde_json::json!({"event": "handed_off", "pid": std::process::id()}));
+    } else {
+        memory = GuestMemory::map_file(&args.snapshot, &layout)?;
+        _connection = None;
+    }
+    let stdin = std::io::stdin();
+    for step in &args.steps {
+        match step.split_once(':').unwrap_or((step, "")) {
+            ("verify", range) => {
+                let range = if range.is_empty() {
+                    None
+                } else {
+                    Some(parse_range(range)?)
+                };
+                let report = memory.verify(range, args.order, args.access)?;
+                emit(serde_json::json!({"event": "verified", "report": report}));
+            }
+            ("dontneed", range) => {
+                let (off, len) = parse_range(range)?;
+                memory.dont_need(off, len)?;
+                emit(serde_json::json!({"event": "dontneed", "offset": off, "len": len}));
+            }
+            ("wait", _) => {
+                emit(serde_json::json!({"event": "waiting"}));
+                stdin.lock().read_line(&mut String::new())?;
+            }
+            ("hold", _) => {
+                emit(serde_json::json!({"event": "holding"}));
+                std::io::copy(&mut stdin.lock(), &mut std::io::sink())?;
+            }
+            ("touch-outside", _) => {
+                memory.touch_undeclared_tail()?;
+                emit(serde_json::json!({"event": "touched_outside"}));
+            }
+            ("churn", _) => memory.churn(|| emit(serde_json::json!({"event": "churning"})))?,
+            (other, _) => return Err(format!("unknown step `{other}`").into()),
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            emit(serde_json::json!({"event": "error", "message": e.to_string()}));
+            eprintln!("synthetic-vmm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
