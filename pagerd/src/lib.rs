@@ -1,1 +1,24 @@
-//! pagerd
+//! pagerd: one daemon serving the memory of many forked microVMs from shared snapshot files.
+//!
+//! ```text
+//!   VMM ──uffd handoff──▶ serve::acceptor ──Session──▶ serve::worker (×cores) ──UFFDIO_COPY──▶ VMM
+//!                                 │                          ▲
+//!   ctl ──JSON──▶ control ──▶ daemon::Daemon ──▶ registry (snapshots, forks, stats)
+//! ```
+//!
+//! - [`snapshot`]: an immutable memory file mapped once, read-only, with its zero-page map.
+//! - [`serve`]: handoff sockets, worker threads, and the fault path.
+//! - [`registry`]: snapshots and forks in memory, fork states, waiting on state changes.
+//! - [`control`]: the JSON control socket; [`daemon`] answers it and runs everything.
+
+pub mod bitmap;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod ids;
+pub mod ratelimit;
+pub mod registry;
+pub mod serve;
+pub mod snapshot;
+pub mod stats;
+pub mod sys;

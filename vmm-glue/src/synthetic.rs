@@ -463,9 +463,9 @@ impl PageReader {
 
     fn read(&mut self, addr: usize) -> io::Result<&[u8]> {
         match self.path {
-            // SAFETY: `addr..addr + page` is one page of our own guest mapping, alive for
-            // the duration of the borrow of `self`.
             AccessPath::User => {
+                // SAFETY: `addr..addr + page` is one page of our own guest mapping, which
+                // outlives the borrow of `self`.
                 Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, self.page) })
             }
             AccessPath::Pipe => {

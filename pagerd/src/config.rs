@@ -1,0 +1,79 @@
+//! The daemon's command line.
+//!
+//! Snapshots and forks can be given up front (`--snapshot ID=PATH`, `--fork ID=SNAPSHOT`), and
+//! forks created later on the control socket.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::ids::Id;
+
+/// pagerd: serves forked microVMs' memory from shared snapshot files over userfaultfd.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+pub struct Config {
+    /// Directory for runtime files: the control socket and `forks/<id>.sock` handoff sockets.
+    #[arg(long, default_value = "/run/pagerd")]
+    pub run_dir: PathBuf,
+    /// Control socket path [default: RUN_DIR/control.sock].
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
+    /// A snapshot to serve, as ID=PATH to its memory file. Repeatable.
+    #[arg(long = "snapshot", value_parser = parse_pair)]
+    pub snapshots: Vec<(Id, PathBuf)>,
+    /// A fork to create at start, as ID=SNAPSHOT_ID. Repeatable.
+    #[arg(long = "fork", value_parser = parse_fork)]
+    pub forks: Vec<(Id, Id)>,
+    /// Worker threads serving faults [default: the number of cores].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Pages served per fault: the faulting 4 KiB page plus the missing pages after it, up to
+    /// the next multiple of this many pages. 1 disables fault-around.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=512))]
+    pub fault_around: u64,
+    /// How long a VMM may take to send its handoff message after connecting, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    pub handoff_timeout_ms: u64,
+    /// How long an idle control connection is kept, in ms.
+    #[arg(long, default_value_t = 60_000)]
+    pub control_idle_timeout_ms: u64,
+    /// Log filter (tracing's env-filter syntax), also read from PAGERD_LOG.
+    #[arg(long, default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// The control socket path.
+    pub fn control_socket(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| self.run_dir.join("control.sock"))
+    }
+
+    /// Worker threads to start.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// The handoff timeout.
+    pub fn handoff_timeout(&self) -> Duration {
+        Duration::from_millis(self.handoff_timeout_ms)
+    }
+}
+
+fn parse_pair(s: &str) -> Result<(Id, PathBuf), String> {
+    let (id, rest) = s.split_once('=').ok_or("expected ID=VALUE")?;
+    Ok((id.parse().map_err(|e| format!("{e}"))?, PathBuf::from(rest)))
+}
+
+fn parse_fork(s: &str) -> Result<(Id, Id), String> {
+    let (id, snapshot) = parse_pair(s)?;
+    let snapshot = snapshot
+        .to_string_lossy()
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    Ok((id, snapshot))
+}

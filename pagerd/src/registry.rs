@@ -1,0 +1,363 @@
+//! The daemon's in-memory view of snapshots and forks, and what each fork is doing.
+//!
+//! A fork moves `waiting` (its handoff socket is listening) → `serving` (a VMM handed over
+//! its uffd and a worker serves it) → `ended` (the VMM exited, or the fork was closed). Every
+//! state change notifies one condition variable, so callers can wait for a state with a
+//! deadline instead of polling.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::ids::Id;
+use crate::snapshot::Snapshot;
+use crate::stats::{ForkStats, ForkStatsReport};
+
+/// Where a fork is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForkState {
+    /// The handoff socket listens; no VMM has handed over a uffd yet.
+    Waiting,
+    /// A VMM's uffd is being served.
+    Serving,
+    /// Serving stopped; the record stays until the fork is closed.
+    Ended,
+}
+
+/// What a fork is doing, guarded by the fork's lock.
+#[derive(Debug, Clone)]
+pub struct ForkStatus {
+    /// The state.
+    pub state: ForkState,
+    /// The VMM's pid, from `SO_PEERCRED`, once a VMM has connected.
+    pub vmm_pid: Option<i32>,
+    /// The uffd features the VMM negotiated, read from the fd's `fdinfo`.
+    pub uffd_features: Option<u64>,
+    /// Why serving ended.
+    pub end_reason: Option<String>,
+    /// The last handoff refused on this fork's socket, with its reason code.
+    pub last_handoff_error: Option<(String, String)>,
+    /// Which worker serves the fork.
+    pub worker: Option<usize>,
+}
+
+/// One fork of a snapshot.
+#[derive(Debug)]
+pub struct Fork {
+    id: Id,
+    snapshot: Arc<Snapshot>,
+    handoff_socket: PathBuf,
+    created: SystemTime,
+    status: Mutex<ForkStatus>,
+    /// Serving counters.
+    pub stats: ForkStats,
+}
+
+impl Fork {
+    /// The fork's id.
+    pub fn id(&self) -> &Id {
+        &self.id
+    }
+
+    /// The snapshot it serves.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+
+    /// The socket its VMM must connect to.
+    pub fn handoff_socket(&self) -> &PathBuf {
+        &self.handoff_socket
+    }
+
+    /// A copy of the fork's status.
+    pub fn status(&self) -> ForkStatus {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ForkStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A description for the control socket.
+    pub fn info(&self) -> ForkInfo {
+        let st = self.status();
+        ForkInfo {
+            id: self.id.clone(),
+            snapshot: self.snapshot.id().clone(),
+            state: st.state,
+            handoff_socket: self.handoff_socket.clone(),
+            vmm_pid: st.vmm_pid,
+            uffd_features: st.uffd_features,
+            worker: st.worker,
+            end_reason: st.end_reason,
+            last_handoff_error: st
+                .last_handoff_error
+                .map(|(reason, message)| HandoffErrorInfo { reason, message }),
+            created_unix_ms: unix_ms(self.created),
+            stats: self.stats.report(),
+        }
+    }
+}
+
+/// A refused handoff, as reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct HandoffErrorInfo {
+    /// Stable reason code (see `vmm_glue::handoff::HandoffError::reason`).
+    pub reason: String,
+    /// Human-readable message.
+    pub message: String,
+}
+
+/// A fork as the control socket reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ForkInfo {
+    /// Fork id.
+    pub id: Id,
+    /// Snapshot id.
+    pub snapshot: Id,
+    /// State.
+    pub state: ForkState,
+    /// The socket to give the VMM.
+    pub handoff_socket: PathBuf,
+    /// The VMM's pid.
+    pub vmm_pid: Option<i32>,
+    /// Negotiated uffd features.
+    pub uffd_features: Option<u64>,
+    /// Serving worker.
+    pub worker: Option<usize>,
+    /// Why serving ended.
+    pub end_reason: Option<String>,
+    /// The last refused handoff.
+    pub last_handoff_error: Option<HandoffErrorInfo>,
+    /// Creation time, ms since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Serving counters.
+    pub stats: ForkStatsReport,
+}
+
+/// A snapshot as the control socket reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SnapshotInfo {
+    /// Snapshot id.
+    pub id: Id,
+    /// Memory file.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// Granularity of the zero-page map.
+    pub page_size: u64,
+    /// 4 KiB pages that are all zeros.
+    pub zero_pages: u64,
+    /// Time the memory file was written, ms since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Forks (not ended) that reference it.
+    pub ref_count: usize,
+    /// Their ids.
+    pub forks: Vec<Id>,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Errors of registry operations.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No snapshot by that id.
+    #[error("no snapshot `{0}`")]
+    NoSnapshot(Id),
+    /// No fork by that id.
+    #[error("no fork `{0}`")]
+    NoFork(Id),
+    /// The id is taken.
+    #[error("{kind} `{id}` already exists")]
+    Exists {
+        /// "snapshot" or "fork".
+        kind: &'static str,
+        /// The id.
+        id: Id,
+    },
+    /// The wait ran out.
+    #[error("fork `{fork}` did not reach state {want:?} within {timeout_ms} ms (it is {now:?})")]
+    WaitTimedOut {
+        /// The fork.
+        fork: Id,
+        /// The state waited for.
+        want: ForkState,
+        /// The state it is in.
+        now: ForkState,
+        /// The time allowed.
+        timeout_ms: u64,
+    },
+}
+
+/// All snapshots and forks of the daemon.
+#[derive(Debug, Default)]
+pub struct Registry {
+    snapshots: Mutex<BTreeMap<Id, Arc<Snapshot>>>,
+    forks: Mutex<BTreeMap<Id, Arc<Fork>>>,
+    changed: Condvar,
+    /// Paired with `changed`; holds nothing.
+    change_lock: Mutex<()>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a snapshot.
+    pub fn add_snapshot(&self, snapshot: Snapshot) -> Result<Arc<Snapshot>, RegistryError> {
+        let mut map = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(snapshot.id()) {
+            return Err(RegistryError::Exists {
+                kind: "snapshot",
+                id: snapshot.id().clone(),
+            });
+        }
+        let snapshot = Arc::new(snapshot);
+        map.insert(snapshot.id().clone(), snapshot.clone());
+        Ok(snapshot)
+    }
+
+    /// A snapshot by id.
+    pub fn snapshot(&self, id: &Id) -> Result<Arc<Snapshot>, RegistryError> {
+        let map = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(id)
+            .cloned()
+            .ok_or_else(|| RegistryError::NoSnapshot(id.clone()))
+    }
+
+    /// Every snapshot, by id.
+    pub fn snapshots(&self) -> Vec<Arc<Snapshot>> {
+        let map = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
+    }
+
+    /// Describes a snapshot, with the forks that reference it.
+    pub fn snapshot_info(&self, snapshot: &Snapshot) -> SnapshotInfo {
+        let forks: Vec<Id> = self
+            .forks()
+            .into_iter()
+            .filter(|f| f.snapshot.id() == snapshot.id() && f.status().state != ForkState::Ended)
+            .map(|f| f.id.clone())
+            .collect();
+        SnapshotInfo {
+            id: snapshot.id().clone(),
+            path: snapshot.path().to_owned(),
+            size: snapshot.size(),
+            page_size: crate::snapshot::ZERO_MAP_PAGE,
+            zero_pages: snapshot.zero_page_count(),
+            created_unix_ms: unix_ms(snapshot.created()),
+            ref_count: forks.len(),
+            forks,
+        }
+    }
+
+    /// Adds a fork in state `waiting`.
+    pub fn add_fork(
+        &self,
+        id: Id,
+        snapshot: Arc<Snapshot>,
+        handoff_socket: PathBuf,
+    ) -> Result<Arc<Fork>, RegistryError> {
+        let mut map = self.forks.lock().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(&id) {
+            return Err(RegistryError::Exists { kind: "fork", id });
+        }
+        let fork = Arc::new(Fork {
+            id: id.clone(),
+            snapshot,
+            handoff_socket,
+            created: SystemTime::now(),
+            status: Mutex::new(ForkStatus {
+                state: ForkState::Waiting,
+                vmm_pid: None,
+                uffd_features: None,
+                end_reason: None,
+                last_handoff_error: None,
+                worker: None,
+            }),
+            stats: ForkStats::default(),
+        });
+        map.insert(id, fork.clone());
+        drop(map);
+        self.notify();
+        Ok(fork)
+    }
+
+    /// A fork by id.
+    pub fn fork(&self, id: &Id) -> Result<Arc<Fork>, RegistryError> {
+        let map = self.forks.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(id)
+            .cloned()
+            .ok_or_else(|| RegistryError::NoFork(id.clone()))
+    }
+
+    /// Every fork, by id.
+    pub fn forks(&self) -> Vec<Arc<Fork>> {
+        let map = self.forks.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
+    }
+
+    /// Forgets a fork.
+    pub fn remove_fork(&self, id: &Id) -> Result<Arc<Fork>, RegistryError> {
+        let mut map = self.forks.lock().unwrap_or_else(|p| p.into_inner());
+        let fork = map
+            .remove(id)
+            .ok_or_else(|| RegistryError::NoFork(id.clone()))?;
+        drop(map);
+        self.notify();
+        Ok(fork)
+    }
+
+    /// Changes a fork's status and wakes every waiter.
+    pub fn update(&self, fork: &Fork, change: impl FnOnce(&mut ForkStatus)) {
+        change(&mut fork.lock());
+        self.notify();
+    }
+
+    fn notify(&self) {
+        let _guard = self.change_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.changed.notify_all();
+    }
+
+    /// Waits until the fork is in `want` (or has gone past it), for at most `timeout`.
+    pub fn wait_for_state(
+        &self,
+        id: &Id,
+        want: ForkState,
+        timeout: Duration,
+    ) -> Result<Arc<Fork>, RegistryError> {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.change_lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let fork = self.fork(id)?;
+            let now = fork.status().state;
+            if now == want || (want == ForkState::Serving && now == ForkState::Ended) {
+                return Ok(fork);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RegistryError::WaitTimedOut {
+                    fork: id.clone(),
+                    want,
+                    now,
+                    timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+            guard = self
+                .changed
+                .wait_timeout(guard, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! The handoff acceptor: one thread listening on every waiting fork's handoff socket.
+//!
+//! ```text
+//!   listener (fork f) ─accept─▶ pending connection ─HandoffReceiver::poll─▶ complete?
+//!        ├─ refused (no/several fds, bad JSON, bad regions, timeout …) ─▶ error line to the
+//!        │     peer, close, note it on the fork; the fork keeps waiting for a good handoff
+//!        └─ accepted ─▶ Session ─▶ least-loaded worker; the fork's listener is closed
+//! ```
+//!
+//! Connections are non-blocking and read as data arrives, so a client that connects and sends
+//! nothing (or sends slowly) holds up no one; it is dropped when its deadline passes.
+
+use std::io::{self, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::net::{UnixListener, UnixStream as MioUnixStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use vmm_glue::fdpass::{self, HandoffReceiver, ReceivedHandoff};
+use vmm_glue::handoff::{self, HandoffError};
+
+use crate::ids::Id;
+use crate::registry::{Fork, ForkState, Registry};
+use crate::serve::session::{ServeOptions, Session};
+use crate::serve::uffd::Userfaultfd;
+use crate::serve::worker::{Command, WorkerHandle};
+use crate::sys;
+
+const WAKER: Token = Token(usize::MAX);
+
+/// What the acceptor can be asked to do.
+#[derive(Debug)]
+pub enum AcceptorCommand {
+    /// Start accepting handoffs for a fork on this listener.
+    Listen(Arc<Fork>, std::os::unix::net::UnixListener),
+    /// Stop accepting for a fork: close its listener and pending connections.
+    Forget {
+        /// The fork.
+        fork: Id,
+        /// Signalled when done.
+        done: Sender<()>,
+    },
+    /// Close everything and exit.
+    Shutdown,
+}
+
+/// Handle on the acceptor thread.
+#[derive(Debug)]
+pub struct AcceptorHandle {
+    tx: Sender<AcceptorCommand>,
+    waker: Waker,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl AcceptorHandle {
+    /// Starts the acceptor.
+    pub fn spawn(
+        registry: Arc<Registry>,
+        workers: Arc<Vec<WorkerHandle>>,
+        options: ServeOptions,
+        handoff_timeout: Duration,
+    ) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        let (tx, rx) = mpsc::channel();
+        let mut acceptor = Acceptor {
+            poll,
+            rx,
+            registry,
+            workers,
+            options,
+            handoff_timeout,
+            listeners: Slab::new(),
+            pending: Slab::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("pagerd-handoff".into())
+            .spawn(move || acceptor.run())?;
+        Ok(Self {
+            tx,
+            waker,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Sends a command; `false` if the acceptor has exited.
+    pub fn send(&self, command: AcceptorCommand) -> bool {
+        let sent = self.tx.send(command).is_ok();
+        if let Err(e) = self.waker.wake() {
+            tracing::error!(error = %e, "cannot wake the handoff acceptor");
+        }
+        sent
+    }
+
+    /// Stops the acceptor and waits for it.
+    pub fn shutdown(&self) {
+        self.send(AcceptorCommand::Shutdown);
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Listening {
+    fork: Arc<Fork>,
+    listener: UnixListener,
+}
+
+struct Pending {
+    fork: Arc<Fork>,
+    stream: MioUnixStream,
+    receiver: HandoffReceiver,
+    peer_pid: Option<i32>,
+    deadline: Instant,
+}
+
+struct Acceptor {
+    poll: Poll,
+    rx: Receiver<AcceptorCommand>,
+    registry: Arc<Registry>,
+    workers: Arc<Vec<WorkerHandle>>,
+    options: ServeOptions,
+    handoff_timeout: Duration,
+    listeners: Slab<Listening>,
+    pending: Slab<Pending>,
+}
+
+/// Why an accepted, complete handoff could not be attached.
+#[derive(Debug, thiserror::Error)]
+enum AttachError {
+    #[error(transparent)]
+    Handoff(#[from] HandoffError),
+    #[error("fork `{0}` already has a VMM")]
+    AlreadyServing(Id),
+    #[error("cannot set up serving")]
+    Setup(#[source] io::Error),
+    #[error("no worker is running")]
+    NoWorker,
+}
+
+impl AttachError {
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Handoff(e) => e.reason(),
+            Self::AlreadyServing(_) => "already_serving",
+            Self::Setup(_) => "setup_failed",
+            Self::NoWorker => "no_worker",
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Handoff(_) => "invalid_argument",
+            Self::AlreadyServing(_) => "conflict",
+            Self::Setup(_) => "internal",
+            Self::NoWorker => "unavailable",
+        }
+    }
+}
+
+fn listener_token(key: usize) -> Token {
+    Token(key * 2)
+}
+
+fn pending_token(key: usize) -> Token {
+    Token(key * 2 + 1)
+}
+
+impl Acceptor {
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(64);
+        loop {
+            let timeout = self
+                .pending
+                .iter()
+                .map(|(_, p)| p.deadline)
+                .min()
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(error = %e, "handoff poll failed; the acceptor stops");
+                return;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => {
+                        if !self.commands() {
+                            self.close_all();
+                            return;
+                        }
+                    }
+                    Token(t) if t % 2 == 0 => self.accept(t / 2),
+                    Token(t) => self.read_pending(t / 2),
+                }
+            }
+            self.expire();
+        }
+    }
+
+    fn commands(&mut self) -> bool {
+        while let Ok(command) = self.rx.try_recv() {
+            match command {
+                AcceptorCommand::Listen(fork, listener) => self.listen(fork, listener),
+                AcceptorCommand::Forget { fork, done } => {
+                    self.forget(&fork);
+                    let _ = done.send(());
+                }
+                AcceptorCommand::Shutdown => return false,
+            }
+        }
+        true
+    }
+
+    fn listen(&mut self, fork: Arc<Fork>, listener: std::os::unix::net::UnixListener) {
+        if let Err(e) = listener.set_nonblocking(true) {
+            tracing::error!(fork = %fork.id(), error = %e, "cannot make the handoff socket non-blocking");
+            return;
+        }
+        let mut listener = UnixListener::from_std(listener);
+        let entry = self.listeners.vacant_entry();
+        if let Err(e) = self.poll.registry().register(
+            &mut listener,
+            listener_token(entry.key()),
+            Interest::READABLE,
+        ) {
+            tracing::error!(fork = %fork.id(), error = %e, "cannot watch the handoff socket");
+            return;
+        }
+        entry.insert(Listening { fork, listener });
+    }
+
+    fn forget(&mut self, fork: &Id) {
+        let keys: Vec<usize> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.fork.id() == fork)
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            self.close_listener(key);
+        }
+        let keys: Vec<usize> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.fork.id() == fork)
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            self.drop_pending(key);
+        }
+    }
+
+    fn close_listener(&mut self, key: usize) {
+        if let Some(mut l) = self.listeners.try_remove(key) {
+            let _ = self.poll.registry().deregister(&mut l.listener);
+            let _ = std::fs::remove_file(l.fork.handoff_socket());
+        }
+    }
+
+    fn drop_pending(&mut self, key: usize) -> Option<Pending> {
+        let mut p = self.pending.try_remove(key)?;
+        let _ = self.poll.registry().deregister(&mut p.stream);
+        Some(p)
+    }
+
+    fn close_all(&mut self) {
+        let keys: Vec<usize> = self.listeners.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close_listener(key);
+        }
+        let keys: Vec<usize> = self.pending.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.drop_pending(key);
+        }
+    }
+
+    fn accept(&mut self, key: usize) {
+        loop {
+            let Some(l) = self.listeners.get(key) else {
+                return;
+            };
+            let (mut stream, _) = match l.listener.accept() {
+                Ok(conn) => conn,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(fork = %l.fork.id(), error = %e, "accept failed");
+                    return;
+                }
+            };
+            let fork = l.fork.clone();
+            let peer_pid = fdpass::peer_pid(&stream).ok().flatten();
+            let entry = self.pending.vacant_entry();
+            let pkey = entry.key();
+            if let Err(e) =
+                self.poll
+                    .registry()
+                    .register(&mut stream, pending_token(pkey), Interest::READABLE)
+            {
+                tracing::warn!(fork = %fork.id(), error = %e, "cannot watch a handoff connection");
+                continue;
+            }
+            entry.insert(Pending {
+                fork,
+                stream,
+                receiver: HandoffReceiver::new(),
+                peer_pid,
+                deadline: Instant::now() + self.handoff_timeout,
+            });
+            // Data that arrived with the connection will not raise a new edge.
+            self.read_pending(pkey);
+        }
+    }
+
+    fn read_pending(&mut self, key: usize) {
+        let Some(p) = self.pending.get_mut(key) else {
+            return;
+        };
+        let result = {
+            let std_stream = borrow_std(&p.stream);
+            p.receiver.poll(&std_stream)
+        };
+        match result {
+            Ok(None) => {}
+            Ok(Some(handoff)) => {
+                let p = self.drop_pending(key).expect("pending entry exists");
+                self.attach(p, handoff);
+            }
+            Err(e) => {
+                let p = self.drop_pending(key).expect("pending entry exists");
+                self.refuse(p, AttachError::Handoff(e));
+            }
+        }
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<usize> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for key in expired {
+            let p = self.drop_pending(key).expect("pending entry exists");
+            let timeout_ms = u64::try_from(self.handoff_timeout.as_millis()).unwrap_or(u64::MAX);
+            self.refuse(
+                p,
+                AttachError::Handoff(HandoffError::TimedOut { timeout_ms }),
+            );
+        }
+    }
+
+    fn refuse(&mut self, p: Pending, error: AttachError) {
+        tracing::warn!(fork = %p.fork.id(), peer_pid = p.peer_pid, reason = error.reason(),
+            error = %error_chain(&error), "handoff refused");
+        let line = serde_json::json!({
+            "ok": false,
+            "error": {"code": error.code(), "reason": error.reason(), "message": error_chain(&error)},
+        });
+        reply(&p.stream, &line);
+        self.registry.update(&p.fork, |s| {
+            s.last_handoff_error = Some((error.reason().to_owned(), error_chain(&error)));
+        });
+    }
+
+    fn attach(&mut self, p: Pending, handoff: ReceivedHandoff) {
+        match self.try_attach(&p, handoff) {
+            Ok(session) => {
+                reply(
+                    &p.stream,
+                    &serde_json::json!({"ok": true, "fork": p.fork.id()}),
+                );
+                let fork = p.fork.clone();
+                let stream = borrow_std(&p.stream).try_clone();
+                drop(p);
+                self.start_session(fork, session, stream);
+            }
+            Err(e) => self.refuse(p, e),
+        }
+    }
+
+    /// Checks the handoff against the fork's snapshot and builds its session (without the
+    /// connection, which is added once the reply is written).
+    fn try_attach(
+        &self,
+        p: &Pending,
+        handoff: ReceivedHandoff,
+    ) -> Result<PreparedSession, AttachError> {
+        handoff::validate(&handoff.regions, p.fork.snapshot().size())?;
+        if p.fork.status().state != ForkState::Waiting {
+            return Err(AttachError::AlreadyServing(p.fork.id().clone()));
+        }
+        let uffd = Userfaultfd::new(handoff.uffd).map_err(AttachError::Setup)?;
+        let pidfd = match p.peer_pid.map(sys::pidfd_open) {
+            Some(Ok(fd)) => Some(fd),
+            Some(Err(e)) => return Err(AttachError::Setup(e)),
+            None => None,
+        };
+        let worker = (0..self.workers.len())
+            .min_by_key(|&i| self.workers[i].load())
+            .ok_or(AttachError::NoWorker)?;
+        Ok(PreparedSession {
+            uffd,
+            pidfd,
+            regions: handoff.regions,
+            worker,
+            peer_pid: p.peer_pid,
+        })
+    }
+
+    fn start_session(
+        &mut self,
+        fork: Arc<Fork>,
+        prepared: PreparedSession,
+        stream: io::Result<UnixStream>,
+    ) {
+        let connection = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(fork = %fork.id(), error = %e, "cannot keep the handoff connection");
+                return;
+            }
+        };
+        let features = prepared.uffd.features();
+        if features.is_some_and(|f| f & crate::serve::uffd::FEATURE_EVENT_REMOVE == 0) {
+            tracing::warn!(fork = %fork.id(), "the VMM did not negotiate UFFD_FEATURE_EVENT_REMOVE; \
+                pages it gives back cannot be tracked");
+        }
+        let session = Session::new(
+            fork.clone(),
+            prepared.uffd,
+            prepared.pidfd,
+            connection,
+            prepared.regions,
+            self.options,
+        );
+        self.registry.update(&fork, |s| {
+            s.state = ForkState::Serving;
+            s.vmm_pid = prepared.peer_pid;
+            s.uffd_features = features;
+            s.worker = Some(prepared.worker);
+        });
+        // One VMM per fork: nobody else may connect now.
+        let keys: Vec<usize> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| Arc::ptr_eq(&l.fork, &fork))
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            self.close_listener(key);
+        }
+        if self.workers[prepared.worker]
+            .send(Command::Attach(Box::new(session)))
+            .is_err()
+        {
+            tracing::error!(fork = %fork.id(), "worker has exited; the fork cannot be served");
+            self.registry.update(&fork, |s| {
+                s.state = ForkState::Ended;
+                s.end_reason = Some("no_worker".into());
+            });
+        }
+    }
+}
+
+struct PreparedSession {
+    uffd: Userfaultfd,
+    pidfd: Option<std::os::fd::OwnedFd>,
+    regions: Vec<vmm_glue::handoff::GuestRegionUffdMapping>,
+    worker: usize,
+    peer_pid: Option<i32>,
+}
+
+/// A std view of a mio stream's descriptor, without taking ownership.
+fn borrow_std(stream: &MioUnixStream) -> std::mem::ManuallyDrop<UnixStream> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: the descriptor stays owned by `stream`, which outlives the returned view; the
+    // view is never dropped (ManuallyDrop), so the descriptor is not closed twice.
+    std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(stream.as_raw_fd()) })
+}
+
+/// Best effort: one JSON line to the VMM. Firecracker never reads it; synthetic VMMs and
+/// operators debugging a refused handoff can.
+fn reply(stream: &MioUnixStream, line: &serde_json::Value) {
+    let mut text = line.to_string();
+    text.push('\n');
+    let mut writer: &MioUnixStream = stream;
+    let _ = writer.write_all(text.as_bytes());
+}
+
+/// `error: cause: cause` on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Where a fork's handoff socket lives.
+pub fn handoff_socket_path(forks_dir: &std::path::Path, fork: &Id) -> PathBuf {
+    forks_dir.join(format!("{fork}.sock"))
+}

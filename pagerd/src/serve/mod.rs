@@ -1,0 +1,176 @@
+//! Serving forks over userfaultfd: workers, the handoff acceptor, and the fault path.
+//!
+//! [`Server`] owns a pool of [`worker`]s (default: one per core) and the [`acceptor`]. Creating
+//! a fork binds its handoff socket; when a VMM hands over its uffd there, the acceptor
+//! validates the regions against the snapshot and gives the new [`session`] to the least
+//! loaded worker, which serves its faults until the VMM exits or the fork is closed.
+
+pub mod acceptor;
+pub mod session;
+pub mod uffd;
+pub mod worker;
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use acceptor::{AcceptorCommand, AcceptorHandle};
+use session::ServeOptions;
+use worker::{Command, WorkerHandle};
+
+use crate::ids::Id;
+use crate::registry::{Fork, ForkState, Registry, RegistryError};
+
+/// The longest path a Unix socket address can hold, less the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+/// How long closing a fork waits for its worker to let go of it.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors creating or closing forks.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A registry lookup or insert failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The handoff socket path would not fit in a socket address.
+    #[error("handoff socket path {0} is longer than {MAX_SOCKET_PATH} bytes")]
+    SocketPathTooLong(PathBuf),
+    /// Binding the handoff socket failed.
+    #[error("cannot listen on {path}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A serving thread has exited.
+    #[error("the serving threads are not running")]
+    Stopped,
+}
+
+/// Workers plus the acceptor.
+#[derive(Debug)]
+pub struct Server {
+    registry: Arc<Registry>,
+    workers: Arc<Vec<WorkerHandle>>,
+    acceptor: AcceptorHandle,
+    forks_dir: PathBuf,
+}
+
+impl Server {
+    /// Starts `workers` worker threads and the acceptor; handoff sockets go in `forks_dir`.
+    pub fn start(
+        registry: Arc<Registry>,
+        workers: usize,
+        forks_dir: &Path,
+        options: ServeOptions,
+        handoff_timeout: Duration,
+    ) -> io::Result<Self> {
+        std::fs::create_dir_all(forks_dir)?;
+        let workers: Vec<WorkerHandle> = (0..workers.max(1))
+            .map(|i| WorkerHandle::spawn(i, registry.clone()))
+            .collect::<io::Result<_>>()?;
+        let workers = Arc::new(workers);
+        let acceptor =
+            AcceptorHandle::spawn(registry.clone(), workers.clone(), options, handoff_timeout)?;
+        Ok(Self {
+            registry,
+            workers,
+            acceptor,
+            forks_dir: forks_dir.to_owned(),
+        })
+    }
+
+    /// How many worker threads serve.
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Sessions per worker.
+    pub fn worker_loads(&self) -> Vec<usize> {
+        self.workers.iter().map(WorkerHandle::load).collect()
+    }
+
+    /// Creates a fork of `snapshot` and starts listening on its handoff socket.
+    pub fn create_fork(&self, id: Id, snapshot: &Id) -> Result<Arc<Fork>, ServeError> {
+        let snapshot = self.registry.snapshot(snapshot)?;
+        let path = acceptor::handoff_socket_path(&self.forks_dir, &id);
+        if path.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(ServeError::SocketPathTooLong(path));
+        }
+        let fork = self.registry.add_fork(id, snapshot, path.clone())?;
+        let listener = match bind_fresh(&path) {
+            Ok(l) => l,
+            Err(source) => {
+                let _ = self.registry.remove_fork(fork.id());
+                return Err(ServeError::Bind { path, source });
+            }
+        };
+        if !self
+            .acceptor
+            .send(AcceptorCommand::Listen(fork.clone(), listener))
+        {
+            let _ = self.registry.remove_fork(fork.id());
+            return Err(ServeError::Stopped);
+        }
+        tracing::info!(fork = %fork.id(), snapshot = %fork.snapshot().id(), socket = %path.display(), "fork created");
+        Ok(fork)
+    }
+
+    /// Stops serving a fork, closes every descriptor it held, and forgets it.
+    pub fn close_fork(&self, id: &Id) -> Result<Arc<Fork>, ServeError> {
+        let fork = self.registry.fork(id)?;
+        // First the acceptor: once it has forgotten the fork, no handoff can attach it.
+        let (done, wait) = mpsc::channel();
+        if self.acceptor.send(AcceptorCommand::Forget {
+            fork: id.clone(),
+            done,
+        }) {
+            let _ = wait.recv_timeout(CLOSE_TIMEOUT);
+        }
+        let status = fork.status();
+        if let (ForkState::Serving, Some(w)) = (status.state, status.worker) {
+            let (done, wait) = mpsc::channel();
+            if self.workers[w]
+                .send(Command::Close {
+                    fork: id.clone(),
+                    done,
+                })
+                .is_ok()
+            {
+                let _ = wait.recv_timeout(CLOSE_TIMEOUT);
+            }
+        }
+        self.registry.remove_fork(id)?;
+        tracing::info!(fork = %id, "fork closed");
+        Ok(fork)
+    }
+
+    /// Stops the acceptor and every worker (live forks stop being served).
+    pub fn shutdown(&self) {
+        self.acceptor.shutdown();
+        for w in self.workers.iter() {
+            w.shutdown();
+        }
+    }
+}
+
+/// Binds a Unix listener at `path`, replacing a stale socket left there (never another kind
+/// of file).
+fn bind_fresh(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::os::unix::net::UnixListener::bind(path)
+}

@@ -1,0 +1,271 @@
+//! A worker: one thread with one `mio` poll serving many forks' uffds.
+//!
+//! ```text
+//!   Poll ─┬─ WAKER            commands: attach a session, close a fork, shut down
+//!         ├─ 2k   (uffd)      drain events in batches → Session::drain
+//!         └─ 2k+1 (exit)      the VMM's pidfd became readable: it exited → end session k
+//! ```
+//!
+//! A fork's faults stay on its worker, so its state needs no lock. A session whose batch
+//! budget ran out is drained again on the next turn (zero-timeout poll) so one busy fork
+//! cannot starve the others; while any session has deferred faults the poll wakes every
+//! [`DEFERRED_RETRY`] to retry them even if no new event arrives.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+
+use crate::ids::Id;
+use crate::registry::{ForkState, Registry};
+use crate::serve::session::{Drain, EndReason, Session};
+use crate::serve::uffd::{empty_msg, UffdMsg};
+
+/// How often deferred faults are retried when no event arrives.
+pub const DEFERRED_RETRY: Duration = Duration::from_micros(200);
+/// Events read per `read` of a uffd.
+const EVENTS_PER_READ: usize = 64;
+const WAKER: Token = Token(usize::MAX);
+
+/// What a worker can be asked to do.
+#[derive(Debug)]
+pub enum Command {
+    /// Serve a new session.
+    Attach(Box<Session>),
+    /// Stop serving a fork; `done` is signalled once its descriptors are closed.
+    Close {
+        /// The fork.
+        fork: Id,
+        /// Signalled when done.
+        done: Sender<()>,
+    },
+    /// End every session and exit.
+    Shutdown,
+}
+
+/// The handle the rest of the daemon keeps for one worker thread.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    tx: Sender<Command>,
+    waker: Arc<Waker>,
+    sessions: Arc<AtomicUsize>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl WorkerHandle {
+    /// Starts worker number `index`.
+    pub fn spawn(index: usize, registry: Arc<Registry>) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, rx) = mpsc::channel();
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let mut worker = Worker {
+            poll,
+            sessions: Slab::new(),
+            rx,
+            registry,
+            load: sessions.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("pagerd-worker-{index}"))
+            .spawn(move || worker.run())?;
+        Ok(Self {
+            tx,
+            waker,
+            sessions,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Sends a command. Returns it if the worker has exited.
+    pub fn send(&self, command: Command) -> Result<(), Command> {
+        self.tx.send(command).map_err(|e| e.0)?;
+        if let Err(e) = self.waker.wake() {
+            tracing::error!(error = %e, "cannot wake worker");
+        }
+        Ok(())
+    }
+
+    /// Sessions the worker serves now.
+    pub fn load(&self) -> usize {
+        self.sessions.load(Relaxed)
+    }
+
+    /// Asks the worker to end its sessions and waits for its thread.
+    pub fn shutdown(&self) {
+        let _ = self.send(Command::Shutdown);
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Worker {
+    poll: Poll,
+    sessions: Slab<Session>,
+    rx: Receiver<Command>,
+    registry: Arc<Registry>,
+    load: Arc<AtomicUsize>,
+}
+
+fn uffd_token(key: usize) -> Token {
+    Token(key * 2)
+}
+
+fn exit_token(key: usize) -> Token {
+    Token(key * 2 + 1)
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(256);
+        let mut buf: Vec<UffdMsg> = vec![empty_msg(); EVENTS_PER_READ];
+        let mut busy: Vec<usize> = Vec::new();
+        loop {
+            let timeout = if !busy.is_empty() {
+                Some(Duration::ZERO)
+            } else if self.sessions.iter().any(|(_, s)| s.has_deferred()) {
+                Some(DEFERRED_RETRY)
+            } else {
+                None
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(error = %e, "worker poll failed; ending its sessions");
+                self.end_all(EndReason::Shutdown);
+                return;
+            }
+            let mut to_drain = std::mem::take(&mut busy);
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => {
+                        if !self.commands() {
+                            return;
+                        }
+                    }
+                    Token(t) if t % 2 == 0 => to_drain.push(t / 2),
+                    Token(t) => self.end(t / 2, EndReason::VmmExited),
+                }
+            }
+            for key in to_drain {
+                let Some(session) = self.sessions.get_mut(key) else {
+                    continue;
+                };
+                match session.drain(&mut buf) {
+                    Drain::Idle => {}
+                    Drain::More => busy.push(key),
+                    Drain::Ended(reason) => self.end(key, reason),
+                }
+            }
+            self.retry_deferred();
+        }
+    }
+
+    fn retry_deferred(&mut self) {
+        let mut gone = Vec::new();
+        for (key, session) in self.sessions.iter_mut() {
+            if session.has_deferred() && !session.retry_deferred() {
+                gone.push(key);
+            }
+        }
+        for key in gone {
+            self.end(key, EndReason::UffdGone);
+        }
+    }
+
+    /// Handles queued commands; `false` means shut down.
+    fn commands(&mut self) -> bool {
+        while let Ok(command) = self.rx.try_recv() {
+            match command {
+                Command::Attach(session) => self.attach(*session),
+                Command::Close { fork, done } => {
+                    let key = self
+                        .sessions
+                        .iter()
+                        .find(|(_, s)| s.fork().id() == &fork)
+                        .map(|(k, _)| k);
+                    if let Some(key) = key {
+                        self.end(key, EndReason::Closed);
+                    }
+                    let _ = done.send(());
+                }
+                Command::Shutdown => {
+                    self.end_all(EndReason::Shutdown);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn attach(&mut self, session: Session) {
+        let entry = self.sessions.vacant_entry();
+        let key = entry.key();
+        let registry = self.poll.registry();
+        let uffd_fd = session.uffd().as_fd().as_raw_fd();
+        let mut result =
+            registry.register(&mut SourceFd(&uffd_fd), uffd_token(key), Interest::READABLE);
+        if let (Ok(()), Some(pidfd)) = (&result, session.pidfd()) {
+            result = registry.register(
+                &mut SourceFd(&pidfd.as_raw_fd()),
+                exit_token(key),
+                Interest::READABLE,
+            );
+        }
+        let fork = session.fork().clone();
+        entry.insert(session);
+        self.load.fetch_add(1, Relaxed);
+        if let Err(e) = result {
+            tracing::error!(fork = %fork.id(), error = %e, "cannot watch the uffd; ending the session");
+            self.end(key, EndReason::ReadFailed);
+            return;
+        }
+        tracing::info!(fork = %fork.id(), "serving");
+        // Faults may have queued before the uffd was registered with this poll: edge-triggered
+        // readiness would never report them, so drain once now.
+        let mut buf = vec![empty_msg(); EVENTS_PER_READ];
+        if let Some(session) = self.sessions.get_mut(key) {
+            if let Drain::Ended(reason) = session.drain(&mut buf) {
+                self.end(key, reason);
+            }
+        }
+    }
+
+    fn end(&mut self, key: usize, reason: EndReason) {
+        let Some(session) = self.sessions.try_remove(key) else {
+            return;
+        };
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut SourceFd(&session.uffd().as_fd().as_raw_fd()));
+        if let Some(pidfd) = session.pidfd() {
+            let _ = registry.deregister(&mut SourceFd(&pidfd.as_raw_fd()));
+        }
+        let fork = session.fork().clone();
+        drop(session);
+        self.load.fetch_sub(1, Relaxed);
+        let stats = fork.stats.report();
+        tracing::info!(fork = %fork.id(), reason = reason.as_str(), faults = stats.faults,
+            pages_copied = stats.pages_copied, zero_pages = stats.zero_pages, "session ended");
+        self.registry.update(&fork, |s| {
+            s.state = ForkState::Ended;
+            s.end_reason = Some(reason.as_str().to_owned());
+        });
+    }
+
+    fn end_all(&mut self, reason: EndReason) {
+        let keys: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.end(key, reason);
+        }
+    }
+}
