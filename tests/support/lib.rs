@@ -1,1 +1,536 @@
-//! testkit
+//! testkit: what the end-to-end tests and benches need to drive a real pagerd.
+//!
+//! - [`binary`] builds (once per test process) and finds the workspace's binaries, so tests
+//!   never run stale ones.
+//! - [`write_snapshot`] writes a memory file with a known pattern and zero areas.
+//! - [`Daemon`] runs a real `pagerd` process and talks to its control socket.
+//! - [`Vmm`] runs a `synthetic-vmm` process and reads the events it prints.
+//! - [`raw_handoff`] sends arbitrary (hostile) handoff messages; [`HugePages`] reserves and
+//!   gives back 2 MiB pages.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// How long tests wait for anything before failing.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The directory holding the workspace's built binaries (next to the running test's `deps/`).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") {
+        dir.parent().expect("profile dir").to_owned()
+    } else {
+        dir.to_owned()
+    }
+}
+
+/// The path of a workspace binary (`pagerd`, `synthetic-vmm`, `ctl`), built first if this is
+/// the first call in this process.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let dir = bin_dir();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--bins",
+            "-p",
+            "pagerd",
+            "-p",
+            "vmm-glue",
+            "-p",
+            "pagerd-ctl",
+        ]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+    });
+    let path = dir.join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Waits until `cond` holds, checking every few milliseconds, for at most `deadline`.
+/// Panics with `what` if it never does.
+pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Writes a memory file of `size` bytes: pseudo-random bytes from `seed`, with every
+/// `zero_every`-th 4 KiB page all zeros (0 = none) and the last `zero_tail` bytes zero.
+pub fn write_snapshot(
+    path: &Path,
+    size: u64,
+    seed: u64,
+    zero_every: u64,
+    zero_tail: u64,
+) -> PathBuf {
+    let mut bytes = vec![0u8; usize::try_from(size).expect("size fits")];
+    let mut x = seed | 1;
+    for chunk in bytes.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    if zero_every > 0 {
+        for page in bytes.chunks_exact_mut(4096).step_by(zero_every as usize) {
+            page.fill(0);
+        }
+    }
+    let tail = bytes.len() - usize::try_from(zero_tail).expect("tail fits");
+    bytes[tail..].fill(0);
+    std::fs::write(path, &bytes).expect("write snapshot");
+    path.to_owned()
+}
+
+/// How many 4 KiB pages of a file are all zeros.
+pub fn zero_pages_in(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).expect("read snapshot");
+    bytes
+        .chunks_exact(4096)
+        .filter(|p| p.iter().all(|&b| b == 0))
+        .count() as u64
+}
+
+/// Reads lines from a child's stdout on a thread, as a channel.
+fn line_channel(out: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// An error answer from the control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlError {
+    /// The stable code (`not_found`, `conflict`, …).
+    pub code: String,
+    /// The message.
+    pub message: String,
+}
+
+/// A running pagerd process with its own run directory.
+pub struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+    control: PathBuf,
+}
+
+impl Daemon {
+    /// Starts pagerd with `snapshots` (id, memory file) and extra command-line `args`, and
+    /// waits until it says it is ready.
+    pub fn start(snapshots: &[(&str, &Path)], args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("pagerd-test")
+            .tempdir()
+            .expect("tempdir");
+        let control = dir.path().join("control.sock");
+        let log = std::fs::File::create(dir.path().join("pagerd.log")).expect("log file");
+        let mut cmd = Command::new(binary("pagerd"));
+        cmd.arg("--run-dir")
+            .arg(dir.path().join("run"))
+            .arg("--control-socket")
+            .arg(&control)
+            .args(args)
+            .env("PAGERD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        for (id, path) in snapshots {
+            cmd.arg("--snapshot")
+                .arg(format!("{id}={}", path.display()));
+        }
+        let mut child = cmd.spawn().expect("spawn pagerd");
+        let lines = line_channel(child.stdout.take().expect("stdout"));
+        let mut daemon = Self {
+            child,
+            dir,
+            control,
+        };
+        match lines.recv_timeout(DEADLINE) {
+            Ok(line) if line.starts_with("pagerd ready") => daemon,
+            other => {
+                let status = daemon.child.try_wait();
+                panic!(
+                    "pagerd did not start ({other:?}, {status:?}):\n{}",
+                    daemon.log()
+                );
+            }
+        }
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pagerd.log")).unwrap_or_default()
+    }
+
+    /// A scratch directory that lives as long as the daemon.
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The control socket.
+    pub fn control_socket(&self) -> &Path {
+        &self.control
+    }
+
+    /// Sends one request line (already JSON) and returns the parsed response line.
+    pub fn raw_request(&self, line: &str) -> Value {
+        let mut stream = UnixStream::connect(&self.control).expect("connect control socket");
+        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        writeln!(stream, "{line}").expect("send request");
+        let mut reader = BufReader::new(&stream);
+        let mut reply = String::new();
+        reader.read_line(&mut reply).expect("read response");
+        // Hang up and wait for the daemon to close its end too, so its descriptor count
+        // no longer includes this connection when the caller looks.
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).expect("read to end");
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad response {reply:?}: {e}"))
+    }
+
+    /// Sends a request (`op` plus `args` fields) and returns its result or error.
+    pub fn request(&self, op: &str, args: Value) -> Result<Value, ControlError> {
+        let mut req = json!({"v": 1, "id": op, "op": op});
+        if let Value::Object(extra) = args {
+            req.as_object_mut().expect("object").extend(extra);
+        }
+        let resp = self.raw_request(&req.to_string());
+        assert_eq!(
+            resp["id"],
+            Value::from(op),
+            "request id must be echoed: {resp}"
+        );
+        if resp["ok"] == Value::Bool(true) {
+            Ok(resp["result"].clone())
+        } else {
+            Err(ControlError {
+                code: resp["error"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                message: resp["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            })
+        }
+    }
+
+    /// Creates a fork and returns its handoff socket.
+    pub fn create_fork(&self, snapshot: &str, fork: &str) -> PathBuf {
+        let info = self
+            .request("fork.create", json!({"snapshot": snapshot, "fork": fork}))
+            .expect("fork.create");
+        assert_eq!(info["state"], "waiting");
+        PathBuf::from(info["handoff_socket"].as_str().expect("socket path"))
+    }
+
+    /// A fork's record.
+    pub fn fork(&self, fork: &str) -> Value {
+        self.request("fork.get", json!({"fork": fork}))
+            .expect("fork.get")
+    }
+
+    /// Waits (server side) until the fork reaches `state`, and returns its record.
+    pub fn wait_fork(&self, fork: &str, state: &str) -> Value {
+        let timeout_ms = u64::try_from(DEADLINE.as_millis()).expect("fits");
+        self.request(
+            "fork.wait",
+            json!({"fork": fork, "state": state, "timeout_ms": timeout_ms}),
+        )
+        .unwrap_or_else(|e| panic!("fork {fork} never reached {state}: {e:?}\n{}", self.log()))
+    }
+
+    /// Open descriptors of the daemon process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("daemon fd dir")
+            .count()
+    }
+
+    /// Waits until the daemon has exactly `expected` descriptors open, or panics listing them.
+    pub fn wait_for_fd_count(&self, expected: usize, before: &str) {
+        let end = Instant::now() + DEADLINE;
+        while self.fd_count() != expected {
+            assert!(
+                Instant::now() < end,
+                "the daemon holds {} descriptors, expected {expected}.\nbefore:\n{before}\nnow:\n{}",
+                self.fd_count(),
+                self.fd_listing()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The daemon's open descriptors and what they point to, for failure messages.
+    pub fn fd_listing(&self) -> String {
+        let mut out = String::new();
+        if let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) {
+            for entry in dir.flatten() {
+                let target = std::fs::read_link(entry.path()).unwrap_or_default();
+                out.push_str(&format!(
+                    "{} -> {}\n",
+                    entry.file_name().to_string_lossy(),
+                    target.display()
+                ));
+            }
+        }
+        out
+    }
+
+    /// A `/proc/<pid>/status` field of the daemon in kB (e.g. `VmRSS`).
+    pub fn status_kb(&self, field: &str) -> u64 {
+        proc_status_kb(self.pid(), field)
+    }
+
+    /// Stops the daemon with SIGTERM and returns its exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().expect("wait pagerd")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- pagerd descriptors ----\n{}", self.fd_listing());
+        }
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- pagerd log ----\n{}", self.log());
+        }
+    }
+}
+
+/// A `/proc/<pid>/status` field in kB.
+pub fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// A running synthetic VMM.
+pub struct Vmm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    /// Every event printed so far.
+    pub events: Vec<Value>,
+}
+
+impl Vmm {
+    /// Runs `synthetic-vmm` with these arguments.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
+        let mut child = Command::new(binary("synthetic-vmm"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn synthetic-vmm");
+        let lines = line_channel(child.stdout.take().expect("stdout"));
+        let stdin = child.stdin.take();
+        Self {
+            child,
+            stdin,
+            lines,
+            events: Vec::new(),
+        }
+    }
+
+    /// The VMM's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the next event named `name` (failing on an `error` event or exit).
+    pub fn expect(&mut self, name: &str) -> Value {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let line = match self.lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("no `{name}` event in time; saw {:?}", self.events)
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait();
+                    panic!(
+                        "VMM exited ({status:?}) before `{name}`; saw {:?}",
+                        self.events
+                    )
+                }
+            };
+            let event: Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad event {line:?}: {e}"));
+            self.events.push(event.clone());
+            if event["event"] == name {
+                return event;
+            }
+            assert_ne!(event["event"], "error", "VMM failed: {event}");
+        }
+    }
+
+    /// Lets a `wait` step continue.
+    pub fn resume(&mut self) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin).expect("write to VMM");
+        stdin.flush().expect("flush");
+    }
+
+    /// Closes stdin (ends a `hold` step) and waits for the VMM to exit successfully.
+    pub fn finish(mut self) -> Vec<Value> {
+        drop(self.stdin.take());
+        while let Ok(line) = self.lines.recv_timeout(DEADLINE) {
+            let event: Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad event {line:?}: {e}"));
+            self.events.push(event);
+        }
+        let status = self.child.wait().expect("wait VMM");
+        assert!(
+            status.success(),
+            "VMM failed ({status}); events {:?}",
+            self.events
+        );
+        std::mem::take(&mut self.events)
+    }
+
+    /// SIGKILLs the VMM and reaps it.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill VMM");
+        self.child.wait().expect("reap VMM");
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A fresh userfaultfd (nothing registered), to attach to hand-made handoffs.
+pub fn new_uffd() -> OwnedFd {
+    let uffd = userfaultfd::UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(false)
+        .create()
+        .expect("create uffd");
+    // `Uffd::into_raw_fd` (0.9) still closes the fd on drop, so take a duplicate instead.
+    uffd.as_fd().try_clone_to_owned().expect("dup uffd")
+}
+
+/// Connects to a handoff socket, sends `bytes` with `fds`, and returns pagerd's reply line
+/// (`None` if it closed the connection without one).
+pub fn raw_handoff(socket: &Path, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Option<Value> {
+    let stream = UnixStream::connect(socket).expect("connect handoff socket");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    // pagerd may close the connection before reading everything (too-large messages).
+    let _ = vmm_glue::fdpass::send_with_fds(&stream, bytes, fds);
+    read_reply(&stream)
+}
+
+/// Reads one reply line from a handoff connection.
+pub fn read_reply(stream: &UnixStream) -> Option<Value> {
+    let mut line = String::new();
+    match BufReader::new(stream).read_line(&mut line) {
+        Ok(0) | Err(_) => None,
+        Ok(_) => {
+            Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}")))
+        }
+    }
+}
+
+/// An open file to pass as an extra or wrong descriptor.
+pub fn dev_null() -> OwnedFd {
+    std::fs::File::open("/dev/null")
+        .expect("open /dev/null")
+        .into()
+}
+
+/// Borrows a list of owned fds.
+pub fn borrow_all(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
+    fds.iter().map(AsFd::as_fd).collect()
+}
+
+/// 2 MiB hugetlbfs pages reserved through `/proc/sys/vm/nr_hugepages`, given back on drop.
+pub struct HugePages {
+    before: u64,
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+fn read_nr_hugepages() -> u64 {
+    std::fs::read_to_string(NR_HUGEPAGES)
+        .expect("read nr_hugepages")
+        .trim()
+        .parse()
+        .expect("nr_hugepages is a number")
+}
+
+impl HugePages {
+    /// Adds `count` pages to the pool; panics if the kernel could not reserve them all.
+    pub fn reserve(count: u64) -> Self {
+        let before = read_nr_hugepages();
+        std::fs::write(NR_HUGEPAGES, (before + count).to_string()).expect("write nr_hugepages");
+        let now = read_nr_hugepages();
+        let guard = Self { before };
+        assert!(
+            now >= before + count,
+            "only {now} hugepages could be reserved (wanted {})",
+            before + count
+        );
+        guard
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.before.to_string());
+    }
+}

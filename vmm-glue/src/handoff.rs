@@ -16,6 +16,7 @@
 //! memory file are all rejected before a single page is served.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// A 4 KiB page, the only normal page size pagerd serves.
 pub const PAGE_SIZE_4K: u64 = 4096;
@@ -62,14 +63,6 @@ struct WireMapping {
     page_size: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     page_size_kib: Option<u64>,
-}
-
-/// The two message shapes seen in the wild.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum WireMessage {
-    Bare(Vec<WireMapping>),
-    Wrapped { mappings: Vec<WireMapping> },
 }
 
 /// Why a handoff was refused. Each variant has a stable [`reason`](HandoffError::reason) that
@@ -223,6 +216,11 @@ impl HandoffError {
     }
 }
 
+fn shape_error(what: &str) -> HandoffError {
+    use serde::de::Error as _;
+    HandoffError::InvalidJson(serde_json::Error::custom(what))
+}
+
 /// Parses a complete handoff message into regions, resolving the page-size fields. Checks
 /// that need the snapshot are left to [`validate`].
 pub fn parse(bytes: &[u8]) -> Result<Vec<GuestRegionUffdMapping>, HandoffError> {
@@ -231,16 +229,31 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<GuestRegionUffdMapping>, HandoffError> 
             cap: MAX_MESSAGE_BYTES,
         });
     }
-    let wire =
-        match serde_json::from_slice::<WireMessage>(bytes).map_err(HandoffError::InvalidJson)? {
-            WireMessage::Bare(list) | WireMessage::Wrapped { mappings: list } => list,
-        };
-    if wire.len() > MAX_REGIONS {
-        return Err(HandoffError::TooManyRegions { count: wire.len() });
+    // The two shapes seen in the wild: a bare array, or the array under `mappings`.
+    let list = match serde_json::from_slice::<Value>(bytes).map_err(HandoffError::InvalidJson)? {
+        Value::Array(list) => list,
+        Value::Object(mut wrapper) => match wrapper.remove("mappings") {
+            Some(Value::Array(list)) => list,
+            _ => {
+                return Err(shape_error(
+                    "an object must hold the region array in `mappings`",
+                ))
+            }
+        },
+        _ => {
+            return Err(shape_error(
+                "expected an array of regions or {\"mappings\": [...]}",
+            ))
+        }
+    };
+    if list.len() > MAX_REGIONS {
+        return Err(HandoffError::TooManyRegions { count: list.len() });
     }
-    wire.into_iter()
+    list.into_iter()
         .enumerate()
-        .map(|(index, w)| {
+        .map(|(index, value)| {
+            let w: WireMapping = serde_json::from_value(value)
+                .map_err(|e| shape_error(&format!("region {index}: {e}")))?;
             let page_size = match (w.page_size, w.page_size_kib) {
                 (None, None) => return Err(HandoffError::MissingPageSize { index }),
                 (Some(a), Some(b)) if a != b => {

@@ -362,14 +362,15 @@ impl Acceptor {
     fn refuse(&mut self, p: Pending, error: AttachError) {
         tracing::warn!(fork = %p.fork.id(), peer_pid = p.peer_pid, reason = error.reason(),
             error = %error_chain(&error), "handoff refused");
+        // Record first: whoever reads the reply may look at the fork next.
+        self.registry.update(&p.fork, |s| {
+            s.last_handoff_error = Some((error.reason().to_owned(), error_chain(&error)));
+        });
         let line = serde_json::json!({
             "ok": false,
             "error": {"code": error.code(), "reason": error.reason(), "message": error_chain(&error)},
         });
         reply(&p.stream, &line);
-        self.registry.update(&p.fork, |s| {
-            s.last_handoff_error = Some((error.reason().to_owned(), error_chain(&error)));
-        });
     }
 
     fn attach(&mut self, p: Pending, handoff: ReceivedHandoff) {

@@ -84,9 +84,14 @@ impl WorkerHandle {
         })
     }
 
-    /// Sends a command. Returns it if the worker has exited.
+    /// Sends a command. Returns it if the worker has exited. An attached session counts
+    /// towards the worker's load from this moment, so back-to-back attaches spread evenly.
     pub fn send(&self, command: Command) -> Result<(), Command> {
+        let attach = matches!(command, Command::Attach(_));
         self.tx.send(command).map_err(|e| e.0)?;
+        if attach {
+            self.sessions.fetch_add(1, Relaxed);
+        }
         if let Err(e) = self.waker.wake() {
             tracing::error!(error = %e, "cannot wake worker");
         }
@@ -224,7 +229,6 @@ impl Worker {
         }
         let fork = session.fork().clone();
         entry.insert(session);
-        self.load.fetch_add(1, Relaxed);
         if let Err(e) = result {
             tracing::error!(fork = %fork.id(), error = %e, "cannot watch the uffd; ending the session");
             self.end(key, EndReason::ReadFailed);

@@ -1,0 +1,333 @@
+//! pagerd keeps serving through hostile handoffs, VMMs that die mid-fault and faults it
+//! cannot serve, and frees what a dead session held.
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+
+use serde_json::{json, Value};
+use testkit::{
+    borrow_all, dev_null, new_uffd, raw_handoff, read_reply, wait_until, write_snapshot, Daemon,
+    Vmm, DEADLINE,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// A VMM that verifies the first half of the snapshot, then waits to verify the second half.
+fn healthy_vmm(daemon: &Daemon, mem: &std::path::Path, fork: &str) -> Vmm {
+    let socket = daemon.create_fork("base", fork);
+    let mut vmm = Vmm::spawn(&args(&[
+        "--snapshot",
+        mem.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+        "--order",
+        "random",
+        "verify:0:8M",
+        "wait",
+        "verify:8M:8M",
+    ]));
+    vmm.expect("verified");
+    vmm.expect("waiting");
+    daemon.wait_fork(fork, "serving");
+    vmm
+}
+
+fn finish_healthy(vmm: Vmm) {
+    let mut vmm = vmm;
+    vmm.resume();
+    let events = vmm.finish();
+    let second = events
+        .iter()
+        .filter(|e| e["event"] == "verified")
+        .nth(1)
+        .expect("second verify");
+    assert_eq!(second["report"]["bytes"], 8 * MIB);
+}
+
+#[test]
+fn a_vmm_killed_mid_fault_is_reaped_and_nothing_leaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 16 * MIB, 11, 5, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &[]);
+    let healthy = healthy_vmm(&daemon, &mem, "healthy");
+    let (fds_before, listing_before) = (daemon.fd_count(), daemon.fd_listing());
+    for round in 0..3 {
+        let fork = format!("victim{round}");
+        let socket = daemon.create_fork("base", &fork);
+        let mut vmm = Vmm::spawn(&args(&[
+            "--snapshot",
+            mem.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "churn",
+        ]));
+        vmm.expect("churning");
+        let faults_then = daemon.fork(&fork)["stats"]["faults"].as_u64().unwrap();
+        wait_until("the victim to keep faulting", DEADLINE, || {
+            daemon.fork(&fork)["stats"]["faults"].as_u64().unwrap() > faults_then
+        });
+        vmm.kill();
+        let record = daemon.wait_fork(&fork, "ended");
+        assert_eq!(record["end_reason"], "vmm_exited", "{record}");
+        let status = daemon.request("status", Value::Null).unwrap();
+        assert_eq!(
+            status["forks"]["serving"], 1,
+            "only the healthy fork is served: {status}"
+        );
+        let sessions: u64 = status["worker_sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(sessions, 1, "{status}");
+        daemon.request("fork.close", json!({"fork": fork})).unwrap();
+        assert_eq!(
+            daemon
+                .request("fork.get", json!({"fork": fork}))
+                .unwrap_err()
+                .code,
+            "not_found"
+        );
+    }
+    daemon.wait_for_fd_count(fds_before, &listing_before);
+    finish_healthy(healthy);
+}
+
+/// A well-formed one-region message for a 16 MiB snapshot.
+fn region_json(base: u64, size: u64, offset: u64, page_size: u64) -> Value {
+    json!({"base_host_virt_addr": base, "size": size, "offset": offset, "page_size": page_size})
+}
+
+#[test]
+fn malformed_handoffs_are_refused_while_a_healthy_fork_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 16 * MIB, 12, 0, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &["--handoff-timeout-ms", "1500"]);
+    let healthy = healthy_vmm(&daemon, &mem, "healthy");
+    let target = daemon.create_fork("base", "target");
+    let (fds_before, listing_before) = (daemon.fd_count(), daemon.fd_listing());
+
+    let base = 0x7f00_0000_0000_u64;
+    let good = json!([region_json(base, MIB, 0, 4096)])
+        .to_string()
+        .into_bytes();
+    let json_of = |v: Value| v.to_string().into_bytes();
+    let uffd = || vec![new_uffd()];
+    let cases: Vec<(&str, Vec<u8>, Vec<std::os::fd::OwnedFd>)> = vec![
+        ("no_fd", good.clone(), vec![]),
+        ("several_fds", good.clone(), vec![new_uffd(), dev_null()]),
+        (
+            "several_fds",
+            good.clone(),
+            vec![new_uffd(), new_uffd(), new_uffd(), dev_null(), dev_null()],
+        ),
+        ("not_userfaultfd", good.clone(), vec![dev_null()]),
+        ("invalid_json", b"{nope".to_vec(), uffd()),
+        (
+            "invalid_json",
+            json_of(json!([{"base_host_virt_addr": "x", "size": 1, "offset": 0}])),
+            uffd(),
+        ),
+        ("invalid_json", json_of(json!({"regions": []})), uffd()),
+        ("no_regions", b"[]".to_vec(), uffd()),
+        (
+            "unaligned",
+            json_of(json!([region_json(base, MIB + 1, 0, 4096)])),
+            uffd(),
+        ),
+        (
+            "unaligned",
+            json_of(json!([region_json(base + 512, MIB, 0, 4096)])),
+            uffd(),
+        ),
+        (
+            "unaligned",
+            json_of(json!([region_json(base, MIB, 100, 4096)])),
+            uffd(),
+        ),
+        (
+            "unaligned",
+            json_of(json!([region_json(base, MIB, 0, 2 * MIB)])),
+            uffd(),
+        ),
+        (
+            "unsupported_page_size",
+            json_of(json!([region_json(base, MIB, 0, 8192)])),
+            uffd(),
+        ),
+        (
+            "unsupported_page_size",
+            json_of(json!([region_json(base, MIB, 0, 0)])),
+            uffd(),
+        ),
+        (
+            "overlap",
+            json_of(json!([
+                region_json(base, 2 * MIB, 0, 4096),
+                region_json(base + MIB, MIB, 4 * MIB, 4096)
+            ])),
+            uffd(),
+        ),
+        (
+            "past_end_of_file",
+            json_of(json!([region_json(base, 2 * MIB, 15 * MIB, 4096)])),
+            uffd(),
+        ),
+        (
+            "overflow",
+            json_of(json!([region_json(u64::MAX - 4095, 8192, 0, 4096)])),
+            uffd(),
+        ),
+        (
+            "empty_region",
+            json_of(json!([region_json(base, 0, 0, 4096)])),
+            uffd(),
+        ),
+        (
+            "page_size_mismatch",
+            json_of(
+                json!([{"base_host_virt_addr": base, "size": 4096, "offset": 0, "page_size": 4096, "page_size_kib": 4}]),
+            ),
+            uffd(),
+        ),
+        (
+            "too_large",
+            [b"[".as_slice(), &vec![b' '; 2 * MIB as usize]].concat(),
+            uffd(),
+        ),
+    ];
+    for (reason, bytes, fds) in &cases {
+        let reply = raw_handoff(&target, bytes, &borrow_all(fds))
+            .unwrap_or_else(|| panic!("no reply for {reason}"));
+        assert_eq!(reply["ok"], false, "{reason}: {reply}");
+        assert_eq!(reply["error"]["reason"], *reason, "{reply}");
+        assert_eq!(reply["error"]["code"], "invalid_argument", "{reply}");
+        let record = daemon.fork("target");
+        assert_eq!(
+            record["state"], "waiting",
+            "a refused handoff leaves the fork waiting"
+        );
+        assert_eq!(record["last_handoff_error"]["reason"], *reason);
+    }
+
+    // A client that connects and closes without a word, and one that says nothing at all.
+    let quitter = UnixStream::connect(&target).unwrap();
+    quitter.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(
+        read_reply(&quitter).unwrap()["error"]["reason"],
+        "incomplete"
+    );
+    let silent = UnixStream::connect(&target).unwrap();
+    silent.set_read_timeout(Some(DEADLINE)).unwrap();
+    assert_eq!(read_reply(&silent).unwrap()["error"]["reason"], "timed_out");
+    // A message split across writes, its fd on the first: still refused for its content only.
+    let split = UnixStream::connect(&target).unwrap();
+    let msg = json_of(json!([region_json(base, MIB, 16 * MIB, 4096)]));
+    let fd = new_uffd();
+    vmm_glue::fdpass::send_with_fds(&split, &msg[..10], &[fd.as_fd()]).unwrap();
+    (&split).write_all(&msg[10..]).unwrap();
+    assert_eq!(
+        read_reply(&split).unwrap()["error"]["reason"],
+        "past_end_of_file"
+    );
+    drop((quitter, silent, split));
+
+    // Every descriptor that came with a refused handoff was closed.
+    daemon.wait_for_fd_count(fds_before, &listing_before);
+    finish_healthy(healthy);
+
+    // The target fork was not harmed: a real VMM can still use it.
+    let vmm = Vmm::spawn(&args(&[
+        "--snapshot",
+        mem.to_str().unwrap(),
+        "--socket",
+        target.to_str().unwrap(),
+        "verify",
+    ]));
+    let events = vmm.finish();
+    assert!(events.iter().any(|e| e["event"] == "verified"));
+    assert_eq!(daemon.wait_fork("target", "ended")["stats"]["errors"], 0);
+}
+
+#[test]
+fn a_fault_outside_every_declared_region_is_counted_and_serving_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 16 * MIB, 13, 0, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &[]);
+    let socket = daemon.create_fork("base", "sly");
+    let mut vmm = Vmm::spawn(&args(&[
+        "--snapshot",
+        mem.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+        "--region",
+        "4M@0",
+        "--undeclared-tail",
+        "64K",
+        "verify",
+        "touch-outside",
+        "wait",
+        "dontneed:0:4M",
+        "verify",
+    ]));
+    vmm.expect("waiting");
+    wait_until("the outside fault to be counted", DEADLINE, || {
+        daemon.fork("sly")["stats"]["outside_faults"] == 1
+    });
+    vmm.resume();
+    let events = vmm.finish();
+    assert_eq!(
+        events.iter().filter(|e| e["event"] == "verified").count(),
+        2
+    );
+    let record = daemon.wait_fork("sly", "ended");
+    assert_eq!(record["stats"]["outside_faults"], 1, "{record}");
+    assert_eq!(record["stats"]["errors"], 0, "{record}");
+}
+
+#[test]
+fn one_vmm_per_fork_and_closing_a_serving_fork_frees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 14, 0, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &[]);
+    let (fds_before, listing_before) = (daemon.fd_count(), daemon.fd_listing());
+    let socket = daemon.create_fork("base", "solo");
+    let mut vmm = Vmm::spawn(&args(&[
+        "--snapshot",
+        mem.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+        "verify",
+        "hold",
+    ]));
+    vmm.expect("holding");
+    daemon.wait_fork("solo", "serving");
+    // The handoff socket is gone once a VMM is attached: a second VMM cannot take over.
+    let err = UnixStream::connect(&socket).unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+        ),
+        "{err}"
+    );
+    let closed = daemon
+        .request("fork.close", json!({"fork": "solo"}))
+        .unwrap();
+    assert_eq!(closed["id"], "solo");
+    assert_eq!(
+        daemon
+            .request("fork.close", json!({"fork": "solo"}))
+            .unwrap_err()
+            .code,
+        "not_found"
+    );
+    daemon.wait_for_fd_count(fds_before, &listing_before);
+    vmm.kill();
+}
