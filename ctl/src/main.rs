@@ -1,2 +1,224 @@
 //! `ctl`: the command-line client of pagerd's control socket.
-fn main() {}
+//!
+//! Every subcommand is one request; the answer is printed as a table (default) or as the
+//! daemon's JSON (`--json`). On failure the error chain goes to stderr, numbered, and the exit
+//! status is 1.
+
+mod client;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use client::Client;
+use serde_json::{json, Value};
+
+/// Manage pagerd's snapshots and forks.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The control socket.
+    #[arg(long, env = "PAGERD_SOCKET", default_value = "/run/pagerd/control.sock", global = true)]
+    socket: PathBuf,
+    /// Print the daemon's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Daemon health, version and counts.
+    Status,
+    /// Snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Forks.
+    #[command(subcommand)]
+    Fork(ForkCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// List snapshots.
+    Ls,
+    /// Show one snapshot.
+    Show {
+        /// Snapshot id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ForkCommand {
+    /// Create a fork of a snapshot and print the handoff socket to give its VMM.
+    Create {
+        /// Snapshot id.
+        snapshot: String,
+        /// Fork id [default: generated].
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// List forks.
+    Ls,
+    /// Show one fork with its counters.
+    Show {
+        /// Fork id.
+        id: String,
+    },
+    /// Wait until a fork is `serving` (or ended) or `ended`.
+    Wait {
+        /// Fork id.
+        id: String,
+        /// The state to wait for.
+        #[arg(value_parser = ["waiting", "serving", "ended"])]
+        state: String,
+        /// How long to wait at most, in ms.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Stop serving a fork and forget it.
+    Close {
+        /// Fork id.
+        id: String,
+    },
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn fork_rows(forks: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = forks
+        .iter()
+        .map(|f| {
+            let s = &f["stats"];
+            vec![
+                text(&f["id"]),
+                text(&f["snapshot"]),
+                text(&f["state"]),
+                text(&f["vmm_pid"]),
+                text(&s["faults"]),
+                text(&s["pages_copied"]),
+                text(&s["zero_pages"]),
+                text(&s["latency_ns"]["p99"]),
+                text(&f["handoff_socket"]),
+            ]
+        })
+        .collect();
+    table::render(
+        &["ID", "SNAPSHOT", "STATE", "PID", "FAULTS", "COPIED", "ZERO", "P99_NS", "SOCKET"],
+        &rows,
+    )
+}
+
+fn snapshot_rows(snapshots: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = snapshots
+        .iter()
+        .map(|s| {
+            vec![
+                text(&s["id"]),
+                text(&s["size"]),
+                text(&s["zero_pages"]),
+                text(&s["ref_count"]),
+                text(&s["path"]),
+            ]
+        })
+        .collect();
+    table::render(&["ID", "SIZE", "ZERO_PAGES", "REFS", "PATH"], &rows)
+}
+
+fn run(cli: &Cli) -> Result<String, client::ClientError> {
+    let client = Client::new(&cli.socket);
+    let call = |op: &str, args: Value| client.request(op, args, Duration::ZERO);
+    let (result, human) = match &cli.command {
+        Command::Status => {
+            let r = call("status", Value::Null)?;
+            let h = format!(
+                "pagerd {} (pid {}), up {} ms, {} workers\nsnapshots: {}\nforks: {} waiting, {} serving, {} ended\n",
+                text(&r["version"]),
+                text(&r["pid"]),
+                text(&r["uptime_ms"]),
+                text(&r["workers"]),
+                text(&r["snapshots"]),
+                text(&r["forks"]["waiting"]),
+                text(&r["forks"]["serving"]),
+                text(&r["forks"]["ended"]),
+            );
+            (r, h)
+        }
+        Command::Snapshot(SnapshotCommand::Ls) => {
+            let r = call("snapshot.list", Value::Null)?;
+            let h = snapshot_rows(r.as_array().map_or(&[], Vec::as_slice));
+            (r, h)
+        }
+        Command::Snapshot(SnapshotCommand::Show { id }) => {
+            let r = call("snapshot.get", json!({"snapshot": id}))?;
+            let h = snapshot_rows(std::slice::from_ref(&r));
+            (r, h)
+        }
+        Command::Fork(ForkCommand::Create { snapshot, id }) => {
+            let mut args = json!({"snapshot": snapshot});
+            if let Some(id) = id {
+                args["fork"] = json!(id);
+            }
+            let r = call("fork.create", args)?;
+            let h = format!("{}\n", text(&r["handoff_socket"]));
+            (r, h)
+        }
+        Command::Fork(ForkCommand::Ls) => {
+            let r = call("fork.list", Value::Null)?;
+            let h = fork_rows(r.as_array().map_or(&[], Vec::as_slice));
+            (r, h)
+        }
+        Command::Fork(ForkCommand::Show { id }) => {
+            let r = call("fork.get", json!({"fork": id}))?;
+            let h = fork_rows(std::slice::from_ref(&r));
+            (r, h)
+        }
+        Command::Fork(ForkCommand::Wait { id, state, timeout_ms }) => {
+            let args = json!({"fork": id, "state": state, "timeout_ms": timeout_ms});
+            let r = client.request("fork.wait", args, Duration::from_millis(*timeout_ms))?;
+            let h = fork_rows(std::slice::from_ref(&r));
+            (r, h)
+        }
+        Command::Fork(ForkCommand::Close { id }) => {
+            let r = call("fork.close", json!({"fork": id}))?;
+            let h = format!("closed {}\n", text(&r["id"]));
+            (r, h)
+        }
+    };
+    Ok(if cli.json {
+        format!("{}\n", serde_json::to_string_pretty(&result).unwrap_or_default())
+    } else {
+        human
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ctl: error");
+            let mut source: Option<&dyn std::error::Error> = Some(&e);
+            let mut n = 0;
+            while let Some(cause) = source {
+                eprintln!("  {n}: {cause}");
+                source = cause.source();
+                n += 1;
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

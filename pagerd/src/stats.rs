@@ -12,6 +12,9 @@ use std::sync::Mutex;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+/// The largest latency the histogram tells apart (60 s); longer ones count as 60 s.
+const MAX_LATENCY_NS: u64 = 60_000_000_000;
+
 /// Live counters of one fork.
 #[derive(Debug)]
 pub struct ForkStats {
@@ -48,7 +51,11 @@ impl Default for ForkStats {
             deferred_retries: AtomicU64::new(0),
             outside_faults: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            latency_ns: Mutex::new(Histogram::new(3).expect("3 significant figures is valid")),
+            // Fixed bounds: `saturating_record` clamps to the histogram's current top, and an
+            // auto-resizing histogram starts with a top of about 2 µs.
+            latency_ns: Mutex::new(
+                Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3).expect("valid histogram bounds"),
+            ),
         }
     }
 }
@@ -129,5 +136,20 @@ impl ForkStats {
                 max: hist.max(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_report_reflects_recorded_samples() {
+        let stats = ForkStats::default();
+        stats.record_latencies(&[1_000, 2_000, 3_000, 50_000]);
+        let r = stats.report().latency_ns;
+        assert_eq!(r.count, 4);
+        assert!((1_990..=2_010).contains(&r.p50), "{r:?}");
+        assert!((49_900..=50_100).contains(&r.p99) && r.max >= 50_000, "{r:?}");
     }
 }
