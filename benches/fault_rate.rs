@@ -23,40 +23,96 @@ fn arg_value(name: &str, default: u64) -> u64 {
 fn main() {
     let size_mib = arg_value("--size-mib", 256);
     let runs = arg_value("--runs", 3);
+    let spin = arg_value("--spin-us", 50).to_string();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mem = write_snapshot(&dir.path().join("mem"), size_mib << 20, 42, 0, 0);
+    // "dense": every page holds data. "sparse": a quarter data, the rest zeros, as real guest
+    // memory mostly is.
+    let snapshots = [
+        (
+            "dense",
+            write_snapshot(&dir.path().join("dense"), size_mib << 20, 42, 0, 0),
+        ),
+        (
+            "sparse",
+            write_snapshot(
+                &dir.path().join("sparse"),
+                size_mib << 20,
+                43,
+                0,
+                (size_mib << 20) / 4 * 3,
+            ),
+        ),
+    ];
     let started = Instant::now();
     let mut rows = Vec::new();
-    for fault_around in [1u64, 16] {
-        let daemon = Daemon::start(&[("base", &mem)], &["--fault-around", &fault_around.to_string()]);
-        for order in ["sequential", "random"] {
-            let mut pagerd = Vec::new();
-            let mut file = Vec::new();
-            for run in 0..runs {
-                eprintln!("fault-around {fault_around:>2}, {order:<10} run {}/{runs}", run + 1);
-                pagerd.push(pagerd_pass(&daemon, "base", &format!("f{fault_around}-{order}-{run}"), &mem, order));
-                file.push(file_pass(&mem, order));
+    for (name, mem) in &snapshots {
+        for fault_around in [1u64, 16] {
+            let fa = fault_around.to_string();
+            let daemon = Daemon::start(
+                &[("base", mem)],
+                &["--fault-around", &fa, "--spin-us", &spin],
+            );
+            for order in ["sequential", "random"] {
+                let mut pagerd = Vec::new();
+                let mut file = Vec::new();
+                for run in 0..runs {
+                    eprintln!(
+                        "{name}, fault-around {fault_around:>2}, {order:<10} run {}/{runs}",
+                        run + 1
+                    );
+                    pagerd.push(pagerd_pass(
+                        &daemon,
+                        "base",
+                        &format!("f{fault_around}-{order}-{run}"),
+                        mem,
+                        order,
+                    ));
+                    file.push(file_pass(mem, order));
+                }
+                rows.push(Row {
+                    snapshot: name,
+                    fault_around,
+                    order,
+                    pagerd: median(pagerd),
+                    file: median(file),
+                });
             }
-            rows.push((fault_around, order, median(pagerd), median(file)));
         }
     }
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
     print_and_save(size_mib, runs, &rows);
 }
 
-fn print_and_save(size_mib: u64, runs: u64, rows: &[(u64, &str, Pass, Pass)]) {
+struct Row {
+    snapshot: &'static str,
+    fault_around: u64,
+    order: &'static str,
+    pagerd: Pass,
+    file: Pass,
+}
+
+fn print_and_save(size_mib: u64, runs: u64, rows: &[Row]) {
     println!("one fork reading a {size_mib} MiB snapshot once (median of {runs} runs)");
     println!(
-        "{:>12} {:<10} {:>12} {:>14} {:>12} {:>16} {:>10}",
-        "fault-around", "order", "faults", "faults/s", "pages/s", "MAP_PRIVATE p/s", "ratio"
+        "{:<8} {:>12} {:<10} {:>8} {:>10} {:>10} {:>16} {:>8}",
+        "snapshot",
+        "fault-around",
+        "order",
+        "faults",
+        "faults/s",
+        "pages/s",
+        "MAP_PRIVATE p/s",
+        "ratio"
     );
     let mut json_rows = Vec::new();
-    for (fault_around, order, p, f) in rows {
+    for r in rows {
+        let (p, f) = (&r.pagerd, &r.file);
         let ratio = p.pages_per_sec() / f.pages_per_sec();
         println!(
-            "{:>12} {:<10} {:>12} {:>14.0} {:>12.0} {:>16.0} {:>10.3}",
-            fault_around,
-            order,
+            "{:<8} {:>12} {:<10} {:>8} {:>10.0} {:>10.0} {:>16.0} {:>8.3}",
+            r.snapshot,
+            r.fault_around,
+            r.order,
             p.faults,
             p.faults_per_sec(),
             p.pages_per_sec(),
@@ -64,7 +120,8 @@ fn print_and_save(size_mib: u64, runs: u64, rows: &[(u64, &str, Pass, Pass)]) {
             ratio
         );
         json_rows.push(json!({
-            "fault_around_pages": fault_around, "order": order, "pagerd": p, "map_private": f,
+            "snapshot": r.snapshot, "fault_around_pages": r.fault_around, "order": r.order,
+            "pagerd": p, "map_private": f,
             "pagerd_faults_per_sec": p.faults_per_sec(), "pagerd_pages_per_sec": p.pages_per_sec(),
             "map_private_pages_per_sec": f.pages_per_sec(), "pagerd_over_map_private": ratio,
         }));
@@ -72,6 +129,9 @@ fn print_and_save(size_mib: u64, runs: u64, rows: &[(u64, &str, Pass, Pass)]) {
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out).expect("bench dir");
     let doc = json!({"size_mib": size_mib, "runs": runs, "rows": json_rows});
-    std::fs::write(out.join("fault_rate.json"), serde_json::to_string_pretty(&doc).expect("json"))
-        .expect("write results");
+    std::fs::write(
+        out.join("fault_rate.json"),
+        serde_json::to_string_pretty(&doc).expect("json"),
+    )
+    .expect("write results");
 }

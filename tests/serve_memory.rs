@@ -77,9 +77,16 @@ fn one_region_every_page_matches_and_zero_pages_are_not_copied() {
         assert!(stats["faults"].as_u64().unwrap() >= pages / 16, "{stats}");
         assert_eq!(stats["latency_ns"]["count"], stats["faults"], "{stats}");
         let latency = &stats["latency_ns"];
-        let (p50, p99, max) = (latency["p50"].as_u64().unwrap(), latency["p99"].as_u64().unwrap(), latency["max"].as_u64().unwrap());
+        let (p50, p99, max) = (
+            latency["p50"].as_u64().unwrap(),
+            latency["p99"].as_u64().unwrap(),
+            latency["max"].as_u64().unwrap(),
+        );
         assert!(0 < p50 && p50 <= p99 && p99 <= max, "{latency}");
-        assert!(p99 > 1_000, "copying 64 KiB into another process takes more than 1 µs: {latency}");
+        assert!(
+            p99 > 1_000,
+            "copying 64 KiB into another process takes more than 1 µs: {latency}"
+        );
         assert!(record["vmm_pid"].as_i64().unwrap() > 0);
         let features = record["uffd_features"].as_u64().unwrap();
         assert_ne!(features & 0x8, 0, "EVENT_REMOVE negotiated: {features:#x}");

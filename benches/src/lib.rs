@@ -39,7 +39,15 @@ fn verify_report(events: &[Value]) -> &Value {
 /// Reads all of `mem` once through a new fork of `snapshot` served by `daemon`.
 pub fn pagerd_pass(daemon: &Daemon, snapshot: &str, fork: &str, mem: &Path, order: &str) -> Pass {
     let socket = daemon.create_fork(snapshot, fork);
-    let args = ["--snapshot", path_str(mem), "--socket", path_str(&socket), "--order", order, "verify"];
+    let args = [
+        "--snapshot",
+        path_str(mem),
+        "--socket",
+        path_str(&socket),
+        "--order",
+        order,
+        "verify",
+    ];
     let events = Vmm::spawn(&args).finish();
     let report = verify_report(&events);
     let record = daemon.wait_fork(fork, "ended");

@@ -53,11 +53,17 @@ impl Client {
     }
 
     /// Sends `op` with `args` (an object, or null) and returns the result.
-    pub fn request(&self, op: &str, args: Value, extra_wait: Duration) -> Result<Value, ClientError> {
-        let mut stream = UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
-            path: self.path.clone(),
-            source,
-        })?;
+    pub fn request(
+        &self,
+        op: &str,
+        args: Value,
+        extra_wait: Duration,
+    ) -> Result<Value, ClientError> {
+        let mut stream =
+            UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
+                path: self.path.clone(),
+                source,
+            })?;
         stream
             .set_read_timeout(Some(IO_TIMEOUT + extra_wait))
             .map_err(ClientError::Io)?;
@@ -70,13 +76,22 @@ impl Client {
         }
         writeln!(stream, "{}", Value::Object(request)).map_err(ClientError::Io)?;
         let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line).map_err(ClientError::Io)?;
-        let response: Value = serde_json::from_str(&line).map_err(|e| ClientError::Malformed(format!("{e}: {line:?}")))?;
+        BufReader::new(&stream)
+            .read_line(&mut line)
+            .map_err(ClientError::Io)?;
+        let response: Value = serde_json::from_str(&line)
+            .map_err(|e| ClientError::Malformed(format!("{e}: {line:?}")))?;
         match response["ok"] {
             Value::Bool(true) => Ok(response["result"].clone()),
             Value::Bool(false) => Err(ClientError::Refused {
-                code: response["error"]["code"].as_str().unwrap_or("unknown").to_owned(),
-                message: response["error"]["message"].as_str().unwrap_or("").to_owned(),
+                code: response["error"]["code"]
+                    .as_str()
+                    .unwrap_or("unknown")
+                    .to_owned(),
+                message: response["error"]["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned(),
             }),
             _ => Err(ClientError::Malformed(line)),
         }

@@ -20,7 +20,12 @@ use serde_json::{json, Value};
 #[command(version, about)]
 struct Cli {
     /// The control socket.
-    #[arg(long, env = "PAGERD_SOCKET", default_value = "/run/pagerd/control.sock", global = true)]
+    #[arg(
+        long,
+        env = "PAGERD_SOCKET",
+        default_value = "/run/pagerd/control.sock",
+        global = true
+    )]
     socket: PathBuf,
     /// Print the daemon's JSON instead of a table.
     #[arg(long, global = true)]
@@ -114,7 +119,9 @@ fn fork_rows(forks: &[Value]) -> String {
         })
         .collect();
     table::render(
-        &["ID", "SNAPSHOT", "STATE", "PID", "FAULTS", "COPIED", "ZERO", "P99_NS", "SOCKET"],
+        &[
+            "ID", "SNAPSHOT", "STATE", "PID", "FAULTS", "COPIED", "ZERO", "P99_NS", "SOCKET",
+        ],
         &rows,
     )
 }
@@ -183,7 +190,11 @@ fn run(cli: &Cli) -> Result<String, client::ClientError> {
             let h = fork_rows(std::slice::from_ref(&r));
             (r, h)
         }
-        Command::Fork(ForkCommand::Wait { id, state, timeout_ms }) => {
+        Command::Fork(ForkCommand::Wait {
+            id,
+            state,
+            timeout_ms,
+        }) => {
             let args = json!({"fork": id, "state": state, "timeout_ms": timeout_ms});
             let r = client.request("fork.wait", args, Duration::from_millis(*timeout_ms))?;
             let h = fork_rows(std::slice::from_ref(&r));
@@ -196,7 +207,10 @@ fn run(cli: &Cli) -> Result<String, client::ClientError> {
         }
     };
     Ok(if cli.json {
-        format!("{}\n", serde_json::to_string_pretty(&result).unwrap_or_default())
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&result).unwrap_or_default()
+        )
     } else {
         human
     })

@@ -27,7 +27,10 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
 mod tests {
     #[test]
     fn pads_columns_to_the_widest_cell() {
-        let out = super::render(&["ID", "STATE"], &[vec!["fork-10".into(), "serving".into()]]);
+        let out = super::render(
+            &["ID", "STATE"],
+            &[vec!["fork-10".into(), "serving".into()]],
+        );
         assert_eq!(out, "ID       STATE\nfork-10  serving\n");
     }
 }

@@ -33,6 +33,10 @@ pub struct Config {
     /// the next multiple of this many pages. 1 disables fault-around.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=512))]
     pub fault_around: u64,
+    /// After serving a fault, a worker keeps polling without sleeping for this many µs, since
+    /// the next fault of the same VMM usually follows at once. 0 always sleeps.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub spin_us: u64,
     /// How long a VMM may take to send its handoff message after connecting, in ms.
     #[arg(long, default_value_t = 10_000)]
     pub handoff_timeout_ms: u64,

@@ -226,6 +226,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     }
     let options = ServeOptions {
         fault_around_pages: config.fault_around,
+        spin: Duration::from_micros(config.spin_us),
     };
     let server = Server::start(
         registry.clone(),

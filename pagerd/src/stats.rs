@@ -150,6 +150,9 @@ mod tests {
         let r = stats.report().latency_ns;
         assert_eq!(r.count, 4);
         assert!((1_990..=2_010).contains(&r.p50), "{r:?}");
-        assert!((49_900..=50_100).contains(&r.p99) && r.max >= 50_000, "{r:?}");
+        assert!(
+            (49_900..=50_100).contains(&r.p99) && r.max >= 50_000,
+            "{r:?}"
+        );
     }
 }

@@ -71,7 +71,7 @@ impl Server {
     ) -> io::Result<Self> {
         std::fs::create_dir_all(forks_dir)?;
         let workers: Vec<WorkerHandle> = (0..workers.max(1))
-            .map(|i| WorkerHandle::spawn(i, registry.clone()))
+            .map(|i| WorkerHandle::spawn(i, registry.clone(), options.spin))
             .collect::<io::Result<_>>()?;
         let workers = Arc::new(workers);
         let acceptor =

@@ -142,9 +142,15 @@ fn huge_zero_page() -> *const u8 {
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
     /// Serve up to this many 4 KiB pages per fault: the faulting page and the missing pages
-    /// after it, up to the next multiple of this many pages. 1 serves the faulting page only.
+    /// after it, up to the next multiple of this many pages (runs of zero pages go on to the
+    /// next 2 MiB boundary). 1 serves the faulting page only.
     pub fault_around_pages: u64,
+    /// How long a worker keeps polling without sleeping after a fault.
+    pub spin: Duration,
 }
+
+/// How far a run of zero pages may extend: up to the next 2 MiB boundary.
+const ZERO_WINDOW_PAGES: u64 = 512;
 
 /// How many event batches one readiness may drain before other sessions get a turn.
 const BATCHES_PER_TURN: usize = 8;
@@ -348,6 +354,12 @@ impl Session {
             return 1;
         }
         let kind = region.fill_of(page, &self.snapshot);
+        // Zero runs cost no memory and `UFFDIO_ZEROPAGE` is cheap: let them reach further.
+        let window = if kind == Fill::Zero {
+            window.max(ZERO_WINDOW_PAGES)
+        } else {
+            window
+        };
         let window_end = ((page / window + 1) * window).min(region.present.len());
         let mut end = page + 1;
         while end < window_end

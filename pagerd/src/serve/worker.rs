@@ -9,7 +9,9 @@
 //! A fork's faults stay on its worker, so its state needs no lock. A session whose batch
 //! budget ran out is drained again on the next turn (zero-timeout poll) so one busy fork
 //! cannot starve the others; while any session has deferred faults the poll wakes every
-//! [`DEFERRED_RETRY`] to retry them even if no new event arrives.
+//! [`DEFERRED_RETRY`] to retry them even if no new event arrives. For a short while after a
+//! fault (`--spin-us`) the worker polls without sleeping, because waking a sleeping thread is
+//! the dearest part of a fault round trip on virtualized hosts.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -17,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -61,7 +63,7 @@ pub struct WorkerHandle {
 
 impl WorkerHandle {
     /// Starts worker number `index`.
-    pub fn spawn(index: usize, registry: Arc<Registry>) -> io::Result<Self> {
+    pub fn spawn(index: usize, registry: Arc<Registry>, spin: Duration) -> io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = mpsc::channel();
@@ -72,6 +74,7 @@ impl WorkerHandle {
             rx,
             registry,
             load: sessions.clone(),
+            spin,
         };
         let thread = std::thread::Builder::new()
             .name(format!("pagerd-worker-{index}"))
@@ -119,6 +122,9 @@ struct Worker {
     rx: Receiver<Command>,
     registry: Arc<Registry>,
     load: Arc<AtomicUsize>,
+    /// After a fault, keep polling without sleeping for this long: the same VMM's next fault
+    /// usually follows within microseconds, and a sleeping worker costs a wakeup.
+    spin: Duration,
 }
 
 fn uffd_token(key: usize) -> Token {
@@ -134,8 +140,10 @@ impl Worker {
         let mut events = Events::with_capacity(256);
         let mut buf: Vec<UffdMsg> = vec![empty_msg(); EVENTS_PER_READ];
         let mut busy: Vec<usize> = Vec::new();
+        let mut last_fault: Option<Instant> = None;
         loop {
-            let timeout = if !busy.is_empty() {
+            let spinning = last_fault.is_some_and(|t: Instant| t.elapsed() < self.spin);
+            let timeout = if !busy.is_empty() || spinning {
                 Some(Duration::ZERO)
             } else if self.sessions.iter().any(|(_, s)| s.has_deferred()) {
                 Some(DEFERRED_RETRY)
@@ -158,7 +166,10 @@ impl Worker {
                             return;
                         }
                     }
-                    Token(t) if t % 2 == 0 => to_drain.push(t / 2),
+                    Token(t) if t % 2 == 0 => {
+                        to_drain.push(t / 2);
+                        last_fault = Some(Instant::now());
+                    }
                     Token(t) => self.end(t / 2, EndReason::VmmExited),
                 }
             }
