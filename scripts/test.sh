@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine and runs every check: formatting, lints, unit and end-to-end tests
 # (real userfaultfd, real pagerd processes). Needs root (hugetlbfs pages, /dev/userfaultfd).
+# Ends with one line summing every test binary's results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { p += $4; f += $6 } END { printf "all tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
