@@ -2,7 +2,8 @@
 # The demo: one pagerd serving eight forks of one snapshot at once.
 #
 # It builds pagerd, writes a 256 MiB snapshot memory file (64 MiB of data, the rest zeros, as
-# real VM memory mostly is), starts pagerd on it, creates eight forks with `ctl`, and starts a
+# real VM memory mostly is), starts pagerd, registers the file as a snapshot and creates eight
+# forks with `ctl`, and starts a
 # synthetic VMM per fork. Each VMM restores its memory exactly as Firecracker does (anonymous
 # private memory registered with userfaultfd, handed to pagerd over the fork's socket), reads
 # every page and checks it byte for byte against the snapshot. Then `ctl` shows what pagerd did.
@@ -23,17 +24,17 @@ echo "== writing a 256 MiB snapshot (64 MiB of data, 192 MiB of zeros) in $work"
 head -c 64M /dev/urandom >"$work/memory"
 truncate -s 256M "$work/memory"
 
-echo "== starting pagerd"
-export PAGERD_SOCKET="$work/run/control.sock"
-"$bin/pagerd" --run-dir "$work/run" --snapshot "base=$work/memory" >"$work/ready" 2>"$work/pagerd.log" &
+echo "== starting pagerd and registering the snapshot"
+export PAGERD_SOCKET="$work/state/control.sock"
+"$bin/pagerd" --state-dir "$work/state" >"$work/ready" 2>"$work/pagerd.log" &
 pagerd_pid=$!
 for _ in $(seq 1 600); do
   grep -q "pagerd ready" "$work/ready" 2>/dev/null && break
   kill -0 "$pagerd_pid" 2>/dev/null || { cat "$work/pagerd.log"; exit 1; }
   sleep 0.05
 done
+"$bin/ctl" snapshot add base "$work/memory"
 "$bin/ctl" status
-"$bin/ctl" snapshot ls
 
 echo "== creating 8 forks and starting a synthetic VMM on each"
 vmm_pids=()
@@ -54,6 +55,9 @@ for i in $(seq 1 8); do "$bin/ctl" fork wait "vm$i" ended >/dev/null; done
 
 echo "== what pagerd did"
 "$bin/ctl" fork ls
+"$bin/ctl" stats
+for i in $(seq 1 8); do "$bin/ctl" fork close "vm$i" >/dev/null; done
+"$bin/ctl" snapshot rm base
 "$bin/ctl" status
 if [ "$failed" != 0 ]; then
   echo "demo FAILED: a fork saw wrong memory" >&2

@@ -38,6 +38,8 @@ struct Cli {
 enum Command {
     /// Daemon health, version and counts.
     Status,
+    /// Serving counters summed over every fork.
+    Stats,
     /// Snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -48,6 +50,22 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum SnapshotCommand {
+    /// Register a memory file as a snapshot (brought into the state directory and never
+    /// modified afterwards).
+    Add {
+        /// Snapshot id.
+        id: String,
+        /// The memory file (relative paths are taken from the current directory).
+        path: PathBuf,
+    },
+    /// Delete a snapshot; refused while forks reference it, unless deferred.
+    Rm {
+        /// Snapshot id.
+        id: String,
+        /// If forks reference it, delete it when the last one ends.
+        #[arg(long)]
+        defer: bool,
+    },
     /// List snapshots.
     Ls,
     /// Show one snapshot.
@@ -74,12 +92,12 @@ enum ForkCommand {
         /// Fork id.
         id: String,
     },
-    /// Wait until a fork is `serving` (or ended) or `ended`.
+    /// Wait until a fork reaches a state (`serving` is also satisfied by `ended`).
     Wait {
         /// Fork id.
         id: String,
         /// The state to wait for.
-        #[arg(value_parser = ["waiting", "serving", "ended"])]
+        #[arg(value_parser = ["waiting", "serving", "ended", "detached"])]
         state: String,
         /// How long to wait at most, in ms.
         #[arg(long, default_value_t = 10_000)]
@@ -134,12 +152,19 @@ fn snapshot_rows(snapshots: &[Value]) -> String {
                 text(&s["id"]),
                 text(&s["size"]),
                 text(&s["zero_pages"]),
-                text(&s["ref_count"]),
+                s["ref_count"]
+                    .as_u64()
+                    .map_or("?".into(), |n| n.to_string()),
+                if s["delete_pending"] == Value::Bool(true) {
+                    "delete-pending".into()
+                } else {
+                    text(&s["error"])
+                },
                 text(&s["path"]),
             ]
         })
         .collect();
-    table::render(&["ID", "SIZE", "ZERO_PAGES", "REFS", "PATH"], &rows)
+    table::render(&["ID", "SIZE", "ZERO_PAGES", "REFS", "NOTE", "PATH"], &rows)
 }
 
 fn run(cli: &Cli) -> Result<String, client::ClientError> {
@@ -149,16 +174,51 @@ fn run(cli: &Cli) -> Result<String, client::ClientError> {
         Command::Status => {
             let r = call("status", Value::Null)?;
             let h = format!(
-                "pagerd {} (pid {}), up {} ms, {} workers\nsnapshots: {}\nforks: {} waiting, {} serving, {} ended\n",
+                "pagerd {} (pid {}), up {} ms, {} workers, {}\nsnapshots: {}\nforks: {} waiting, {} serving, {} detached, {} ended\n",
                 text(&r["version"]),
                 text(&r["pid"]),
                 text(&r["uptime_ms"]),
                 text(&r["workers"]),
+                if r["healthy"] == Value::Bool(true) { "healthy" } else { "UNHEALTHY (see --json)" },
                 text(&r["snapshots"]),
                 text(&r["forks"]["waiting"]),
                 text(&r["forks"]["serving"]),
+                text(&r["forks"]["detached"]),
                 text(&r["forks"]["ended"]),
             );
+            (r, h)
+        }
+        Command::Stats => {
+            let r = call("stats", Value::Null)?;
+            let t = &r["totals"];
+            let h = format!(
+                "forks: {}\nfaults: {}\npages copied: {} ({} bytes)\nzero pages: {}\nremoves: {}\nerrors: {}\n",
+                text(&r["forks"]),
+                text(&t["faults"]),
+                text(&t["pages_copied"]),
+                text(&t["bytes_copied"]),
+                text(&t["zero_pages"]),
+                text(&t["removes"]),
+                text(&t["errors"]),
+            );
+            (r, h)
+        }
+        Command::Snapshot(SnapshotCommand::Add { id, path }) => {
+            let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            let r = call("snapshot.register", json!({"snapshot": id, "path": path}))?;
+            let h = snapshot_rows(std::slice::from_ref(&r));
+            (r, h)
+        }
+        Command::Snapshot(SnapshotCommand::Rm { id, defer }) => {
+            let r = call("snapshot.delete", json!({"snapshot": id, "defer": defer}))?;
+            let h = if r["deleted"] == Value::Bool(true) {
+                format!("deleted {id}\n")
+            } else {
+                format!(
+                    "{id} will be deleted when its forks end: {}\n",
+                    text(&r["forks"])
+                )
+            };
             (r, h)
         }
         Command::Snapshot(SnapshotCommand::Ls) => {

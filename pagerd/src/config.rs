@@ -14,16 +14,21 @@ use crate::ids::Id;
 #[derive(Debug, Clone, Parser)]
 #[command(version, about)]
 pub struct Config {
-    /// Directory for runtime files: the control socket and `forks/<id>.sock` handoff sockets.
-    #[arg(long, default_value = "/run/pagerd")]
-    pub run_dir: PathBuf,
-    /// Control socket path [default: RUN_DIR/control.sock].
+    /// The state directory: snapshots, fork records, handoff sockets and the control socket.
+    #[arg(long, default_value = "/var/lib/pagerd")]
+    pub state_dir: PathBuf,
+    /// Control socket path [default: STATE_DIR/control.sock].
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
-    /// A snapshot to serve, as ID=PATH to its memory file. Repeatable.
+    /// A group (name or gid) whose members may also use the control socket, besides the
+    /// daemon's own user and root.
+    #[arg(long)]
+    pub control_group: Option<String>,
+    /// A snapshot to register at start unless it already is, as ID=PATH to its memory file.
+    /// Repeatable.
     #[arg(long = "snapshot", value_parser = parse_pair)]
     pub snapshots: Vec<(Id, PathBuf)>,
-    /// A fork to create at start, as ID=SNAPSHOT_ID. Repeatable.
+    /// A fork to create at start unless it exists, as ID=SNAPSHOT_ID. Repeatable.
     #[arg(long = "fork", value_parser = parse_fork)]
     pub forks: Vec<(Id, Id)>,
     /// Worker threads serving faults [default: the number of cores].
@@ -53,7 +58,7 @@ impl Config {
     pub fn control_socket(&self) -> PathBuf {
         self.control_socket
             .clone()
-            .unwrap_or_else(|| self.run_dir.join("control.sock"))
+            .unwrap_or_else(|| self.state_dir.join("control.sock"))
     }
 
     /// Worker threads to start.

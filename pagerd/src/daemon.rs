@@ -1,10 +1,12 @@
-//! The daemon: opens snapshots, starts serving and the control socket, answers requests, and
-//! shuts down cleanly on SIGTERM or SIGINT.
+//! The daemon: reconciles the state directory, starts serving and the control socket, answers
+//! requests, and shuts down cleanly on SIGTERM or SIGINT.
+//!
+//! A shutdown stops serving but keeps every fork record: VMMs still running keep their
+//! references, and the next start reconciles them (detached if alive, reaped if gone).
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
@@ -14,47 +16,37 @@ use crate::config::Config;
 use crate::control::protocol::{ControlError, ErrorCode, Request};
 use crate::control::{ControlServer, Handler};
 use crate::ids::Id;
+use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::registry::{ForkState, Registry, RegistryError};
+use crate::serve::acceptor::error_chain;
 use crate::serve::session::ServeOptions;
 use crate::serve::{ServeError, Server};
-use crate::snapshot::{Snapshot, SnapshotError};
+use crate::store::{Store, StoreError};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// The runtime directory could not be made.
-    #[error("cannot create run directory {path}")]
-    RunDir {
-        /// The directory.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A snapshot given on the command line could not be opened.
-    #[error("cannot open snapshot `{id}`")]
-    Snapshot {
-        /// The snapshot.
+    /// The state directory could not be opened.
+    #[error("cannot open the state directory")]
+    State(#[source] StoreError),
+    /// Reconciling the state directory failed.
+    #[error("cannot reconcile the state directory")]
+    Reconcile(#[source] LifecycleError),
+    /// A snapshot or fork given on the command line could not be set up.
+    #[error("cannot set up `{id}` from the command line")]
+    CommandLine {
+        /// The snapshot or fork.
         id: Id,
         /// Why.
         #[source]
-        source: SnapshotError,
+        source: LifecycleError,
     },
-    /// Two snapshots or forks share an id.
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
     /// Serving threads could not start.
     #[error("cannot start serving")]
     Serve(#[source] std::io::Error),
-    /// A fork given on the command line could not be created.
-    #[error("cannot create fork `{id}`")]
-    Fork {
-        /// The fork.
-        id: Id,
-        /// Why.
-        #[source]
-        source: ServeError,
-    },
+    /// The control group does not exist.
+    #[error("unknown control group `{0}`")]
+    Group(String),
     /// The control socket could not be bound.
     #[error("cannot listen on control socket {path}")]
     Control {
@@ -80,42 +72,36 @@ pub fn init_logging(default_filter: &str) {
         .try_init();
 }
 
-/// The running daemon, as the control socket sees it.
-#[derive(Debug)]
-pub struct Daemon {
-    registry: Arc<Registry>,
-    server: Server,
-    started: Instant,
-    next_fork: AtomicU64,
-}
-
 /// The longest `fork.wait` allowed.
 const MAX_WAIT: Duration = Duration::from_secs(600);
 const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 
-impl From<RegistryError> for ControlError {
-    fn from(e: RegistryError) -> Self {
+impl From<LifecycleError> for ControlError {
+    fn from(e: LifecycleError) -> Self {
         let code = match &e {
-            RegistryError::NoSnapshot(_) | RegistryError::NoFork(_) => ErrorCode::NotFound,
-            RegistryError::Exists { .. } => ErrorCode::Conflict,
-            RegistryError::WaitTimedOut { .. } => ErrorCode::Unavailable,
+            LifecycleError::NotFound { .. } => ErrorCode::NotFound,
+            LifecycleError::Exists { .. }
+            | LifecycleError::InUse { .. }
+            | LifecycleError::DeletePending(_) => ErrorCode::Conflict,
+            LifecycleError::BadPath { .. } | LifecycleError::Snapshot(_) => {
+                ErrorCode::InvalidArgument
+            }
+            LifecycleError::Registry(RegistryError::NoFork(_) | RegistryError::NoSnapshot(_)) => {
+                ErrorCode::NotFound
+            }
+            LifecycleError::Registry(RegistryError::Exists { .. }) => ErrorCode::Conflict,
+            LifecycleError::Registry(RegistryError::WaitTimedOut { .. }) => ErrorCode::Unavailable,
+            LifecycleError::Serve(ServeError::SocketPathTooLong(_)) => ErrorCode::InvalidArgument,
+            LifecycleError::Serve(ServeError::Stopped) => ErrorCode::Unavailable,
+            LifecycleError::Store(s) if s.source.kind() == std::io::ErrorKind::StorageFull => {
+                ErrorCode::Unavailable
+            }
+            LifecycleError::CountsUnknown { .. }
+            | LifecycleError::Broken { .. }
+            | LifecycleError::Store(_)
+            | LifecycleError::Serve(_) => ErrorCode::Internal,
         };
-        ControlError::new(code, e.to_string())
-    }
-}
-
-impl From<ServeError> for ControlError {
-    fn from(e: ServeError) -> Self {
-        match e {
-            ServeError::Registry(r) => r.into(),
-            ServeError::SocketPathTooLong(_) => {
-                ControlError::new(ErrorCode::InvalidArgument, e.to_string())
-            }
-            ServeError::Stopped => ControlError::new(ErrorCode::Unavailable, e.to_string()),
-            ServeError::Bind { .. } => {
-                ControlError::new(ErrorCode::Internal, crate::serve::acceptor::error_chain(&e))
-            }
-        }
+        ControlError::new(code, error_chain(&e))
     }
 }
 
@@ -123,68 +109,74 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ControlError> {
     serde_json::to_value(v).map_err(|e| ControlError::new(ErrorCode::Internal, e.to_string()))
 }
 
-impl Daemon {
-    fn generated_fork_id(&self) -> Id {
-        loop {
-            let n = self.next_fork.fetch_add(1, Ordering::Relaxed);
-            let id: Id = format!("fork-{n}")
-                .parse()
-                .expect("generated ids are valid");
-            if self.registry.fork(&id).is_err() {
-                return id;
-            }
-        }
-    }
+/// The running daemon, as the control socket sees it.
+#[derive(Debug)]
+pub struct Daemon {
+    lifecycle: Arc<Lifecycle>,
+    started: Instant,
+}
 
-    fn status(&self) -> Value {
-        let forks = self.registry.forks();
+impl Daemon {
+    fn status(&self) -> Result<Value, ControlError> {
+        let registry = self.lifecycle.registry();
+        let forks = registry.forks();
         let count = |state| forks.iter().filter(|f| f.status().state == state).count();
-        json!({
+        let (damaged, unreadable) = self.lifecycle.problems()?;
+        let server = self.lifecycle.server();
+        Ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
             "uptime_ms": u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            "workers": self.server.worker_count(),
-            "worker_sessions": self.server.worker_loads(),
-            "snapshots": self.registry.snapshots().len(),
+            "healthy": damaged.is_empty() && unreadable.is_empty(),
+            "state_dir": self.lifecycle.store().root(),
+            "workers": server.worker_count(),
+            "worker_sessions": server.worker_loads(),
+            "snapshots": registry.snapshots().len(),
             "forks": {
                 "waiting": count(ForkState::Waiting),
                 "serving": count(ForkState::Serving),
+                "detached": count(ForkState::Detached),
                 "ended": count(ForkState::Ended),
             },
+            "damaged_snapshots": damaged,
+            "unreadable_fork_records": unreadable,
             "open_fds": crate::sys::open_fd_count().ok(),
-        })
+        }))
     }
 }
 
 impl Handler for Daemon {
     fn handle(&self, request: Request) -> Result<Value, ControlError> {
+        let lc = &self.lifecycle;
         match request {
-            Request::Status {} => Ok(self.status()),
-            Request::SnapshotList {} => {
-                let infos: Vec<_> = self
-                    .registry
-                    .snapshots()
-                    .iter()
-                    .map(|s| self.registry.snapshot_info(s))
-                    .collect();
-                to_value(infos)
+            Request::Status {} => self.status(),
+            Request::Stats {} => to_value(json!({
+                "forks": lc.registry().forks().len(),
+                "totals": lc.totals(),
+            })),
+            Request::SnapshotRegister { snapshot, path } => {
+                to_value(lc.register_snapshot(snapshot, &path)?)
             }
-            Request::SnapshotGet { snapshot } => {
-                let snapshot = self.registry.snapshot(&snapshot)?;
-                to_value(self.registry.snapshot_info(&snapshot))
+            Request::SnapshotDelete { snapshot, defer } => {
+                to_value(lc.delete_snapshot(&snapshot, defer)?)
             }
-            Request::ForkCreate { snapshot, fork } => {
-                let id = fork.unwrap_or_else(|| self.generated_fork_id());
-                to_value(self.server.create_fork(id, &snapshot)?.info())
-            }
+            Request::SnapshotList {} => to_value(lc.snapshots()?),
+            Request::SnapshotGet { snapshot } => to_value(lc.snapshot(&snapshot)?),
+            Request::ForkCreate { snapshot, fork } => to_value(lc.create_fork(fork, &snapshot)?),
             Request::ForkList {} => to_value(
-                self.registry
+                lc.registry()
                     .forks()
                     .iter()
                     .map(|f| f.info())
                     .collect::<Vec<_>>(),
             ),
-            Request::ForkGet { fork } => to_value(self.registry.fork(&fork)?.info()),
+            Request::ForkGet { fork } => {
+                let fork = lc
+                    .registry()
+                    .fork(&fork)
+                    .map_err(|e| ControlError::new(ErrorCode::NotFound, e.to_string()))?;
+                to_value(fork.info())
+            }
             Request::ForkWait {
                 fork,
                 state,
@@ -193,10 +185,20 @@ impl Handler for Daemon {
                 let timeout = timeout_ms
                     .map_or(DEFAULT_WAIT, Duration::from_millis)
                     .min(MAX_WAIT);
-                to_value(self.registry.wait_for_state(&fork, state, timeout)?.info())
+                to_value(lc.wait_fork(&fork, state, timeout)?)
             }
-            Request::ForkClose { fork } => to_value(self.server.close_fork(&fork)?.info()),
+            Request::ForkClose { fork } => to_value(lc.close_fork(&fork)?),
         }
+    }
+}
+
+fn group_id(name: &str) -> Result<u32, DaemonError> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        _ => Err(DaemonError::Group(name.to_owned())),
     }
 }
 
@@ -209,21 +211,9 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     signals.add(Signal::SIGINT);
     signals.thread_block().map_err(DaemonError::Signals)?;
 
-    std::fs::create_dir_all(&config.run_dir).map_err(|source| DaemonError::RunDir {
-        path: config.run_dir.clone(),
-        source,
-    })?;
+    let control_gid = config.control_group.as_deref().map(group_id).transpose()?;
+    let store = Store::open(&config.state_dir).map_err(DaemonError::State)?;
     let registry = Arc::new(Registry::new());
-    for (id, path) in &config.snapshots {
-        let snapshot =
-            Snapshot::open(id.clone(), path).map_err(|source| DaemonError::Snapshot {
-                id: id.clone(),
-                source,
-            })?;
-        tracing::info!(snapshot = %id, path = %path.display(), size = snapshot.size(),
-            zero_pages = snapshot.zero_page_count(), "snapshot opened");
-        registry.add_snapshot(snapshot)?;
-    }
     let options = ServeOptions {
         fault_around_pages: config.fault_around,
         spin: Duration::from_micros(config.spin_us),
@@ -231,47 +221,76 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let server = Server::start(
         registry.clone(),
         config.worker_count(),
-        &config.run_dir.join("forks"),
         options,
         config.handoff_timeout(),
     )
     .map_err(DaemonError::Serve)?;
-    let daemon = Arc::new(Daemon {
-        registry,
-        server,
-        started: Instant::now(),
-        next_fork: AtomicU64::new(1),
-    });
-    for (id, snapshot) in &config.forks {
-        daemon
-            .server
-            .create_fork(id.clone(), snapshot)
-            .map_err(|source| DaemonError::Fork {
-                id: id.clone(),
-                source,
-            })?;
+    let lifecycle = Arc::new(Lifecycle::new(store, registry.clone(), server));
+
+    // Serving threads report attach and end here; disk writes happen off their threads.
+    let (events, inbox) = mpsc::channel();
+    registry.set_event_sink(events);
+    let janitor = {
+        let lifecycle = lifecycle.clone();
+        std::thread::Builder::new()
+            .name("pagerd-lifecycle".into())
+            .spawn(move || {
+                for event in inbox {
+                    lifecycle.on_event(event);
+                }
+            })
+            .map_err(DaemonError::Serve)?
+    };
+
+    lifecycle.reconcile().map_err(DaemonError::Reconcile)?;
+    for (id, path) in &config.snapshots {
+        if lifecycle.snapshot(id).is_err() {
+            lifecycle
+                .register_snapshot(id.clone(), path)
+                .map_err(|source| DaemonError::CommandLine {
+                    id: id.clone(),
+                    source,
+                })?;
+        }
     }
+    for (id, snapshot) in &config.forks {
+        if registry.fork(id).is_err() {
+            lifecycle
+                .create_fork(Some(id.clone()), snapshot)
+                .map_err(|source| DaemonError::CommandLine {
+                    id: id.clone(),
+                    source,
+                })?;
+        }
+    }
+    let daemon = Arc::new(Daemon {
+        lifecycle: lifecycle.clone(),
+        started: Instant::now(),
+    });
     let control_path = config.control_socket();
     let mut control = ControlServer::start(
         &control_path,
-        daemon.clone(),
+        daemon,
         Duration::from_millis(config.control_idle_timeout_ms),
+        control_gid,
     )
     .map_err(|source| DaemonError::Control {
         path: control_path.clone(),
         source,
     })?;
-    tracing::info!(control = %control_path.display(), workers = daemon.server.worker_count(), "pagerd ready");
+    tracing::info!(control = %control_path.display(), workers = lifecycle.server().worker_count(), "pagerd ready");
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "pagerd ready control={}", control_path.display());
     let _ = stdout.flush();
     drop(stdout);
 
     let signal = signals.wait().map_err(DaemonError::Signals)?;
-    tracing::info!(signal = ?signal, "shutting down");
+    tracing::info!(signal = ?signal, "shutting down; fork records are kept for the next start");
     control.stop();
-    daemon.server.shutdown();
-    for fork in daemon.registry.forks() {
+    registry.clear_event_sink();
+    let _ = janitor.join();
+    lifecycle.server().shutdown();
+    for fork in registry.forks() {
         let _ = std::fs::remove_file(fork.handoff_socket());
     }
     Ok(())

@@ -9,6 +9,8 @@
 //! - [`snapshot`]: an immutable memory file mapped once, read-only, with its zero-page map.
 //! - [`serve`]: handoff sockets, worker threads, and the fault path.
 //! - [`registry`]: snapshots and forks in memory, fork states, waiting on state changes.
+//! - [`store`]: the state directory (snapshot and fork records, written atomically);
+//!   [`lifecycle`]: every change of what exists, made durable first, and restart reconciliation.
 //! - [`control`]: the JSON control socket; [`daemon`] answers it and runs everything.
 
 pub mod bitmap;
@@ -16,9 +18,11 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod ids;
+pub mod lifecycle;
 pub mod ratelimit;
 pub mod registry;
 pub mod serve;
 pub mod snapshot;
 pub mod stats;
+pub mod store;
 pub mod sys;

@@ -24,8 +24,12 @@ pub enum ForkState {
     Waiting,
     /// A VMM's uffd is being served.
     Serving,
-    /// Serving stopped; the record stays until the fork is closed.
+    /// Serving stopped and the reference was released; the entry stays, for its counters,
+    /// until the fork is closed or the daemon restarts.
     Ended,
+    /// Its VMM outlived a daemon restart: nobody serves it, but it still references its
+    /// snapshot until it is closed.
+    Detached,
 }
 
 /// What a fork is doing, guarded by the fork's lock.
@@ -49,7 +53,7 @@ pub struct ForkStatus {
 #[derive(Debug)]
 pub struct Fork {
     id: Id,
-    snapshot: Arc<Snapshot>,
+    snapshot: Id,
     handoff_socket: PathBuf,
     created: SystemTime,
     status: Mutex<ForkStatus>,
@@ -63,8 +67,8 @@ impl Fork {
         &self.id
     }
 
-    /// The snapshot it serves.
-    pub fn snapshot(&self) -> &Arc<Snapshot> {
+    /// The snapshot it forks.
+    pub fn snapshot(&self) -> &Id {
         &self.snapshot
     }
 
@@ -87,7 +91,7 @@ impl Fork {
         let st = self.status();
         ForkInfo {
             id: self.id.clone(),
-            snapshot: self.snapshot.id().clone(),
+            snapshot: self.snapshot.clone(),
             state: st.state,
             handoff_socket: self.handoff_socket.clone(),
             vmm_pid: st.vmm_pid,
@@ -139,28 +143,8 @@ pub struct ForkInfo {
     pub stats: ForkStatsReport,
 }
 
-/// A snapshot as the control socket reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct SnapshotInfo {
-    /// Snapshot id.
-    pub id: Id,
-    /// Memory file.
-    pub path: PathBuf,
-    /// Size in bytes.
-    pub size: u64,
-    /// Granularity of the zero-page map.
-    pub page_size: u64,
-    /// 4 KiB pages that are all zeros.
-    pub zero_pages: u64,
-    /// Time the memory file was written, ms since the Unix epoch.
-    pub created_unix_ms: u64,
-    /// Forks (not ended) that reference it.
-    pub ref_count: usize,
-    /// Their ids.
-    pub forks: Vec<Id>,
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
@@ -197,9 +181,19 @@ pub enum RegistryError {
     },
 }
 
+/// Something that happened to a fork on a serving thread, for the lifecycle to record.
+#[derive(Debug)]
+pub enum ForkEvent {
+    /// A VMM handed over its uffd.
+    Attached(Arc<Fork>),
+    /// Serving ended.
+    Ended(Arc<Fork>),
+}
+
 /// All snapshots and forks of the daemon.
 #[derive(Debug, Default)]
 pub struct Registry {
+    events: Mutex<Option<std::sync::mpsc::Sender<ForkEvent>>>,
     snapshots: Mutex<BTreeMap<Id, Arc<Snapshot>>>,
     forks: Mutex<BTreeMap<Id, Arc<Fork>>>,
     changed: Condvar,
@@ -211,6 +205,23 @@ impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Where fork events go from now on.
+    pub fn set_event_sink(&self, sink: std::sync::mpsc::Sender<ForkEvent>) {
+        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    }
+
+    /// Stops reporting fork events (at shutdown, when endings must not release references).
+    pub fn clear_event_sink(&self) {
+        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Reports a fork event (dropped if nobody listens).
+    pub fn emit(&self, event: ForkEvent) {
+        if let Some(sink) = &*self.events.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = sink.send(event);
+        }
     }
 
     /// Adds a snapshot.
@@ -241,32 +252,20 @@ impl Registry {
         map.values().cloned().collect()
     }
 
-    /// Describes a snapshot, with the forks that reference it.
-    pub fn snapshot_info(&self, snapshot: &Snapshot) -> SnapshotInfo {
-        let forks: Vec<Id> = self
-            .forks()
-            .into_iter()
-            .filter(|f| f.snapshot.id() == snapshot.id() && f.status().state != ForkState::Ended)
-            .map(|f| f.id.clone())
-            .collect();
-        SnapshotInfo {
-            id: snapshot.id().clone(),
-            path: snapshot.path().to_owned(),
-            size: snapshot.size(),
-            page_size: crate::snapshot::ZERO_MAP_PAGE,
-            zero_pages: snapshot.zero_page_count(),
-            created_unix_ms: unix_ms(snapshot.created()),
-            ref_count: forks.len(),
-            forks,
-        }
+    /// Forgets a snapshot.
+    pub fn remove_snapshot(&self, id: &Id) -> Option<Arc<Snapshot>> {
+        let mut map = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(id)
     }
 
-    /// Adds a fork in state `waiting`.
+    /// Adds a fork in `state` (`waiting` for a new fork).
     pub fn add_fork(
         &self,
         id: Id,
-        snapshot: Arc<Snapshot>,
+        snapshot: Id,
         handoff_socket: PathBuf,
+        state: ForkState,
+        created: SystemTime,
     ) -> Result<Arc<Fork>, RegistryError> {
         let mut map = self.forks.lock().unwrap_or_else(|p| p.into_inner());
         if map.contains_key(&id) {
@@ -276,9 +275,9 @@ impl Registry {
             id: id.clone(),
             snapshot,
             handoff_socket,
-            created: SystemTime::now(),
+            created,
             status: Mutex::new(ForkStatus {
-                state: ForkState::Waiting,
+                state,
                 vmm_pid: None,
                 uffd_features: None,
                 end_reason: None,
@@ -341,7 +340,8 @@ impl Registry {
         loop {
             let fork = self.fork(id)?;
             let now = fork.status().state;
-            if now == want || (want == ForkState::Serving && now == ForkState::Ended) {
+            let past_serving = matches!(now, ForkState::Ended | ForkState::Detached);
+            if now == want || (want == ForkState::Serving && past_serving) {
                 return Ok(fork);
             }
             let left = deadline.saturating_duration_since(Instant::now());

@@ -132,54 +132,86 @@ pub struct ControlError {
     pub message: String,
 }
 
-/// A running pagerd process with its own run directory.
+/// A running pagerd process with its own state directory.
 pub struct Daemon {
     child: Child,
     dir: tempfile::TempDir,
     control: PathBuf,
+    args: Vec<String>,
 }
 
 impl Daemon {
-    /// Starts pagerd with `snapshots` (id, memory file) and extra command-line `args`, and
-    /// waits until it says it is ready.
+    /// Starts pagerd with `snapshots` (id, memory file) registered and extra command-line
+    /// `args`, and waits until it says it is ready.
     pub fn start(snapshots: &[(&str, &Path)], args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("pagerd-test")
             .tempdir()
             .expect("tempdir");
         let control = dir.path().join("control.sock");
-        let log = std::fs::File::create(dir.path().join("pagerd.log")).expect("log file");
-        let mut cmd = Command::new(binary("pagerd"));
-        cmd.arg("--run-dir")
-            .arg(dir.path().join("run"))
-            .arg("--control-socket")
-            .arg(&control)
+        let mut all: Vec<String> = vec![
+            "--state-dir".into(),
+            dir.path().join("state").display().to_string(),
+            "--control-socket".into(),
+            control.display().to_string(),
+        ];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        for (id, path) in snapshots {
+            all.push("--snapshot".into());
+            all.push(format!("{id}={}", path.display()));
+        }
+        let child = Self::spawn_ready(&dir, &all);
+        Self {
+            child,
+            dir,
+            control,
+            args: all,
+        }
+    }
+
+    fn spawn_ready(dir: &tempfile::TempDir, args: &[String]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("pagerd.log"))
+            .expect("log file");
+        let mut child = Command::new(binary("pagerd"))
             .args(args)
             .env("PAGERD_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(log);
-        for (id, path) in snapshots {
-            cmd.arg("--snapshot")
-                .arg(format!("{id}={}", path.display()));
-        }
-        let mut child = cmd.spawn().expect("spawn pagerd");
+            .stderr(log)
+            .spawn()
+            .expect("spawn pagerd");
         let lines = line_channel(child.stdout.take().expect("stdout"));
-        let mut daemon = Self {
-            child,
-            dir,
-            control,
-        };
         match lines.recv_timeout(DEADLINE) {
-            Ok(line) if line.starts_with("pagerd ready") => daemon,
+            Ok(line) if line.starts_with("pagerd ready") => child,
             other => {
-                let status = daemon.child.try_wait();
-                panic!(
-                    "pagerd did not start ({other:?}, {status:?}):\n{}",
-                    daemon.log()
-                );
+                let status = child.try_wait();
+                let log =
+                    std::fs::read_to_string(dir.path().join("pagerd.log")).unwrap_or_default();
+                panic!("pagerd did not start ({other:?}, {status:?}):\n{log}");
             }
         }
+    }
+
+    /// SIGKILLs the daemon and reaps it (its state directory stays).
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the daemon again on the same state directory, with the same arguments.
+    pub fn respawn(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+        self.child = Self::spawn_ready(&self.dir, &self.args);
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
     }
 
     /// The daemon's pid.

@@ -4,8 +4,8 @@
 //! (at most [`protocol::MAX_REQUEST_BYTES`] each), hands them to the [`Handler`] and writes one
 //! response line per request. A connection idle for longer than the idle timeout is closed, as
 //! is one that sends an over-long line; at most [`MAX_CONNECTIONS`] are served at once and the
-//! rest are told the daemon is busy. Only the socket owner's uid and root may connect (mode
-//! 0660 and an `SO_PEERCRED` check).
+//! rest are told the daemon is busy. Only the socket owner's uid, root, and members of the
+//! configured group may connect (mode 0660 and an `SO_PEERCRED` check).
 
 pub mod protocol;
 
@@ -39,11 +39,13 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Binds `path` (replacing a stale socket) and starts serving `handler`.
+    /// Binds `path` (replacing a stale socket) and starts serving `handler`. Members of
+    /// `group` (by primary gid) may connect too.
     pub fn start(
         path: &Path,
         handler: Arc<dyn Handler>,
         idle_timeout: Duration,
+        group: Option<u32>,
     ) -> io::Result<Self> {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
@@ -57,11 +59,14 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(path, None, Some(gid))?;
+        }
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
         let thread = std::thread::Builder::new()
             .name("pagerd-control".into())
-            .spawn(move || accept_loop(listener, handler, idle_timeout, stop))?;
+            .spawn(move || accept_loop(listener, handler, idle_timeout, group, stop))?;
         Ok(Self {
             path: path.to_owned(),
             stopping,
@@ -90,6 +95,7 @@ fn accept_loop(
     listener: UnixListener,
     handler: Arc<dyn Handler>,
     idle: Duration,
+    group: Option<u32>,
     stopping: Arc<AtomicBool>,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
@@ -107,7 +113,7 @@ fn accept_loop(
             }
         };
         match nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials) {
-            Ok(c) if c.uid() == owner || c.uid() == 0 => {}
+            Ok(c) if c.uid() == owner || c.uid() == 0 || Some(c.gid()) == group => {}
             other => {
                 tracing::warn!(creds = ?other.map(|c| c.uid()), "control connection from another user refused");
                 continue;

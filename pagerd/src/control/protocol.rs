@@ -30,6 +30,27 @@ pub enum Request {
     /// Daemon health, version and counts.
     #[serde(rename = "status")]
     Status {},
+    /// Summed serving counters.
+    #[serde(rename = "stats")]
+    Stats {},
+    /// Registers a memory file as a snapshot (hardlinked, reflinked or copied into the state
+    /// directory, then never modified).
+    #[serde(rename = "snapshot.register")]
+    SnapshotRegister {
+        /// The new snapshot's id.
+        snapshot: Id,
+        /// Absolute path of the memory file.
+        path: std::path::PathBuf,
+    },
+    /// Deletes a snapshot no fork references.
+    #[serde(rename = "snapshot.delete")]
+    SnapshotDelete {
+        /// Its id.
+        snapshot: Id,
+        /// If forks reference it, delete it when the last one ends instead of refusing.
+        #[serde(default)]
+        defer: bool,
+    },
     /// Every snapshot.
     #[serde(rename = "snapshot.list")]
     SnapshotList {},

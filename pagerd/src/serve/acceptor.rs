@@ -12,7 +12,6 @@
 
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -25,7 +24,7 @@ use vmm_glue::fdpass::{self, HandoffReceiver, ReceivedHandoff};
 use vmm_glue::handoff::{self, HandoffError};
 
 use crate::ids::Id;
-use crate::registry::{Fork, ForkState, Registry};
+use crate::registry::{Fork, ForkEvent, ForkState, Registry};
 use crate::serve::session::{ServeOptions, Session};
 use crate::serve::uffd::Userfaultfd;
 use crate::serve::worker::{Command, WorkerHandle};
@@ -396,7 +395,10 @@ impl Acceptor {
         p: &Pending,
         handoff: ReceivedHandoff,
     ) -> Result<PreparedSession, AttachError> {
-        handoff::validate(&handoff.regions, p.fork.snapshot().size())?;
+        let snapshot = self.registry.snapshot(p.fork.snapshot()).map_err(|e| {
+            AttachError::Setup(io::Error::new(io::ErrorKind::NotFound, e.to_string()))
+        })?;
+        handoff::validate(&handoff.regions, snapshot.size())?;
         if p.fork.status().state != ForkState::Waiting {
             return Err(AttachError::AlreadyServing(p.fork.id().clone()));
         }
@@ -410,6 +412,7 @@ impl Acceptor {
             .min_by_key(|&i| self.workers[i].load())
             .ok_or(AttachError::NoWorker)?;
         Ok(PreparedSession {
+            snapshot,
             uffd,
             pidfd,
             regions: handoff.regions,
@@ -438,6 +441,7 @@ impl Acceptor {
         }
         let session = Session::new(
             fork.clone(),
+            prepared.snapshot,
             prepared.uffd,
             prepared.pidfd,
             connection,
@@ -450,6 +454,7 @@ impl Acceptor {
             s.uffd_features = features;
             s.worker = Some(prepared.worker);
         });
+        self.registry.emit(ForkEvent::Attached(fork.clone()));
         // One VMM per fork: nobody else may connect now.
         let keys: Vec<usize> = self
             .listeners
@@ -474,6 +479,7 @@ impl Acceptor {
 }
 
 struct PreparedSession {
+    snapshot: Arc<crate::snapshot::Snapshot>,
     uffd: Userfaultfd,
     pidfd: Option<std::os::fd::OwnedFd>,
     regions: Vec<vmm_glue::handoff::GuestRegionUffdMapping>,
@@ -508,9 +514,4 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-/// Where a fork's handoff socket lives.
-pub fn handoff_socket_path(forks_dir: &std::path::Path, fork: &Id) -> PathBuf {
-    forks_dir.join(format!("{fork}.sock"))
 }

@@ -1,7 +1,7 @@
 //! Serving forks over userfaultfd: workers, the handoff acceptor, and the fault path.
 //!
-//! [`Server`] owns a pool of [`worker`]s (default: one per core) and the [`acceptor`]. Creating
-//! a fork binds its handoff socket; when a VMM hands over its uffd there, the acceptor
+//! [`Server`] owns a pool of [`worker`]s (default: one per core) and the [`acceptor`]. Listening
+//! for a fork binds its handoff socket; when a VMM hands over its uffd there, the acceptor
 //! validates the regions against the snapshot and gives the new [`session`] to the least
 //! loaded worker, which serves its faults until the VMM exits or the fork is closed.
 
@@ -20,8 +20,7 @@ use acceptor::{AcceptorCommand, AcceptorHandle};
 use session::ServeOptions;
 use worker::{Command, WorkerHandle};
 
-use crate::ids::Id;
-use crate::registry::{Fork, ForkState, Registry, RegistryError};
+use crate::registry::{Fork, ForkState, Registry};
 
 /// The longest path a Unix socket address can hold, less the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
@@ -31,9 +30,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Errors creating or closing forks.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// A registry lookup or insert failed.
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
     /// The handoff socket path would not fit in a socket address.
     #[error("handoff socket path {0} is longer than {MAX_SOCKET_PATH} bytes")]
     SocketPathTooLong(PathBuf),
@@ -54,34 +50,25 @@ pub enum ServeError {
 /// Workers plus the acceptor.
 #[derive(Debug)]
 pub struct Server {
-    registry: Arc<Registry>,
     workers: Arc<Vec<WorkerHandle>>,
     acceptor: AcceptorHandle,
-    forks_dir: PathBuf,
 }
 
 impl Server {
-    /// Starts `workers` worker threads and the acceptor; handoff sockets go in `forks_dir`.
+    /// Starts `workers` worker threads and the acceptor.
     pub fn start(
         registry: Arc<Registry>,
         workers: usize,
-        forks_dir: &Path,
         options: ServeOptions,
         handoff_timeout: Duration,
     ) -> io::Result<Self> {
-        std::fs::create_dir_all(forks_dir)?;
         let workers: Vec<WorkerHandle> = (0..workers.max(1))
             .map(|i| WorkerHandle::spawn(i, registry.clone(), options.spin))
             .collect::<io::Result<_>>()?;
         let workers = Arc::new(workers);
         let acceptor =
             AcceptorHandle::spawn(registry.clone(), workers.clone(), options, handoff_timeout)?;
-        Ok(Self {
-            registry,
-            workers,
-            acceptor,
-            forks_dir: forks_dir.to_owned(),
-        })
+        Ok(Self { workers, acceptor })
     }
 
     /// How many worker threads serve.
@@ -94,39 +81,26 @@ impl Server {
         self.workers.iter().map(WorkerHandle::load).collect()
     }
 
-    /// Creates a fork of `snapshot` and starts listening on its handoff socket.
-    pub fn create_fork(&self, id: Id, snapshot: &Id) -> Result<Arc<Fork>, ServeError> {
-        let snapshot = self.registry.snapshot(snapshot)?;
-        let path = acceptor::handoff_socket_path(&self.forks_dir, &id);
+    /// Starts listening on the fork's handoff socket (replacing a stale socket there).
+    pub fn listen(&self, fork: Arc<Fork>) -> Result<(), ServeError> {
+        let path = fork.handoff_socket().clone();
         if path.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(ServeError::SocketPathTooLong(path));
         }
-        let fork = self.registry.add_fork(id, snapshot, path.clone())?;
-        let listener = match bind_fresh(&path) {
-            Ok(l) => l,
-            Err(source) => {
-                let _ = self.registry.remove_fork(fork.id());
-                return Err(ServeError::Bind { path, source });
-            }
-        };
-        if !self
-            .acceptor
-            .send(AcceptorCommand::Listen(fork.clone(), listener))
-        {
-            let _ = self.registry.remove_fork(fork.id());
+        let listener = bind_fresh(&path).map_err(|source| ServeError::Bind { path, source })?;
+        if !self.acceptor.send(AcceptorCommand::Listen(fork, listener)) {
             return Err(ServeError::Stopped);
         }
-        tracing::info!(fork = %fork.id(), snapshot = %fork.snapshot().id(), socket = %path.display(), "fork created");
-        Ok(fork)
+        Ok(())
     }
 
-    /// Stops serving a fork, closes every descriptor it held, and forgets it.
-    pub fn close_fork(&self, id: &Id) -> Result<Arc<Fork>, ServeError> {
-        let fork = self.registry.fork(id)?;
+    /// Stops everything serving a fork: its handoff socket, half-received handoffs, and its
+    /// session; returns once every descriptor it held is closed.
+    pub fn stop(&self, fork: &Fork) {
         // First the acceptor: once it has forgotten the fork, no handoff can attach it.
         let (done, wait) = mpsc::channel();
         if self.acceptor.send(AcceptorCommand::Forget {
-            fork: id.clone(),
+            fork: fork.id().clone(),
             done,
         }) {
             let _ = wait.recv_timeout(CLOSE_TIMEOUT);
@@ -136,7 +110,7 @@ impl Server {
             let (done, wait) = mpsc::channel();
             if self.workers[w]
                 .send(Command::Close {
-                    fork: id.clone(),
+                    fork: fork.id().clone(),
                     done,
                 })
                 .is_ok()
@@ -144,9 +118,6 @@ impl Server {
                 let _ = wait.recv_timeout(CLOSE_TIMEOUT);
             }
         }
-        self.registry.remove_fork(id)?;
-        tracing::info!(fork = %id, "fork closed");
-        Ok(fork)
     }
 
     /// Stops the acceptor and every worker (live forks stop being served).

@@ -177,6 +177,7 @@ impl Session {
     /// A session over validated regions.
     pub fn new(
         fork: Arc<Fork>,
+        snapshot: Arc<Snapshot>,
         uffd: Userfaultfd,
         pidfd: Option<OwnedFd>,
         connection: UnixStream,
@@ -196,7 +197,7 @@ impl Session {
             })
             .collect();
         Self {
-            snapshot: fork.snapshot().clone(),
+            snapshot,
             fork,
             uffd,
             pidfd,

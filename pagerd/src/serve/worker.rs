@@ -26,7 +26,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::ids::Id;
-use crate::registry::{ForkState, Registry};
+use crate::registry::{ForkEvent, ForkState, Registry};
 use crate::serve::session::{Drain, EndReason, Session};
 use crate::serve::uffd::{empty_msg, UffdMsg};
 
@@ -275,6 +275,7 @@ impl Worker {
             s.state = ForkState::Ended;
             s.end_reason = Some(reason.as_str().to_owned());
         });
+        self.registry.emit(ForkEvent::Ended(fork));
     }
 
     fn end_all(&mut self, reason: EndReason) {

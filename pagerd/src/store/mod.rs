@@ -1,0 +1,448 @@
+//! The state directory: snapshot and fork records on disk, the only truth that survives a
+//! crash.
+//!
+//! ```text
+//! STATE/
+//!   control.sock                 the control socket (default)
+//!   snapshots/<id>/memory        the memory file (hardlink, reflink or copy; mode 0444)
+//!   snapshots/<id>/snapshot.json SnapshotMeta
+//!   forks/<id>.json              ForkRecord: the fork names its snapshot
+//!   sockets/<id>.sock            handoff sockets of waiting forks
+//! ```
+//!
+//! A fork record exists exactly while the fork holds a reference on its snapshot (waiting for
+//! its VMM, serving it, or detached from a VMM that outlived a daemon restart). Reference
+//! counts are never stored: they are the number of fork records naming the snapshot, read off
+//! the disk by [`Store::scan_forks`]. A record that cannot be read makes every count unknown,
+//! and deleting fails closed.
+//!
+//! Every write is atomic (`atomic`): a snapshot appears by renaming a fully written temp
+//! directory, and disappears by renaming it to a trash name before removing it; records are
+//! written by temp file, fsync, rename, fsync of the directory. Whatever a crash leaves behind
+//! (`.tmp-*`, `.trash-*`, sockets) is removed by [`Store::remove_leftovers`].
+
+pub mod atomic;
+pub mod import;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::Id;
+use atomic::{fsync_dir, remove_durably, temp_name, write_atomic, TEMP_PREFIX};
+use import::ImportMethod;
+
+const TRASH_PREFIX: &str = ".trash-";
+const META_FILE: &str = "snapshot.json";
+const MEMORY_FILE: &str = "memory";
+
+/// What is recorded about a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotMeta {
+    /// Snapshot id (also the directory name).
+    pub id: Id,
+    /// Memory file size in bytes.
+    pub size: u64,
+    /// Granularity pagerd tracks the file in.
+    pub page_size: u64,
+    /// Registration time, ms since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Where the memory file came from.
+    pub source: PathBuf,
+    /// How it was brought in.
+    pub import: ImportMethod,
+    /// Delete as soon as no fork references it; no new forks meanwhile.
+    #[serde(default)]
+    pub delete_pending: bool,
+}
+
+/// The VMM serving a fork, identified so that a recycled pid is not mistaken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmmIdentity {
+    /// Process id.
+    pub pid: i32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
+    pub start_time: u64,
+}
+
+impl VmmIdentity {
+    /// The identity of a running process.
+    pub fn of(pid: i32) -> Option<Self> {
+        process_start_time(pid).map(|start_time| Self { pid, start_time })
+    }
+
+    /// Whether that very process is still alive.
+    pub fn is_alive(&self) -> bool {
+        process_start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2 is "(comm)" and may hold spaces; count fields after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// What is recorded about a fork.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRecord {
+    /// Fork id (also the file name).
+    pub id: Id,
+    /// The snapshot it references: the only source of reference counts.
+    pub snapshot: Id,
+    /// Creation time, ms since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The VMM, once one has handed over its uffd.
+    #[serde(default)]
+    pub vmm: Option<VmmIdentity>,
+}
+
+/// A fork record that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnreadableRecord {
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    pub error: String,
+}
+
+/// Every fork record on disk.
+#[derive(Debug, Clone, Default)]
+pub struct ForkScan {
+    /// Records read.
+    pub records: Vec<ForkRecord>,
+    /// Records that could not be read.
+    pub unreadable: Vec<UnreadableRecord>,
+}
+
+impl ForkScan {
+    /// Ids of the forks referencing `snapshot`, or `None` if some record is unreadable.
+    pub fn referencing(&self, snapshot: &Id) -> Option<Vec<Id>> {
+        self.unreadable.is_empty().then(|| {
+            self.records
+                .iter()
+                .filter(|r| &r.snapshot == snapshot)
+                .map(|r| r.id.clone())
+                .collect()
+        })
+    }
+}
+
+/// A snapshot directory as found on disk.
+#[derive(Debug)]
+pub struct StoredSnapshot {
+    /// The directory name.
+    pub id: Id,
+    /// Its metadata, or why it cannot be read.
+    pub meta: Result<SnapshotMeta, String>,
+}
+
+/// Errors of store operations, with the path involved.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {}", path.display())]
+pub struct StoreError {
+    /// What was being done.
+    pub action: &'static str,
+    /// The file or directory.
+    pub path: PathBuf,
+    /// Why it failed.
+    #[source]
+    pub source: io::Error,
+}
+
+fn at<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the state directory at `root`.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let store = Self {
+            root: root.to_owned(),
+        };
+        for dir in [
+            store.snapshots_dir(),
+            store.forks_dir(),
+            store.sockets_dir(),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(at("cannot create", &dir))?;
+        }
+        Ok(store)
+    }
+
+    /// The state directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where snapshot directories live.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    /// Where fork records live.
+    pub fn forks_dir(&self) -> PathBuf {
+        self.root.join("forks")
+    }
+
+    /// Where handoff sockets live.
+    pub fn sockets_dir(&self) -> PathBuf {
+        self.root.join("sockets")
+    }
+
+    /// The memory file of a snapshot.
+    pub fn memory_path(&self, id: &Id) -> PathBuf {
+        self.snapshots_dir().join(id.as_str()).join(MEMORY_FILE)
+    }
+
+    /// Brings `source` in as snapshot `id`: a temp directory with the memory file and its
+    /// metadata, renamed into place in one step.
+    pub fn add_snapshot(
+        &self,
+        id: &Id,
+        source: &Path,
+        size: u64,
+        created_unix_ms: u64,
+    ) -> Result<SnapshotMeta, StoreError> {
+        let dir = self.snapshots_dir();
+        let final_dir = dir.join(id.as_str());
+        if final_dir.exists() {
+            return Err(StoreError {
+                action: "a snapshot directory already exists at",
+                path: final_dir,
+                source: io::ErrorKind::AlreadyExists.into(),
+            });
+        }
+        let temp = dir.join(temp_name(id.as_str()));
+        let result = (|| {
+            std::fs::create_dir(&temp).map_err(at("cannot create", &temp))?;
+            let memory = temp.join(MEMORY_FILE);
+            let import = import::import(source, &memory)
+                .map_err(at("cannot bring in the memory file as", &memory))?;
+            let meta = SnapshotMeta {
+                id: id.clone(),
+                size,
+                page_size: crate::snapshot::ZERO_MAP_PAGE,
+                created_unix_ms,
+                source: source.to_owned(),
+                import,
+                delete_pending: false,
+            };
+            write_atomic(&temp, META_FILE, &to_json(&meta))
+                .map_err(at("cannot write", &temp.join(META_FILE)))?;
+            std::fs::rename(&temp, &final_dir).map_err(at("cannot move into place", &final_dir))?;
+            fsync_dir(&dir).map_err(at("cannot sync", &dir))?;
+            Ok(meta)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&temp);
+        }
+        result
+    }
+
+    /// Rewrites a snapshot's metadata.
+    pub fn write_snapshot_meta(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
+        let dir = self.snapshots_dir().join(meta.id.as_str());
+        write_atomic(&dir, META_FILE, &to_json(meta))
+            .map_err(at("cannot write", &dir.join(META_FILE)))
+    }
+
+    /// Every snapshot directory, with its metadata or why it is unreadable.
+    pub fn snapshots(&self) -> Result<Vec<StoredSnapshot>, StoreError> {
+        let dir = self.snapshots_dir();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(at("cannot list", &dir))? {
+            let entry = entry.map_err(at("cannot list", &dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(id) = name.parse::<Id>() else { continue };
+            let meta_path = entry.path().join(META_FILE);
+            let meta = std::fs::read(&meta_path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    serde_json::from_slice::<SnapshotMeta>(&bytes).map_err(|e| e.to_string())
+                })
+                .and_then(|m| {
+                    if m.id == id {
+                        Ok(m)
+                    } else {
+                        Err(format!("it names snapshot `{}`", m.id))
+                    }
+                })
+                .map_err(|e| format!("{}: {e}", meta_path.display()));
+            found.push(StoredSnapshot { id, meta });
+        }
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(found)
+    }
+
+    /// Removes a snapshot directory: renamed to a trash name first, so a crash leaves either
+    /// the whole snapshot or trash that reconciliation removes.
+    pub fn remove_snapshot(&self, id: &Id) -> Result<(), StoreError> {
+        let dir = self.snapshots_dir();
+        let trash = dir.join(format!("{TRASH_PREFIX}{}", temp_name(id.as_str())));
+        let from = dir.join(id.as_str());
+        std::fs::rename(&from, &trash).map_err(at("cannot move to trash", &from))?;
+        fsync_dir(&dir).map_err(at("cannot sync", &dir))?;
+        std::fs::remove_dir_all(&trash).map_err(at("cannot remove", &trash))
+    }
+
+    /// Writes a fork record.
+    pub fn write_fork(&self, record: &ForkRecord) -> Result<(), StoreError> {
+        let dir = self.forks_dir();
+        let name = fork_file(&record.id);
+        write_atomic(&dir, &name, &to_json(record)).map_err(at("cannot write", &dir.join(&name)))
+    }
+
+    /// Removes a fork record (its reference ends).
+    pub fn remove_fork(&self, id: &Id) -> Result<(), StoreError> {
+        let dir = self.forks_dir();
+        let name = fork_file(id);
+        remove_durably(&dir, &name).map_err(at("cannot remove", &dir.join(&name)))
+    }
+
+    /// Reads every fork record.
+    pub fn scan_forks(&self) -> Result<ForkScan, StoreError> {
+        let dir = self.forks_dir();
+        let mut scan = ForkScan::default();
+        for entry in std::fs::read_dir(&dir).map_err(at("cannot list", &dir))? {
+            let entry = entry.map_err(at("cannot list", &dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TEMP_PREFIX) {
+                continue;
+            }
+            let path = entry.path();
+            match read_fork(&path, &name) {
+                Ok(record) => scan.records.push(record),
+                Err(error) => scan.unreadable.push(UnreadableRecord { path, error }),
+            }
+        }
+        scan.records.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(scan)
+    }
+
+    /// Removes what a crash can leave behind: half-written temp files and directories,
+    /// snapshots half-way to deletion, and every socket (they are bound afresh). Returns what
+    /// it removed.
+    pub fn remove_leftovers(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let mut removed = Vec::new();
+        for dir in [self.snapshots_dir(), self.forks_dir(), self.sockets_dir()] {
+            let is_sockets = dir == self.sockets_dir();
+            for entry in std::fs::read_dir(&dir).map_err(at("cannot list", &dir))? {
+                let entry = entry.map_err(at("cannot list", &dir))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !(is_sockets || name.starts_with(TEMP_PREFIX) || name.starts_with(TRASH_PREFIX))
+                {
+                    continue;
+                }
+                let path = entry.path();
+                let result = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                result.map_err(at("cannot remove", &path))?;
+                removed.push(path);
+            }
+            fsync_dir(&dir).map_err(at("cannot sync", &dir))?;
+        }
+        Ok(removed)
+    }
+}
+
+fn fork_file(id: &Id) -> String {
+    format!("{id}.json")
+}
+
+fn read_fork(path: &Path, name: &str) -> Result<ForkRecord, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let record: ForkRecord = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    if name != fork_file(&record.id) {
+        return Err(format!("it names fork `{}`", record.id));
+    }
+    Ok(record)
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(value).expect("records always serialize");
+    bytes.push(b'\n');
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> Id {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn snapshots_and_fork_records_round_trip_and_counts_fail_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state")).unwrap();
+        let src = dir.path().join("mem");
+        std::fs::write(&src, vec![1u8; 8192]).unwrap();
+        let meta = store.add_snapshot(&id("s"), &src, 8192, 5).unwrap();
+        assert_eq!(store.snapshots().unwrap()[0].meta.as_ref().unwrap(), &meta);
+        assert!(store.add_snapshot(&id("s"), &src, 8192, 5).is_err());
+
+        for f in ["a", "b"] {
+            let record = ForkRecord {
+                id: id(f),
+                snapshot: id("s"),
+                created_unix_ms: 1,
+                vmm: None,
+            };
+            store.write_fork(&record).unwrap();
+        }
+        let scan = store.scan_forks().unwrap();
+        assert_eq!(scan.referencing(&id("s")), Some(vec![id("a"), id("b")]));
+
+        std::fs::write(store.forks_dir().join("c.json"), b"{\"id\":\"c\",\"snap").unwrap();
+        let scan = store.scan_forks().unwrap();
+        assert_eq!(scan.referencing(&id("s")), None);
+        assert!(scan.unreadable[0].path.ends_with("forks/c.json"));
+
+        store.remove_snapshot(&id("s")).unwrap();
+        assert!(store.snapshots().unwrap().is_empty());
+    }
+
+    #[test]
+    fn leftovers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        std::fs::create_dir(store.snapshots_dir().join(".tmp-x-1-2")).unwrap();
+        std::fs::create_dir(store.snapshots_dir().join(".trash-.tmp-y-1-3")).unwrap();
+        std::fs::write(store.forks_dir().join(".tmp-f.json-1-4"), b"{").unwrap();
+        std::fs::write(store.sockets_dir().join("f.sock"), b"").unwrap();
+        std::fs::write(store.forks_dir().join("kept.json"), b"{").unwrap();
+        assert_eq!(store.remove_leftovers().unwrap().len(), 4);
+        assert!(store.forks_dir().join("kept.json").exists());
+    }
+
+    #[test]
+    fn a_live_process_is_recognised_and_a_dead_pid_is_not() {
+        let me = VmmIdentity::of(i32::try_from(std::process::id()).unwrap()).unwrap();
+        assert!(me.is_alive());
+        let impostor = VmmIdentity {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!impostor.is_alive());
+    }
+}
