@@ -280,6 +280,20 @@ impl Daemon {
         }
     }
 
+    /// Runs `ctl` against this daemon; returns (success, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(binary("ctl"))
+            .args(args)
+            .env("PAGERD_SOCKET", &self.control)
+            .output()
+            .expect("run ctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Creates a fork and returns its handoff socket.
     pub fn create_fork(&self, snapshot: &str, fork: &str) -> PathBuf {
         let info = self
