@@ -380,3 +380,75 @@ fn registration_checks_its_path_and_ids() {
     assert!(generated["id"].as_str().unwrap().starts_with("fork-"));
     assert_eq!(dir_names(&daemon.state_dir().join("snapshots")), ["s"]);
 }
+
+/// A tmpfs mounted for one test, unmounted on drop.
+struct SmallTmpfs(tempfile::TempDir);
+
+impl SmallTmpfs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs needs root");
+        Self(dir)
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_the_registration_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = write_snapshot(&dir.path().join("small"), 256 * 1024, 27, 0, 0);
+    let big = write_snapshot(&dir.path().join("big"), 4 * MIB, 28, 0, 0);
+    let disk = SmallTmpfs::mount("1m");
+    let state = disk.0.path().join("state");
+    let control = dir.path().join("control.sock");
+    let daemon = Daemon::start_with_state(&state, &control);
+
+    // On another filesystem: copied, and it fits.
+    let info = daemon
+        .request(
+            "snapshot.register",
+            json!({"snapshot": "small", "path": small}),
+        )
+        .unwrap();
+    assert_ne!(info["import"], "hardlink");
+    let socket = daemon.create_fork("small", "vm");
+    let vmm = holding_vmm(&daemon, &small, &socket, "vm");
+
+    let err = daemon
+        .request("snapshot.register", json!({"snapshot": "big", "path": big}))
+        .unwrap_err();
+    assert_eq!(err.code, "unavailable", "{err:?}");
+    assert!(
+        err.message.to_lowercase().contains("space"),
+        "{}",
+        err.message
+    );
+    assert_eq!(
+        dir_names(&state.join("snapshots")),
+        ["small"],
+        "nothing half-written is left"
+    );
+    assert_eq!(
+        daemon
+            .request("snapshot.get", json!({"snapshot": "big"}))
+            .unwrap_err()
+            .code,
+        "not_found"
+    );
+    assert_eq!(ref_count(&daemon, "small"), 1);
+    vmm.finish();
+    assert_eq!(daemon.wait_fork("vm", "ended")["stats"]["errors"], 0);
+    drop(daemon);
+}

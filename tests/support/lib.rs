@@ -136,6 +136,7 @@ pub struct ControlError {
 pub struct Daemon {
     child: Child,
     dir: tempfile::TempDir,
+    state: PathBuf,
     control: PathBuf,
     args: Vec<String>,
 }
@@ -163,9 +164,33 @@ impl Daemon {
         let child = Self::spawn_ready(&dir, &all);
         Self {
             child,
+            state: dir.path().join("state"),
             dir,
             control,
             args: all,
+        }
+    }
+
+    /// Starts pagerd on a given state directory and control socket (the log and scratch space
+    /// stay in a temp directory of their own).
+    pub fn start_with_state(state: &Path, control: &Path) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("pagerd-test")
+            .tempdir()
+            .expect("tempdir");
+        let args: Vec<String> = vec![
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--control-socket".into(),
+            control.display().to_string(),
+        ];
+        let child = Self::spawn_ready(&dir, &args);
+        Self {
+            child,
+            dir,
+            state: state.to_owned(),
+            control: control.to_owned(),
+            args,
         }
     }
 
@@ -211,7 +236,7 @@ impl Daemon {
 
     /// The state directory.
     pub fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
+        self.state.clone()
     }
 
     /// The daemon's pid.
