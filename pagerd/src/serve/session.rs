@@ -33,9 +33,10 @@ use crate::stats::bump;
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
-    /// The VMM process exited.
+    /// The VMM process exited (its pidfd fired, or the kernel answered `ESRCH`: its memory
+    /// is gone).
     VmmExited,
-    /// The uffd reported the VMM's memory gone (`ESRCH`) or hung up.
+    /// The uffd hung up.
     UffdGone,
     /// The fork was closed on the control socket.
     Closed,
@@ -249,7 +250,7 @@ impl Session {
             let batch_start = Instant::now();
             for msg in &buf[..n] {
                 if self.handle_event(msg, batch_start) == Fault::Gone {
-                    return Drain::Ended(EndReason::UffdGone);
+                    return Drain::Ended(EndReason::VmmExited);
                 }
             }
             self.fork.stats.record_latencies(&self.latencies);
@@ -263,7 +264,7 @@ impl Session {
 
     fn after_events(&mut self, otherwise: Drain) -> Drain {
         if self.has_deferred() && !self.retry_deferred() {
-            return Drain::Ended(EndReason::UffdGone);
+            return Drain::Ended(EndReason::VmmExited);
         }
         otherwise
     }

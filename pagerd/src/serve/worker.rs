@@ -195,7 +195,7 @@ impl Worker {
             }
         }
         for key in gone {
-            self.end(key, EndReason::UffdGone);
+            self.end(key, EndReason::VmmExited);
         }
     }
 
