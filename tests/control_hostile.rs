@@ -24,13 +24,7 @@ fn hostile_clients_are_refused_while_a_faulting_fork_is_served() {
     let mem = write_snapshot(&dir.path().join("mem"), 8 * MIB, 41, 0, 0);
     let daemon = Daemon::start(&[("base", &mem)], &["--control-idle-timeout-ms", "1000"]);
     let socket = daemon.create_fork("base", "busy");
-    let mut vmm = Vmm::spawn(&[
-        "--snapshot",
-        mem.to_str().unwrap(),
-        "--socket",
-        socket.to_str().unwrap(),
-        "churn",
-    ]);
+    let mut vmm = Vmm::attach(&mem, &socket, &["churn"]);
     vmm.expect("churning");
     let faults = || daemon.fork("busy")["stats"]["faults"].as_u64().unwrap();
     let faults_before = faults();

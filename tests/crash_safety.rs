@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use serde_json::{json, Value};
-use testkit::{write_snapshot, Daemon, Vmm};
+use testkit::{write_snapshot, Daemon};
 
 const ROUNDS: usize = 210;
 
@@ -261,17 +261,7 @@ fn two_hundred_kills_leave_records_files_and_counts_consistent() {
     let mem = write_snapshot(&dir.path().join("mem"), 64 * 1024, 31, 3, 0);
     let mut daemon = Daemon::start(&[("anchor", &mem)], &[]);
     // A fork whose VMM lives through every restart: detached, never reaped, always counted.
-    let socket = daemon.create_fork("anchor", "anchored");
-    let mut anchor_vmm = Vmm::spawn(&[
-        "--snapshot",
-        mem.to_str().unwrap(),
-        "--socket",
-        socket.to_str().unwrap(),
-        "verify",
-        "hold",
-    ]);
-    anchor_vmm.expect("holding");
-    daemon.wait_fork("anchored", "serving");
+    let anchor_vmm = daemon.attach_holding_vmm("anchor", "anchored", &mem);
 
     let mut kills = 0;
     let mut kill_points = BTreeSet::new();
@@ -304,10 +294,7 @@ fn two_hundred_kills_leave_records_files_and_counts_consistent() {
     );
     assert_eq!(daemon.fork("anchored")["state"], "detached");
     assert_eq!(
-        daemon
-            .request("snapshot.delete", json!({"snapshot": "anchor"}))
-            .unwrap_err()
-            .code,
+        daemon.error_code("snapshot.delete", json!({"snapshot": "anchor"})),
         "conflict"
     );
     anchor_vmm.kill();

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use serde_json::{json, Value};
-use testkit::{wait_until, write_snapshot, Daemon, Vmm, DEADLINE};
+use testkit::{wait_until, write_snapshot, Daemon, DEADLINE};
 
 const MIB: u64 = 1 << 20;
 
@@ -14,22 +14,6 @@ fn ref_count(daemon: &Daemon, snapshot: &str) -> Value {
         .request("snapshot.get", json!({"snapshot": snapshot}))
         .unwrap()["ref_count"]
         .clone()
-}
-
-/// A VMM that reads all its memory, then holds it until told to finish.
-fn holding_vmm(daemon: &Daemon, mem: &Path, socket: &Path, fork: &str) -> Vmm {
-    let mut vmm = Vmm::spawn(&[
-        "--snapshot",
-        mem.to_str().unwrap(),
-        "--socket",
-        socket.to_str().unwrap(),
-        "verify",
-        "hold",
-    ]);
-    vmm.expect("verified");
-    vmm.expect("holding");
-    assert_eq!(daemon.wait_fork(fork, "serving")["state"], "serving");
-    vmm
 }
 
 fn dir_names(dir: &Path) -> Vec<String> {
@@ -61,8 +45,7 @@ fn full_lifecycle_through_ctl_and_the_raw_socket() {
 
     let mut vmms = Vec::new();
     for fork in ["a", "b", "c"] {
-        let socket = daemon.create_fork("base", fork);
-        vmms.push(holding_vmm(&daemon, &mem, &socket, fork));
+        vmms.push(daemon.attach_holding_vmm("base", fork, &mem));
     }
     let info = daemon
         .request("snapshot.get", json!({"snapshot": "base"}))
@@ -104,10 +87,7 @@ fn full_lifecycle_through_ctl_and_the_raw_socket() {
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "deleted base");
     assert_eq!(
-        daemon
-            .request("snapshot.get", json!({"snapshot": "base"}))
-            .unwrap_err()
-            .code,
+        daemon.error_code("snapshot.get", json!({"snapshot": "base"})),
         "not_found"
     );
     assert!(!daemon.state_dir().join("snapshots/base").exists());
@@ -121,8 +101,7 @@ fn a_fork_whose_vmm_exits_releases_its_reference() {
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 22, 0, 0);
     let daemon = Daemon::start(&[("base", &mem)], &[]);
-    let socket = daemon.create_fork("base", "brief");
-    let vmm = holding_vmm(&daemon, &mem, &socket, "brief");
+    let vmm = daemon.attach_holding_vmm("base", "brief", &mem);
     assert_eq!(ref_count(&daemon, "base"), 1);
     vmm.finish();
     assert_eq!(
@@ -144,13 +123,8 @@ fn deferred_delete_waits_for_the_last_fork_and_allows_no_new_ones() {
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 23, 0, 0);
     let daemon = Daemon::start(&[("base", &mem)], &[]);
-    let first = holding_vmm(&daemon, &mem, &daemon.create_fork("base", "first"), "first");
-    let second = holding_vmm(
-        &daemon,
-        &mem,
-        &daemon.create_fork("base", "second"),
-        "second",
-    );
+    let first = daemon.attach_holding_vmm("base", "first", &mem);
+    let second = daemon.attach_holding_vmm("base", "second", &mem);
 
     let outcome = daemon
         .request(
@@ -183,10 +157,7 @@ fn deferred_delete_waits_for_the_last_fork_and_allows_no_new_ones() {
         .request("fork.close", json!({"fork": "second"}))
         .unwrap();
     assert_eq!(
-        daemon
-            .request("snapshot.get", json!({"snapshot": "base"}))
-            .unwrap_err()
-            .code,
+        daemon.error_code("snapshot.get", json!({"snapshot": "base"})),
         "not_found"
     );
     assert!(!daemon.state_dir().join("snapshots/base").exists());
@@ -210,8 +181,8 @@ fn deferred_delete_finishes_at_restart_when_the_vmm_died_meanwhile() {
             json!({"snapshot": "kept", "path": mem}),
         )
         .unwrap();
-    let vmm = holding_vmm(&daemon, &mem, &daemon.create_fork("base", "gone"), "gone");
-    let alive = holding_vmm(&daemon, &mem, &daemon.create_fork("kept", "alive"), "alive");
+    let vmm = daemon.attach_holding_vmm("base", "gone", &mem);
+    let alive = daemon.attach_holding_vmm("kept", "alive", &mem);
     daemon.create_fork("kept", "idle");
     daemon
         .request(
@@ -225,17 +196,11 @@ fn deferred_delete_finishes_at_restart_when_the_vmm_died_meanwhile() {
     daemon.respawn();
     // Its VMM is gone: reaped, and the deferred delete is done.
     assert_eq!(
-        daemon
-            .request("fork.get", json!({"fork": "gone"}))
-            .unwrap_err()
-            .code,
+        daemon.error_code("fork.get", json!({"fork": "gone"})),
         "not_found"
     );
     assert_eq!(
-        daemon
-            .request("snapshot.get", json!({"snapshot": "base"}))
-            .unwrap_err()
-            .code,
+        daemon.error_code("snapshot.get", json!({"snapshot": "base"})),
         "not_found"
     );
     assert!(!daemon.state_dir().join("forks/gone.json").exists());
@@ -248,10 +213,7 @@ fn deferred_delete_finishes_at_restart_when_the_vmm_died_meanwhile() {
     assert!(Path::new(idle["handoff_socket"].as_str().unwrap()).exists());
     assert_eq!(ref_count(&daemon, "kept"), 2);
     assert_eq!(
-        daemon
-            .request("snapshot.delete", json!({"snapshot": "kept"}))
-            .unwrap_err()
-            .code,
+        daemon.error_code("snapshot.delete", json!({"snapshot": "kept"})),
         "conflict"
     );
     alive.kill();
@@ -361,17 +323,11 @@ fn registration_checks_its_path_and_ids() {
         .request("snapshot.register", json!({"snapshot": "s", "path": mem}))
         .unwrap();
     assert_eq!(
-        daemon
-            .request("snapshot.register", json!({"snapshot": "s", "path": mem}))
-            .unwrap_err()
-            .code,
+        daemon.error_code("snapshot.register", json!({"snapshot": "s", "path": mem})),
         "conflict"
     );
     assert_eq!(
-        daemon
-            .request("fork.create", json!({"snapshot": "nope"}))
-            .unwrap_err()
-            .code,
+        daemon.error_code("fork.create", json!({"snapshot": "nope"})),
         "not_found"
     );
     let generated = daemon
@@ -423,8 +379,7 @@ fn a_full_disk_refuses_the_registration_and_loses_nothing() {
         )
         .unwrap();
     assert_ne!(info["import"], "hardlink");
-    let socket = daemon.create_fork("small", "vm");
-    let vmm = holding_vmm(&daemon, &small, &socket, "vm");
+    let vmm = daemon.attach_holding_vmm("small", "vm", &small);
 
     let err = daemon
         .request("snapshot.register", json!({"snapshot": "big", "path": big}))
@@ -441,10 +396,7 @@ fn a_full_disk_refuses_the_registration_and_loses_nothing() {
         "nothing half-written is left"
     );
     assert_eq!(
-        daemon
-            .request("snapshot.get", json!({"snapshot": "big"}))
-            .unwrap_err()
-            .code,
+        daemon.error_code("snapshot.get", json!({"snapshot": "big"})),
         "not_found"
     );
     assert_eq!(ref_count(&daemon, "small"), 1);

@@ -13,24 +13,14 @@ use testkit::{
 
 const MIB: u64 = 1 << 20;
 
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| (*s).to_owned()).collect()
-}
-
 /// A VMM that verifies the first half of the snapshot, then waits to verify the second half.
 fn healthy_vmm(daemon: &Daemon, mem: &std::path::Path, fork: &str) -> Vmm {
     let socket = daemon.create_fork("base", fork);
-    let mut vmm = Vmm::spawn(&args(&[
-        "--snapshot",
-        mem.to_str().unwrap(),
-        "--socket",
-        socket.to_str().unwrap(),
-        "--order",
-        "random",
-        "verify:0:8M",
-        "wait",
-        "verify:8M:8M",
-    ]));
+    let mut vmm = Vmm::attach(
+        mem,
+        &socket,
+        &["--order", "random", "verify:0:8M", "wait", "verify:8M:8M"],
+    );
     vmm.expect("verified");
     vmm.expect("waiting");
     daemon.wait_fork(fork, "serving");
@@ -59,13 +49,7 @@ fn a_vmm_killed_mid_fault_is_reaped_and_nothing_leaks() {
     for round in 0..3 {
         let fork = format!("victim{round}");
         let socket = daemon.create_fork("base", &fork);
-        let mut vmm = Vmm::spawn(&args(&[
-            "--snapshot",
-            mem.to_str().unwrap(),
-            "--socket",
-            socket.to_str().unwrap(),
-            "churn",
-        ]));
+        let mut vmm = Vmm::attach(&mem, &socket, &["churn"]);
         vmm.expect("churning");
         let faults_then = daemon.fork(&fork)["stats"]["faults"].as_u64().unwrap();
         wait_until("the victim to keep faulting", DEADLINE, || {
@@ -243,13 +227,7 @@ fn malformed_handoffs_are_refused_while_a_healthy_fork_keeps_serving() {
     finish_healthy(healthy);
 
     // The target fork was not harmed: a real VMM can still use it.
-    let vmm = Vmm::spawn(&args(&[
-        "--snapshot",
-        mem.to_str().unwrap(),
-        "--socket",
-        target.to_str().unwrap(),
-        "verify",
-    ]));
+    let vmm = Vmm::attach(&mem, &target, &["verify"]);
     let events = vmm.finish();
     assert!(events.iter().any(|e| e["event"] == "verified"));
     assert_eq!(daemon.wait_fork("target", "ended")["stats"]["errors"], 0);
@@ -261,21 +239,21 @@ fn a_fault_outside_every_declared_region_is_counted_and_serving_goes_on() {
     let mem = write_snapshot(&dir.path().join("mem"), 16 * MIB, 13, 0, 0);
     let daemon = Daemon::start(&[("base", &mem)], &[]);
     let socket = daemon.create_fork("base", "sly");
-    let mut vmm = Vmm::spawn(&args(&[
-        "--snapshot",
-        mem.to_str().unwrap(),
-        "--socket",
-        socket.to_str().unwrap(),
-        "--region",
-        "4M@0",
-        "--undeclared-tail",
-        "64K",
-        "verify",
-        "touch-outside",
-        "wait",
-        "dontneed:0:4M",
-        "verify",
-    ]));
+    let mut vmm = Vmm::attach(
+        &mem,
+        &socket,
+        &[
+            "--region",
+            "4M@0",
+            "--undeclared-tail",
+            "64K",
+            "verify",
+            "touch-outside",
+            "wait",
+            "dontneed:0:4M",
+            "verify",
+        ],
+    );
     vmm.expect("waiting");
     wait_until("the outside fault to be counted", DEADLINE, || {
         daemon.fork("sly")["stats"]["outside_faults"] == 1
@@ -298,14 +276,7 @@ fn one_vmm_per_fork_and_closing_a_serving_fork_frees_it() {
     let daemon = Daemon::start(&[("base", &mem)], &[]);
     let (fds_before, listing_before) = (daemon.fd_count(), daemon.fd_listing());
     let socket = daemon.create_fork("base", "solo");
-    let mut vmm = Vmm::spawn(&args(&[
-        "--snapshot",
-        mem.to_str().unwrap(),
-        "--socket",
-        socket.to_str().unwrap(),
-        "verify",
-        "hold",
-    ]));
+    let mut vmm = Vmm::attach(&mem, &socket, &["verify", "hold"]);
     vmm.expect("holding");
     daemon.wait_fork("solo", "serving");
     // The handoff socket is gone once a VMM is attached: a second VMM cannot take over.

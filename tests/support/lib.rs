@@ -328,6 +328,25 @@ impl Daemon {
         PathBuf::from(info["handoff_socket"].as_str().expect("socket path"))
     }
 
+    /// The error code a request is refused with (panics if it succeeds).
+    pub fn error_code(&self, op: &str, args: Value) -> String {
+        match self.request(op, args) {
+            Ok(result) => panic!("{op} was expected to fail but answered {result}"),
+            Err(e) => e.code,
+        }
+    }
+
+    /// Creates fork `fork` of `snapshot` and attaches a VMM that reads all of `mem` and then
+    /// holds its memory until told to finish; returns once the fork is served.
+    pub fn attach_holding_vmm(&self, snapshot: &str, fork: &str, mem: &Path) -> Vmm {
+        let socket = self.create_fork(snapshot, fork);
+        let mut vmm = Vmm::attach(mem, &socket, &["verify", "hold"]);
+        vmm.expect("verified");
+        vmm.expect("holding");
+        assert_eq!(self.wait_fork(fork, "serving")["state"], "serving");
+        vmm
+    }
+
     /// A fork's record.
     pub fn fork(&self, fork: &str) -> Value {
         self.request("fork.get", json!({"fork": fork}))
@@ -449,6 +468,19 @@ impl Vmm {
             lines,
             events: Vec::new(),
         }
+    }
+
+    /// Runs `synthetic-vmm` on memory file `mem`, handing off to `socket`, with these steps
+    /// (and options).
+    pub fn attach(mem: &Path, socket: &Path, steps: &[&str]) -> Self {
+        let mut args = vec![
+            "--snapshot".to_owned(),
+            mem.display().to_string(),
+            "--socket".to_owned(),
+            socket.display().to_string(),
+        ];
+        args.extend(steps.iter().map(|s| (*s).to_owned()));
+        Self::spawn(&args)
     }
 
     /// The VMM's pid.
