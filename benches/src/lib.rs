@@ -1,5 +1,12 @@
 //! Shared pieces of pagerd's benchmarks: running synthetic VMMs against pagerd and against
 //! the plain-file baseline, and reporting figures as ratios measured in the same run.
+//!
+//! - [`fanout`]: the fork fan-out matrix (pagerd against copy, MAP_PRIVATE and naive handlers);
+//!   [`report`]: its table, JSON and chart. The `fanout` binary runs it.
+//! - The helpers below serve `benches/fault_rate.rs`.
+
+pub mod fanout;
+pub mod report;
 
 use std::path::Path;
 

@@ -38,13 +38,69 @@ pub struct RegionSpec {
     pub file_offset: u64,
 }
 
-/// The order in which [`GuestMemory::verify`] visits pages.
+/// Which pages [`GuestMemory::verify`] visits, and in which order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AccessOrder {
-    /// Page 0, 1, 2, …
+    /// The first pages of the range, in order: 0, 1, 2, …
     Sequential,
-    /// A fixed pseudo-random permutation of all pages.
+    /// Pages picked at random (by the plan's seed), in random order.
     Random,
+    /// The hot set: pages picked at random by one fixed seed, so every fork reads the same
+    /// pages (in its own random order).
+    Hot,
+}
+
+/// The seed that picks the hot set; the same in every process.
+const HOT_SET_SEED: u64 = 0x407_5e7;
+
+/// What a verification pass reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessPlan {
+    /// Which pages, in which order.
+    pub order: AccessOrder,
+    /// How many of the range's pages, in percent (1 to 100): the working set.
+    pub percent: u64,
+    /// Seeds the random choices and orders (give forks different seeds).
+    pub seed: u64,
+}
+
+impl AccessPlan {
+    /// Every page, in `order`, with the default seed.
+    pub fn all(order: AccessOrder) -> Self {
+        Self {
+            order,
+            percent: 100,
+            seed: 0x5eed,
+        }
+    }
+
+    /// The pages of `range` (page indexes) this plan reads, in reading order.
+    pub fn pages(&self, range: std::ops::Range<u64>) -> Vec<u64> {
+        let mut pages: Vec<u64> = range.collect();
+        let keep = (pages.len() as u64 * self.percent.clamp(1, 100)).div_ceil(100) as usize;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(self.seed);
+        match self.order {
+            AccessOrder::Sequential => pages.truncate(keep),
+            AccessOrder::Random => {
+                pages.shuffle(&mut rng);
+                pages.truncate(keep);
+            }
+            AccessOrder::Hot => {
+                pages.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(HOT_SET_SEED));
+                pages.truncate(keep);
+                pages.shuffle(&mut rng);
+            }
+        }
+        pages
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: comparable between processes on one machine.
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always there");
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec()).unwrap_or(0)
 }
 
 /// How guest memory is read.
@@ -69,6 +125,38 @@ pub struct VerifyReport {
     pub removed_pages: u64,
     /// Time spent reading and comparing, in nanoseconds.
     pub elapsed_ns: u64,
+    /// When the first page had been read ([`monotonic_ns`]).
+    pub first_page_ns: u64,
+    /// When the last page had been read ([`monotonic_ns`]).
+    pub done_ns: u64,
+    /// Time to read one page (its first touch is the fault), in nanoseconds.
+    pub read_latency_ns: ReadLatency,
+    /// This process's private anonymous memory when the pass ended (`RssAnon`), in KiB: what
+    /// the fork's memory costs beyond pages it shares.
+    pub rss_anon_kib: u64,
+}
+
+/// A `/proc/self/status` field in KiB (0 if absent).
+fn self_status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Summary of per-page read times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct ReadLatency {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Slowest.
+    pub max: u64,
 }
 
 /// A page whose content differs from what the snapshot says.
@@ -230,6 +318,30 @@ impl GuestMemory {
         Self::assemble(snapshot, regions, PAGE_SIZE_4K, None)
     }
 
+    /// Copies the memory file into anonymous memory first, as platforms did before sharing
+    /// snapshots: every fork pays for a full copy before it runs.
+    pub fn copy_file(snapshot: &Path, layout: &[RegionSpec]) -> io::Result<Self> {
+        use std::os::unix::fs::FileExt;
+        let file = File::open(snapshot)?;
+        let mut regions = Vec::with_capacity(layout.len());
+        let mut guest_offset = 0;
+        for spec in layout {
+            let addr = map_anonymous(spec.size, false)?;
+            // SAFETY: a fresh private mapping of `spec.size` bytes that nothing else uses.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, spec.size as usize) };
+            file.read_exact_at(bytes, spec.file_offset)?;
+            regions.push(MappedRegion {
+                addr,
+                spec: *spec,
+                guest_offset,
+                undeclared_tail: 0,
+            });
+            guest_offset += spec.size;
+        }
+        Self::assemble(snapshot, regions, PAGE_SIZE_4K, None)
+    }
+
     fn assemble(
         snapshot: &Path,
         regions: Vec<MappedRegion>,
@@ -337,17 +449,17 @@ impl GuestMemory {
     pub fn verify(
         &self,
         range: Option<(u64, u64)>,
-        order: AccessOrder,
+        plan: &AccessPlan,
         path: AccessPath,
     ) -> Result<VerifyReport, VerifyError> {
         let ps = self.page_size;
         let (start, len) = range.unwrap_or((0, self.size()));
-        let mut pages: Vec<u64> = (start / ps..(start + len).div_ceil(ps)).collect();
-        if order == AccessOrder::Random {
-            pages.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(0x5eed));
-        }
+        let pages = plan.pages(start / ps..(start + len).div_ceil(ps));
         let mut reader = PageReader::new(path, ps as usize)?;
+        let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+            .expect("valid histogram bounds");
         let started = Instant::now();
+        let mut first_page_ns = 0;
         let mut removed_pages = 0;
         for &page in &pages {
             let guest_offset = page * ps;
@@ -355,7 +467,12 @@ impl GuestMemory {
             let file_offset = region.spec.file_offset + within;
             let removed = self.removed[page as usize];
             removed_pages += u64::from(removed);
+            let before = Instant::now();
             let got = reader.read(region.addr + within as usize)?;
+            latency.saturating_record(duration_ns(before.elapsed()).max(1));
+            if first_page_ns == 0 {
+                first_page_ns = monotonic_ns();
+            }
             let ok = if removed {
                 got.iter().all(|&b| b == 0)
             } else {
@@ -375,6 +492,14 @@ impl GuestMemory {
             bytes: pages.len() as u64 * ps,
             removed_pages,
             elapsed_ns: duration_ns(started.elapsed()),
+            first_page_ns,
+            done_ns: monotonic_ns(),
+            read_latency_ns: ReadLatency {
+                p50: latency.value_at_quantile(0.5),
+                p99: latency.value_at_quantile(0.99),
+                max: latency.max(),
+            },
+            rss_anon_kib: self_status_kib("RssAnon"),
         })
     }
 

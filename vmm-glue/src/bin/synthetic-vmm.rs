@@ -6,7 +6,7 @@
 //!     verify dontneed:0:64K verify wait verify
 //! ```
 //!
-//! Steps: `verify` (every page), `verify:OFF:LEN` (one guest range), `dontneed:OFF:LEN`,
+//! Steps: `verify` (the pages `--order`/`--percent` pick), `verify:OFF:LEN` (one guest range), `dontneed:OFF:LEN`,
 //! `wait` (prints `waiting`, reads a line from stdin), `hold` (waits for stdin to close),
 //! `churn` (touch everything, give it all back, forever), `touch-outside` (fault in the
 //! registered but undeclared tail). Sizes take K, M and G suffixes. Exit status 1 means a page
@@ -17,7 +17,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm_glue::synthetic::{AccessOrder, AccessPath, GuestMemory, RegionSpec};
+use vmm_glue::synthetic::{
+    monotonic_ns, AccessOrder, AccessPath, AccessPlan, GuestMemory, RegionSpec,
+};
 
 /// Restores guest memory like Firecracker and checks it against the snapshot.
 #[derive(Debug, Parser)]
@@ -35,9 +37,18 @@ struct Args {
     /// Back guest memory with 2 MiB hugetlbfs pages.
     #[arg(long)]
     hugepages: bool,
-    /// Page order for `verify`.
+    /// Which pages `verify` reads, in which order.
     #[arg(long, value_enum, default_value = "sequential")]
     order: AccessOrder,
+    /// How many of the pages `verify` reads, in percent (the working set).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100))]
+    percent: u64,
+    /// Seeds random page choices and orders.
+    #[arg(long, default_value_t = 0x5eed)]
+    seed: u64,
+    /// Without --socket: copy the memory file into anonymous memory first instead of mapping it.
+    #[arg(long)]
+    copy_file: bool,
     /// How `verify` reads guest memory.
     #[arg(long, value_enum, default_value = "user")]
     access: AccessPath,
@@ -92,6 +103,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         args.regions.clone()
     };
+    let started_ns = monotonic_ns();
     let mut memory;
     let _connection;
     if let Some(socket) = &args.socket {
@@ -102,11 +114,22 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             args.undeclared_tail,
         )?;
         _connection = Some(memory.hand_off(socket)?);
-        emit(serde_json::json!({"event": "handed_off", "pid": std::process::id()}));
+        emit(
+            serde_json::json!({"event": "handed_off", "pid": std::process::id(), "t_ns": monotonic_ns()}),
+        );
+    } else if args.copy_file {
+        memory = GuestMemory::copy_file(&args.snapshot, &layout)?;
+        _connection = None;
     } else {
         memory = GuestMemory::map_file(&args.snapshot, &layout)?;
         _connection = None;
     }
+    emit(serde_json::json!({"event": "ready", "started_ns": started_ns, "t_ns": monotonic_ns()}));
+    let plan = AccessPlan {
+        order: args.order,
+        percent: args.percent,
+        seed: args.seed,
+    };
     let stdin = std::io::stdin();
     for step in &args.steps {
         match step.split_once(':').unwrap_or((step, "")) {
@@ -116,7 +139,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 } else {
                     Some(parse_range(range)?)
                 };
-                let report = memory.verify(range, args.order, args.access)?;
+                let report = memory.verify(range, &plan, args.access)?;
                 emit(serde_json::json!({"event": "verified", "report": report}));
             }
             ("dontneed", range) => {

@@ -1,0 +1,172 @@
+//! Reporting fan-out results: a table on the terminal, a JSON file, and an SVG chart of
+//! time-to-working-set against the number of forks, pagerd beside the baselines.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde_json::json;
+
+use crate::fanout::{Mode, Pattern, Row};
+
+/// The table printed after a run: one line per scenario and mode, with pagerd's ratios.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = format!(
+        "{:<6} {:>5} {:<10} {:<6} {:<11} {:>8} {:>9} {:>10} {:>9} {:>10} {:>9} {:>9} {:>11}\n",
+        "forks",
+        "MiB",
+        "pattern",
+        "zeros",
+        "mode",
+        "ready_s",
+        "wset_s",
+        "pages/s",
+        "p50_us",
+        "p99_us",
+        "srv_cpu",
+        "srv_MiB",
+        "fork_anon_MiB"
+    );
+    for row in rows {
+        let s = &row.scenario;
+        for (mode, o) in &row.outcomes {
+            let head = format!(
+                "{:<6} {:>5} {:<10} {:<6} {:<11}",
+                s.forks,
+                s.size_mib,
+                s.pattern.name(),
+                if s.sparse { "75%" } else { "none" },
+                mode.name()
+            );
+            if let Some(why) = &o.skipped {
+                out += &format!("{head} skipped: {why}\n");
+                continue;
+            }
+            out += &format!(
+                "{head} {:>8.3} {:>9.3} {:>10.0} {:>9.2} {:>10.1} {:>9.2} {:>9} {:>11}\n",
+                o.ready_s,
+                o.working_set_s,
+                o.pages_per_s,
+                o.latency_p50_ns as f64 / 1e3,
+                o.latency_p99_ns as f64 / 1e3,
+                o.server_cpu_s,
+                o.server_peak_rss_kib / 1024,
+                o.forks_anon_kib / 1024
+            );
+        }
+        let ratios = row.ratios();
+        if let Some(map) = ratios.as_object() {
+            let parts: Vec<String> = map
+                .iter()
+                .map(|(mode, r)| {
+                    let f = |k: &str| r[k].as_f64().map_or("-".to_owned(), |v| format!("{v:.2}"));
+                    format!(
+                        "{mode}: wset {} ready {} p99 {} anon {} cpu {}",
+                        f("working_set"),
+                        f("ready"),
+                        f("latency_p99"),
+                        f("forks_anon_memory"),
+                        f("total_cpu")
+                    )
+                })
+                .collect();
+            out += &format!("       pagerd ÷ baseline  {}\n", parts.join(" | "));
+        }
+    }
+    out
+}
+
+/// Writes every row, with ratios and the machine it ran on, as JSON.
+pub fn write_json(rows: &[Row], machine: &serde_json::Value, path: &Path) -> std::io::Result<()> {
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            let outcomes: serde_json::Map<String, serde_json::Value> = r
+                .outcomes
+                .iter()
+                .map(|(m, o)| (m.name().to_owned(), serde_json::to_value(o).expect("outcome serializes")))
+                .collect();
+            json!({"scenario": r.scenario, "outcomes": outcomes, "pagerd_over_baseline": r.ratios()})
+        })
+        .collect();
+    let doc = json!({"machine": machine, "rows": rows});
+    std::fs::write(path, serde_json::to_string_pretty(&doc).expect("json"))
+}
+
+const COLORS: [RGBColor; 4] = [RED, BLUE, GREEN, MAGENTA];
+
+/// Draws time-to-working-set against forks, one panel per snapshot size and pattern (dense
+/// snapshots), one line per mode.
+pub fn write_chart(rows: &[Row], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let mut sizes: Vec<u64> = rows.iter().map(|r| r.scenario.size_mib).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let patterns = [Pattern::Sequential, Pattern::Random, Pattern::Hot];
+    let root = SVGBackend::new(
+        path,
+        (420 * patterns.len() as u32, 320 * sizes.len() as u32),
+    )
+    .into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((sizes.len(), patterns.len()));
+    for (i, panel) in panels.iter().enumerate() {
+        let (size, pattern) = (sizes[i / patterns.len()], patterns[i % patterns.len()]);
+        let cells: Vec<&Row> = rows
+            .iter()
+            .filter(|r| {
+                r.scenario.size_mib == size && r.scenario.pattern == pattern && !r.scenario.sparse
+            })
+            .collect();
+        let max_n = cells.iter().map(|r| r.scenario.forks).max().unwrap_or(1) as f64;
+        let max_t = cells
+            .iter()
+            .flat_map(|r| {
+                r.outcomes
+                    .iter()
+                    .filter(|(_, o)| o.skipped.is_none())
+                    .map(|(_, o)| o.working_set_s)
+            })
+            .fold(0.001, f64::max);
+        let mut chart = ChartBuilder::on(panel)
+            .caption(
+                format!("{size} MiB, {}", pattern.name()),
+                ("sans-serif", 16),
+            )
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(45)
+            .build_cartesian_2d(0.0..max_n * 1.05, 0.0..max_t * 1.1)?;
+        chart
+            .configure_mesh()
+            .x_desc("forks")
+            .y_desc("s to working set")
+            .draw()?;
+        for (k, mode) in Mode::ALL.iter().enumerate() {
+            let points: Vec<(f64, f64)> = cells
+                .iter()
+                .filter_map(|r| {
+                    let (_, o) = r.outcomes.iter().find(|(m, _)| m == mode)?;
+                    o.skipped
+                        .is_none()
+                        .then_some((r.scenario.forks as f64, o.working_set_s))
+                })
+                .collect();
+            let color = COLORS[k];
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+                .label(mode.name())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color));
+            chart.draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 3, color.filled())),
+            )?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
