@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine and runs every check: formatting, lints, unit and end-to-end tests
 # (real userfaultfd, real pagerd processes). Needs root (hugetlbfs pages, /dev/userfaultfd).
-# Ends with one line summing every test binary's results.
+# Then smoke-tests the benchmark harness. Ends with one line summing every test binary's results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,5 +11,11 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+# Smoke-test the fan-out benchmark harness (a small matrix; the full one is in docs/benchmarks.md).
+if [ "$status" = 0 ]; then
+  cargo run --release --quiet -p pagerd-benches --bin fanout -- --quick --out target/bench/quick \
+    >target/bench-quick.txt 2>&1 || { status=$?; cat target/bench-quick.txt; }
+  tail -n 3 target/bench-quick.txt
+fi
 awk '/^test result:/ { p += $4; f += $6 } END { printf "all tests: %d passed, %d failed\n", p, f }' "$log"
 exit "$status"
