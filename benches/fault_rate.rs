@@ -46,7 +46,7 @@ fn main() {
     let started = Instant::now();
     let mut rows = Vec::new();
     for (name, mem) in &snapshots {
-        for fault_around in [1u64, 16] {
+        for fault_around in [1u64, 32] {
             let fa = fault_around.to_string();
             let daemon = Daemon::start(
                 &[("base", mem)],

@@ -58,9 +58,9 @@ impl Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Pattern {
-    /// The first part of memory, in order.
+    /// The first 25% of memory, in order.
     Sequential,
-    /// Pages picked at random, different for every fork.
+    /// 10% of the pages picked at random, different for every fork.
     Random,
     /// 10% of the pages, the same for every fork (in random order).
     Hot,
@@ -71,7 +71,7 @@ impl Pattern {
     pub fn order_and_percent(self) -> (&'static str, u64) {
         match self {
             Pattern::Sequential => ("sequential", 25),
-            Pattern::Random => ("random", 25),
+            Pattern::Random => ("random", 10),
             Pattern::Hot => ("hot", 10),
         }
     }

@@ -34,9 +34,11 @@ pub struct Config {
     /// Worker threads serving faults [default: the number of cores].
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Pages served per fault: the faulting 4 KiB page plus the missing pages after it, up to
-    /// the next multiple of this many pages. 1 disables fault-around.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=512))]
+    /// The most pages one fault may fill. A fault that continues the previous one's run
+    /// doubles the run (1, 2, 4, … up to this); any other fault fills its own page only, so
+    /// scattered readers get only what they touch. Runs of zero pages always reach the next
+    /// 2 MiB boundary. 1 disables readahead.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=512))]
     pub fault_around: u64,
     /// After serving a fault, a worker keeps polling without sleeping for this many µs, since
     /// the next fault of the same VMM usually follows at once. 0 always sleeps.

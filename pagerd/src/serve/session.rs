@@ -84,6 +84,29 @@ struct Region {
     mapping: GuestRegionUffdMapping,
     present: Bitmap,
     removed: Bitmap,
+    readahead: Readahead,
+}
+
+/// Readahead state of a region, as the kernel keeps for files: a fault that continues the
+/// previous run doubles the window (up to the maximum); any other fault starts over at one
+/// page. Sequential readers get large copies, scattered ones get only what they touch.
+#[derive(Debug, Default)]
+struct Readahead {
+    /// One past the last page of the previous run.
+    stream_end: u64,
+    /// Pages the next sequential fault may fill.
+    window: u64,
+}
+
+impl Readahead {
+    fn window_for(&mut self, page: u64, max: u64) -> u64 {
+        self.window = if page == self.stream_end && self.window > 0 {
+            (self.window * 2).min(max)
+        } else {
+            1
+        };
+        self.window
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,8 +165,8 @@ fn huge_zero_page() -> *const u8 {
 /// Tuning of the fault path.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
-    /// Serve up to this many 4 KiB pages per fault: the faulting page and the missing pages
-    /// after it, up to the next multiple of this many pages (runs of zero pages go on to the
+    /// The most 4 KiB pages one fault may fill: the faulting page and the missing pages after
+    /// it, as far as the region's readahead window has grown (runs of zero pages go on to the
     /// next 2 MiB boundary). 1 serves the faulting page only.
     pub fault_around_pages: u64,
     /// How long a worker keeps polling without sleeping after a fault.
@@ -194,6 +217,7 @@ impl Session {
                     mapping,
                     present: Bitmap::new(pages),
                     removed: Bitmap::new(pages),
+                    readahead: Readahead::default(),
                 }
             })
             .collect();
@@ -347,29 +371,27 @@ impl Session {
         }
     }
 
-    /// How many pages from `page` on to fill: missing pages of the same kind, up to the end of
-    /// the fault-around window. Hugetlbfs regions fill one page at a time.
-    fn plan_run(&self, ri: usize, page: u64) -> u64 {
-        let region = &self.regions[ri];
-        let window = self.options.fault_around_pages;
-        if window <= 1 || region.mapping.page_size != PAGE_SIZE_4K {
+    /// How many pages from `page` on to fill: missing pages of the same kind, up to the
+    /// region's current readahead window (data), or to the next 2 MiB boundary (zeros).
+    /// Hugetlbfs regions fill one page at a time.
+    fn plan_run(&mut self, ri: usize, page: u64) -> u64 {
+        let max = self.options.fault_around_pages;
+        let region = &mut self.regions[ri];
+        if max <= 1 || region.mapping.page_size != PAGE_SIZE_4K {
             return 1;
         }
         let kind = region.fill_of(page, &self.snapshot);
-        // Zero runs cost no memory and `UFFDIO_ZEROPAGE` is cheap: let them reach further.
-        let window = if kind == Fill::Zero {
-            window.max(ZERO_WINDOW_PAGES)
-        } else {
-            window
-        };
-        let window_end = ((page / window + 1) * window).min(region.present.len());
+        let end_limit = match kind {
+            // Zero runs cost no memory and `UFFDIO_ZEROPAGE` is cheap: let them reach further.
+            Fill::Zero => (page / ZERO_WINDOW_PAGES + 1) * ZERO_WINDOW_PAGES,
+            Fill::Data => page + region.readahead.window_for(page, max),
+        }
+        .min(region.present.len());
         let mut end = page + 1;
-        while end < window_end
-            && !region.present.get(end)
-            && region.fill_of(end, &self.snapshot) == kind
-        {
+        while end < end_limit && !region.present.get(end) && region.fill_of(end, &self.snapshot) == kind {
             end += 1;
         }
+        region.readahead.stream_end = end;
         end - page
     }
 
