@@ -388,7 +388,10 @@ impl Session {
         }
         .min(region.present.len());
         let mut end = page + 1;
-        while end < end_limit && !region.present.get(end) && region.fill_of(end, &self.snapshot) == kind {
+        while end < end_limit
+            && !region.present.get(end)
+            && region.fill_of(end, &self.snapshot) == kind
+        {
             end += 1;
         }
         region.readahead.stream_end = end;
