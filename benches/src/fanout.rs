@@ -212,7 +212,14 @@ fn proc_cpu_s(pid: u32) -> f64 {
 }
 
 /// Runs the forks of one scenario in one mode against `mem`.
-pub fn run(scenario: &Scenario, mode: Mode, mem: &Path, scratch: &Path) -> Outcome {
+/// `pagerd_args` are extra arguments for the pagerd process.
+pub fn run(
+    scenario: &Scenario,
+    mode: Mode,
+    mem: &Path,
+    scratch: &Path,
+    pagerd_args: &[String],
+) -> Outcome {
     let vmm = binary("synthetic-vmm");
     let (order, percent) = scenario.pattern.order_and_percent();
     let fork_args = |i: usize, socket: Option<&Path>| {
@@ -240,7 +247,8 @@ pub fn run(scenario: &Scenario, mode: Mode, mem: &Path, scratch: &Path) -> Outco
     let mut sockets: Vec<Option<PathBuf>> = vec![None; scenario.forks];
     match mode {
         Mode::Pagerd => {
-            let d = Daemon::start(&[("base", mem)], &[]);
+            let extra: Vec<&str> = pagerd_args.iter().map(String::as_str).collect();
+            let d = Daemon::start(&[("base", mem)], &extra);
             for (i, socket) in sockets.iter_mut().enumerate() {
                 *socket = Some(d.create_fork("base", &format!("f{i}")));
             }

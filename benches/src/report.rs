@@ -100,7 +100,8 @@ pub fn write_chart(rows: &[Row], path: &Path) -> Result<(), Box<dyn std::error::
     let mut sizes: Vec<u64> = rows.iter().map(|r| r.scenario.size_mib).collect();
     sizes.sort_unstable();
     sizes.dedup();
-    let patterns = [Pattern::Sequential, Pattern::Random, Pattern::Hot];
+    let mut patterns: Vec<Pattern> = rows.iter().map(|r| r.scenario.pattern).collect();
+    patterns.dedup();
     let root = SVGBackend::new(
         path,
         (420 * patterns.len() as u32, 320 * sizes.len() as u32),

@@ -9,7 +9,10 @@
 //! - [`synthetic`]: a synthetic VMM that maps guest memory exactly as Firecracker does, hands
 //!   its uffd to pagerd and checks every byte it reads. Tests and benches run it as the
 //!   `synthetic-vmm` binary.
+//! - [`kvm`]: a tiny KVM VMM whose CPL3 guest checksums its pagerd-served memory (the
+//!   `kvm-vmm` binary).
 
 pub mod fdpass;
 pub mod handoff;
+pub mod kvm;
 pub mod synthetic;

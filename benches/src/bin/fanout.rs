@@ -29,6 +29,15 @@ struct Args {
     /// Snapshot sizes in MiB [default: 256,1024; quick: 64].
     #[arg(long, value_delimiter = ',')]
     sizes: Vec<u64>,
+    /// Access patterns [default: sequential,random,hot].
+    #[arg(long, value_delimiter = ',', value_parser = ["sequential", "random", "hot"])]
+    patterns: Vec<String>,
+    /// Only dense snapshots (no run with mostly-zero memory).
+    #[arg(long)]
+    dense_only: bool,
+    /// An extra pagerd command-line argument (repeatable), e.g. --pagerd-arg=--spin-us=0.
+    #[arg(long = "pagerd-arg", allow_hyphen_values = true)]
+    pagerd_args: Vec<String>,
     /// Skip a mode whose estimated memory exceeds this share of RAM, in percent.
     #[arg(long, default_value_t = 60)]
     memory_percent: u64,
@@ -59,15 +68,31 @@ fn main() {
         ([], true) => vec![64],
         (given, _) => given.to_vec(),
     };
-    let patterns = [Pattern::Sequential, Pattern::Random, Pattern::Hot];
+    let patterns: Vec<Pattern> = if args.patterns.is_empty() {
+        vec![Pattern::Sequential, Pattern::Random, Pattern::Hot]
+    } else {
+        args.patterns
+            .iter()
+            .map(|p| match p.as_str() {
+                "sequential" => Pattern::Sequential,
+                "random" => Pattern::Random,
+                _ => Pattern::Hot,
+            })
+            .collect()
+    };
+    let densities: &[bool] = if args.dense_only {
+        &[false]
+    } else {
+        &[false, true]
+    };
     let budget = mem_total() * args.memory_percent / 100;
     std::fs::create_dir_all(&args.out).expect("output directory");
     let scratch = tempfile::tempdir().expect("scratch dir");
     let started = Instant::now();
-    let total = sizes.len() * 2 * patterns.len() * forks.len();
+    let total = sizes.len() * densities.len() * patterns.len() * forks.len();
     let mut rows = Vec::new();
     for &size_mib in &sizes {
-        for sparse in [false, true] {
+        for &sparse in densities {
             let mem = scratch.path().join(format!("mem-{size_mib}-{sparse}"));
             let zero_tail = if sparse { (size_mib << 20) / 4 * 3 } else { 0 };
             write_snapshot(&mem, size_mib << 20, 7 + size_mib, 0, zero_tail);
@@ -92,7 +117,7 @@ fn main() {
                                 ..Outcome::default()
                             }
                         } else {
-                            run(&scenario, mode, &mem, scratch.path())
+                            run(&scenario, mode, &mem, scratch.path(), &args.pagerd_args)
                         };
                         outcomes.push((mode, outcome));
                     }

@@ -1,0 +1,276 @@
+//! Real KVM guests on pagerd-served memory: `kvm-vmm` hands its uffd to a real pagerd, then a
+//! CPL3 guest checksums every MiB of its memory, so every page reaches the guest through a
+//! fault KVM takes from kernel context. The guest's checksums are compared with checksums of
+//! the snapshot file computed by the same definition (`vmm_glue::kvm::guest`), for one VM, two
+//! VMs at once, and a VM that writes to its memory next to siblings that must not see it.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::Instant;
+
+use serde_json::Value;
+use testkit::{binary, write_snapshot, Daemon, DEADLINE};
+use vmm_glue::kvm::guest;
+
+const MIB: u64 = 1 << 20;
+const IMAGE: u64 = 64 * MIB;
+
+/// A running `kvm-vmm` and the events it printed.
+struct KvmVmm {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    events: Vec<Value>,
+}
+
+impl KvmVmm {
+    /// Starts `kvm-vmm` on `mem`, handing off to `socket`, with extra arguments.
+    fn start(name: &str, mem: &Path, socket: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(binary("kvm-vmm"))
+            .arg("--snapshot")
+            .arg(mem)
+            .arg("--socket")
+            .arg(socket)
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn kvm-vmm");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            name: name.to_owned(),
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            events: Vec::new(),
+        }
+    }
+
+    /// Waits (up to the deadline) for the next event named `name`; fails on `error` or exit.
+    fn expect(&mut self, name: &str) -> Value {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let line = match self.lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "{}: no `{name}` event in time; saw {:?}",
+                        self.name, self.events
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait();
+                    panic!(
+                        "{}: kvm-vmm exited ({status:?}) before `{name}`; saw {:?}",
+                        self.name, self.events
+                    )
+                }
+            };
+            let event: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("{}: bad event {line:?}: {e}", self.name));
+            self.events.push(event.clone());
+            assert_ne!(
+                event["event"], "error",
+                "{}: kvm-vmm failed: {event}",
+                self.name
+            );
+            if event["event"] == name {
+                return event;
+            }
+        }
+    }
+
+    /// Waits for the guest's checksums.
+    fn checksums(&mut self) -> Vec<u64> {
+        let event = self.expect("checksums");
+        event["mib"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: no checksum list in {event}", self.name))
+            .iter()
+            .map(|v| v.as_u64().expect("checksum is a u64"))
+            .collect()
+    }
+
+    /// Closes stdin (ending `--hold`) and waits (up to the deadline) for a successful exit.
+    fn finish(mut self) {
+        drop(self.stdin.take());
+        let end = Instant::now() + DEADLINE;
+        // The event channel disconnects when the process exits and its stdout closes.
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self
+                    .events
+                    .push(serde_json::from_str(&line).unwrap_or(Value::Null)),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!("{}: kvm-vmm did not exit", self.name),
+            }
+        }
+        let status = self.child.wait().expect("wait kvm-vmm");
+        assert!(
+            status.success(),
+            "{}: kvm-vmm failed ({status}); events {:?}",
+            self.name,
+            self.events
+        );
+    }
+}
+
+impl Drop for KvmVmm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A 64 MiB snapshot with pseudo-random bytes, every 5th page zero and a zero tail.
+fn snapshot(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
+    let mem = write_snapshot(&dir.join("mem"), IMAGE, 0x6b766d, 5, 3 * MIB);
+    let bytes = std::fs::read(&mem).expect("read snapshot");
+    (mem, bytes)
+}
+
+/// Asserts a fork ended because its VMM exited, with every page of the image served and no
+/// errors.
+fn assert_served_whole_image(daemon: &Daemon, fork: &str) {
+    let record = daemon.wait_fork(fork, "ended");
+    assert_eq!(record["end_reason"], "vmm_exited", "{record}");
+    let stats = &record["stats"];
+    assert_eq!(
+        stats["pages_copied"].as_u64().unwrap() + stats["zero_pages"].as_u64().unwrap(),
+        IMAGE / 4096,
+        "every page of the image was served by pagerd: {stats}"
+    );
+    assert_eq!(stats["errors"], 0, "{stats}");
+    assert_eq!(stats["outside_faults"], 0, "{stats}");
+}
+
+/// Compares checksum lists MiB by MiB, naming the first MiB that differs.
+fn assert_checksums(who: &str, got: &[u64], expected: &[u64]) {
+    assert_eq!(got.len(), expected.len(), "{who}: number of MiB");
+    if let Some(mib) = (0..got.len()).find(|&i| got[i] != expected[i]) {
+        panic!(
+            "{who}: MiB {mib} has checksum {:#018x}, expected {:#018x}",
+            got[mib], expected[mib]
+        );
+    }
+}
+
+#[test]
+fn guest_checksums_of_a_served_image_match_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mem, bytes) = snapshot(dir.path());
+    let expected = guest::checksums(&bytes);
+    assert_eq!(expected.len() as u64, IMAGE / MIB);
+    let daemon = Daemon::start(&[("base", &mem)], &[]);
+    let socket = daemon.create_fork("base", "vm1");
+    let mut vmm = KvmVmm::start("vm1", &mem, &socket, &[]);
+    vmm.expect("handed_off");
+    let got = vmm.checksums();
+    assert_checksums("vm1", &got, &expected);
+    vmm.finish();
+    assert_served_whole_image(&daemon, "vm1");
+}
+
+#[test]
+fn two_vms_from_one_snapshot_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mem, bytes) = snapshot(dir.path());
+    let expected = guest::checksums(&bytes);
+    let daemon = Daemon::start(&[("base", &mem)], &[]);
+    let sockets = [
+        daemon.create_fork("base", "a"),
+        daemon.create_fork("base", "b"),
+    ];
+    // Both start before either is waited for, and each holds its VM until both reported.
+    let mut a = KvmVmm::start("a", &mem, &sockets[0], &["--hold"]);
+    let mut b = KvmVmm::start("b", &mem, &sockets[1], &["--hold"]);
+    a.expect("handed_off");
+    b.expect("handed_off");
+    assert_eq!(daemon.wait_fork("a", "serving")["state"], "serving");
+    assert_eq!(daemon.wait_fork("b", "serving")["state"], "serving");
+    let got_a = a.checksums();
+    let got_b = b.checksums();
+    a.expect("holding");
+    b.expect("holding");
+    assert_checksums("a", &got_a, &expected);
+    assert_checksums("b", &got_b, &expected);
+    a.finish();
+    b.finish();
+    assert_served_whole_image(&daemon, "a");
+    assert_served_whole_image(&daemon, "b");
+}
+
+#[test]
+fn a_vm_sees_its_own_writes_and_siblings_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mem, bytes) = snapshot(dir.path());
+    let write_mib = 8;
+    let plain = guest::checksums(&bytes);
+    let written = guest::checksums_after_writes(&bytes, write_mib);
+    // The pattern changes every MiB it covers and nothing else.
+    for mib in 0..plain.len() {
+        assert_eq!(
+            plain[mib] == written[mib],
+            mib as u64 >= write_mib,
+            "MiB {mib}"
+        );
+    }
+    let daemon = Daemon::start(&[("base", &mem)], &[]);
+
+    // A sibling reads everything first and stays alive.
+    let socket = daemon.create_fork("base", "before");
+    let mut before = KvmVmm::start("before", &mem, &socket, &["--hold"]);
+    assert_checksums("before", &before.checksums(), &plain);
+    before.expect("holding");
+
+    // The writer overwrites its first 8 MiB and reads back its own bytes; it stays alive, so
+    // its private copies exist while the next sibling reads.
+    let socket = daemon.create_fork("base", "writer");
+    let mib_arg = write_mib.to_string();
+    let mut writer = KvmVmm::start(
+        "writer",
+        &mem,
+        &socket,
+        &["--write-mib", &mib_arg, "--hold"],
+    );
+    assert_checksums("writer", &writer.checksums(), &written);
+    writer.expect("holding");
+
+    // A sibling started while the writer holds its written memory still reads the snapshot.
+    let socket = daemon.create_fork("base", "after");
+    let mut after = KvmVmm::start("after", &mem, &socket, &["--hold"]);
+    assert_checksums("after", &after.checksums(), &plain);
+    after.expect("holding");
+
+    // All three were alive together; the snapshot file itself is untouched.
+    for fork in ["before", "writer", "after"] {
+        assert_eq!(daemon.fork(fork)["state"], "serving", "{fork}");
+    }
+    before.finish();
+    writer.finish();
+    after.finish();
+    for fork in ["before", "writer", "after"] {
+        assert_served_whole_image(&daemon, fork);
+    }
+    assert!(
+        std::fs::read(&mem).expect("reread snapshot") == bytes,
+        "the snapshot file changed"
+    );
+}
