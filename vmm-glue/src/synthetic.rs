@@ -589,6 +589,9 @@ impl PageReader {
     fn read(&mut self, addr: usize) -> io::Result<&[u8]> {
         match self.path {
             AccessPath::User => {
+                // Touch the page here, so a caller timing `read` times the fault.
+                // SAFETY: `addr` is the first byte of one page of our own guest mapping.
+                unsafe { std::ptr::read_volatile(addr as *const u8) };
                 // SAFETY: `addr..addr + page` is one page of our own guest mapping, which
                 // outlives the borrow of `self`.
                 Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, self.page) })
