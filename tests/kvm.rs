@@ -4,139 +4,35 @@
 //! the snapshot file computed by the same definition (`vmm_glue::kvm::guest`), for one VM, two
 //! VMs at once, and a VM that writes to its memory next to siblings that must not see it.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::time::Instant;
 
-use serde_json::Value;
-use testkit::{binary, write_snapshot, Daemon, DEADLINE};
+use testkit::{write_snapshot, Daemon, Vmm};
 use vmm_glue::kvm::guest;
 
 const MIB: u64 = 1 << 20;
 const IMAGE: u64 = 64 * MIB;
 
-/// A running `kvm-vmm` and the events it printed.
-struct KvmVmm {
-    name: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    events: Vec<Value>,
+/// Starts `kvm-vmm` on `mem`, handing off to `socket`, with extra arguments.
+fn start_kvm(mem: &Path, socket: &Path, extra: &[&str]) -> Vmm {
+    let mut args = vec![
+        "--snapshot".to_owned(),
+        mem.display().to_string(),
+        "--socket".to_owned(),
+        socket.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    Vmm::spawn_binary("kvm-vmm", &args)
 }
 
-impl KvmVmm {
-    /// Starts `kvm-vmm` on `mem`, handing off to `socket`, with extra arguments.
-    fn start(name: &str, mem: &Path, socket: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(binary("kvm-vmm"))
-            .arg("--snapshot")
-            .arg(mem)
-            .arg("--socket")
-            .arg(socket)
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn kvm-vmm");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            name: name.to_owned(),
-            stdin: child.stdin.take(),
-            child,
-            lines,
-            events: Vec::new(),
-        }
-    }
-
-    /// Waits (up to the deadline) for the next event named `name`; fails on `error` or exit.
-    fn expect(&mut self, name: &str) -> Value {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            let line = match self.lines.recv_timeout(left) {
-                Ok(line) => line,
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "{}: no `{name}` event in time; saw {:?}",
-                        self.name, self.events
-                    )
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = self.child.wait();
-                    panic!(
-                        "{}: kvm-vmm exited ({status:?}) before `{name}`; saw {:?}",
-                        self.name, self.events
-                    )
-                }
-            };
-            let event: Value = serde_json::from_str(&line)
-                .unwrap_or_else(|e| panic!("{}: bad event {line:?}: {e}", self.name));
-            self.events.push(event.clone());
-            assert_ne!(
-                event["event"], "error",
-                "{}: kvm-vmm failed: {event}",
-                self.name
-            );
-            if event["event"] == name {
-                return event;
-            }
-        }
-    }
-
-    /// Waits for the guest's checksums.
-    fn checksums(&mut self) -> Vec<u64> {
-        let event = self.expect("checksums");
-        event["mib"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{}: no checksum list in {event}", self.name))
-            .iter()
-            .map(|v| v.as_u64().expect("checksum is a u64"))
-            .collect()
-    }
-
-    /// Closes stdin (ending `--hold`) and waits (up to the deadline) for a successful exit.
-    fn finish(mut self) {
-        drop(self.stdin.take());
-        let end = Instant::now() + DEADLINE;
-        // The event channel disconnects when the process exits and its stdout closes.
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self
-                    .events
-                    .push(serde_json::from_str(&line).unwrap_or(Value::Null)),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => panic!("{}: kvm-vmm did not exit", self.name),
-            }
-        }
-        let status = self.child.wait().expect("wait kvm-vmm");
-        assert!(
-            status.success(),
-            "{}: kvm-vmm failed ({status}); events {:?}",
-            self.name,
-            self.events
-        );
-    }
-}
-
-impl Drop for KvmVmm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Waits for the guest's per-MiB checksums.
+fn checksums(vmm: &mut Vmm) -> Vec<u64> {
+    let event = vmm.expect("checksums");
+    event["mib"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no checksum list in {event}"))
+        .iter()
+        .map(|v| v.as_u64().expect("checksum is a u64"))
+        .collect()
 }
 
 /// A 64 MiB snapshot with pseudo-random bytes, every 5th page zero and a zero tail.
@@ -180,9 +76,9 @@ fn guest_checksums_of_a_served_image_match_the_file() {
     assert_eq!(expected.len() as u64, IMAGE / MIB);
     let daemon = Daemon::start(&[("base", &mem)], &[]);
     let socket = daemon.create_fork("base", "vm1");
-    let mut vmm = KvmVmm::start("vm1", &mem, &socket, &[]);
+    let mut vmm = start_kvm(&mem, &socket, &[]);
     vmm.expect("handed_off");
-    let got = vmm.checksums();
+    let got = checksums(&mut vmm);
     assert_checksums("vm1", &got, &expected);
     vmm.finish();
     assert_served_whole_image(&daemon, "vm1");
@@ -199,14 +95,14 @@ fn two_vms_from_one_snapshot_at_once() {
         daemon.create_fork("base", "b"),
     ];
     // Both start before either is waited for, and each holds its VM until both reported.
-    let mut a = KvmVmm::start("a", &mem, &sockets[0], &["--hold"]);
-    let mut b = KvmVmm::start("b", &mem, &sockets[1], &["--hold"]);
+    let mut a = start_kvm(&mem, &sockets[0], &["--hold"]);
+    let mut b = start_kvm(&mem, &sockets[1], &["--hold"]);
     a.expect("handed_off");
     b.expect("handed_off");
     assert_eq!(daemon.wait_fork("a", "serving")["state"], "serving");
     assert_eq!(daemon.wait_fork("b", "serving")["state"], "serving");
-    let got_a = a.checksums();
-    let got_b = b.checksums();
+    let got_a = checksums(&mut a);
+    let got_b = checksums(&mut b);
     a.expect("holding");
     b.expect("holding");
     assert_checksums("a", &got_a, &expected);
@@ -236,27 +132,22 @@ fn a_vm_sees_its_own_writes_and_siblings_do_not() {
 
     // A sibling reads everything first and stays alive.
     let socket = daemon.create_fork("base", "before");
-    let mut before = KvmVmm::start("before", &mem, &socket, &["--hold"]);
-    assert_checksums("before", &before.checksums(), &plain);
+    let mut before = start_kvm(&mem, &socket, &["--hold"]);
+    assert_checksums("before", &checksums(&mut before), &plain);
     before.expect("holding");
 
     // The writer overwrites its first 8 MiB and reads back its own bytes; it stays alive, so
     // its private copies exist while the next sibling reads.
     let socket = daemon.create_fork("base", "writer");
     let mib_arg = write_mib.to_string();
-    let mut writer = KvmVmm::start(
-        "writer",
-        &mem,
-        &socket,
-        &["--write-mib", &mib_arg, "--hold"],
-    );
-    assert_checksums("writer", &writer.checksums(), &written);
+    let mut writer = start_kvm(&mem, &socket, &["--write-mib", &mib_arg, "--hold"]);
+    assert_checksums("writer", &checksums(&mut writer), &written);
     writer.expect("holding");
 
     // A sibling started while the writer holds its written memory still reads the snapshot.
     let socket = daemon.create_fork("base", "after");
-    let mut after = KvmVmm::start("after", &mem, &socket, &["--hold"]);
-    assert_checksums("after", &after.checksums(), &plain);
+    let mut after = start_kvm(&mem, &socket, &["--hold"]);
+    assert_checksums("after", &checksums(&mut after), &plain);
     after.expect("holding");
 
     // All three were alive together; the snapshot file itself is untouched.

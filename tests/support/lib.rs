@@ -453,13 +453,19 @@ pub struct Vmm {
 impl Vmm {
     /// Runs `synthetic-vmm` with these arguments.
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
-        let mut child = Command::new(binary("synthetic-vmm"))
+        Self::spawn_binary("synthetic-vmm", args)
+    }
+
+    /// Runs another VMM binary of the workspace (e.g. `kvm-vmm`) that prints one JSON event
+    /// per line.
+    pub fn spawn_binary<S: AsRef<std::ffi::OsStr>>(name: &str, args: &[S]) -> Self {
+        let mut child = Command::new(binary(name))
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("spawn synthetic-vmm");
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let lines = line_channel(child.stdout.take().expect("stdout"));
         let stdin = child.stdin.take();
         Self {
