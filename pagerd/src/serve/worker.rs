@@ -139,7 +139,9 @@ impl Worker {
     fn run(&mut self) {
         let mut events = Events::with_capacity(256);
         let mut buf: Vec<UffdMsg> = vec![empty_msg(); EVENTS_PER_READ];
+        // Both kept across turns, so a busy loop does not allocate.
         let mut busy: Vec<usize> = Vec::new();
+        let mut to_drain: Vec<usize> = Vec::new();
         let mut last_fault: Option<Instant> = None;
         loop {
             let spinning = last_fault.is_some_and(|t: Instant| t.elapsed() < self.spin);
@@ -158,7 +160,8 @@ impl Worker {
                 self.end_all(EndReason::Shutdown);
                 return;
             }
-            let mut to_drain = std::mem::take(&mut busy);
+            to_drain.clear();
+            to_drain.append(&mut busy);
             for event in events.iter() {
                 match event.token() {
                     WAKER => {
@@ -173,7 +176,7 @@ impl Worker {
                     Token(t) => self.end(t / 2, EndReason::VmmExited),
                 }
             }
-            for key in to_drain {
+            for &key in &to_drain {
                 let Some(session) = self.sessions.get_mut(key) else {
                     continue;
                 };
