@@ -33,8 +33,8 @@ fn bin_dir() -> PathBuf {
     }
 }
 
-/// The path of a workspace binary (`pagerd`, `synthetic-vmm`, `ctl`), built first if this is
-/// the first call in this process.
+/// The path of a workspace binary (`pagerd`, `synthetic-vmm`, `kvm-vmm`, `ctl`,
+/// `naive-handler`), built first if this is the first call in this process.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     let dir = bin_dir();
@@ -50,6 +50,8 @@ pub fn binary(name: &str) -> PathBuf {
             "vmm-glue",
             "-p",
             "pagerd-ctl",
+            "-p",
+            "pagerd-benches",
         ]);
         if dir.ends_with("release") {
             cmd.arg("--release");
