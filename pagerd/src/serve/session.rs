@@ -356,13 +356,14 @@ impl Session {
             return Fault::Resolved;
         };
         let page = self.regions[ri].page_of(addr);
-        let run = self.plan_run(ri, page);
-        match self.fill(ri, page, run) {
+        let kind = self.regions[ri].fill_of(page, &self.snapshot);
+        let run = self.plan_run(ri, page, kind);
+        match self.fill(ri, page, run, kind) {
             Ok(()) => Fault::Resolved,
             Err(e) if e.done > 0 => Fault::Resolved,
             Err(e) if matches!(e.errno, Errno::ENOENT | Errno::EINVAL) && run > 1 => {
                 // The run may cross a mapping boundary inside the region: serve the page alone.
-                match self.fill(ri, page, 1) {
+                match self.fill(ri, page, 1, kind) {
                     Ok(()) => Fault::Resolved,
                     Err(e) => self.fill_failed(ri, page, e),
                 }
@@ -374,13 +375,12 @@ impl Session {
     /// How many pages from `page` on to fill: missing pages of the same kind, up to the
     /// region's current readahead window (data), or to the next 2 MiB boundary (zeros).
     /// Hugetlbfs regions fill one page at a time.
-    fn plan_run(&mut self, ri: usize, page: u64) -> u64 {
+    fn plan_run(&mut self, ri: usize, page: u64, kind: Fill) -> u64 {
         let max = self.options.fault_around_pages;
         let region = &mut self.regions[ri];
         if max <= 1 || region.mapping.page_size != PAGE_SIZE_4K {
             return 1;
         }
-        let kind = region.fill_of(page, &self.snapshot);
         let end_limit = match kind {
             // Zero runs cost no memory and `UFFDIO_ZEROPAGE` is cheap: let them reach further.
             Fill::Zero => (page / ZERO_WINDOW_PAGES + 1) * ZERO_WINDOW_PAGES,
@@ -398,13 +398,12 @@ impl Session {
         end - page
     }
 
-    /// Fills `pages` pages from `page` on, updating the present map and counters.
-    fn fill(&mut self, ri: usize, page: u64, pages: u64) -> Result<(), FillError> {
+    /// Fills `pages` pages of `kind` from `page` on, updating the present map and counters.
+    fn fill(&mut self, ri: usize, page: u64, pages: u64, kind: Fill) -> Result<(), FillError> {
         let region = &self.regions[ri];
         let ps = region.mapping.page_size;
         let dst = region.addr_of(page);
         let len = pages * ps;
-        let kind = region.fill_of(page, &self.snapshot);
         let result = match kind {
             Fill::Zero if ps == PAGE_SIZE_4K => self.uffd.zeropage(dst, len),
             // SAFETY: the zero buffer is 2 MiB long and lives forever; hugetlbfs runs are one page.
@@ -472,10 +471,5 @@ impl Session {
             region.removed.fill(first, last, true);
             region.present.fill(first, last, false);
         }
-    }
-
-    /// Pages currently marked present, over all regions.
-    pub fn present_pages(&self) -> u64 {
-        self.regions.iter().map(|r| r.present.count_ones()).sum()
     }
 }

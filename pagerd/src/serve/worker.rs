@@ -75,6 +75,7 @@ impl WorkerHandle {
             registry,
             load: sessions.clone(),
             spin,
+            deferred: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("pagerd-worker-{index}"))
@@ -125,6 +126,8 @@ struct Worker {
     /// After a fault, keep polling without sleeping for this long: the same VMM's next fault
     /// usually follows within microseconds, and a sleeping worker costs a wakeup.
     spin: Duration,
+    /// Keys of the sessions with faults waiting for a retry, so a wakeup need not scan all.
+    deferred: Vec<usize>,
 }
 
 fn uffd_token(key: usize) -> Token {
@@ -147,7 +150,7 @@ impl Worker {
             let spinning = last_fault.is_some_and(|t: Instant| t.elapsed() < self.spin);
             let timeout = if !busy.is_empty() || spinning {
                 Some(Duration::ZERO)
-            } else if self.sessions.iter().any(|(_, s)| s.has_deferred()) {
+            } else if !self.deferred.is_empty() {
                 Some(DEFERRED_RETRY)
             } else {
                 None
@@ -185,20 +188,34 @@ impl Worker {
                     Drain::More => busy.push(key),
                     Drain::Ended(reason) => self.end(key, reason),
                 }
+                self.note_deferred(key);
             }
             self.retry_deferred();
         }
     }
 
-    fn retry_deferred(&mut self) {
-        let mut gone = Vec::new();
-        for (key, session) in self.sessions.iter_mut() {
-            if session.has_deferred() && !session.retry_deferred() {
-                gone.push(key);
-            }
+    /// Remembers session `key` if it has faults waiting for a retry.
+    fn note_deferred(&mut self, key: usize) {
+        let waiting = self.sessions.get(key).is_some_and(Session::has_deferred);
+        if waiting && !self.deferred.contains(&key) {
+            self.deferred.push(key);
         }
-        for key in gone {
-            self.end(key, EndReason::VmmExited);
+    }
+
+    /// Retries the deferred faults of the sessions that have some (usually none).
+    fn retry_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        for key in std::mem::take(&mut self.deferred) {
+            let Some(session) = self.sessions.get_mut(key) else {
+                continue;
+            };
+            if !session.retry_deferred() {
+                self.end(key, EndReason::VmmExited);
+            } else if session.has_deferred() {
+                self.deferred.push(key);
+            }
         }
     }
 
@@ -257,6 +274,7 @@ impl Worker {
                 self.end(key, reason);
             }
         }
+        self.note_deferred(key);
     }
 
     fn end(&mut self, key: usize, reason: EndReason) {
