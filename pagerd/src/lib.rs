@@ -17,6 +17,7 @@ pub mod bitmap;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod errors;
 pub mod ids;
 pub mod lifecycle;
 pub mod ratelimit;

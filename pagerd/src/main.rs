@@ -10,7 +10,7 @@ fn main() -> ExitCode {
     match pagerd::daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pagerd: {}", pagerd::serve::acceptor::error_chain(&e));
+            eprintln!("pagerd: {}", pagerd::errors::error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -145,15 +145,10 @@ impl HandoffReceiver {
         Self::default()
     }
 
-    /// Bytes received so far.
-    pub fn received(&self) -> usize {
-        self.bytes.len()
-    }
-
     /// Reads whatever has arrived. `Ok(None)`: the message is not complete yet, call again when
     /// the socket is readable. `Ok(Some(_))`: one complete handoff with exactly one uffd.
     /// `Err(_)`: the handoff is refused; every fd received has been closed.
-    pub fn poll(&mut self, sock: &UnixStream) -> Result<Option<ReceivedHandoff>, HandoffError> {
+    pub fn poll(&mut self, sock: impl AsFd) -> Result<Option<ReceivedHandoff>, HandoffError> {
         let mut buf = vec![0u8; CHUNK_BYTES];
         loop {
             let chunk = match recv_chunk(sock.as_fd(), &mut buf) {

@@ -3,6 +3,7 @@
 //! - [`handoff`]: the JSON message a VMM sends with its userfaultfd (Firecracker's
 //!   `GuestRegionUffdMapping` list), parsing that tolerates what VMMs send, and the validation
 //!   that rejects what pagerd must never serve.
+//! - [`events`]: the JSON event lines the VMM binaries print.
 //! - [`fdpass`]: one message plus file descriptors over a Unix stream socket (`SCM_RIGHTS`),
 //!   the peer's credentials (`SO_PEERCRED`), and the incremental receiver pagerd drives from
 //!   its event loop.
@@ -12,6 +13,7 @@
 //! - [`kvm`]: a tiny KVM VMM whose CPL3 guest checksums its pagerd-served memory (the
 //!   `kvm-vmm` binary).
 
+pub mod events;
 pub mod fdpass;
 pub mod handoff;
 pub mod kvm;

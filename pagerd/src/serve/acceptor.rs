@@ -23,6 +23,7 @@ use slab::Slab;
 use vmm_glue::fdpass::{self, HandoffReceiver, ReceivedHandoff};
 use vmm_glue::handoff::{self, HandoffError};
 
+use crate::errors::error_chain;
 use crate::ids::Id;
 use crate::registry::{Fork, ForkEvent, ForkState, Registry};
 use crate::serve::session::{ServeOptions, Session};
@@ -137,6 +138,8 @@ enum AttachError {
     Handoff(#[from] HandoffError),
     #[error("fork `{0}` already has a VMM")]
     AlreadyServing(Id),
+    #[error("snapshot `{0}` is not being served")]
+    SnapshotGone(Id),
     #[error("cannot set up serving")]
     Setup(#[source] io::Error),
     #[error("no worker is running")]
@@ -148,6 +151,7 @@ impl AttachError {
         match self {
             Self::Handoff(e) => e.reason(),
             Self::AlreadyServing(_) => "already_serving",
+            Self::SnapshotGone(_) => "snapshot_missing",
             Self::Setup(_) => "setup_failed",
             Self::NoWorker => "no_worker",
         }
@@ -157,6 +161,7 @@ impl AttachError {
         match self {
             Self::Handoff(_) => "invalid_argument",
             Self::AlreadyServing(_) => "conflict",
+            Self::SnapshotGone(_) => "not_found",
             Self::Setup(_) => "internal",
             Self::NoWorker => "unavailable",
         }
@@ -323,10 +328,7 @@ impl Acceptor {
         let Some(p) = self.pending.get_mut(key) else {
             return;
         };
-        let result = {
-            let std_stream = borrow_std(&p.stream);
-            p.receiver.poll(&std_stream)
-        };
+        let result = p.receiver.poll(&p.stream);
         match result {
             Ok(None) => {}
             Ok(Some(handoff)) => {
@@ -379,10 +381,9 @@ impl Acceptor {
                     &p.stream,
                     &serde_json::json!({"ok": true, "fork": p.fork.id()}),
                 );
-                let fork = p.fork.clone();
-                let stream = borrow_std(&p.stream).try_clone();
-                drop(p);
-                self.start_session(fork, session, stream);
+                // The connection stays open for as long as the VMM runs.
+                let connection = UnixStream::from(std::os::fd::OwnedFd::from(p.stream));
+                self.start_session(p.fork, session, connection);
             }
             Err(e) => self.refuse(p, e),
         }
@@ -395,9 +396,10 @@ impl Acceptor {
         p: &Pending,
         handoff: ReceivedHandoff,
     ) -> Result<PreparedSession, AttachError> {
-        let snapshot = self.registry.snapshot(p.fork.snapshot()).map_err(|e| {
-            AttachError::Setup(io::Error::new(io::ErrorKind::NotFound, e.to_string()))
-        })?;
+        let snapshot = self
+            .registry
+            .snapshot(p.fork.snapshot())
+            .map_err(|_| AttachError::SnapshotGone(p.fork.snapshot().clone()))?;
         handoff::validate(&handoff.regions, snapshot.size())?;
         if p.fork.status().state != ForkState::Waiting {
             return Err(AttachError::AlreadyServing(p.fork.id().clone()));
@@ -425,15 +427,8 @@ impl Acceptor {
         &mut self,
         fork: Arc<Fork>,
         prepared: PreparedSession,
-        stream: io::Result<UnixStream>,
+        connection: UnixStream,
     ) {
-        let connection = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(fork = %fork.id(), error = %e, "cannot keep the handoff connection");
-                return;
-            }
-        };
         let features = prepared.uffd.features();
         if features.is_some_and(|f| f & crate::serve::uffd::FEATURE_EVENT_REMOVE == 0) {
             tracing::warn!(fork = %fork.id(), "the VMM did not negotiate UFFD_FEATURE_EVENT_REMOVE; \
@@ -487,14 +482,6 @@ struct PreparedSession {
     peer_pid: Option<i32>,
 }
 
-/// A std view of a mio stream's descriptor, without taking ownership.
-fn borrow_std(stream: &MioUnixStream) -> std::mem::ManuallyDrop<UnixStream> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    // SAFETY: the descriptor stays owned by `stream`, which outlives the returned view; the
-    // view is never dropped (ManuallyDrop), so the descriptor is not closed twice.
-    std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(stream.as_raw_fd()) })
-}
-
 /// Best effort: one JSON line to the VMM. Firecracker never reads it; synthetic VMMs and
 /// operators debugging a refused handoff can.
 fn reply(stream: &MioUnixStream, line: &serde_json::Value) {
@@ -502,16 +489,4 @@ fn reply(stream: &MioUnixStream, line: &serde_json::Value) {
     text.push('\n');
     let mut writer: &MioUnixStream = stream;
     let _ = writer.write_all(text.as_bytes());
-}
-
-/// `error: cause: cause` on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

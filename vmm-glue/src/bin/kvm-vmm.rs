@@ -14,11 +14,11 @@
 //! its fork) alive until stdin is closed. Errors print `{"event":"error","message":...}` and
 //! exit with status 1. The guest and its checksum are described in `vmm_glue::kvm::guest`.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use vmm_glue::events::{emit, exit_status};
 use vmm_glue::kvm::guest::CHECKSUM_CHUNK;
 use vmm_glue::kvm::ChecksumVm;
 use vmm_glue::synthetic::{GuestMemory, RegionSpec};
@@ -38,12 +38,6 @@ struct Args {
     /// After printing the checksums, keep the VM alive until stdin closes.
     #[arg(long)]
     hold: bool,
-}
-
-fn emit(value: serde_json::Value) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{value}");
-    let _ = out.flush();
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -71,12 +65,5 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            emit(serde_json::json!({"event": "error", "message": e.to_string()}));
-            eprintln!("kvm-vmm: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_status("kvm-vmm", run(Args::parse()))
 }

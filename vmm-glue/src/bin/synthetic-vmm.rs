@@ -12,11 +12,12 @@
 //! registered but undeclared tail). Sizes take K, M and G suffixes. Exit status 1 means a page
 //! held the wrong bytes; the offending page is printed.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use vmm_glue::events::{emit, exit_status};
 use vmm_glue::synthetic::{
     monotonic_ns, AccessOrder, AccessPath, AccessPlan, GuestMemory, RegionSpec,
 };
@@ -86,12 +87,6 @@ fn parse_region(s: &str) -> Result<RegionSpec, String> {
 fn parse_range(rest: &str) -> Result<(u64, u64), String> {
     let (off, len) = rest.split_once(':').ok_or("a range is OFF:LEN")?;
     Ok((parse_size(off)?, parse_size(len)?))
-}
-
-fn emit(value: serde_json::Value) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{value}");
-    let _ = out.flush();
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -167,12 +162,5 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            emit(serde_json::json!({"event": "error", "message": e.to_string()}));
-            eprintln!("synthetic-vmm: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_status("synthetic-vmm", run(Args::parse()))
 }
