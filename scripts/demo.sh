@@ -26,13 +26,14 @@ truncate -s 256M "$work/memory"
 
 echo "== starting pagerd and registering the snapshot"
 export PAGERD_SOCKET="$work/state/control.sock"
-"$bin/pagerd" --state-dir "$work/state" >"$work/ready" 2>"$work/pagerd.log" &
+# pagerd prints one line once it serves; read it from a pipe (EOF means it died).
+exec {ready}< <(exec "$bin/pagerd" --state-dir "$work/state" 2>"$work/pagerd.log")
 pagerd_pid=$!
-for _ in $(seq 1 600); do
-  grep -q "pagerd ready" "$work/ready" 2>/dev/null && break
-  kill -0 "$pagerd_pid" 2>/dev/null || { cat "$work/pagerd.log"; exit 1; }
-  sleep 0.05
-done
+if ! read -r -t 60 -u "$ready" line || [[ "$line" != "pagerd ready"* ]]; then
+  cat "$work/pagerd.log"
+  echo "pagerd did not start" >&2
+  exit 1
+fi
 "$bin/ctl" snapshot add base "$work/memory"
 "$bin/ctl" status
 

@@ -236,7 +236,7 @@ impl Lifecycle {
         for stored in self.store.snapshots()? {
             let opened = stored.meta.and_then(|meta| {
                 let snapshot = Snapshot::open(meta.id.clone(), &self.store.memory_path(&meta.id))
-                    .map_err(|e| crate::serve::acceptor::error_chain(&e))?;
+                    .map_err(|e| crate::errors::error_chain(&e))?;
                 if snapshot.size() != meta.size {
                     return Err(format!(
                         "memory file is {} bytes, recorded {}",
@@ -497,9 +497,7 @@ impl Lifecycle {
             Some(id) => id,
             None => self.generated_fork_id(),
         };
-        let taken = self.registry.fork(&id).is_ok()
-            || self.store.scan_forks()?.records.iter().any(|r| r.id == id)
-            || self.store.forks_dir().join(format!("{id}.json")).exists();
+        let taken = self.registry.fork(&id).is_ok() || self.store.fork_exists(&id);
         if taken {
             return Err(LifecycleError::Exists { kind: "fork", id });
         }
@@ -533,9 +531,7 @@ impl Lifecycle {
             let id: Id = format!("fork-{n}")
                 .parse()
                 .expect("generated ids are valid");
-            if self.registry.fork(&id).is_err()
-                && !self.store.forks_dir().join(format!("{id}.json")).exists()
-            {
+            if self.registry.fork(&id).is_err() && !self.store.fork_exists(&id) {
                 return id;
             }
         }
@@ -569,7 +565,7 @@ impl Lifecycle {
             ForkEvent::Ended(fork) => self.on_ended(fork),
         };
         if let Err(e) = result {
-            tracing::error!(error = %crate::serve::acceptor::error_chain(&e), ?event, "cannot record a fork event");
+            tracing::error!(error = %crate::errors::error_chain(&e), ?event, "cannot record a fork event");
         }
     }
 
@@ -591,7 +587,7 @@ impl Lifecycle {
         let record = ForkRecord {
             id: fork.id().clone(),
             snapshot: fork.snapshot().clone(),
-            created_unix_ms: fork.info().created_unix_ms,
+            created_unix_ms: unix_ms(fork.created()),
             vmm: Some(vmm),
         };
         // A fork that already ended (its VMM died at once) has released its record.
@@ -625,18 +621,7 @@ impl Lifecycle {
     pub fn totals(&self) -> ForkStatsReport {
         let mut total = ForkStatsReport::default();
         for fork in self.registry.forks() {
-            let r = fork.stats.report();
-            total.faults += r.faults;
-            total.pages_copied += r.pages_copied;
-            total.bytes_copied += r.bytes_copied;
-            total.zero_pages += r.zero_pages;
-            total.already_present += r.already_present;
-            total.removes += r.removes;
-            total.deferred_retries += r.deferred_retries;
-            total.outside_faults += r.outside_faults;
-            total.errors += r.errors;
-            total.latency_ns.count += r.latency_ns.count;
-            total.latency_ns.max = total.latency_ns.max.max(r.latency_ns.max);
+            total += &fork.stats.report();
         }
         total
     }

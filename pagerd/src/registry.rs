@@ -72,6 +72,11 @@ impl Fork {
         &self.snapshot
     }
 
+    /// When it was created.
+    pub fn created(&self) -> SystemTime {
+        self.created
+    }
+
     /// The socket its VMM must connect to.
     pub fn handoff_socket(&self) -> &PathBuf {
         &self.handoff_socket

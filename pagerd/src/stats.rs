@@ -103,6 +103,23 @@ pub struct LatencyReport {
     pub max: u64,
 }
 
+impl std::ops::AddAssign<&ForkStatsReport> for ForkStatsReport {
+    /// Adds another fork's counters; of the latency summary only `count` and `max` add up.
+    fn add_assign(&mut self, r: &ForkStatsReport) {
+        self.faults += r.faults;
+        self.pages_copied += r.pages_copied;
+        self.bytes_copied += r.bytes_copied;
+        self.zero_pages += r.zero_pages;
+        self.already_present += r.already_present;
+        self.removes += r.removes;
+        self.deferred_retries += r.deferred_retries;
+        self.outside_faults += r.outside_faults;
+        self.errors += r.errors;
+        self.latency_ns.count += r.latency_ns.count;
+        self.latency_ns.max = self.latency_ns.max.max(r.latency_ns.max);
+    }
+}
+
 impl ForkStats {
     /// Records fault latencies measured during one batch.
     pub fn record_latencies(&self, samples_ns: &[u64]) {

@@ -64,14 +64,24 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Waits until `cond` holds, checking every few milliseconds, for at most `deadline`.
-/// Panics with `what` if it never does.
-pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+/// Checks `cond` every few milliseconds until it holds (`true`) or `deadline` passes
+/// (`false`). For conditions that no event announces, such as a daemon's descriptor count.
+pub fn poll_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + deadline;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Waits until `cond` holds, for at most `deadline`; panics naming `what` if it never does.
+pub fn wait_until(what: &str, deadline: Duration, cond: impl FnMut() -> bool) {
+    assert!(poll_until(deadline, cond), "timed out waiting for {what}");
 }
 
 /// Writes a memory file of `size` bytes: pseudo-random bytes from `seed`, with every
@@ -374,16 +384,13 @@ impl Daemon {
 
     /// Waits until the daemon has exactly `expected` descriptors open, or panics listing them.
     pub fn wait_for_fd_count(&self, expected: usize, before: &str) {
-        let end = Instant::now() + DEADLINE;
-        while self.fd_count() != expected {
-            assert!(
-                Instant::now() < end,
-                "the daemon holds {} descriptors, expected {expected}.\nbefore:\n{before}\nnow:\n{}",
-                self.fd_count(),
-                self.fd_listing()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let reached = poll_until(DEADLINE, || self.fd_count() == expected);
+        assert!(
+            reached,
+            "the daemon holds {} descriptors, expected {expected}.\nbefore:\n{before}\nnow:\n{}",
+            self.fd_count(),
+            self.fd_listing()
+        );
     }
 
     /// The daemon's open descriptors and what they point to, for failure messages.

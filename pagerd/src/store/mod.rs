@@ -308,6 +308,11 @@ impl Store {
         write_atomic(&dir, &name, &to_json(record)).map_err(at("cannot write", &dir.join(&name)))
     }
 
+    /// Whether a record (readable or not) exists for fork `id`.
+    pub fn fork_exists(&self, id: &Id) -> bool {
+        self.forks_dir().join(fork_file(id)).exists()
+    }
+
     /// Removes a fork record (its reference ends).
     pub fn remove_fork(&self, id: &Id) -> Result<(), StoreError> {
         let dir = self.forks_dir();
