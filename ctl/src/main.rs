@@ -123,11 +123,17 @@ fn fork_rows(forks: &[Value]) -> String {
         .iter()
         .map(|f| {
             let s = &f["stats"];
+            let pid = if f["kind"] == "file" {
+                &f["pid"]
+            } else {
+                &f["vmm_pid"]
+            };
             vec![
                 text(&f["id"]),
+                text(&f["kind"]),
                 text(&f["snapshot"]),
                 text(&f["state"]),
-                text(&f["vmm_pid"]),
+                text(pid),
                 text(&s["faults"]),
                 text(&s["pages_copied"]),
                 text(&s["zero_pages"]),
@@ -138,7 +144,8 @@ fn fork_rows(forks: &[Value]) -> String {
         .collect();
     table::render(
         &[
-            "ID", "SNAPSHOT", "STATE", "PID", "FAULTS", "COPIED", "ZERO", "P99_NS", "SOCKET",
+            "ID", "KIND", "SNAPSHOT", "STATE", "PID", "FAULTS", "COPIED", "ZERO", "P99_NS",
+            "SOCKET",
         ],
         &rows,
     )
@@ -215,8 +222,9 @@ fn run(cli: &Cli) -> Result<String, client::ClientError> {
                 format!("deleted {id}\n")
             } else {
                 format!(
-                    "{id} will be deleted when its forks end: {}\n",
-                    text(&r["forks"])
+                    "{id} will be deleted when its forks end: {} (and processes holding its memory file: {})\n",
+                    text(&r["forks"]),
+                    text(&r["file_users"])
                 )
             };
             (r, h)

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::fuse::{FuseMode, FuseOptions};
 use crate::ids::Id;
 
 /// pagerd: serves forked microVMs' memory from shared snapshot files over userfaultfd.
@@ -50,6 +51,20 @@ pub struct Config {
     /// How long an idle control connection is kept, in ms.
     #[arg(long, default_value_t = 60_000)]
     pub control_idle_timeout_ms: u64,
+    /// The FUSE view of memory files for VMMs that can only map a file: `auto` offers
+    /// passthrough where the kernel has it, else `cached`; `off` mounts nothing.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub fuse: FuseMode,
+    /// Where to mount the FUSE view [default: STATE_DIR/fuse].
+    #[arg(long)]
+    pub fuse_mount: Option<PathBuf>,
+    /// Threads answering FUSE requests [default: twice the number of cores].
+    #[arg(long)]
+    pub fuse_threads: Option<usize>,
+    /// Readahead of the FUSE mount in KiB (how much one cached-path page fault reads at once).
+    /// 0 keeps the kernel's default.
+    #[arg(long, default_value_t = 1024)]
+    pub fuse_readahead_kib: u32,
     /// Log filter (tracing's env-filter syntax), also read from PAGERD_LOG.
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -67,6 +82,19 @@ impl Config {
     pub fn worker_count(&self) -> usize {
         self.workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// How to mount the FUSE view, unless it is off.
+    pub fn fuse_options(&self) -> Option<FuseOptions> {
+        (self.fuse != FuseMode::Off).then(|| FuseOptions {
+            mountpoint: self
+                .fuse_mount
+                .clone()
+                .unwrap_or_else(|| self.state_dir.join("fuse")),
+            mode: self.fuse,
+            threads: self.fuse_threads.unwrap_or_else(|| 2 * self.worker_count()),
+            readahead_kib: self.fuse_readahead_kib,
+        })
     }
 
     /// The handoff timeout.

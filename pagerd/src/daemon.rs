@@ -16,9 +16,11 @@ use crate::config::Config;
 use crate::control::protocol::{ControlError, ErrorCode, Request};
 use crate::control::{ControlServer, Handler};
 use crate::errors::error_chain;
+use crate::file_users::FileUserInfo;
+use crate::fuse::{FuseView, ReadPath};
 use crate::ids::Id;
 use crate::lifecycle::{Lifecycle, LifecycleError};
-use crate::registry::{ForkState, Registry, RegistryError};
+use crate::registry::{ForkInfo, ForkState, Registry, RegistryError};
 use crate::serve::session::ServeOptions;
 use crate::serve::{ServeError, Server};
 use crate::store::{Store, StoreError};
@@ -56,6 +58,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The FUSE view could not be mounted.
+    #[error("cannot mount the FUSE view of memory files")]
+    Fuse(#[source] crate::fuse::FuseError),
     /// Signals could not be set up.
     #[error("cannot set up signal handling")]
     Signals(#[source] nix::Error),
@@ -75,6 +80,8 @@ pub fn init_logging(default_filter: &str) {
 /// The longest `fork.wait` allowed.
 const MAX_WAIT: Duration = Duration::from_secs(600);
 const DEFAULT_WAIT: Duration = Duration::from_secs(10);
+/// How often processes that only map a memory file (passthrough) are checked for having let go.
+const FILE_USER_RECHECK: Duration = Duration::from_secs(1);
 
 impl From<LifecycleError> for ControlError {
     fn from(e: LifecycleError) -> Self {
@@ -114,6 +121,15 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ControlError> {
 pub struct Daemon {
     lifecycle: Arc<Lifecycle>,
     started: Instant,
+    fuse: Option<(PathBuf, ReadPath)>,
+}
+
+/// One entry of `fork.list`: a uffd fork, or a process holding a memory file on the FUSE mount.
+#[derive(Debug, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum ForkListEntry {
+    Uffd(Box<ForkInfo>),
+    File(FileUserInfo),
 }
 
 impl Daemon {
@@ -141,6 +157,11 @@ impl Daemon {
             "damaged_snapshots": damaged,
             "unreadable_fork_records": unreadable,
             "open_fds": crate::sys::open_fd_count().ok(),
+            "fuse": self.fuse.as_ref().map(|(mountpoint, read_path)| json!({
+                "mountpoint": mountpoint,
+                "read_path": format!("{read_path:?}").to_lowercase(),
+                "file_users": self.lifecycle.file_users().list().len(),
+            })),
         }))
     }
 }
@@ -163,13 +184,16 @@ impl Handler for Daemon {
             Request::SnapshotList {} => to_value(lc.snapshots()?),
             Request::SnapshotGet { snapshot } => to_value(lc.snapshot(&snapshot)?),
             Request::ForkCreate { snapshot, fork } => to_value(lc.create_fork(fork, &snapshot)?),
-            Request::ForkList {} => to_value(
-                lc.registry()
-                    .forks()
-                    .iter()
-                    .map(|f| f.info())
-                    .collect::<Vec<_>>(),
-            ),
+            Request::ForkList {} => {
+                let forks = lc.registry().forks();
+                let uffd = forks.iter().map(|f| f.info());
+                let files = lc.file_users().list();
+                to_value(
+                    uffd.map(|f| ForkListEntry::Uffd(Box::new(f)))
+                        .chain(files.into_iter().map(ForkListEntry::File))
+                        .collect::<Vec<_>>(),
+                )
+            }
             Request::ForkGet { fork } => {
                 let fork = lc
                     .registry()
@@ -234,9 +258,11 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         let lifecycle = lifecycle.clone();
         std::thread::Builder::new()
             .name("pagerd-lifecycle".into())
-            .spawn(move || {
-                for event in inbox {
-                    lifecycle.on_event(event);
+            .spawn(move || loop {
+                match inbox.recv_timeout(FILE_USER_RECHECK) {
+                    Ok(event) => lifecycle.on_event(event),
+                    Err(mpsc::RecvTimeoutError::Timeout) => lifecycle.recheck_file_users(),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             })
             .map_err(DaemonError::Serve)?
@@ -263,9 +289,17 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
                 })?;
         }
     }
+    let fuse = config
+        .fuse_options()
+        .map(|options| FuseView::mount(lifecycle.clone(), &options))
+        .transpose()
+        .map_err(DaemonError::Fuse)?;
     let daemon = Arc::new(Daemon {
         lifecycle: lifecycle.clone(),
         started: Instant::now(),
+        fuse: fuse
+            .as_ref()
+            .map(|f| (f.mountpoint().to_owned(), f.read_path())),
     });
     let control_path = config.control_socket();
     let mut control = ControlServer::start(
@@ -287,6 +321,9 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let signal = signals.wait().map_err(DaemonError::Signals)?;
     tracing::info!(signal = ?signal, "shutting down; fork records are kept for the next start");
     control.stop();
+    if let Some(fuse) = fuse {
+        fuse.unmount();
+    }
     registry.clear_event_sink();
     let _ = janitor.join();
     lifecycle.server().shutdown();

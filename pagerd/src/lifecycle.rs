@@ -13,7 +13,9 @@
 //! ```
 //!
 //! Reference counts are read off the fork records every time they are needed
-//! ([`Store::scan_forks`]); nothing stores a count.
+//! ([`Store::scan_forks`]); nothing stores a count. Processes holding a snapshot's memory file
+//! on the FUSE mount ([`FileUsers`]) are references too: they live only in memory, since the
+//! kernel tells the daemon when each handle is released.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::file_users::{FileKey, FileUserInfo, FileUsers};
 use crate::ids::Id;
 use crate::registry::{unix_ms, Fork, ForkEvent, ForkInfo, ForkState, Registry, RegistryError};
 use crate::serve::{ServeError, Server};
@@ -49,13 +52,18 @@ pub enum LifecycleError {
         /// The id.
         id: Id,
     },
-    /// Live forks reference the snapshot.
-    #[error("snapshot `{snapshot}` is referenced by {} fork(s): {}; close them first, or delete with defer", forks.len(), list(forks))]
+    /// Live forks, or processes holding its memory file, reference the snapshot.
+    #[error(
+        "snapshot `{snapshot}` is referenced by {}; close them first, or delete with defer",
+        references(forks, file_users)
+    )]
     InUse {
         /// The snapshot.
         snapshot: Id,
         /// The forks referencing it.
         forks: Vec<Id>,
+        /// The processes holding its memory file on the FUSE mount.
+        file_users: Vec<FileUserInfo>,
     },
     /// The snapshot is being deleted; no new forks.
     #[error("snapshot `{0}` is pending deletion; no new forks of it are allowed")]
@@ -102,6 +110,25 @@ fn list(ids: &[Id]) -> String {
     ids.iter().map(Id::as_str).collect::<Vec<_>>().join(", ")
 }
 
+fn references(forks: &[Id], file_users: &[FileUserInfo]) -> String {
+    let mut parts = Vec::new();
+    if !forks.is_empty() {
+        parts.push(format!("{} fork(s): {}", forks.len(), list(forks)));
+    }
+    if !file_users.is_empty() {
+        let users: Vec<String> = file_users
+            .iter()
+            .map(|u| format!("{} (pid {}, {:?})", u.id, u.pid, u.state).to_lowercase())
+            .collect();
+        parts.push(format!(
+            "{} process(es) holding its memory file: {}",
+            users.len(),
+            users.join(", ")
+        ));
+    }
+    parts.join(" and ")
+}
+
 fn paths(paths: &[PathBuf]) -> String {
     paths
         .iter()
@@ -122,10 +149,15 @@ pub struct SnapshotInfo {
     pub meta: Option<SnapshotMeta>,
     /// 4 KiB pages that are all zeros (when mapped).
     pub zero_pages: Option<u64>,
-    /// Forks referencing it; `null` when some fork record is unreadable.
+    /// References: forks plus processes holding its memory file; `null` when some fork
+    /// record is unreadable.
     pub ref_count: Option<usize>,
-    /// Their ids; `null` when unknown.
+    /// The forks' ids; `null` when unknown.
     pub forks: Option<Vec<Id>>,
+    /// Processes holding its memory file on the FUSE mount.
+    pub file_users: Vec<FileUserInfo>,
+    /// Its memory file on the FUSE mount, for VMMs that map a file (when mounted).
+    pub fuse_file: Option<PathBuf>,
     /// The unreadable fork records that make the count unknown.
     pub unreadable_fork_records: Vec<PathBuf>,
     /// What is wrong with a damaged snapshot.
@@ -143,6 +175,8 @@ pub struct DeleteOutcome {
     pub pending: bool,
     /// The forks it waits for.
     pub forks: Vec<Id>,
+    /// The processes holding its memory file it waits for.
+    pub file_users: Vec<FileUserInfo>,
 }
 
 /// What reconciliation did at start.
@@ -181,6 +215,15 @@ pub struct Lifecycle {
     server: Server,
     catalog: Mutex<Catalog>,
     next_fork: AtomicU64,
+    file_users: FileUsers,
+    fuse: Mutex<Option<FuseMount>>,
+}
+
+/// Where the FUSE view is mounted.
+#[derive(Debug, Clone)]
+struct FuseMount {
+    path: PathBuf,
+    device: u64,
 }
 
 fn now_ms() -> u64 {
@@ -200,6 +243,8 @@ impl Lifecycle {
             server,
             catalog: Mutex::new(Catalog::default()),
             next_fork: AtomicU64::new(1),
+            file_users: FileUsers::new(),
+            fuse: Mutex::new(None),
         }
     }
 
@@ -216,6 +261,20 @@ impl Lifecycle {
     /// The state directory.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Processes holding memory files on the FUSE mount.
+    pub fn file_users(&self) -> &FileUsers {
+        &self.file_users
+    }
+
+    /// Records where the FUSE view is mounted (its root's path and device).
+    pub fn set_fuse_mount(&self, path: PathBuf, device: u64) {
+        *self.fuse.lock().unwrap_or_else(|p| p.into_inner()) = Some(FuseMount { path, device });
+    }
+
+    fn fuse_mount(&self) -> Option<FuseMount> {
+        self.fuse.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Catalog> {
@@ -330,6 +389,15 @@ impl Lifecycle {
         if !meta.is_file() {
             return Err(bad("not a regular file"));
         }
+        if self
+            .fuse_mount()
+            .is_some_and(|m| std::os::unix::fs::MetadataExt::dev(&meta) == m.device)
+        {
+            // Reading it would need the FUSE view, whose opens wait for this very lock.
+            return Err(bad(
+                "the file is on pagerd's own FUSE mount; register the original",
+            ));
+        }
         if meta.len() == 0 || meta.len() % ZERO_MAP_PAGE != 0 {
             return Err(bad(&format!(
                 "size {} is not a non-zero multiple of 4096",
@@ -361,13 +429,21 @@ impl Lifecycle {
 
     fn snapshot_info(&self, catalog: &Catalog, id: &Id, scan: &ForkScan) -> SnapshotInfo {
         let forks = scan.referencing(id);
+        let file_users = self.file_users.referencing(id);
         SnapshotInfo {
             id: id.clone(),
             path: self.store.memory_path(id),
             meta: catalog.metas.get(id).cloned(),
             zero_pages: self.registry.snapshot(id).ok().map(|s| s.zero_page_count()),
-            ref_count: forks.as_ref().map(Vec::len),
+            ref_count: forks.as_ref().map(|f| f.len() + file_users.len()),
             forks,
+            file_users,
+            fuse_file: self.fuse_mount().map(|m| {
+                m.path
+                    .join("snapshots")
+                    .join(id.as_str())
+                    .join(crate::store::MEMORY_FILE)
+            }),
             unreadable_fork_records: scan.unreadable.iter().map(|u| u.path.clone()).collect(),
             error: catalog.damaged.get(id).cloned(),
         }
@@ -425,19 +501,22 @@ impl Lifecycle {
                 snapshot: id.clone(),
                 records: scan.unreadable.iter().map(|u| u.path.clone()).collect(),
             })?;
-        if forks.is_empty() {
+        let file_users = self.file_users.referencing(id);
+        if forks.is_empty() && file_users.is_empty() {
             self.remove_snapshot_now(&mut catalog, id)?;
             return Ok(DeleteOutcome {
                 id: id.clone(),
                 deleted: true,
                 pending: false,
                 forks,
+                file_users,
             });
         }
         if !defer {
             return Err(LifecycleError::InUse {
                 snapshot: id.clone(),
                 forks,
+                file_users,
             });
         }
         let pending = SnapshotMeta {
@@ -446,12 +525,13 @@ impl Lifecycle {
         };
         self.store.write_snapshot_meta(&pending)?;
         catalog.metas.insert(id.clone(), pending);
-        tracing::info!(snapshot = %id, forks = %list(&forks), "snapshot will be deleted when its last fork ends");
+        tracing::info!(snapshot = %id, references = %references(&forks, &file_users), "snapshot will be deleted when its last reference ends");
         Ok(DeleteOutcome {
             id: id.clone(),
             deleted: false,
             pending: true,
             forks,
+            file_users,
         })
     }
 
@@ -463,13 +543,17 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Deletes a pending snapshot if no fork record names it any more. Unknown counts keep it.
+    /// Deletes a pending snapshot if no fork record names it and no process holds its memory
+    /// file any more. Unknown counts keep it.
     fn finish_pending_delete(
         &self,
         catalog: &mut Catalog,
         id: &Id,
     ) -> Result<bool, LifecycleError> {
         if !catalog.metas.get(id).is_some_and(|m| m.delete_pending) {
+            return Ok(false);
+        }
+        if !self.file_users.referencing(id).is_empty() {
             return Ok(false);
         }
         let scan = self.store.scan_forks()?;
@@ -605,6 +689,86 @@ impl Lifecycle {
         self.store.remove_fork(fork.id())?;
         self.finish_pending_delete(&mut catalog, fork.snapshot())?;
         Ok(())
+    }
+
+    /// A snapshot whose memory file may be opened now: registered, mapped, not pending
+    /// deletion.
+    pub fn openable_snapshot(&self, id: &Id) -> Option<Arc<Snapshot>> {
+        let catalog = self.lock();
+        let meta = catalog.metas.get(id)?;
+        if meta.delete_pending {
+            return None;
+        }
+        self.registry.snapshot(id).ok()
+    }
+
+    /// Every snapshot whose memory file may be opened now.
+    pub fn openable_snapshots(&self) -> Vec<Arc<Snapshot>> {
+        let catalog = self.lock();
+        self.registry
+            .snapshots()
+            .into_iter()
+            .filter(|s| catalog.metas.get(s.id()).is_some_and(|m| !m.delete_pending))
+            .collect()
+    }
+
+    /// Records that process `pid` opened `snapshot`'s memory file, if that very snapshot may
+    /// still be opened (a delete or a re-registration may have happened since the kernel
+    /// looked the file up). Returns the handle that identifies the reference.
+    pub fn open_memory_file(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        pid: i32,
+        backing: Option<FileKey>,
+    ) -> Result<u64, LifecycleError> {
+        let catalog = self.lock();
+        let id = snapshot.id();
+        match catalog.metas.get(id) {
+            Some(meta) if meta.delete_pending => {
+                return Err(LifecycleError::DeletePending(id.clone()))
+            }
+            Some(_)
+                if self
+                    .registry
+                    .snapshot(id)
+                    .is_ok_and(|current| Arc::ptr_eq(&current, snapshot)) => {}
+            _ => {
+                return Err(LifecycleError::NotFound {
+                    kind: "snapshot",
+                    id: id.clone(),
+                })
+            }
+        }
+        let handle = self.file_users.open(id.clone(), pid, backing);
+        drop(catalog);
+        tracing::info!(snapshot = %id, pid, handle, "memory file opened");
+        Ok(handle)
+    }
+
+    /// The kernel released a memory file handle: the reference ends (unless the process still
+    /// maps the file through passthrough), which may finish a pending delete.
+    pub fn release_memory_file(&self, handle: u64) {
+        let mut catalog = self.lock();
+        if let Some(snapshot) = self.file_users.release(handle) {
+            tracing::info!(snapshot = %snapshot, handle, "memory file released");
+            if let Err(e) = self.finish_pending_delete(&mut catalog, &snapshot) {
+                tracing::error!(error = %crate::errors::error_chain(&e), snapshot = %snapshot, "cannot finish a pending delete");
+            }
+        }
+    }
+
+    /// Ends the references of processes that no longer map a memory file they once opened,
+    /// and finishes the deletes that were waiting for them.
+    pub fn recheck_file_users(&self) {
+        if !self.file_users.any_mapped() {
+            return;
+        }
+        let mut catalog = self.lock();
+        for snapshot in self.file_users.prune() {
+            if let Err(e) = self.finish_pending_delete(&mut catalog, &snapshot) {
+                tracing::error!(error = %crate::errors::error_chain(&e), snapshot = %snapshot, "cannot finish a pending delete");
+            }
+        }
     }
 
     /// Waits for a fork state.

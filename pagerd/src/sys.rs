@@ -27,3 +27,16 @@ pub fn open_fd_count() -> io::Result<usize> {
         .count()
         .saturating_sub(1))
 }
+
+/// The process (thread group) a thread belongs to; the thread id itself if it cannot be read.
+pub fn thread_group_of(tid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(tid)
+}

@@ -251,6 +251,19 @@ impl Daemon {
         self.state.clone()
     }
 
+    /// Where the daemon mounts its FUSE view of memory files (the default).
+    pub fn fuse_mount(&self) -> PathBuf {
+        self.state.join("fuse")
+    }
+
+    /// A snapshot's memory file on the FUSE mount.
+    pub fn fuse_file(&self, snapshot: &str) -> PathBuf {
+        self.fuse_mount()
+            .join("snapshots")
+            .join(snapshot)
+            .join("memory")
+    }
+
     /// The daemon's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -434,6 +447,8 @@ impl Drop for Daemon {
         if let Ok(None) = self.child.try_wait() {
             self.terminate();
         }
+        // A daemon killed last leaves its FUSE mount behind (a restart would replace it).
+        let _ = nix::mount::umount2(&self.fuse_mount(), nix::mount::MntFlags::MNT_DETACH);
         if std::thread::panicking() {
             eprintln!("---- pagerd log ----\n{}", self.log());
         }

@@ -204,6 +204,8 @@ pub struct GuestMemory {
     expected: Mmap,
     /// One flag per page: given back with `MADV_DONTNEED`, so it must read as zeros.
     removed: Vec<bool>,
+    /// Written by this VMM into the first 8 bytes of every page, once `stamp` ran.
+    stamp: Option<u64>,
 }
 
 fn map_anonymous(len: u64, hugepages: bool) -> io::Result<usize> {
@@ -284,10 +286,16 @@ impl GuestMemory {
         Self::assemble(snapshot, regions, page_size, Some(uffd))
     }
 
-    /// Maps the memory file itself `MAP_PRIVATE` (Firecracker's `File` backend), one mapping
-    /// per region at the region's file offset. No uffd: the page cache serves every fault.
-    pub fn map_file(snapshot: &Path, layout: &[RegionSpec]) -> io::Result<Self> {
-        let file = File::open(snapshot)?;
+    /// Maps `memory_file` `MAP_PRIVATE` (Firecracker's `File` backend), one mapping per
+    /// region at the region's file offset, and closes it (the mappings keep it). No uffd: the
+    /// page cache serves every fault. Pages are checked against `snapshot`, which may be
+    /// the same file or the original of a copy (a page server's FUSE file, say).
+    pub fn map_file(
+        snapshot: &Path,
+        memory_file: &Path,
+        layout: &[RegionSpec],
+    ) -> io::Result<Self> {
+        let file = File::open(memory_file)?;
         let mut regions = Vec::with_capacity(layout.len());
         let mut guest_offset = 0;
         for spec in layout {
@@ -364,6 +372,7 @@ impl GuestMemory {
             uffd,
             expected,
             removed: vec![false; (total / page_size) as usize],
+            stamp: None,
         })
     }
 
@@ -444,6 +453,21 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Writes `tag` into the first 8 bytes of every page: this VMM's own writes, which its
+    /// copy-on-write memory must keep to itself. Later `verify`s expect them.
+    pub fn stamp(&mut self, tag: u64) -> io::Result<()> {
+        let ps = self.page_size;
+        for page in 0..self.size() / ps {
+            let (region, within) = self.locate(page * ps);
+            let addr = (region.addr + within as usize) as *mut u64;
+            // SAFETY: `addr` is the start of a page inside one of this VMM's own writable
+            // mappings (page aligned, so aligned for u64); nothing else writes them.
+            unsafe { addr.write_volatile(tag) };
+        }
+        self.stamp = Some(tag);
+        Ok(())
+    }
+
     /// Reads every page (or the pages of one guest range) in `order` through `path` and
     /// compares each with the snapshot, or zeros for pages given back.
     pub fn verify(
@@ -473,11 +497,18 @@ impl GuestMemory {
             if first_page_ns == 0 {
                 first_page_ns = monotonic_ns();
             }
-            let ok = if removed {
-                got.iter().all(|&b| b == 0)
-            } else {
-                got == &self.expected[file_offset as usize..(file_offset + ps) as usize]
+            let (head, tail) = got.split_at(8);
+            let ok_head = match self.stamp {
+                Some(tag) => head == tag.to_ne_bytes(),
+                None if removed => head.iter().all(|&b| b == 0),
+                None => head == &self.expected[file_offset as usize..file_offset as usize + 8],
             };
+            let ok = ok_head
+                && if removed {
+                    tail.iter().all(|&b| b == 0)
+                } else {
+                    tail == &self.expected[file_offset as usize + 8..(file_offset + ps) as usize]
+                };
             if !ok {
                 return Err(Mismatch {
                     guest_offset,

@@ -35,7 +35,8 @@ use import::ImportMethod;
 
 const TRASH_PREFIX: &str = ".trash-";
 const META_FILE: &str = "snapshot.json";
-const MEMORY_FILE: &str = "memory";
+/// The name of a snapshot's memory file (in the state directory and on the FUSE mount).
+pub const MEMORY_FILE: &str = "memory";
 
 /// What is recorded about a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,13 +168,41 @@ fn at<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sto
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// An exclusive lock on `STATE_DIR/lock`, held while the store is open: one daemon per
+    /// state directory.
+    _lock: std::sync::Arc<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl Store {
     /// Opens (creating if needed) the state directory at `root`.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(root).map_err(at("cannot create", root))?;
+        let lock_path = root.join("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(at("cannot open", &lock_path))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| {
+                let source = if e == nix::errno::Errno::EWOULDBLOCK {
+                    io::Error::new(
+                        io::ErrorKind::ResourceBusy,
+                        "another pagerd is using this state directory",
+                    )
+                } else {
+                    e.into()
+                };
+                StoreError {
+                    action: "cannot lock",
+                    path: lock_path.clone(),
+                    source,
+                }
+            })?;
         let store = Self {
             root: root.to_owned(),
+            _lock: std::sync::Arc::new(lock),
         };
         for dir in [
             store.snapshots_dir(),

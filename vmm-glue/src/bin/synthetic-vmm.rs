@@ -9,7 +9,8 @@
 //! Steps: `verify` (the pages `--order`/`--percent` pick), `verify:OFF:LEN` (one guest range), `dontneed:OFF:LEN`,
 //! `wait` (prints `waiting`, reads a line from stdin), `hold` (waits for stdin to close),
 //! `churn` (touch everything, give it all back, forever), `touch-outside` (fault in the
-//! registered but undeclared tail). Sizes take K, M and G suffixes. Exit status 1 means a page
+//! registered but undeclared tail), `stamp:N` (write N into the first 8 bytes of every page;
+//! later `verify`s expect it there). Sizes take K, M and G suffixes. Exit status 1 means a page
 //! held the wrong bytes; the offending page is printed.
 
 use std::io::BufRead;
@@ -50,6 +51,10 @@ struct Args {
     /// Without --socket: copy the memory file into anonymous memory first instead of mapping it.
     #[arg(long)]
     copy_file: bool,
+    /// Without --socket: map this file MAP_PRIVATE as guest memory instead of the snapshot
+    /// itself (a page server's FUSE memory file); pages are still checked against --snapshot.
+    #[arg(long, conflicts_with = "copy_file")]
+    memory_file: Option<PathBuf>,
     /// How `verify` reads guest memory.
     #[arg(long, value_enum, default_value = "user")]
     access: AccessPath,
@@ -116,7 +121,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         memory = GuestMemory::copy_file(&args.snapshot, &layout)?;
         _connection = None;
     } else {
-        memory = GuestMemory::map_file(&args.snapshot, &layout)?;
+        let file = args.memory_file.as_deref().unwrap_or(&args.snapshot);
+        memory = GuestMemory::map_file(&args.snapshot, file, &layout)?;
         _connection = None;
     }
     emit(serde_json::json!({"event": "ready", "started_ns": started_ns, "t_ns": monotonic_ns()}));
@@ -136,6 +142,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 };
                 let report = memory.verify(range, &plan, args.access)?;
                 emit(serde_json::json!({"event": "verified", "report": report}));
+            }
+            ("stamp", tag) => {
+                let tag: u64 = tag.parse().map_err(|e| format!("bad stamp `{tag}`: {e}"))?;
+                memory.stamp(tag)?;
+                emit(serde_json::json!({"event": "stamped", "tag": tag}));
             }
             ("dontneed", range) => {
                 let (off, len) = parse_range(range)?;

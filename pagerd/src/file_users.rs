@@ -1,0 +1,249 @@
+//! Processes that hold a snapshot's memory file open or mapped on the FUSE mount. Each one is a
+//! reference, like a fork: while any exists, the snapshot cannot be deleted.
+//!
+//! A user begins when the kernel opens the file for a process (FUSE `open`, with the caller's
+//! pid) and ends when the kernel releases that handle: the last descriptor closed and the last
+//! mapping gone, which also happens when the process is killed.
+//!
+//! With FUSE passthrough the kernel points a new mapping at the backing file itself, so the
+//! handle is released as soon as the descriptor is closed even though the process still maps
+//! the memory. Such a user is kept, as `mapped`, for as long as its process (the same process:
+//! pid and start time) still maps the backing file in `/proc/<pid>/maps`; that is checked again
+//! every time references are counted. Counting fails closed: a process whose maps cannot be
+//! read is still counted.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::ids::Id;
+use crate::registry::unix_ms;
+use crate::store::VmmIdentity;
+
+/// A file's identity: device (major, minor) and inode, as `/proc/<pid>/maps` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileKey {
+    /// Device major number.
+    pub major: u64,
+    /// Device minor number.
+    pub minor: u64,
+    /// Inode number.
+    pub inode: u64,
+}
+
+impl FileKey {
+    /// The key of an open file.
+    pub fn of(file: &std::fs::File) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata()?;
+        Ok(Self {
+            major: nix::sys::stat::major(meta.dev()),
+            minor: nix::sys::stat::minor(meta.dev()),
+            inode: meta.ino(),
+        })
+    }
+
+    /// Whether one line of `/proc/<pid>/maps` maps this file.
+    fn matches_maps_line(&self, line: &str) -> bool {
+        // start-end perms offset major:minor inode [path]
+        let mut fields = line.split_ascii_whitespace().skip(3);
+        let (Some(dev), Some(inode)) = (fields.next(), fields.next()) else {
+            return false;
+        };
+        let Some((major, minor)) = dev.split_once(':') else {
+            return false;
+        };
+        u64::from_str_radix(major, 16) == Ok(self.major)
+            && u64::from_str_radix(minor, 16) == Ok(self.minor)
+            && inode.parse() == Ok(self.inode)
+    }
+}
+
+/// Whether process `pid` maps the file `key`. `None` when its maps cannot be read.
+fn process_maps(pid: i32, key: FileKey) -> Option<bool> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    Some(maps.lines().any(|line| key.matches_maps_line(line)))
+}
+
+/// How a file user holds the memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileUserState {
+    /// The kernel holds an open handle (descriptors or mappings).
+    Open,
+    /// The handle was released but the process still maps the file (passthrough).
+    Mapped,
+}
+
+/// A file user as the control socket reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileUserInfo {
+    /// `file-<handle>`.
+    pub id: String,
+    /// The snapshot whose memory file it holds.
+    pub snapshot: Id,
+    /// The process, from the FUSE request (0 if the kernel could not name it).
+    pub pid: i32,
+    /// How it holds the file.
+    pub state: FileUserState,
+    /// When it opened the file, ms since the Unix epoch.
+    pub opened_unix_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct FileUser {
+    snapshot: Id,
+    pid: i32,
+    process: Option<VmmIdentity>,
+    backing: Option<FileKey>,
+    state: FileUserState,
+    opened: SystemTime,
+}
+
+impl FileUser {
+    /// Whether a `mapped` user still maps the file. Unknown counts as yes (fail closed).
+    fn still_maps(&self) -> bool {
+        let (Some(process), Some(key)) = (self.process, self.backing) else {
+            return false;
+        };
+        if !process.is_alive() {
+            return false;
+        }
+        process_maps(process.pid, key).unwrap_or(true)
+    }
+}
+
+/// Every file user of the daemon.
+#[derive(Debug, Default)]
+pub struct FileUsers {
+    users: Mutex<BTreeMap<u64, FileUser>>,
+    next_handle: AtomicU64,
+}
+
+impl FileUsers {
+    /// No users yet.
+    pub fn new() -> Self {
+        Self {
+            users: Mutex::new(BTreeMap::new()),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, FileUser>> {
+        self.users.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that process `pid` opened `snapshot`'s memory file; returns the handle. With
+    /// passthrough, `backing` is the backing file the kernel will map.
+    pub fn open(&self, snapshot: Id, pid: i32, backing: Option<FileKey>) -> u64 {
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let user = FileUser {
+            snapshot,
+            pid,
+            process: VmmIdentity::of(pid),
+            backing,
+            state: FileUserState::Open,
+            opened: SystemTime::now(),
+        };
+        self.lock().insert(handle, user);
+        handle
+    }
+
+    /// The kernel released `handle`. Returns the snapshot if that ended the reference (it
+    /// stays, as `mapped`, while a passthrough mapping outlives the handle).
+    pub fn release(&self, handle: u64) -> Option<Id> {
+        let mut users = self.lock();
+        let user = users.get_mut(&handle)?;
+        if user.still_maps() {
+            user.state = FileUserState::Mapped;
+            return None;
+        }
+        users.remove(&handle).map(|u| u.snapshot)
+    }
+
+    /// Drops `mapped` users whose process no longer maps the file; returns their snapshots.
+    pub fn prune(&self) -> Vec<Id> {
+        let mut users = self.lock();
+        let gone: Vec<u64> = users
+            .iter()
+            .filter(|(_, u)| u.state == FileUserState::Mapped && !u.still_maps())
+            .map(|(h, _)| *h)
+            .collect();
+        gone.iter()
+            .filter_map(|h| users.remove(h).map(|u| u.snapshot))
+            .collect()
+    }
+
+    /// Whether any user is held only by a mapping (and so must be checked now and then).
+    pub fn any_mapped(&self) -> bool {
+        self.lock()
+            .values()
+            .any(|u| u.state == FileUserState::Mapped)
+    }
+
+    /// Every user (after pruning), by handle.
+    pub fn list(&self) -> Vec<FileUserInfo> {
+        self.prune();
+        self.lock()
+            .iter()
+            .map(|(handle, u)| FileUserInfo {
+                id: format!("file-{handle}"),
+                snapshot: u.snapshot.clone(),
+                pid: u.pid,
+                state: u.state,
+                opened_unix_ms: unix_ms(u.opened),
+            })
+            .collect()
+    }
+
+    /// The users of one snapshot (after pruning).
+    pub fn referencing(&self, snapshot: &Id) -> Vec<FileUserInfo> {
+        let mut users = self.list();
+        users.retain(|u| &u.snapshot == snapshot);
+        users
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_maps_line_names_device_and_inode() {
+        let key = FileKey {
+            major: 0xfd,
+            minor: 0,
+            inode: 1234,
+        };
+        assert!(key.matches_maps_line(
+            "7f00-7f10 r--p 00000000 fd:00 1234                       /var/lib/pagerd/m"
+        ));
+        assert!(!key.matches_maps_line("7f00-7f10 r--p 00000000 fd:01 1234 /x"));
+        assert!(!key.matches_maps_line("7f00-7f10 r--p 00000000 fd:00 12345 /x"));
+        assert!(!key.matches_maps_line("7f00-7f10 rw-p 00000000 00:00 0"));
+        assert!(!key.matches_maps_line("garbage"));
+    }
+
+    #[test]
+    fn a_user_ends_at_release_unless_its_process_still_maps_the_file() {
+        let users = FileUsers::new();
+        let snapshot: Id = "s".parse().unwrap();
+        let me = i32::try_from(std::process::id()).unwrap();
+        let h = users.open(snapshot.clone(), me, None);
+        assert_eq!(users.referencing(&snapshot).len(), 1);
+        assert_eq!(users.release(h), Some(snapshot.clone()));
+        assert!(users.referencing(&snapshot).is_empty());
+
+        // This process maps its own executable: a "passthrough" user of it stays mapped.
+        let exe = std::fs::File::open("/proc/self/exe").unwrap();
+        let key = FileKey::of(&exe).unwrap();
+        let h = users.open(snapshot.clone(), me, Some(key));
+        assert_eq!(users.release(h), None);
+        assert_eq!(users.referencing(&snapshot)[0].state, FileUserState::Mapped);
+        assert!(users.any_mapped());
+        assert!(users.prune().is_empty());
+    }
+}

@@ -1,0 +1,604 @@
+//! The read-only filesystem: `/snapshots/<id>/memory` for every snapshot that may be forked.
+//!
+//! - `open` of a memory file is a reference ([`Lifecycle::open_memory_file`]), taken under the
+//!   lifecycle lock so it cannot race a delete; `release` ends it. Opening for writing, or a
+//!   snapshot pending deletion, is refused.
+//! - Reads are answered straight from the snapshot's shared mapping, as large as the kernel
+//!   asks; files are opened with keep-cache, so a page read once stays in the page cache for
+//!   every later fork.
+//! - With passthrough the kernel reads and maps the backing file in the state directory itself
+//!   and pagerd only sees `open` and `release`. One backing id per snapshot is shared by all
+//!   its open handles.
+//! - Everything that would change something answers `EROFS`.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+};
+
+use super::inodes::{Inodes, Node, ROOT, SNAPSHOTS};
+use crate::file_users::FileKey;
+use crate::lifecycle::Lifecycle;
+use crate::snapshot::Snapshot;
+
+/// How long the kernel may trust names and attributes. Memory files never change, but a
+/// deleted and re-registered snapshot must be looked up again soon.
+const TTL: Duration = Duration::from_secs(1);
+use crate::store::MEMORY_FILE;
+const BLOCK: u32 = 4096;
+
+/// How reads reach the snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPath {
+    /// pagerd answers every read from its mapping of the snapshot.
+    Cached,
+    /// The kernel reads and maps the backing file itself (FUSE passthrough).
+    Passthrough,
+}
+
+/// A memory file open in some process.
+#[derive(Debug)]
+struct OpenFile {
+    snapshot: Arc<Snapshot>,
+    /// Held while the handle is open, so every handle of a snapshot shares one backing id.
+    _backing: Option<Arc<BackingId>>,
+}
+
+/// A backing file registered with the kernel for passthrough, shared by a snapshot's handles.
+#[derive(Debug)]
+struct Backing {
+    id: Weak<BackingId>,
+    snapshot: Weak<Snapshot>,
+}
+
+/// The filesystem.
+#[derive(Debug)]
+pub struct MemoryFs {
+    lifecycle: Arc<Lifecycle>,
+    inodes: Inodes,
+    wanted: ReadPath,
+    /// Whether passthrough was granted by the kernel at `init`.
+    passthrough: Arc<AtomicBool>,
+    /// The mount's device (major, minor), as `/proc/<pid>/maps` shows it for mappings.
+    device: Arc<OnceLock<(u64, u64)>>,
+    open: Mutex<HashMap<u64, OpenFile>>,
+    backings: Mutex<HashMap<u64, Backing>>,
+    uid: u32,
+    gid: u32,
+}
+
+impl MemoryFs {
+    /// A filesystem over the lifecycle's snapshots; `passthrough` reports what the kernel
+    /// granted.
+    pub fn new(
+        lifecycle: Arc<Lifecycle>,
+        wanted: ReadPath,
+        passthrough: Arc<AtomicBool>,
+        device: Arc<OnceLock<(u64, u64)>>,
+    ) -> Self {
+        Self {
+            device,
+            lifecycle,
+            inodes: Inodes::new(),
+            wanted,
+            passthrough,
+            open: Mutex::new(HashMap::new()),
+            backings: Mutex::new(HashMap::new()),
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        }
+    }
+
+    fn open_files(&self) -> MutexGuard<'_, HashMap<u64, OpenFile>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn attr(&self, ino: u64, node: &Node) -> Option<FileAttr> {
+        let (kind, perm, nlink, size, time) = match node {
+            Node::Root | Node::Snapshots => {
+                (FileType::Directory, 0o555, 2, 0, SystemTime::UNIX_EPOCH)
+            }
+            Node::SnapshotDir(s) => {
+                let s = s.upgrade()?;
+                (FileType::Directory, 0o555, 2, 0, s.created())
+            }
+            Node::Memory(s) => {
+                let s = s.upgrade()?;
+                (FileType::RegularFile, 0o444, 1, s.size(), s.created())
+            }
+        };
+        Some(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: BLOCK,
+            flags: 0,
+        })
+    }
+
+    fn reply_entry(&self, ino: u64, reply: ReplyEntry) {
+        match self.inodes.node(ino).and_then(|n| self.attr(ino, &n)) {
+            Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    /// The backing id of a snapshot's memory file, registering it with the kernel when no
+    /// open handle holds one.
+    fn backing_for(
+        &self,
+        ino: u64,
+        snapshot: &Arc<Snapshot>,
+        file: &File,
+        reply: &ReplyOpen,
+    ) -> std::io::Result<Arc<BackingId>> {
+        let mut backings = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = backings.get(&ino) {
+            if let Some(id) = b.id.upgrade() {
+                if b.snapshot.as_ptr() == Arc::as_ptr(snapshot) {
+                    return Ok(id);
+                }
+            }
+        }
+        let id = Arc::new(reply.open_backing(file)?);
+        backings.insert(
+            ino,
+            Backing {
+                id: Arc::downgrade(&id),
+                snapshot: Arc::downgrade(snapshot),
+            },
+        );
+        backings.retain(|_, b| b.id.strong_count() > 0);
+        Ok(id)
+    }
+
+    fn open_memory(&self, req: &Request, ino: u64, snapshot: Arc<Snapshot>, reply: ReplyOpen) {
+        let pid = i32::try_from(req.pid()).map_or(0, crate::sys::thread_group_of);
+        let passthrough = self.passthrough.load(Ordering::Relaxed);
+        let backing_file = if passthrough {
+            match File::open(snapshot.path()) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::error!(snapshot = %snapshot.id(), error = %e, "cannot open the backing file");
+                    return reply.error(Errno::EIO);
+                }
+            }
+        } else {
+            None
+        };
+        // Mappings show the file the process opened (this mount's inode), passthrough or not.
+        let key = self.device.get().map(|&(major, minor)| FileKey {
+            major,
+            minor,
+            inode: ino,
+        });
+        let handle = match self.lifecycle.open_memory_file(&snapshot, pid, key) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::info!(snapshot = %snapshot.id(), pid, reason = %e, "memory file open refused");
+                return reply.error(Errno::ENOENT);
+            }
+        };
+        let backing = match &backing_file {
+            Some(file) => match self.backing_for(ino, &snapshot, file, &reply) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::error!(snapshot = %snapshot.id(), error = %e, "cannot register the backing file for passthrough");
+                    self.lifecycle.release_memory_file(handle);
+                    return reply.error(Errno::EIO);
+                }
+            },
+            None => None,
+        };
+        let fh = FileHandle(handle);
+        // Known before the kernel learns the handle, so its release can never come first.
+        self.open_files().insert(
+            handle,
+            OpenFile {
+                snapshot,
+                _backing: backing.clone(),
+            },
+        );
+        match &backing {
+            // The kernel refuses cache flags with passthrough: the backing file's page cache
+            // is the one every fork shares.
+            Some(id) => reply.opened_passthrough(fh, FopenFlags::empty(), id),
+            None => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
+        }
+    }
+}
+
+fn is_write(flags: OpenFlags) -> bool {
+    flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0
+}
+
+impl Filesystem for MemoryFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Ask for the largest readahead the kernel offers (it caps what it offered).
+        if let Err(max) = config.set_max_readahead(u32::MAX) {
+            let _ = config.set_max_readahead(max);
+        }
+        if self.wanted == ReadPath::Passthrough {
+            let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(2).is_ok();
+            self.passthrough.store(granted, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let ino = match (self.inodes.node(parent.0), name.to_str()) {
+            (Some(Node::Root), Some("snapshots")) => Some(SNAPSHOTS),
+            (Some(Node::Snapshots), Some(id)) => id
+                .parse()
+                .ok()
+                .and_then(|id| self.lifecycle.openable_snapshot(&id))
+                .map(|s| self.inodes.snapshot_dir(&s)),
+            (Some(Node::SnapshotDir(s)), Some(MEMORY_FILE)) => {
+                s.upgrade().map(|s| self.inodes.snapshot_dir(&s) + 1)
+            }
+            _ => None,
+        };
+        match ino {
+            Some(ino) => self.reply_entry(ino, reply),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inodes.node(ino.0).and_then(|n| self.attr(ino.0, &n)) {
+            Some(attr) => reply.attr(&TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.inodes.node(ino.0) {
+            Some(Node::Memory(s)) => {
+                if is_write(flags) {
+                    return reply.error(Errno::EROFS);
+                }
+                match s.upgrade() {
+                    Some(s) => self.open_memory(req, ino.0, s, reply),
+                    None => reply.error(Errno::ENOENT),
+                }
+            }
+            Some(_) => reply.error(Errno::EISDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(snapshot) = self.open_files().get(&fh.0).map(|f| f.snapshot.clone()) else {
+            return reply.error(Errno::EBADF);
+        };
+        let bytes = snapshot.bytes();
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        let end = start.saturating_add(size as usize).min(bytes.len());
+        reply.data(&bytes[start..end]);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let removed = self.open_files().remove(&fh.0);
+        if removed.is_some() {
+            self.lifecycle.release_memory_file(fh.0);
+        }
+        // Dropping the handle's backing id here, after the reference is recorded as ended.
+        drop(removed);
+        reply.ok();
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let mut entries: Vec<(u64, FileType, String)> = vec![
+            (ino.0, FileType::Directory, ".".into()),
+            (ROOT, FileType::Directory, "..".into()),
+        ];
+        match self.inodes.node(ino.0) {
+            Some(Node::Root) => entries.push((SNAPSHOTS, FileType::Directory, "snapshots".into())),
+            Some(Node::Snapshots) => {
+                entries[1].0 = ROOT;
+                for s in self.lifecycle.openable_snapshots() {
+                    let dir = self.inodes.snapshot_dir(&s);
+                    entries.push((dir, FileType::Directory, s.id().to_string()));
+                }
+            }
+            Some(Node::SnapshotDir(s)) => {
+                entries[1].0 = SNAPSHOTS;
+                if s.upgrade().is_some() {
+                    entries.push((ino.0 + 1, FileType::RegularFile, MEMORY_FILE.into()));
+                }
+            }
+            Some(Node::Memory(_)) => return reply.error(Errno::ENOTDIR),
+            None => return reply.error(Errno::ENOENT),
+        }
+        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(skip) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let snapshots = self.lifecycle.openable_snapshots();
+        let bytes: u64 = snapshots.iter().map(|s| s.size()).sum();
+        let files = snapshots.len() as u64 * 2 + 2;
+        reply.statfs(bytes / u64::from(BLOCK), 0, 0, files, 0, BLOCK, 255, BLOCK);
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        if mask.contains(fuser::AccessFlags::W_OK) {
+            reply.error(Errno::EROFS);
+        } else {
+            reply.ok();
+        }
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Memory files are not terminals or devices (`isatty` asks).
+        reply.error(Errno::ENOTTY);
+    }
+
+    // Everything below would change the filesystem: read-only, always.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+}
