@@ -2,7 +2,8 @@
 //! CPL3 guest checksums every MiB of its memory, so every page reaches the guest through a
 //! fault KVM takes from kernel context. The guest's checksums are compared with checksums of
 //! the snapshot file computed by the same definition (`vmm_glue::kvm::guest`), for one VM, two
-//! VMs at once, and a VM that writes to its memory next to siblings that must not see it.
+//! VMs at once, and a VM that writes to its memory next to siblings that must not see it; and
+//! guests whose memory is the FUSE memory file mapped `MAP_PRIVATE` (both read paths).
 
 use std::path::Path;
 
@@ -164,4 +165,54 @@ fn a_vm_sees_its_own_writes_and_siblings_do_not() {
         std::fs::read(&mem).expect("reread snapshot") == bytes,
         "the snapshot file changed"
     );
+}
+
+#[test]
+fn guests_run_on_the_fuse_memory_file_mapped_privately() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mem, bytes) = snapshot(dir.path());
+    let write_mib = 4;
+    let plain = guest::checksums(&bytes);
+    let written = guest::checksums_after_writes(&bytes, write_mib);
+    for mode in ["cached", "passthrough"] {
+        let daemon = Daemon::start(&[("base", &mem)], &["--fuse", mode]);
+        let file = daemon.fuse_file("base");
+        let file_arg = file.display().to_string();
+        let start = |extra: &[&str]| {
+            let mut args = vec![
+                "--snapshot",
+                mem.to_str().unwrap(),
+                "--memory-file",
+                &file_arg,
+            ];
+            args.extend_from_slice(extra);
+            Vmm::spawn_binary("kvm-vmm", &args)
+        };
+        // A writer and a reader at once: the writer's pages stay its own.
+        let mib_arg = write_mib.to_string();
+        let mut writer = start(&["--write-mib", &mib_arg, "--hold"]);
+        writer.expect("mapped");
+        assert_checksums(&format!("{mode} writer"), &checksums(&mut writer), &written);
+        writer.expect("holding");
+        let mut reader = start(&["--hold"]);
+        reader.expect("mapped");
+        assert_checksums(&format!("{mode} reader"), &checksums(&mut reader), &plain);
+        reader.expect("holding");
+        let forks = daemon
+            .request("fork.list", serde_json::Value::Null)
+            .unwrap();
+        let users = forks
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["kind"] == "file")
+            .count();
+        assert_eq!(users, 2, "{mode}: both VMMs hold the memory file: {forks}");
+        writer.finish();
+        reader.finish();
+        assert!(
+            std::fs::read(&file).unwrap() == bytes,
+            "{mode}: the memory file changed"
+        );
+    }
 }

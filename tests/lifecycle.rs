@@ -134,7 +134,7 @@ fn deferred_delete_waits_for_the_last_fork_and_allows_no_new_ones() {
         .unwrap();
     assert_eq!(
         outcome,
-        json!({"id": "base", "deleted": false, "pending": true, "forks": ["first", "second"]})
+        json!({"id": "base", "deleted": false, "pending": true, "forks": ["first", "second"], "file_users": []})
     );
     let info = daemon
         .request("snapshot.get", json!({"snapshot": "base"}))

@@ -8,9 +8,11 @@
 //! With FUSE passthrough the kernel points a new mapping at the backing file itself, so the
 //! handle is released as soon as the descriptor is closed even though the process still maps
 //! the memory. Such a user is kept, as `mapped`, for as long as its process (the same process:
-//! pid and start time) still maps the backing file in `/proc/<pid>/maps`; that is checked again
-//! every time references are counted. Counting fails closed: a process whose maps cannot be
-//! read is still counted.
+//! pid and start time) still maps the file: `/proc/<pid>/maps` names the file the process
+//! opened (the mount's device and the memory file's inode) even for passthrough mappings.
+//! That is checked every time references are counted, and the daemon prunes users that let go
+//! every second (finishing deletes that waited for them). Counting fails closed: a process
+//! whose maps cannot be read is still counted.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,7 +100,7 @@ struct FileUser {
     snapshot: Id,
     pid: i32,
     process: Option<VmmIdentity>,
-    backing: Option<FileKey>,
+    file: Option<FileKey>,
     state: FileUserState,
     opened: SystemTime,
 }
@@ -106,7 +108,7 @@ struct FileUser {
 impl FileUser {
     /// Whether a `mapped` user still maps the file. Unknown counts as yes (fail closed).
     fn still_maps(&self) -> bool {
-        let (Some(process), Some(key)) = (self.process, self.backing) else {
+        let (Some(process), Some(key)) = (self.process, self.file) else {
             return false;
         };
         if !process.is_alive() {
@@ -136,15 +138,15 @@ impl FileUsers {
         self.users.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records that process `pid` opened `snapshot`'s memory file; returns the handle. With
-    /// passthrough, `backing` is the backing file the kernel will map.
-    pub fn open(&self, snapshot: Id, pid: i32, backing: Option<FileKey>) -> u64 {
+    /// Records that process `pid` opened `snapshot`'s memory file; returns the handle. `file`
+    /// identifies the memory file in `/proc/<pid>/maps` (needed for passthrough users).
+    pub fn open(&self, snapshot: Id, pid: i32, file: Option<FileKey>) -> u64 {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let user = FileUser {
             snapshot,
             pid,
             process: VmmIdentity::of(pid),
-            backing,
+            file,
             state: FileUserState::Open,
             opened: SystemTime::now(),
         };
@@ -184,11 +186,12 @@ impl FileUsers {
             .any(|u| u.state == FileUserState::Mapped)
     }
 
-    /// Every user (after pruning), by handle.
+    /// Every user, by handle; `mapped` users whose process let go are left out (they are
+    /// removed by [`prune`](Self::prune), which reports them so pending deletes can finish).
     pub fn list(&self) -> Vec<FileUserInfo> {
-        self.prune();
         self.lock()
             .iter()
+            .filter(|(_, u)| u.state == FileUserState::Open || u.still_maps())
             .map(|(handle, u)| FileUserInfo {
                 id: format!("file-{handle}"),
                 snapshot: u.snapshot.clone(),
@@ -199,7 +202,7 @@ impl FileUsers {
             .collect()
     }
 
-    /// The users of one snapshot (after pruning).
+    /// The users of one snapshot.
     pub fn referencing(&self, snapshot: &Id) -> Vec<FileUserInfo> {
         let mut users = self.list();
         users.retain(|u| &u.snapshot == snapshot);

@@ -10,6 +10,10 @@
 //! {"event":"checksums","mib":[...]}
 //! ```
 //!
+//! With `--memory-file PATH` instead of `--socket`, guest memory is that file mapped
+//! `MAP_PRIVATE` (Firecracker's `File` backend, e.g. pagerd's FUSE memory file) and the first
+//! event is `{"event":"mapped","pid":1234}`.
+//!
 //! With `--hold` it then prints `{"event":"holding"}` and keeps the VM (and so its memory and
 //! its fork) alive until stdin is closed. Errors print `{"event":"error","message":...}` and
 //! exit with status 1. The guest and its checksum are described in `vmm_glue::kvm::guest`.
@@ -30,8 +34,15 @@ struct Args {
     #[arg(long)]
     snapshot: PathBuf,
     /// The page server's handoff socket.
+    #[arg(
+        long,
+        required_unless_present = "memory_file",
+        conflicts_with = "memory_file"
+    )]
+    socket: Option<PathBuf>,
+    /// Guest memory is this file mapped MAP_PRIVATE (no uffd, no page server socket).
     #[arg(long)]
-    socket: PathBuf,
+    memory_file: Option<PathBuf>,
     /// Overwrite the first N MiB with the write pattern before checksumming.
     #[arg(long, default_value_t = 0)]
     write_mib: u64,
@@ -51,10 +62,23 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         size,
         file_offset: 0,
     }];
-    let memory = GuestMemory::map_for_uffd(&args.snapshot, &layout, false, 0)?;
-    let mut vm = ChecksumVm::new(&memory, args.write_mib)?;
-    let _connection = memory.hand_off(&args.socket)?;
-    emit(serde_json::json!({"event": "handed_off", "pid": std::process::id()}));
+    let mut _connection = None;
+    let mut vm;
+    let memory;
+    if let Some(file) = &args.memory_file {
+        memory = GuestMemory::map_file(&args.snapshot, file, &layout)?;
+        vm = ChecksumVm::new(&memory, args.write_mib)?;
+        emit(serde_json::json!({"event": "mapped", "pid": std::process::id()}));
+    } else {
+        let socket = args
+            .socket
+            .as_deref()
+            .ok_or("--socket or --memory-file is required")?;
+        memory = GuestMemory::map_for_uffd(&args.snapshot, &layout, false, 0)?;
+        vm = ChecksumVm::new(&memory, args.write_mib)?;
+        _connection = Some(memory.hand_off(socket)?);
+        emit(serde_json::json!({"event": "handed_off", "pid": std::process::id()}));
+    }
     let sums = vm.run()?;
     emit(serde_json::json!({"event": "checksums", "mib": sums}));
     if args.hold {

@@ -9,7 +9,8 @@
 //! Steps: `verify` (the pages `--order`/`--percent` pick), `verify:OFF:LEN` (one guest range), `dontneed:OFF:LEN`,
 //! `wait` (prints `waiting`, reads a line from stdin), `hold` (waits for stdin to close),
 //! `churn` (touch everything, give it all back, forever), `touch-outside` (fault in the
-//! registered but undeclared tail), `stamp:N` (write N into the first 8 bytes of every page;
+//! registered but undeclared tail), `touch` (read one byte of each page `verify` would check,
+//! comparing nothing), `stamp:N` (write N into the first 8 bytes of every page;
 //! later `verify`s expect it there). Sizes take K, M and G suffixes. Exit status 1 means a page
 //! held the wrong bytes; the offending page is printed.
 
@@ -142,6 +143,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 };
                 let report = memory.verify(range, &plan, args.access)?;
                 emit(serde_json::json!({"event": "verified", "report": report}));
+            }
+            ("touch", _) => {
+                let pages = memory.touch(&plan);
+                emit(serde_json::json!({"event": "touched", "pages": pages}));
             }
             ("stamp", tag) => {
                 let tag: u64 = tag.parse().map_err(|e| format!("bad stamp `{tag}`: {e}"))?;
