@@ -1,14 +1,20 @@
 //! The fork fan-out benchmark: how long until N forks of one snapshot run on their working
-//! set, what it costs, and what each fork's faults cost, for pagerd and three baselines run
-//! on the same machine, in the same run, from the same snapshot file.
+//! set, what it costs, and what each fork's faults cost, for pagerd's two paths and three
+//! baselines run on the same machine, in the same run, from the same snapshot file.
 //!
 //! ```text
-//!  mode        memory of each fork                        who serves its faults
-//!  pagerd      anonymous, uffd handed to one pagerd        pagerd (shared mapping, workers)
-//!  copy        anonymous, the file copied in first         nobody: every page is there
-//!  map-private the file mapped MAP_PRIVATE                 the kernel's page cache
-//!  naive       anonymous, uffd handed to its own handler   one naive-handler process per fork
+//!  mode              memory of each fork                         who serves its faults
+//!  pagerd            anonymous, uffd handed to one pagerd         pagerd (shared mapping, workers)
+//!  fuse-cached       pagerd's FUSE memory file, MAP_PRIVATE       pagerd fills the FUSE page cache
+//!  fuse-passthrough  pagerd's FUSE memory file, MAP_PRIVATE       the kernel (FUSE passthrough)
+//!  copy              anonymous, the file copied in first          nobody: every page is there
+//!  map-private       the local file mapped MAP_PRIVATE            the kernel's page cache (floor)
+//!  naive             anonymous, uffd handed to its own handler    one naive-handler process per fork
 //! ```
+//!
+//! After every fork has read its working set, all of them are still alive when each reports
+//! its guest memory's proportional set size (Pss): pages shared through the page cache count
+//! once in the sum, private copies count in full.
 //!
 //! Each fork is a `synthetic-vmm` process that reads its working set once and checks every
 //! byte. Times are taken with CLOCK_MONOTONIC in the forks and measured from the moment the
@@ -16,9 +22,10 @@
 //! page (handoff → first fault served), *working set* is when the slowest fork has read its
 //! last. CPU time and peak RSS of every process come from `wait4`; pagerd's from `/proc`.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
 
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -31,6 +38,10 @@ use vmm_glue::synthetic::monotonic_ns;
 pub enum Mode {
     /// Forks hand their uffd to one pagerd.
     Pagerd,
+    /// Forks map pagerd's FUSE memory file; pagerd answers the reads.
+    FuseCached,
+    /// Forks map pagerd's FUSE memory file; the kernel reads the backing file (passthrough).
+    FusePassthrough,
     /// Each fork copies the memory file before it starts (what platforms did before sharing).
     Copy,
     /// Each fork maps the file `MAP_PRIVATE` (Firecracker's File backend; the page-cache floor).
@@ -40,13 +51,35 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// Every mode, pagerd first.
-    pub const ALL: [Mode; 4] = [Mode::Pagerd, Mode::Copy, Mode::MapPrivate, Mode::Naive];
+    /// Every mode, pagerd's first.
+    pub const ALL: [Mode; 6] = [
+        Mode::Pagerd,
+        Mode::FuseCached,
+        Mode::FusePassthrough,
+        Mode::Copy,
+        Mode::MapPrivate,
+        Mode::Naive,
+    ];
+
+    /// Whether pagerd serves this mode (the others are baselines).
+    pub fn is_pagerd(self) -> bool {
+        matches!(
+            self,
+            Mode::Pagerd | Mode::FuseCached | Mode::FusePassthrough
+        )
+    }
+
+    /// The mode called `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
 
     /// The name used in tables and files.
     pub fn name(self) -> &'static str {
         match self {
             Mode::Pagerd => "pagerd",
+            Mode::FuseCached => "fuse-cached",
+            Mode::FusePassthrough => "fuse-passthrough",
             Mode::Copy => "copy",
             Mode::MapPrivate => "map-private",
             Mode::Naive => "naive",
@@ -97,12 +130,14 @@ pub struct Scenario {
     pub pattern: Pattern,
     /// Whether three quarters of the snapshot are zeros.
     pub sparse: bool,
+    /// Share of the snapshot each fork reads, in percent (the pattern's default unless set).
+    pub percent: u64,
 }
 
 impl Scenario {
     /// Bytes of working set one fork reads.
     pub fn working_set_bytes(&self) -> u64 {
-        (self.size_mib << 20) * self.pattern.order_and_percent().1 / 100
+        (self.size_mib << 20) * self.percent / 100
     }
 
     /// A rough upper bound of the memory a mode needs, to skip what this machine cannot hold.
@@ -112,7 +147,8 @@ impl Scenario {
         match mode {
             Mode::Pagerd | Mode::Naive => file + private,
             Mode::Copy => file + self.forks as u64 * file,
-            Mode::MapPrivate => file,
+            Mode::MapPrivate | Mode::FusePassthrough => file,
+            Mode::FuseCached => 2 * file,
         }
     }
 }
@@ -144,8 +180,11 @@ pub struct Outcome {
     pub forks_cpu_s: f64,
     /// Sum of the forks' peak RSS in KiB (counts shared page-cache pages in every fork).
     pub forks_peak_rss_kib: u64,
-    /// Sum of the forks' private anonymous memory at the end, in KiB: memory the forks cost.
+    /// Sum of the forks' private anonymous memory at the end, in KiB.
     pub forks_anon_kib: u64,
+    /// Sum of the forks' guest-memory Pss in KiB, all forks alive: what their memory costs,
+    /// shared page-cache pages counted once.
+    pub forks_guest_pss_kib: u64,
 }
 
 /// Resource use of a reaped child.
@@ -176,27 +215,61 @@ fn reap(pid: u32) -> Usage {
     }
 }
 
-/// A spawned process whose stdout lines are collected by a thread.
+/// How long the harness waits for any one event of a fork.
+const EVENT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(900);
+
+/// A spawned fork: its stdin (to let a `wait` step go on) and its stdout events.
 struct Proc {
     pid: u32,
-    lines: std::thread::JoinHandle<Vec<String>>,
+    stdin: Option<ChildStdin>,
+    events: Receiver<String>,
 }
 
-fn spawn(program: &Path, args: &[String]) -> Proc {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
-    let out = child.stdout.take().expect("stdout");
-    let pid = child.id();
-    // The child is reaped with wait4 (for its rusage), not through `Child`.
-    std::mem::forget(child);
-    let lines =
-        std::thread::spawn(move || BufReader::new(out).lines().map_while(Result::ok).collect());
-    Proc { pid, lines }
+impl Proc {
+    fn spawn(program: &Path, args: &[String]) -> Self {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+        let out = child.stdout.take().expect("stdout");
+        let stdin = child.stdin.take();
+        let pid = child.id();
+        // The child is reaped with wait4 (for its rusage), not through `Child`.
+        std::mem::forget(child);
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { pid, stdin, events }
+    }
+
+    /// The next event called `name`; panics if the fork fails or exits first.
+    fn expect(&self, name: &str) -> Value {
+        loop {
+            let line = self
+                .events
+                .recv_timeout(EVENT_DEADLINE)
+                .unwrap_or_else(|e| panic!("fork {} sent no `{name}` event: {e}", self.pid));
+            let event: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            assert_ne!(event["event"], "error", "a fork failed: {event}");
+            if event["event"] == name {
+                return event;
+            }
+        }
+    }
+
+    /// Lets the fork's `wait` step go on.
+    fn resume(&mut self) {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin).expect("resume fork");
+    }
 }
 
 /// CPU seconds a process has used so far.
@@ -221,7 +294,27 @@ pub fn run(
     pagerd_args: &[String],
 ) -> Outcome {
     let vmm = binary("synthetic-vmm");
-    let (order, percent) = scenario.pattern.order_and_percent();
+    let (order, _) = scenario.pattern.order_and_percent();
+    let percent = scenario.percent;
+    let extra: Vec<&str> = pagerd_args.iter().map(String::as_str).collect();
+    let daemon = match mode {
+        Mode::Pagerd => Some(Daemon::start(&[("base", mem)], &extra)),
+        Mode::FuseCached | Mode::FusePassthrough => {
+            let read_path = if mode == Mode::FuseCached {
+                "cached"
+            } else {
+                "passthrough"
+            };
+            let mut args = vec!["--fuse", read_path];
+            args.extend(&extra);
+            Some(Daemon::start(&[("base", mem)], &args))
+        }
+        _ => None,
+    };
+    let memory_file = match mode {
+        Mode::FuseCached | Mode::FusePassthrough => daemon.as_ref().map(|d| d.fuse_file("base")),
+        _ => None,
+    };
     let fork_args = |i: usize, socket: Option<&Path>| {
         let mut args = vec![
             "--snapshot".to_owned(),
@@ -238,23 +331,22 @@ pub fn run(
             (Mode::Copy, None) => args.push("--copy-file".into()),
             _ => {}
         }
-        args.push("verify".into());
+        if let Some(file) = &memory_file {
+            args.extend(["--memory-file".to_owned(), file.display().to_string()]);
+        }
+        args.extend(["verify".into(), "wait".into(), "footprint".into()]);
         args
     };
 
-    let mut daemon = None;
     let mut handlers = Vec::new();
     let mut sockets: Vec<Option<PathBuf>> = vec![None; scenario.forks];
-    match mode {
-        Mode::Pagerd => {
-            let extra: Vec<&str> = pagerd_args.iter().map(String::as_str).collect();
-            let d = Daemon::start(&[("base", mem)], &extra);
+    match (mode, &daemon) {
+        (Mode::Pagerd, Some(d)) => {
             for (i, socket) in sockets.iter_mut().enumerate() {
                 *socket = Some(d.create_fork("base", &format!("f{i}")));
             }
-            daemon = Some(d);
         }
-        Mode::Naive => {
+        (Mode::Naive, _) => {
             for (i, socket) in sockets.iter_mut().enumerate() {
                 let path = scratch.join(format!("naive-{i}.sock"));
                 let _ = std::fs::remove_file(&path);
@@ -278,28 +370,37 @@ pub fn run(
                 *socket = Some(path);
             }
         }
-        Mode::Copy | Mode::MapPrivate => {}
+        _ => {}
     }
     let cpu_before = daemon.as_ref().map_or(0.0, |d| proc_cpu_s(d.pid()));
 
     let t0 = monotonic_ns();
-    let forks: Vec<Proc> = sockets
+    let mut forks: Vec<Proc> = sockets
         .iter()
         .enumerate()
-        .map(|(i, socket)| spawn(&vmm, &fork_args(i, socket.as_deref())))
+        .map(|(i, socket)| Proc::spawn(&vmm, &fork_args(i, socket.as_deref())))
         .collect();
     let mut outcome = Outcome::default();
     let mut p50s = Vec::new();
-    for fork in forks {
+    let reports: Vec<Value> = forks
+        .iter()
+        .map(|fork| {
+            let report = fork.expect("verified")["report"].clone();
+            fork.expect("waiting");
+            report
+        })
+        .collect();
+    // Every fork holds its working set now: each reports its share of guest memory.
+    for fork in &mut forks {
+        fork.resume();
+    }
+    for fork in &forks {
+        let footprint = fork.expect("footprint");
+        outcome.forks_guest_pss_kib += footprint["guest"]["pss_kib"].as_u64().unwrap_or(0);
+    }
+    for (fork, report) in forks.into_iter().zip(reports) {
         let usage = reap(fork.pid);
-        let lines = fork.lines.join().expect("reader thread");
-        assert!(usage.success, "a fork failed: {lines:?}");
-        let report: Value = lines
-            .iter()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|e| e["event"] == "verified")
-            .map(|e| e["report"].clone())
-            .expect("the fork verified its working set");
+        assert!(usage.success, "fork {} failed", fork.pid);
         let at = |field: &str| {
             (report[field]
                 .as_u64()
@@ -324,7 +425,12 @@ pub fn run(
     if let Some(d) = daemon {
         outcome.server_cpu_s = proc_cpu_s(d.pid()) - cpu_before;
         outcome.server_peak_rss_kib = proc_status_kb(d.pid(), "VmHWM");
-        let errors: u64 = (0..scenario.forks)
+        let uffd_forks = if mode == Mode::Pagerd {
+            scenario.forks
+        } else {
+            0
+        };
+        let errors: u64 = (0..uffd_forks)
             .map(|i| {
                 d.wait_fork(&format!("f{i}"), "ended")["stats"]["errors"]
                     .as_u64()
@@ -351,33 +457,43 @@ pub struct Row {
     pub outcomes: Vec<(Mode, Outcome)>,
 }
 
+/// `a ÷ b`, or null when there is no baseline figure.
+fn ratio(a: f64, b: f64) -> Value {
+    if b > 0.0 {
+        json!(a / b)
+    } else {
+        Value::Null
+    }
+}
+
 impl Row {
-    /// pagerd's figures as ratios to each baseline that ran (time and CPU: pagerd ÷ baseline,
-    /// so below 1 means pagerd is faster or cheaper).
+    /// Each pagerd mode's figures as ratios to each baseline that ran, as
+    /// `{pagerd_mode: {baseline: {figure: ratio}}}` (pagerd ÷ baseline, so below 1 means
+    /// pagerd is faster or cheaper).
     pub fn ratios(&self) -> Value {
-        let Some((_, p)) = self
-            .outcomes
-            .iter()
-            .find(|(m, o)| *m == Mode::Pagerd && o.skipped.is_none())
-        else {
-            return Value::Null;
-        };
+        let ran = |m: &&(Mode, Outcome)| m.1.skipped.is_none();
         let mut out = serde_json::Map::new();
-        for (mode, b) in &self.outcomes {
-            if *mode == Mode::Pagerd || b.skipped.is_some() {
-                continue;
+        for (mode, p) in self.outcomes.iter().filter(ran).filter(|m| m.0.is_pagerd()) {
+            let mut against = serde_json::Map::new();
+            for (base, b) in self
+                .outcomes
+                .iter()
+                .filter(ran)
+                .filter(|m| !m.0.is_pagerd())
+            {
+                against.insert(
+                    base.name().to_owned(),
+                    json!({
+                        "ready": ratio(p.ready_s, b.ready_s),
+                        "working_set": ratio(p.working_set_s, b.working_set_s),
+                        "latency_p99": ratio(p.latency_p99_ns as f64, b.latency_p99_ns as f64),
+                        "forks_anon_memory": ratio(p.forks_anon_kib as f64, b.forks_anon_kib as f64),
+                        "guest_memory": ratio(p.forks_guest_pss_kib as f64, b.forks_guest_pss_kib as f64),
+                        "total_cpu": ratio(p.server_cpu_s + p.forks_cpu_s, b.server_cpu_s + b.forks_cpu_s),
+                    }),
+                );
             }
-            let ratio = |a: f64, b: f64| if b > 0.0 { json!(a / b) } else { Value::Null };
-            out.insert(
-                mode.name().to_owned(),
-                json!({
-                    "ready": ratio(p.ready_s, b.ready_s),
-                    "working_set": ratio(p.working_set_s, b.working_set_s),
-                    "latency_p99": ratio(p.latency_p99_ns as f64, b.latency_p99_ns as f64),
-                    "forks_anon_memory": ratio(p.forks_anon_kib as f64, b.forks_anon_kib as f64),
-                    "total_cpu": ratio(p.server_cpu_s + p.forks_cpu_s, b.server_cpu_s + b.forks_cpu_s),
-                }),
-            );
+            out.insert(mode.name().to_owned(), Value::Object(against));
         }
         Value::Object(out)
     }

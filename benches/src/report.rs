@@ -11,7 +11,7 @@ use crate::fanout::{Mode, Pattern, Row};
 /// The table printed after a run: one line per scenario and mode, with pagerd's ratios.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<6} {:>5} {:<10} {:<6} {:<11} {:>8} {:>9} {:>10} {:>9} {:>10} {:>9} {:>9} {:>11}\n",
+        "{:<6} {:>5} {:<10} {:<6} {:<16} {:>8} {:>9} {:>10} {:>9} {:>10} {:>9} {:>9} {:>11} {:>12}\n",
         "forks",
         "MiB",
         "pattern",
@@ -24,13 +24,14 @@ pub fn table(rows: &[Row]) -> String {
         "p99_us",
         "srv_cpu",
         "srv_MiB",
-        "fork_anon_MiB"
+        "fork_anon_MiB",
+        "guest_pss_MiB"
     );
     for row in rows {
         let s = &row.scenario;
         for (mode, o) in &row.outcomes {
             let head = format!(
-                "{:<6} {:>5} {:<10} {:<6} {:<11}",
+                "{:<6} {:>5} {:<10} {:<6} {:<16}",
                 s.forks,
                 s.size_mib,
                 s.pattern.name(),
@@ -42,7 +43,7 @@ pub fn table(rows: &[Row]) -> String {
                 continue;
             }
             out += &format!(
-                "{head} {:>8.3} {:>9.3} {:>10.0} {:>9.2} {:>10.1} {:>9.2} {:>9} {:>11}\n",
+                "{head} {:>8.3} {:>9.3} {:>10.0} {:>9.2} {:>10.1} {:>9.2} {:>9} {:>11} {:>12}\n",
                 o.ready_s,
                 o.working_set_s,
                 o.pages_per_s,
@@ -50,26 +51,29 @@ pub fn table(rows: &[Row]) -> String {
                 o.latency_p99_ns as f64 / 1e3,
                 o.server_cpu_s,
                 o.server_peak_rss_kib / 1024,
-                o.forks_anon_kib / 1024
+                o.forks_anon_kib / 1024,
+                o.forks_guest_pss_kib / 1024
             );
         }
         let ratios = row.ratios();
-        if let Some(map) = ratios.as_object() {
-            let parts: Vec<String> = map
-                .iter()
-                .map(|(mode, r)| {
+        for (pagerd_mode, against) in ratios.as_object().into_iter().flatten() {
+            let parts: Vec<String> = against
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(base, r)| {
                     let f = |k: &str| r[k].as_f64().map_or("-".to_owned(), |v| format!("{v:.2}"));
                     format!(
-                        "{mode}: wset {} ready {} p99 {} anon {} cpu {}",
+                        "{base}: wset {} ready {} p99 {} mem {} cpu {}",
                         f("working_set"),
                         f("ready"),
                         f("latency_p99"),
-                        f("forks_anon_memory"),
+                        f("guest_memory"),
                         f("total_cpu")
                     )
                 })
                 .collect();
-            out += &format!("       pagerd ÷ baseline  {}\n", parts.join(" | "));
+            out += &format!("       {pagerd_mode} ÷  {}\n", parts.join(" | "));
         }
     }
     out
@@ -92,7 +96,14 @@ pub fn write_json(rows: &[Row], machine: &serde_json::Value, path: &Path) -> std
     std::fs::write(path, serde_json::to_string_pretty(&doc).expect("json"))
 }
 
-const COLORS: [RGBColor; 4] = [RED, BLUE, GREEN, MAGENTA];
+const COLORS: [RGBColor; 6] = [
+    RED,
+    RGBColor(255, 140, 0),
+    RGBColor(160, 82, 45),
+    BLUE,
+    GREEN,
+    MAGENTA,
+];
 
 /// Draws time-to-working-set against forks, one panel per snapshot size and pattern (dense
 /// snapshots), one line per mode.
@@ -142,6 +153,13 @@ pub fn write_chart(rows: &[Row], path: &Path) -> Result<(), Box<dyn std::error::
             .y_desc("s to working set")
             .draw()?;
         for (k, mode) in Mode::ALL.iter().enumerate() {
+            if !cells.iter().any(|r| {
+                r.outcomes
+                    .iter()
+                    .any(|(m, o)| m == mode && o.skipped.is_none())
+            }) {
+                continue;
+            }
             let points: Vec<(f64, f64)> = cells
                 .iter()
                 .filter_map(|r| {

@@ -194,6 +194,15 @@ struct MappedRegion {
     undeclared_tail: u64,
 }
 
+/// Resident and proportional memory of guest memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Footprint {
+    /// Resident KiB.
+    pub rss_kib: u64,
+    /// Proportional KiB: each shared page counts 1/n in each of its n mappers.
+    pub pss_kib: u64,
+}
+
 /// Guest memory of a synthetic VMM.
 #[derive(Debug)]
 pub struct GuestMemory {
@@ -451,6 +460,44 @@ impl GuestMemory {
             self.removed[page as usize] = true;
         }
         Ok(())
+    }
+
+    /// What guest memory costs right now, from `/proc/self/smaps`: resident KiB and the
+    /// proportional share (pages shared with other processes split between them).
+    pub fn footprint(&self) -> io::Result<Footprint> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+        let mut footprint = Footprint::default();
+        let mut in_guest = false;
+        for line in smaps.lines() {
+            let first = line.split_ascii_whitespace().next().unwrap_or("");
+            if let Some((start, end)) = first.split_once('-') {
+                if let (Ok(start), Ok(end)) = (
+                    usize::from_str_radix(start, 16),
+                    usize::from_str_radix(end, 16),
+                ) {
+                    in_guest = self
+                        .regions
+                        .iter()
+                        .any(|r| start < r.addr + r.spec.size as usize && r.addr < end);
+                    continue;
+                }
+            }
+            if !in_guest {
+                continue;
+            }
+            let kib = || -> u64 {
+                line.split_ascii_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            match first {
+                "Rss:" => footprint.rss_kib += kib(),
+                "Pss:" => footprint.pss_kib += kib(),
+                _ => {}
+            }
+        }
+        Ok(footprint)
     }
 
     /// Writes `tag` into the first 8 bytes of every page: this VMM's own writes, which its

@@ -16,8 +16,9 @@ use pagerd_benches::report;
 use serde_json::json;
 use testkit::write_snapshot;
 
-/// How fast N forks of one snapshot reach their working set: pagerd against copying the file,
-/// mapping it MAP_PRIVATE, and one naive handler per fork.
+/// How fast N forks of one snapshot reach their working set: pagerd (uffd, and its FUSE memory
+/// file cached or passthrough) against copying the file, mapping it MAP_PRIVATE, and one naive
+/// handler per fork.
 #[derive(Debug, Parser)]
 struct Args {
     /// A small matrix (64 MiB, 1 and 4 forks) that runs in well under two minutes.
@@ -32,9 +33,17 @@ struct Args {
     /// Access patterns [default: sequential,random,hot].
     #[arg(long, value_delimiter = ',', value_parser = ["sequential", "random", "hot"])]
     patterns: Vec<String>,
+    /// Share of the snapshot each fork reads, in percent [default: sequential 25, random and
+    /// hot 10].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100))]
+    percent: Option<u64>,
     /// Only dense snapshots (no run with mostly-zero memory).
     #[arg(long)]
     dense_only: bool,
+    /// Modes to run [default: all]: pagerd, fuse-cached, fuse-passthrough, copy, map-private,
+    /// naive.
+    #[arg(long, value_delimiter = ',', value_parser = parse_mode)]
+    modes: Vec<Mode>,
     /// An extra pagerd command-line argument (repeatable), e.g. --pagerd-arg=--spin-us=0.
     #[arg(long = "pagerd-arg", allow_hyphen_values = true)]
     pagerd_args: Vec<String>,
@@ -44,6 +53,10 @@ struct Args {
     /// Where results go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+}
+
+fn parse_mode(name: &str) -> Result<Mode, String> {
+    Mode::from_name(name).ok_or_else(|| format!("unknown mode `{name}`"))
 }
 
 fn mem_total() -> u64 {
@@ -103,9 +116,15 @@ fn main() {
                         size_mib,
                         pattern,
                         sparse,
+                        percent: args
+                            .percent
+                            .unwrap_or_else(|| pattern.order_and_percent().1),
                     };
                     let mut outcomes = Vec::new();
                     for mode in Mode::ALL {
+                        if !args.modes.is_empty() && !args.modes.contains(&mode) {
+                            continue;
+                        }
                         let need = scenario.memory_needed(mode);
                         let outcome = if need > budget {
                             Outcome {
@@ -122,13 +141,14 @@ fn main() {
                         outcomes.push((mode, outcome));
                     }
                     rows.push(Row { scenario, outcomes });
-                    let p = &rows.last().expect("row").outcomes[0].1;
+                    let (first, p) = &rows.last().expect("row").outcomes[0];
                     eprintln!(
-                        "[{}/{total} {:>5.0}s] {n:>3} forks, {size_mib} MiB, {}, {}: pagerd {:.3}s to working set",
+                        "[{}/{total} {:>5.0}s] {n:>3} forks, {size_mib} MiB, {}, {}: {} {:.3}s to working set",
                         rows.len(),
                         started.elapsed().as_secs_f64(),
                         pattern.name(),
                         if sparse { "sparse" } else { "dense" },
+                        first.name(),
                         p.working_set_s
                     );
                 }

@@ -10,7 +10,7 @@
 //! `wait` (prints `waiting`, reads a line from stdin), `hold` (waits for stdin to close),
 //! `churn` (touch everything, give it all back, forever), `touch-outside` (fault in the
 //! registered but undeclared tail), `touch` (read one byte of each page `verify` would check,
-//! comparing nothing), `stamp:N` (write N into the first 8 bytes of every page;
+//! comparing nothing), `footprint` (guest memory's Rss and Pss), `stamp:N` (write N into the first 8 bytes of every page;
 //! later `verify`s expect it there). Sizes take K, M and G suffixes. Exit status 1 means a page
 //! held the wrong bytes; the offending page is printed.
 
@@ -143,6 +143,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 };
                 let report = memory.verify(range, &plan, args.access)?;
                 emit(serde_json::json!({"event": "verified", "report": report}));
+            }
+            ("footprint", _) => {
+                let footprint = memory.footprint()?;
+                emit(serde_json::json!({"event": "footprint", "guest": footprint}));
             }
             ("touch", _) => {
                 let pages = memory.touch(&plan);
