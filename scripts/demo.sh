@@ -6,7 +6,10 @@
 # forks with `ctl`, and starts a
 # synthetic VMM per fork. Each VMM restores its memory exactly as Firecracker does (anonymous
 # private memory registered with userfaultfd, handed to pagerd over the fork's socket), reads
-# every page and checks it byte for byte against the snapshot. Then `ctl` shows what pagerd did.
+# every page and checks it byte for byte against the snapshot. Then four more VMMs map the
+# snapshot's memory file from pagerd's read-only FUSE mount MAP_PRIVATE (the fallback for VMMs
+# that can only map a file), check it the same way and hold it: while they do, the snapshot
+# cannot be deleted. Then `ctl` shows what pagerd did.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -54,14 +57,41 @@ for i in $(seq 1 8); do
 done
 for i in $(seq 1 8); do "$bin/ctl" fork wait "vm$i" ended >/dev/null; done
 
+echo "== 4 VMMs map the FUSE memory file MAP_PRIVATE and hold it"
+file="$work/state/fuse/snapshots/base/memory"
+ls -l "$file"
+mkfifo "$work/hold"
+file_pids=()
+for i in $(seq 1 4); do
+  "$bin/synthetic-vmm" --snapshot "$work/memory" --memory-file "$file" --order random \
+    verify hold <"$work/hold" >"$work/file$i.out" &
+  file_pids+=($!)
+done
+exec {hold}>"$work/hold"
+for i in $(seq 1 4); do
+  for _ in $(seq 1 600); do grep -q '"holding"' "$work/file$i.out" && break; sleep 0.1; done
+  grep '"verified"' "$work/file$i.out" | sed "s/^/file$i: /" || { echo "file$i FAILED"; failed=1; }
+done
+
 echo "== what pagerd did"
 "$bin/ctl" fork ls
 "$bin/ctl" stats
+echo "== deleting the snapshot while VMMs hold its memory file is refused:"
+if "$bin/ctl" snapshot rm base; then
+  echo "demo FAILED: a held snapshot was deleted" >&2
+  exit 1
+fi
+exec {hold}>&-
+for pid in "${file_pids[@]}"; do wait "$pid" || failed=1; done
 for i in $(seq 1 8); do "$bin/ctl" fork close "vm$i" >/dev/null; done
+for _ in $(seq 1 100); do
+  "$bin/ctl" fork ls --json | grep -q '"file"' || break
+  sleep 0.1
+done
 "$bin/ctl" snapshot rm base
 "$bin/ctl" status
 if [ "$failed" != 0 ]; then
   echo "demo FAILED: a fork saw wrong memory" >&2
   exit 1
 fi
-echo "demo OK: 8 forks read all 256 MiB each, byte for byte equal to the snapshot"
+echo "demo OK: 8 uffd forks and 4 FUSE forks read all 256 MiB each, byte for byte equal to the snapshot"

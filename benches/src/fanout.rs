@@ -334,7 +334,7 @@ pub fn run(
         if let Some(file) = &memory_file {
             args.extend(["--memory-file".to_owned(), file.display().to_string()]);
         }
-        args.extend(["verify".into(), "wait".into(), "footprint".into()]);
+        args.extend(["verify", "wait", "footprint", "hold"].map(String::from));
         args
     };
 
@@ -397,6 +397,10 @@ pub fn run(
     for fork in &forks {
         let footprint = fork.expect("footprint");
         outcome.forks_guest_pss_kib += footprint["guest"]["pss_kib"].as_u64().unwrap_or(0);
+    }
+    // Only now, with every share measured, may they exit.
+    for fork in &mut forks {
+        fork.stdin = None;
     }
     for (fork, report) in forks.into_iter().zip(reports) {
         let usage = reap(fork.pid);
