@@ -466,3 +466,19 @@ fn registering_a_file_from_the_mount_itself_is_refused() {
     // The daemon still answers and serves.
     assert!(std::fs::read(daemon.fuse_file("s")).unwrap() == std::fs::read(&mem).unwrap());
 }
+
+#[test]
+fn a_passthrough_fork_keeps_its_memory_when_the_daemon_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 8 * MIB, 0xdead, 4, 0);
+    let mut daemon = daemon_with(&[("s", &mem)], "passthrough");
+    // Mapped, not a single page read yet.
+    let mut vmm = file_vmm(&mem, &daemon.fuse_file("s"), &["wait", "verify"]);
+    vmm.expect("waiting");
+    daemon.sigkill();
+    // Every page still reads the snapshot's bytes: the kernel maps the backing file itself.
+    vmm.resume();
+    let report = vmm.expect("verified");
+    assert_eq!(report["report"]["pages"], 8 * MIB / 4096);
+    vmm.finish();
+}
