@@ -17,6 +17,14 @@ const MIB: u64 = 1 << 20;
 const DEADLINE: Duration = Duration::from_secs(30);
 const MODES: [&str; 2] = ["cached", "passthrough"];
 
+/// The sharing test measures the whole machine's page cache: it runs alone (write), the other
+/// tests of this file run together (read).
+static PAGE_CACHE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn page_cache_shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    PAGE_CACHE.read().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Starts pagerd with one snapshot and the FUSE view in `mode`; checks the mode took.
 fn daemon_with(snapshots: &[(&str, &Path)], mode: &str) -> Daemon {
     let daemon = Daemon::start(snapshots, &["--fuse", mode]);
@@ -63,6 +71,7 @@ fn is_mounted(path: &Path) -> bool {
 
 #[test]
 fn eight_forks_map_the_memory_file_privately_and_keep_their_own_writes() {
+    let _shared = page_cache_shared();
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 16 * MIB, 0xf05e, 7, MIB);
     let original = std::fs::read(&mem).unwrap();
@@ -171,6 +180,7 @@ fn page_cache_kib() -> u64 {
 
 #[test]
 fn eight_readers_share_one_copy_of_the_pages() {
+    let _alone = PAGE_CACHE.write().unwrap_or_else(|p| p.into_inner());
     const SIZE: u64 = 256 * MIB;
     const READERS: u64 = 8;
     let size_kib = SIZE / 1024;
@@ -220,6 +230,7 @@ fn eight_readers_share_one_copy_of_the_pages() {
 
 #[test]
 fn a_memory_file_held_by_a_process_blocks_deletes_until_the_process_dies() {
+    let _shared = page_cache_shared();
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 0xde1, 3, 0);
     for mode in MODES {
@@ -270,6 +281,7 @@ fn a_memory_file_held_by_a_process_blocks_deletes_until_the_process_dies() {
 
 #[test]
 fn a_deferred_delete_waits_for_file_users_and_hides_the_file_from_new_ones() {
+    let _shared = page_cache_shared();
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 0xdef, 0, 0);
     for mode in MODES {
@@ -309,6 +321,7 @@ fn raw_errno(result: std::io::Result<impl Sized>) -> i32 {
 
 #[test]
 fn the_mount_is_read_only_lists_every_snapshot_and_shows_exact_sizes() {
+    let _shared = page_cache_shared();
     let dir = tempfile::tempdir().unwrap();
     let small = write_snapshot(&dir.path().join("small"), 4 * MIB, 1, 0, 0);
     let odd = write_snapshot(&dir.path().join("odd"), 12 * MIB + 8192, 2, 5, 4096);
@@ -405,6 +418,7 @@ fn the_mount_is_read_only_lists_every_snapshot_and_shows_exact_sizes() {
 
 #[test]
 fn the_mount_goes_at_shutdown_and_comes_back_after_a_crash() {
+    let _shared = page_cache_shared();
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 9, 0, 0);
     let original = std::fs::read(&mem).unwrap();
@@ -451,6 +465,7 @@ fn the_mount_goes_at_shutdown_and_comes_back_after_a_crash() {
 
 #[test]
 fn registering_a_file_from_the_mount_itself_is_refused() {
+    let _shared = page_cache_shared();
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 4, 0, 0);
     let daemon = Daemon::start(&[("s", &mem)], &[]);
@@ -469,6 +484,7 @@ fn registering_a_file_from_the_mount_itself_is_refused() {
 
 #[test]
 fn a_passthrough_fork_keeps_its_memory_when_the_daemon_dies() {
+    let _shared = page_cache_shared();
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 8 * MIB, 0xdead, 4, 0);
     let mut daemon = daemon_with(&[("s", &mem)], "passthrough");
