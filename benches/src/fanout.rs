@@ -22,14 +22,13 @@
 //! page (handoff → first fault served), *working set* is when the slowest fork has read its
 //! last. CPU time and peak RSS of every process come from `wait4`; pagerd's from `/proc`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::{Command, Stdio};
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use testkit::{binary, proc_status_kb, Daemon};
+use testkit::{binary, proc_status_kb, Daemon, Vmm};
 use vmm_glue::synthetic::monotonic_ns;
 
 /// One way of giving forks their memory.
@@ -215,62 +214,8 @@ fn reap(pid: u32) -> Usage {
     }
 }
 
-/// How long the harness waits for any one event of a fork.
+/// How long the harness waits for any one event of a fork (large matrices are slow).
 const EVENT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(900);
-
-/// A spawned fork: its stdin (to let a `wait` step go on) and its stdout events.
-struct Proc {
-    pid: u32,
-    stdin: Option<ChildStdin>,
-    events: Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(program: &Path, args: &[String]) -> Self {
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
-        let out = child.stdout.take().expect("stdout");
-        let stdin = child.stdin.take();
-        let pid = child.id();
-        // The child is reaped with wait4 (for its rusage), not through `Child`.
-        std::mem::forget(child);
-        let (tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { pid, stdin, events }
-    }
-
-    /// The next event called `name`; panics if the fork fails or exits first.
-    fn expect(&self, name: &str) -> Value {
-        loop {
-            let line = self
-                .events
-                .recv_timeout(EVENT_DEADLINE)
-                .unwrap_or_else(|e| panic!("fork {} sent no `{name}` event: {e}", self.pid));
-            let event: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-            assert_ne!(event["event"], "error", "a fork failed: {event}");
-            if event["event"] == name {
-                return event;
-            }
-        }
-    }
-
-    /// Lets the fork's `wait` step go on.
-    fn resume(&mut self) {
-        let stdin = self.stdin.as_mut().expect("stdin");
-        writeln!(stdin).expect("resume fork");
-    }
-}
 
 /// CPU seconds a process has used so far.
 fn proc_cpu_s(pid: u32) -> f64 {
@@ -293,7 +238,6 @@ pub fn run(
     scratch: &Path,
     pagerd_args: &[String],
 ) -> Outcome {
-    let vmm = binary("synthetic-vmm");
     let (order, _) = scenario.pattern.order_and_percent();
     let percent = scenario.percent;
     let extra: Vec<&str> = pagerd_args.iter().map(String::as_str).collect();
@@ -375,18 +319,18 @@ pub fn run(
     let cpu_before = daemon.as_ref().map_or(0.0, |d| proc_cpu_s(d.pid()));
 
     let t0 = monotonic_ns();
-    let mut forks: Vec<Proc> = sockets
+    let mut forks: Vec<Vmm> = sockets
         .iter()
         .enumerate()
-        .map(|(i, socket)| Proc::spawn(&vmm, &fork_args(i, socket.as_deref())))
+        .map(|(i, socket)| Vmm::spawn(&fork_args(i, socket.as_deref())))
         .collect();
     let mut outcome = Outcome::default();
     let mut p50s = Vec::new();
     let reports: Vec<Value> = forks
-        .iter()
+        .iter_mut()
         .map(|fork| {
-            let report = fork.expect("verified")["report"].clone();
-            fork.expect("waiting");
+            let report = fork.expect_within("verified", EVENT_DEADLINE)["report"].clone();
+            fork.expect_within("waiting", EVENT_DEADLINE);
             report
         })
         .collect();
@@ -394,17 +338,18 @@ pub fn run(
     for fork in &mut forks {
         fork.resume();
     }
-    for fork in &forks {
-        let footprint = fork.expect("footprint");
+    for fork in &mut forks {
+        let footprint = fork.expect_within("footprint", EVENT_DEADLINE);
         outcome.forks_guest_pss_kib += footprint["guest"]["pss_kib"].as_u64().unwrap_or(0);
     }
     // Only now, with every share measured, may they exit.
     for fork in &mut forks {
-        fork.stdin = None;
+        fork.close_stdin();
     }
     for (fork, report) in forks.into_iter().zip(reports) {
-        let usage = reap(fork.pid);
-        assert!(usage.success, "fork {} failed", fork.pid);
+        // Reaped with wait4 for its resource use (`Vmm` then finds nothing left to reap).
+        let usage = reap(fork.pid());
+        assert!(usage.success, "fork {} failed", fork.pid());
         let at = |field: &str| {
             (report[field]
                 .as_u64()

@@ -17,7 +17,7 @@ use crate::control::protocol::{ControlError, ErrorCode, Request};
 use crate::control::{ControlServer, Handler};
 use crate::errors::error_chain;
 use crate::file_users::FileUserInfo;
-use crate::fuse::{FuseView, ReadPath};
+use crate::fuse::FuseView;
 use crate::ids::Id;
 use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::registry::{ForkInfo, ForkState, Registry, RegistryError};
@@ -121,7 +121,6 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ControlError> {
 pub struct Daemon {
     lifecycle: Arc<Lifecycle>,
     started: Instant,
-    fuse: Option<(PathBuf, ReadPath)>,
 }
 
 /// One entry of `fork.list`: a uffd fork, or a process holding a memory file on the FUSE mount.
@@ -157,9 +156,9 @@ impl Daemon {
             "damaged_snapshots": damaged,
             "unreadable_fork_records": unreadable,
             "open_fds": crate::sys::open_fd_count().ok(),
-            "fuse": self.fuse.as_ref().map(|(mountpoint, read_path)| json!({
-                "mountpoint": mountpoint,
-                "read_path": format!("{read_path:?}").to_lowercase(),
+            "fuse": self.lifecycle.fuse_mount().map(|mount| json!({
+                "mountpoint": mount.path,
+                "read_path": format!("{:?}", mount.read_path).to_lowercase(),
                 "file_users": self.lifecycle.file_users().list().len(),
             })),
         }))
@@ -297,9 +296,6 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let daemon = Arc::new(Daemon {
         lifecycle: lifecycle.clone(),
         started: Instant::now(),
-        fuse: fuse
-            .as_ref()
-            .map(|f| (f.mountpoint().to_owned(), f.read_path())),
     });
     let control_path = config.control_socket();
     let mut control = ControlServer::start(

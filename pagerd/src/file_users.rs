@@ -37,17 +37,6 @@ pub struct FileKey {
 }
 
 impl FileKey {
-    /// The key of an open file.
-    pub fn of(file: &std::fs::File) -> std::io::Result<Self> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = file.metadata()?;
-        Ok(Self {
-            major: nix::sys::stat::major(meta.dev()),
-            minor: nix::sys::stat::minor(meta.dev()),
-            inode: meta.ino(),
-        })
-    }
-
     /// Whether one line of `/proc/<pid>/maps` maps this file.
     fn matches_maps_line(&self, line: &str) -> bool {
         // start-end perms offset major:minor inode [path]
@@ -122,18 +111,11 @@ impl FileUser {
 #[derive(Debug, Default)]
 pub struct FileUsers {
     users: Mutex<BTreeMap<u64, FileUser>>,
-    next_handle: AtomicU64,
+    /// Handles given out so far (handles start at 1).
+    handles: AtomicU64,
 }
 
 impl FileUsers {
-    /// No users yet.
-    pub fn new() -> Self {
-        Self {
-            users: Mutex::new(BTreeMap::new()),
-            next_handle: AtomicU64::new(1),
-        }
-    }
-
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, FileUser>> {
         self.users.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -141,7 +123,7 @@ impl FileUsers {
     /// Records that process `pid` opened `snapshot`'s memory file; returns the handle. `file`
     /// identifies the memory file in `/proc/<pid>/maps` (needed for passthrough users).
     pub fn open(&self, snapshot: Id, pid: i32, file: Option<FileKey>) -> u64 {
-        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let handle = self.handles.fetch_add(1, Ordering::Relaxed) + 1;
         let user = FileUser {
             snapshot,
             pid,
@@ -232,7 +214,7 @@ mod tests {
 
     #[test]
     fn a_user_ends_at_release_unless_its_process_still_maps_the_file() {
-        let users = FileUsers::new();
+        let users = FileUsers::default();
         let snapshot: Id = "s".parse().unwrap();
         let me = i32::try_from(std::process::id()).unwrap();
         let h = users.open(snapshot.clone(), me, None);
@@ -241,8 +223,12 @@ mod tests {
         assert!(users.referencing(&snapshot).is_empty());
 
         // This process maps its own executable: a "passthrough" user of it stays mapped.
-        let exe = std::fs::File::open("/proc/self/exe").unwrap();
-        let key = FileKey::of(&exe).unwrap();
+        let exe = std::fs::metadata("/proc/self/exe").unwrap();
+        let key = FileKey {
+            major: nix::sys::stat::major(std::os::unix::fs::MetadataExt::dev(&exe)),
+            minor: nix::sys::stat::minor(std::os::unix::fs::MetadataExt::dev(&exe)),
+            inode: std::os::unix::fs::MetadataExt::ino(&exe),
+        };
         let h = users.open(snapshot.clone(), me, Some(key));
         assert_eq!(users.release(h), None);
         assert_eq!(users.referencing(&snapshot)[0].state, FileUserState::Mapped);

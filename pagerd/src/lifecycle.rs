@@ -20,12 +20,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
 use crate::file_users::{FileKey, FileUserInfo, FileUsers};
+use crate::fuse::MountInfo;
 use crate::ids::Id;
 use crate::registry::{unix_ms, Fork, ForkEvent, ForkInfo, ForkState, Registry, RegistryError};
 use crate::serve::{ServeError, Server};
@@ -207,6 +208,13 @@ struct Catalog {
     damaged: BTreeMap<Id, String>,
 }
 
+impl Catalog {
+    /// Registered, and not on its way out.
+    fn forkable(&self, id: &Id) -> bool {
+        self.metas.get(id).is_some_and(|m| !m.delete_pending)
+    }
+}
+
 /// Snapshots and forks, on disk and served.
 #[derive(Debug)]
 pub struct Lifecycle {
@@ -216,14 +224,7 @@ pub struct Lifecycle {
     catalog: Mutex<Catalog>,
     next_fork: AtomicU64,
     file_users: FileUsers,
-    fuse: Mutex<Option<FuseMount>>,
-}
-
-/// Where the FUSE view is mounted.
-#[derive(Debug, Clone)]
-struct FuseMount {
-    path: PathBuf,
-    device: u64,
+    fuse: OnceLock<MountInfo>,
 }
 
 fn now_ms() -> u64 {
@@ -243,8 +244,8 @@ impl Lifecycle {
             server,
             catalog: Mutex::new(Catalog::default()),
             next_fork: AtomicU64::new(1),
-            file_users: FileUsers::new(),
-            fuse: Mutex::new(None),
+            file_users: FileUsers::default(),
+            fuse: OnceLock::new(),
         }
     }
 
@@ -268,13 +269,14 @@ impl Lifecycle {
         &self.file_users
     }
 
-    /// Records where the FUSE view is mounted (its root's path and device).
-    pub fn set_fuse_mount(&self, path: PathBuf, device: u64) {
-        *self.fuse.lock().unwrap_or_else(|p| p.into_inner()) = Some(FuseMount { path, device });
+    /// Records where the FUSE view is mounted (once: the daemon mounts it once).
+    pub fn set_fuse_mount(&self, mount: MountInfo) {
+        let _ = self.fuse.set(mount);
     }
 
-    fn fuse_mount(&self) -> Option<FuseMount> {
-        self.fuse.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The FUSE view, if it is mounted.
+    pub fn fuse_mount(&self) -> Option<&MountInfo> {
+        self.fuse.get()
     }
 
     fn lock(&self) -> MutexGuard<'_, Catalog> {
@@ -438,12 +440,9 @@ impl Lifecycle {
             ref_count: forks.as_ref().map(|f| f.len() + file_users.len()),
             forks,
             file_users,
-            fuse_file: self.fuse_mount().map(|m| {
-                m.path
-                    .join("snapshots")
-                    .join(id.as_str())
-                    .join(crate::store::MEMORY_FILE)
-            }),
+            fuse_file: self
+                .fuse_mount()
+                .map(|m| crate::fuse::memory_file(&m.path, id)),
             unreadable_fork_records: scan.unreadable.iter().map(|u| u.path.clone()).collect(),
             error: catalog.damaged.get(id).cloned(),
         }
@@ -695,21 +694,18 @@ impl Lifecycle {
     /// deletion.
     pub fn openable_snapshot(&self, id: &Id) -> Option<Arc<Snapshot>> {
         let catalog = self.lock();
-        let meta = catalog.metas.get(id)?;
-        if meta.delete_pending {
-            return None;
-        }
-        self.registry.snapshot(id).ok()
+        catalog
+            .forkable(id)
+            .then(|| self.registry.snapshot(id).ok())
+            .flatten()
     }
 
     /// Every snapshot whose memory file may be opened now.
     pub fn openable_snapshots(&self) -> Vec<Arc<Snapshot>> {
         let catalog = self.lock();
-        self.registry
-            .snapshots()
-            .into_iter()
-            .filter(|s| catalog.metas.get(s.id()).is_some_and(|m| !m.delete_pending))
-            .collect()
+        let mut snapshots = self.registry.snapshots();
+        snapshots.retain(|s| catalog.forkable(s.id()));
+        snapshots
     }
 
     /// Records that process `pid` opened `snapshot`'s memory file, if that very snapshot may
@@ -751,9 +747,14 @@ impl Lifecycle {
         let mut catalog = self.lock();
         if let Some(snapshot) = self.file_users.release(handle) {
             tracing::info!(snapshot = %snapshot, handle, "memory file released");
-            if let Err(e) = self.finish_pending_delete(&mut catalog, &snapshot) {
-                tracing::error!(error = %crate::errors::error_chain(&e), snapshot = %snapshot, "cannot finish a pending delete");
-            }
+            self.after_file_user_left(&mut catalog, &snapshot);
+        }
+    }
+
+    /// A file user of `snapshot` is gone: a delete may have been waiting for it.
+    fn after_file_user_left(&self, catalog: &mut Catalog, snapshot: &Id) {
+        if let Err(e) = self.finish_pending_delete(catalog, snapshot) {
+            tracing::error!(error = %crate::errors::error_chain(&e), snapshot = %snapshot, "cannot finish a pending delete");
         }
     }
 
@@ -765,9 +766,7 @@ impl Lifecycle {
         }
         let mut catalog = self.lock();
         for snapshot in self.file_users.prune() {
-            if let Err(e) = self.finish_pending_delete(&mut catalog, &snapshot) {
-                tracing::error!(error = %crate::errors::error_chain(&e), snapshot = %snapshot, "cannot finish a pending delete");
-            }
+            self.after_file_user_left(&mut catalog, &snapshot);
         }
     }
 

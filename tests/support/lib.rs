@@ -520,7 +520,12 @@ impl Vmm {
 
     /// Waits for the next event named `name` (failing on an `error` event or exit).
     pub fn expect(&mut self, name: &str) -> Value {
-        let end = Instant::now() + DEADLINE;
+        self.expect_within(name, DEADLINE)
+    }
+
+    /// [`expect`](Self::expect) with a deadline of its own.
+    pub fn expect_within(&mut self, name: &str, deadline: Duration) -> Value {
+        let end = Instant::now() + deadline;
         loop {
             let left = end.saturating_duration_since(Instant::now());
             let line = match self.lines.recv_timeout(left) {
@@ -551,6 +556,11 @@ impl Vmm {
         let stdin = self.stdin.as_mut().expect("stdin open");
         writeln!(stdin).expect("write to VMM");
         stdin.flush().expect("flush");
+    }
+
+    /// Closes stdin (ends a `hold` step) without waiting for the VMM.
+    pub fn close_stdin(&mut self) {
+        drop(self.stdin.take());
     }
 
     /// Closes stdin (ends a `hold` step) and waits for the VMM to exit successfully.

@@ -25,14 +25,15 @@ use fuser::{
 };
 
 use super::inodes::{Inodes, Node, ROOT, SNAPSHOTS};
+use super::SNAPSHOTS_DIR;
 use crate::file_users::FileKey;
 use crate::lifecycle::Lifecycle;
 use crate::snapshot::Snapshot;
+use crate::store::MEMORY_FILE;
 
 /// How long the kernel may trust names and attributes. Memory files never change, but a
 /// deleted and re-registered snapshot must be looked up again soon.
 const TTL: Duration = Duration::from_secs(1);
-use crate::store::MEMORY_FILE;
 const BLOCK: u32 = 4096;
 
 /// How reads reach the snapshot.
@@ -52,13 +53,6 @@ struct OpenFile {
     _backing: Option<Arc<BackingId>>,
 }
 
-/// A backing file registered with the kernel for passthrough, shared by a snapshot's handles.
-#[derive(Debug)]
-struct Backing {
-    id: Weak<BackingId>,
-    snapshot: Weak<Snapshot>,
-}
-
 /// The filesystem.
 #[derive(Debug)]
 pub struct MemoryFs {
@@ -70,7 +64,9 @@ pub struct MemoryFs {
     /// The mount's device (major, minor), as `/proc/<pid>/maps` shows it for mappings.
     device: Arc<OnceLock<(u64, u64)>>,
     open: Mutex<HashMap<u64, OpenFile>>,
-    backings: Mutex<HashMap<u64, Backing>>,
+    /// Passthrough backing ids by memory-file inode (inodes are per snapshot instance), alive
+    /// while some open handle holds one.
+    backings: Mutex<HashMap<u64, Weak<BackingId>>>,
     uid: u32,
     gid: u32,
 }
@@ -141,49 +137,26 @@ impl MemoryFs {
         }
     }
 
-    /// The backing id of a snapshot's memory file, registering it with the kernel when no
-    /// open handle holds one.
+    /// The backing id of a snapshot's memory file, registering the file with the kernel when
+    /// no open handle holds one.
     fn backing_for(
         &self,
         ino: u64,
-        snapshot: &Arc<Snapshot>,
-        file: &File,
+        snapshot: &Snapshot,
         reply: &ReplyOpen,
     ) -> std::io::Result<Arc<BackingId>> {
         let mut backings = self.backings.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = backings.get(&ino) {
-            if let Some(id) = b.id.upgrade() {
-                if b.snapshot.as_ptr() == Arc::as_ptr(snapshot) {
-                    return Ok(id);
-                }
-            }
+        if let Some(id) = backings.get(&ino).and_then(Weak::upgrade) {
+            return Ok(id);
         }
-        let id = Arc::new(reply.open_backing(file)?);
-        backings.insert(
-            ino,
-            Backing {
-                id: Arc::downgrade(&id),
-                snapshot: Arc::downgrade(snapshot),
-            },
-        );
-        backings.retain(|_, b| b.id.strong_count() > 0);
+        let id = Arc::new(reply.open_backing(File::open(snapshot.path())?)?);
+        backings.insert(ino, Arc::downgrade(&id));
+        backings.retain(|_, id| id.strong_count() > 0);
         Ok(id)
     }
 
     fn open_memory(&self, req: &Request, ino: u64, snapshot: Arc<Snapshot>, reply: ReplyOpen) {
         let pid = i32::try_from(req.pid()).map_or(0, crate::sys::thread_group_of);
-        let passthrough = self.passthrough.load(Ordering::Relaxed);
-        let backing_file = if passthrough {
-            match File::open(snapshot.path()) {
-                Ok(f) => Some(f),
-                Err(e) => {
-                    tracing::error!(snapshot = %snapshot.id(), error = %e, "cannot open the backing file");
-                    return reply.error(Errno::EIO);
-                }
-            }
-        } else {
-            None
-        };
         // Mappings show the file the process opened (this mount's inode), passthrough or not.
         let key = self.device.get().map(|&(major, minor)| FileKey {
             major,
@@ -197,16 +170,17 @@ impl MemoryFs {
                 return reply.error(Errno::ENOENT);
             }
         };
-        let backing = match &backing_file {
-            Some(file) => match self.backing_for(ino, &snapshot, file, &reply) {
+        let backing = if self.passthrough.load(Ordering::Relaxed) {
+            match self.backing_for(ino, &snapshot, &reply) {
                 Ok(id) => Some(id),
                 Err(e) => {
                     tracing::error!(snapshot = %snapshot.id(), error = %e, "cannot register the backing file for passthrough");
                     self.lifecycle.release_memory_file(handle);
                     return reply.error(Errno::EIO);
                 }
-            },
-            None => None,
+            }
+        } else {
+            None
         };
         let fh = FileHandle(handle);
         // Known before the kernel learns the handle, so its release can never come first.
@@ -246,7 +220,7 @@ impl Filesystem for MemoryFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let ino = match (self.inodes.node(parent.0), name.to_str()) {
-            (Some(Node::Root), Some("snapshots")) => Some(SNAPSHOTS),
+            (Some(Node::Root), Some(SNAPSHOTS_DIR)) => Some(SNAPSHOTS),
             (Some(Node::Snapshots), Some(id)) => id
                 .parse()
                 .ok()
@@ -362,7 +336,9 @@ impl Filesystem for MemoryFs {
             (ROOT, FileType::Directory, "..".into()),
         ];
         match self.inodes.node(ino.0) {
-            Some(Node::Root) => entries.push((SNAPSHOTS, FileType::Directory, "snapshots".into())),
+            Some(Node::Root) => {
+                entries.push((SNAPSHOTS, FileType::Directory, SNAPSHOTS_DIR.into()))
+            }
             Some(Node::Snapshots) => {
                 entries[1].0 = ROOT;
                 for s in self.lifecycle.openable_snapshots() {

@@ -30,7 +30,30 @@ use fuser::{BackgroundSession, MountOption, SessionACL};
 
 pub use fs::ReadPath;
 
+use crate::ids::Id;
 use crate::lifecycle::Lifecycle;
+
+/// The directory of the mount that holds one directory per snapshot.
+pub const SNAPSHOTS_DIR: &str = "snapshots";
+
+/// Where snapshot `id`'s memory file is on a mount at `mountpoint`.
+pub fn memory_file(mountpoint: &Path, id: &Id) -> PathBuf {
+    mountpoint
+        .join(SNAPSHOTS_DIR)
+        .join(id.as_str())
+        .join(crate::store::MEMORY_FILE)
+}
+
+/// A mounted view, as the rest of the daemon sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    /// The mount point (absolute).
+    pub path: PathBuf,
+    /// The mount's device number.
+    pub device: u64,
+    /// The read path the kernel granted.
+    pub read_path: ReadPath,
+}
 
 /// Which read path the mount offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -89,7 +112,6 @@ pub enum FuseError {
 pub struct FuseView {
     session: Option<BackgroundSession>,
     mountpoint: PathBuf,
-    read_path: ReadPath,
 }
 
 impl FuseView {
@@ -136,17 +158,20 @@ impl FuseView {
             .flatten()
             .ok_or_else(|| mount_err(std::io::Error::other("the new mount is not in mountinfo")))?;
         let _ = device.set((major, minor));
-        lifecycle.set_fuse_mount(mountpoint.clone(), nix::sys::stat::makedev(major, minor));
         let read_path = if granted.load(Ordering::Relaxed) {
             ReadPath::Passthrough
         } else {
             ReadPath::Cached
         };
+        lifecycle.set_fuse_mount(MountInfo {
+            path: mountpoint.clone(),
+            device: nix::sys::stat::makedev(major, minor),
+            read_path,
+        });
         let session = session.spawn().map_err(mount_err)?;
         let view = Self {
             session: Some(session),
             mountpoint,
-            read_path,
         };
         if options.mode == FuseMode::Passthrough && read_path != ReadPath::Passthrough {
             view.unmount();
@@ -159,16 +184,6 @@ impl FuseView {
         }
         tracing::info!(mountpoint = %view.mountpoint.display(), read_path = ?read_path, "memory files mounted");
         Ok(view)
-    }
-
-    /// Where the view is mounted.
-    pub fn mountpoint(&self) -> &Path {
-        &self.mountpoint
-    }
-
-    /// The read path the kernel granted.
-    pub fn read_path(&self) -> ReadPath {
-        self.read_path
     }
 
     /// Removes the mount. If processes still hold memory files it is detached instead: they
