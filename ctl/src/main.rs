@@ -1,33 +1,48 @@
-//! `ctl`: the command-line client of pagerd's control socket.
+//! `pagerctl`: the command-line client of pagerd's control socket.
 //!
-//! Every subcommand is one request; the answer is printed as a table (default) or as the
-//! daemon's JSON (`--json`). On failure the error chain goes to stderr, numbered, and the exit
-//! status is 1.
+//! Every subcommand is one request; the answer is printed for people (default) or as the
+//! daemon's JSON (`--json`). Exit status: 0 on success, 2 for a usage error, 3 to 7 for the
+//! daemon's error codes (`not_found`, `conflict`, `invalid_argument`, `unavailable`,
+//! `internal`), 8 when the daemon cannot be reached, 9 when `status` finds it unhealthy. Errors
+//! go to stderr as a numbered chain, or with `--json` to stdout as `{"error": {...}}`.
 
-mod client;
+mod render;
 mod table;
+mod units;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use client::Client;
-use serde_json::{json, Value};
+use proto::client::{Client, ClientError};
+use proto::control::ErrorCode;
+use proto::model::ForkState;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Exit status when the daemon cannot be reached or answers nonsense.
+const EXIT_UNREACHABLE: u8 = 8;
+/// Exit status of `status` when the daemon is unhealthy.
+const EXIT_UNHEALTHY: u8 = 9;
 
 /// Manage pagerd's snapshots and forks.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// The control socket.
+    /// pagerd's state directory; the control socket is STATE_DIR/control.sock unless
+    /// --socket says otherwise.
     #[arg(
         long,
-        env = "PAGERD_SOCKET",
-        default_value = "/run/pagerd/control.sock",
+        env = proto::defaults::STATE_DIR_ENV,
+        default_value = proto::defaults::STATE_DIR,
         global = true
     )]
-    socket: PathBuf,
-    /// Print the daemon's JSON instead of a table.
+    state_dir: PathBuf,
+    /// The control socket [default: STATE_DIR/control.sock].
+    #[arg(long, env = proto::defaults::SOCKET_ENV, global = true)]
+    socket: Option<PathBuf>,
+    /// Print the daemon's JSON instead of text (errors too, on stdout).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -36,7 +51,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Daemon health, version and counts.
+    /// Daemon health, version and counts; exits 9 when it is unhealthy.
     Status,
     /// Serving counters summed over every fork.
     Stats,
@@ -69,7 +84,7 @@ enum SnapshotCommand {
     /// List snapshots.
     Ls,
     /// Show one snapshot.
-    Show {
+    Get {
         /// Snapshot id.
         id: String,
     },
@@ -85,10 +100,10 @@ enum ForkCommand {
         #[arg(long)]
         id: Option<String>,
     },
-    /// List forks.
+    /// List forks and processes holding memory files.
     Ls,
-    /// Show one fork with its counters.
-    Show {
+    /// Show one fork with its counters, end reason and last refused handoff.
+    Get {
         /// Fork id.
         id: String,
     },
@@ -96,9 +111,8 @@ enum ForkCommand {
     Wait {
         /// Fork id.
         id: String,
-        /// The state to wait for.
-        #[arg(value_parser = ["waiting", "serving", "ended", "detached"])]
-        state: String,
+        /// The state to wait for: waiting, serving, ended or detached.
+        state: ForkState,
         /// How long to wait at most, in ms.
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
@@ -110,197 +124,132 @@ enum ForkCommand {
     },
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+/// What a command printed and how it ends.
+struct Outcome {
+    json: Value,
+    text: String,
+    exit: u8,
+}
+
+fn done<T: Serialize>(result: &T, text: String) -> Outcome {
+    Outcome {
+        json: serde_json::to_value(result).unwrap_or(Value::Null),
+        text,
+        exit: 0,
     }
 }
 
-fn fork_rows(forks: &[Value]) -> String {
-    let rows: Vec<Vec<String>> = forks
-        .iter()
-        .map(|f| {
-            let s = &f["stats"];
-            let pid = if f["kind"] == "file" {
-                &f["pid"]
-            } else {
-                &f["vmm_pid"]
-            };
-            vec![
-                text(&f["id"]),
-                text(&f["kind"]),
-                text(&f["snapshot"]),
-                text(&f["state"]),
-                text(pid),
-                text(&s["faults"]),
-                text(&s["pages_copied"]),
-                text(&s["zero_pages"]),
-                text(&s["latency_ns"]["p99"]),
-                text(&f["handoff_socket"]),
-            ]
-        })
-        .collect();
-    table::render(
-        &[
-            "ID", "KIND", "SNAPSHOT", "STATE", "PID", "FAULTS", "COPIED", "ZERO", "P99_NS",
-            "SOCKET",
-        ],
-        &rows,
-    )
-}
-
-fn snapshot_rows(snapshots: &[Value]) -> String {
-    let rows: Vec<Vec<String>> = snapshots
-        .iter()
-        .map(|s| {
-            vec![
-                text(&s["id"]),
-                text(&s["size"]),
-                text(&s["zero_pages"]),
-                s["ref_count"]
-                    .as_u64()
-                    .map_or("?".into(), |n| n.to_string()),
-                if s["delete_pending"] == Value::Bool(true) {
-                    "delete-pending".into()
-                } else {
-                    text(&s["error"])
-                },
-                text(&s["path"]),
-            ]
-        })
-        .collect();
-    table::render(&["ID", "SIZE", "ZERO_PAGES", "REFS", "NOTE", "PATH"], &rows)
-}
-
-fn run(cli: &Cli) -> Result<String, client::ClientError> {
-    let client = Client::new(&cli.socket);
-    let call = |op: &str, args: Value| client.request(op, args, Duration::ZERO);
-    let (result, human) = match &cli.command {
+fn run(cli: &Cli) -> Result<Outcome, ClientError> {
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| proto::defaults::control_socket(&cli.state_dir));
+    let client = Client::new(&socket);
+    Ok(match &cli.command {
         Command::Status => {
-            let r = call("status", Value::Null)?;
-            let h = format!(
-                "pagerd {} (pid {}), up {} ms, {} workers, {}\nsnapshots: {}\nforks: {} waiting, {} serving, {} detached, {} ended\n",
-                text(&r["version"]),
-                text(&r["pid"]),
-                text(&r["uptime_ms"]),
-                text(&r["workers"]),
-                if r["healthy"] == Value::Bool(true) { "healthy" } else { "UNHEALTHY (see --json)" },
-                text(&r["snapshots"]),
-                text(&r["forks"]["waiting"]),
-                text(&r["forks"]["serving"]),
-                text(&r["forks"]["detached"]),
-                text(&r["forks"]["ended"]),
-            );
-            (r, h)
+            let r = client.status()?;
+            let mut outcome = done(&r, render::status(&r));
+            if !r.healthy {
+                outcome.exit = EXIT_UNHEALTHY;
+            }
+            outcome
         }
         Command::Stats => {
-            let r = call("stats", Value::Null)?;
-            let t = &r["totals"];
-            let h = format!(
-                "forks: {}\nfaults: {}\npages copied: {} ({} bytes)\nzero pages: {}\nremoves: {}\nerrors: {}\n",
-                text(&r["forks"]),
-                text(&t["faults"]),
-                text(&t["pages_copied"]),
-                text(&t["bytes_copied"]),
-                text(&t["zero_pages"]),
-                text(&t["removes"]),
-                text(&t["errors"]),
-            );
-            (r, h)
+            let r = client.stats()?;
+            done(&r, render::stats(&r))
         }
         Command::Snapshot(SnapshotCommand::Add { id, path }) => {
             let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-            let r = call("snapshot.register", json!({"snapshot": id, "path": path}))?;
-            let h = snapshot_rows(std::slice::from_ref(&r));
-            (r, h)
+            let r = client.register_snapshot(id, &path)?;
+            done(&r, render::snapshot_table(std::slice::from_ref(&r)))
         }
         Command::Snapshot(SnapshotCommand::Rm { id, defer }) => {
-            let r = call("snapshot.delete", json!({"snapshot": id, "defer": defer}))?;
-            let h = if r["deleted"] == Value::Bool(true) {
-                format!("deleted {id}\n")
-            } else {
-                format!(
-                    "{id} will be deleted when its forks end: {} (and processes holding its memory file: {})\n",
-                    text(&r["forks"]),
-                    text(&r["file_users"])
-                )
-            };
-            (r, h)
+            let r = client.delete_snapshot(id, *defer)?;
+            done(&r, render::deleted(&r))
         }
         Command::Snapshot(SnapshotCommand::Ls) => {
-            let r = call("snapshot.list", Value::Null)?;
-            let h = snapshot_rows(r.as_array().map_or(&[], Vec::as_slice));
-            (r, h)
+            let r = client.snapshots()?;
+            done(&r, render::snapshot_table(&r))
         }
-        Command::Snapshot(SnapshotCommand::Show { id }) => {
-            let r = call("snapshot.get", json!({"snapshot": id}))?;
-            let h = snapshot_rows(std::slice::from_ref(&r));
-            (r, h)
+        Command::Snapshot(SnapshotCommand::Get { id }) => {
+            let r = client.snapshot(id)?;
+            done(&r, render::snapshot_table(std::slice::from_ref(&r)))
         }
         Command::Fork(ForkCommand::Create { snapshot, id }) => {
-            let mut args = json!({"snapshot": snapshot});
-            if let Some(id) = id {
-                args["fork"] = json!(id);
-            }
-            let r = call("fork.create", args)?;
-            let h = format!("{}\n", text(&r["handoff_socket"]));
-            (r, h)
+            let r = client.create_fork(snapshot, id.as_deref())?;
+            done(&r, format!("{}\n", r.handoff_socket.display()))
         }
         Command::Fork(ForkCommand::Ls) => {
-            let r = call("fork.list", Value::Null)?;
-            let h = fork_rows(r.as_array().map_or(&[], Vec::as_slice));
-            (r, h)
+            let r = client.forks()?;
+            done(&r, render::fork_table(&r))
         }
-        Command::Fork(ForkCommand::Show { id }) => {
-            let r = call("fork.get", json!({"fork": id}))?;
-            let h = fork_rows(std::slice::from_ref(&r));
-            (r, h)
+        Command::Fork(ForkCommand::Get { id }) => {
+            let r = client.fork(id)?;
+            done(&r, render::fork(&r))
         }
         Command::Fork(ForkCommand::Wait {
             id,
             state,
             timeout_ms,
         }) => {
-            let args = json!({"fork": id, "state": state, "timeout_ms": timeout_ms});
-            let r = client.request("fork.wait", args, Duration::from_millis(*timeout_ms))?;
-            let h = fork_rows(std::slice::from_ref(&r));
-            (r, h)
+            let r = client.wait_fork(id, *state, Duration::from_millis(*timeout_ms))?;
+            done(&r, render::fork(&r))
         }
         Command::Fork(ForkCommand::Close { id }) => {
-            let r = call("fork.close", json!({"fork": id}))?;
-            let h = format!("closed {}\n", text(&r["id"]));
-            (r, h)
+            let r = client.close_fork(id)?;
+            done(&r, format!("closed {}\n", r.id))
         }
-    };
-    Ok(if cli.json {
-        format!(
-            "{}\n",
-            serde_json::to_string_pretty(&result).unwrap_or_default()
-        )
-    } else {
-        human
     })
+}
+
+/// The exit status for a failed call.
+fn exit_code(e: &ClientError) -> u8 {
+    e.code().map_or(EXIT_UNREACHABLE, ErrorCode::exit_code)
+}
+
+/// Prints a failed call: the numbered chain on stderr, or JSON on stdout.
+fn report(e: &ClientError, json: bool) {
+    if json {
+        let error = match e {
+            ClientError::Refused(refusal) => serde_json::to_value(refusal).unwrap_or(Value::Null),
+            other => serde_json::json!({"code": "unreachable", "message": chain(other).join(": ")}),
+        };
+        println!("{}", serde_json::json!({ "error": error }));
+        return;
+    }
+    eprintln!("pagerctl: error");
+    for (n, cause) in chain(e).iter().enumerate() {
+        eprintln!("  {n}: {cause}");
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut source = Some(e);
+    while let Some(cause) = source {
+        out.push(cause.to_string());
+        source = cause.source();
+    }
+    out
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
-        Ok(out) => {
-            print!("{out}");
-            ExitCode::SUCCESS
+        Ok(outcome) => {
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&outcome.json).unwrap_or_default()
+                );
+            } else {
+                print!("{}", outcome.text);
+            }
+            ExitCode::from(outcome.exit)
         }
         Err(e) => {
-            eprintln!("ctl: error");
-            let mut source: Option<&dyn std::error::Error> = Some(&e);
-            let mut n = 0;
-            while let Some(cause) = source {
-                eprintln!("  {n}: {cause}");
-                source = cause.source();
-                n += 1;
-            }
-            ExitCode::FAILURE
+            report(&e, cli.json);
+            ExitCode::from(exit_code(&e))
         }
     }
 }

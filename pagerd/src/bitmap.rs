@@ -22,11 +22,6 @@ impl Bitmap {
         self.len
     }
 
-    /// Whether the map holds no bits at all.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Whether bit `i` is set. Bits past the end read as clear.
     pub fn get(&self, i: u64) -> bool {
         i < self.len && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0

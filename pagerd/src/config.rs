@@ -8,17 +8,18 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::fuse::{FuseMode, FuseOptions};
-use crate::ids::Id;
+use crate::fuse::FuseOptions;
+use proto::Id;
 
 /// pagerd: serves forked microVMs' memory from shared snapshot files over userfaultfd.
 #[derive(Debug, Clone, Parser)]
 #[command(version, about)]
 pub struct Config {
     /// The state directory: snapshots, fork records, handoff sockets and the control socket.
-    #[arg(long, default_value = "/var/lib/pagerd")]
+    /// A relative path is made absolute before anything uses it.
+    #[arg(long, env = proto::defaults::STATE_DIR_ENV, default_value = proto::defaults::STATE_DIR)]
     pub state_dir: PathBuf,
-    /// Control socket path [default: STATE_DIR/control.sock].
+    /// Control socket path [default: STATE_DIR/control.sock, where `pagerctl` looks too].
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
     /// A group (name or gid) whose members may also use the control socket, besides the
@@ -65,17 +66,43 @@ pub struct Config {
     /// 0 keeps the kernel's default.
     #[arg(long, default_value_t = 1024)]
     pub fuse_readahead_kib: u32,
-    /// Log filter (tracing's env-filter syntax), also read from PAGERD_LOG.
+    /// Log filter (tracing's env-filter syntax, e.g. `info,pagerd=debug`); `RUST_LOG`
+    /// overrides it.
     #[arg(long, default_value = "info")]
     pub log: String,
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per event.
+    Json,
 }
 
 impl Config {
+    /// Makes every path absolute (relative to the current directory), so that no relative path
+    /// ever reaches a VMM.
+    pub(crate) fn make_paths_absolute(&mut self) -> std::io::Result<()> {
+        self.state_dir = std::path::absolute(&self.state_dir)?;
+        if let Some(socket) = &mut self.control_socket {
+            *socket = std::path::absolute(&*socket)?;
+        }
+        if let Some(mount) = &mut self.fuse_mount {
+            *mount = std::path::absolute(&*mount)?;
+        }
+        Ok(())
+    }
+
     /// The control socket path.
     pub fn control_socket(&self) -> PathBuf {
         self.control_socket
             .clone()
-            .unwrap_or_else(|| self.state_dir.join("control.sock"))
+            .unwrap_or_else(|| proto::defaults::control_socket(&self.state_dir))
     }
 
     /// Worker threads to start.
@@ -85,7 +112,7 @@ impl Config {
     }
 
     /// How to mount the FUSE view, unless it is off.
-    pub fn fuse_options(&self) -> Option<FuseOptions> {
+    pub(crate) fn fuse_options(&self) -> Option<FuseOptions> {
         (self.fuse != FuseMode::Off).then(|| FuseOptions {
             mountpoint: self
                 .fuse_mount
@@ -115,4 +142,17 @@ fn parse_fork(s: &str) -> Result<(Id, Id), String> {
         .parse()
         .map_err(|e| format!("{e}"))?;
     Ok((id, snapshot))
+}
+
+/// Which read path the mount offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FuseMode {
+    /// No FUSE mount.
+    Off,
+    /// pagerd answers reads into the FUSE page cache.
+    Cached,
+    /// The kernel maps the backing file directly (FUSE passthrough); refuse to start without.
+    Passthrough,
+    /// Passthrough where the kernel offers it, cached otherwise.
+    Auto,
 }

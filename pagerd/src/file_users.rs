@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use serde::Serialize;
+use proto::model::{FileUserInfo, FileUserState};
+use proto::Id;
 
-use crate::ids::Id;
 use crate::registry::unix_ms;
 use crate::store::VmmIdentity;
 
@@ -57,31 +57,6 @@ impl FileKey {
 fn process_maps(pid: i32, key: FileKey) -> Option<bool> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     Some(maps.lines().any(|line| key.matches_maps_line(line)))
-}
-
-/// How a file user holds the memory file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FileUserState {
-    /// The kernel holds an open handle (descriptors or mappings).
-    Open,
-    /// The handle was released but the process still maps the file (passthrough).
-    Mapped,
-}
-
-/// A file user as the control socket reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FileUserInfo {
-    /// `file-<handle>`.
-    pub id: String,
-    /// The snapshot whose memory file it holds.
-    pub snapshot: Id,
-    /// The process, from the FUSE request (0 if the kernel could not name it).
-    pub pid: i32,
-    /// How it holds the file.
-    pub state: FileUserState,
-    /// When it opened the file, ms since the Unix epoch.
-    pub opened_unix_ms: u64,
 }
 
 #[derive(Debug, Clone)]

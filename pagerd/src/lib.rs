@@ -16,19 +16,25 @@
 //!   only map a file; [`file_users`]: the processes holding those files (references too).
 //! - [`control`]: the JSON control socket; [`daemon`] answers it and runs everything.
 
-pub mod bitmap;
+mod bitmap;
 pub mod config;
-pub mod control;
-pub mod daemon;
-pub mod errors;
-pub mod file_users;
-pub mod fuse;
-pub mod ids;
-pub mod lifecycle;
-pub mod ratelimit;
-pub mod registry;
-pub mod serve;
-pub mod snapshot;
-pub mod stats;
-pub mod store;
-pub mod sys;
+mod control;
+mod daemon;
+mod errors;
+mod file_users;
+mod fuse;
+mod lifecycle;
+mod ratelimit;
+mod registry;
+mod serve;
+mod snapshot;
+mod stats;
+mod store;
+mod sys;
+
+/// Sets up logging and runs the daemon until SIGTERM or SIGINT. On failure, the error and its
+/// causes, as one line.
+pub fn run(config: config::Config) -> Result<(), String> {
+    daemon::init_logging(&config.log, config.log_format);
+    daemon::run(config).map_err(|e| errors::error_chain(&e))
+}

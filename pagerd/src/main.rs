@@ -5,12 +5,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let config = pagerd::config::Config::parse();
-    pagerd::daemon::init_logging(&config.log);
-    match pagerd::daemon::run(config) {
+    match pagerd::run(pagerd::config::Config::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pagerd: {}", pagerd::errors::error_chain(&e));
+            eprintln!("pagerd: {e}");
             ExitCode::FAILURE
         }
     }

@@ -10,27 +10,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
+use proto::model::{EndReason, ForkInfo, ForkState, HandoffErrorInfo};
+use proto::Id;
 
-use crate::ids::Id;
 use crate::snapshot::Snapshot;
-use crate::stats::{ForkStats, ForkStatsReport};
-
-/// Where a fork is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ForkState {
-    /// The handoff socket listens; no VMM has handed over a uffd yet.
-    Waiting,
-    /// A VMM's uffd is being served.
-    Serving,
-    /// Serving stopped and the reference was released; the entry stays, for its counters,
-    /// until the fork is closed or the daemon restarts.
-    Ended,
-    /// Its VMM outlived a daemon restart: nobody serves it, but it still references its
-    /// snapshot until it is closed.
-    Detached,
-}
+use crate::stats::ForkStats;
 
 /// What a fork is doing, guarded by the fork's lock.
 #[derive(Debug, Clone)]
@@ -42,9 +26,9 @@ pub struct ForkStatus {
     /// The uffd features the VMM negotiated, read from the fd's `fdinfo`.
     pub uffd_features: Option<u64>,
     /// Why serving ended.
-    pub end_reason: Option<String>,
-    /// The last handoff refused on this fork's socket, with its reason code.
-    pub last_handoff_error: Option<(String, String)>,
+    pub end_reason: Option<EndReason>,
+    /// The last handoff refused on this fork's socket.
+    pub last_handoff_error: Option<HandoffErrorInfo>,
     /// Which worker serves the fork.
     pub worker: Option<usize>,
 }
@@ -103,49 +87,11 @@ impl Fork {
             uffd_features: st.uffd_features,
             worker: st.worker,
             end_reason: st.end_reason,
-            last_handoff_error: st
-                .last_handoff_error
-                .map(|(reason, message)| HandoffErrorInfo { reason, message }),
+            last_handoff_error: st.last_handoff_error,
             created_unix_ms: unix_ms(self.created),
             stats: self.stats.report(),
         }
     }
-}
-
-/// A refused handoff, as reported.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct HandoffErrorInfo {
-    /// Stable reason code (see `vmm_glue::handoff::HandoffError::reason`).
-    pub reason: String,
-    /// Human-readable message.
-    pub message: String,
-}
-
-/// A fork as the control socket reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct ForkInfo {
-    /// Fork id.
-    pub id: Id,
-    /// Snapshot id.
-    pub snapshot: Id,
-    /// State.
-    pub state: ForkState,
-    /// The socket to give the VMM.
-    pub handoff_socket: PathBuf,
-    /// The VMM's pid.
-    pub vmm_pid: Option<i32>,
-    /// Negotiated uffd features.
-    pub uffd_features: Option<u64>,
-    /// Serving worker.
-    pub worker: Option<usize>,
-    /// Why serving ended.
-    pub end_reason: Option<String>,
-    /// The last refused handoff.
-    pub last_handoff_error: Option<HandoffErrorInfo>,
-    /// Creation time, ms since the Unix epoch.
-    pub created_unix_ms: u64,
-    /// Serving counters.
-    pub stats: ForkStatsReport,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -186,19 +132,9 @@ pub enum RegistryError {
     },
 }
 
-/// Something that happened to a fork on a serving thread, for the lifecycle to record.
-#[derive(Debug)]
-pub enum ForkEvent {
-    /// A VMM handed over its uffd.
-    Attached(Arc<Fork>),
-    /// Serving ended.
-    Ended(Arc<Fork>),
-}
-
 /// All snapshots and forks of the daemon.
 #[derive(Debug, Default)]
 pub struct Registry {
-    events: Mutex<Option<std::sync::mpsc::Sender<ForkEvent>>>,
     snapshots: Mutex<BTreeMap<Id, Arc<Snapshot>>>,
     forks: Mutex<BTreeMap<Id, Arc<Fork>>>,
     changed: Condvar,
@@ -210,23 +146,6 @@ impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Where fork events go from now on.
-    pub fn set_event_sink(&self, sink: std::sync::mpsc::Sender<ForkEvent>) {
-        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
-    }
-
-    /// Stops reporting fork events (at shutdown, when endings must not release references).
-    pub fn clear_event_sink(&self) {
-        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-
-    /// Reports a fork event (dropped if nobody listens).
-    pub fn emit(&self, event: ForkEvent) {
-        if let Some(sink) = &*self.events.lock().unwrap_or_else(|p| p.into_inner()) {
-            let _ = sink.send(event);
-        }
     }
 
     /// Adds a snapshot.

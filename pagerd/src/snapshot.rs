@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use memmap2::{Mmap, MmapOptions};
 
 use crate::bitmap::Bitmap;
-use crate::ids::Id;
+use proto::Id;
 
 /// The granularity of the zero-page map.
 pub const ZERO_MAP_PAGE: u64 = 4096;

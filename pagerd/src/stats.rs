@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use proto::model::{ForkStatsReport, LatencyReport};
 
 /// The largest latency the histogram tells apart (60 s); longer ones count as 60 s.
 const MAX_LATENCY_NS: u64 = 60_000_000_000;
@@ -65,61 +65,6 @@ pub fn bump(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Relaxed);
 }
 
-/// A point-in-time copy of a fork's counters, as reported on the control socket.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct ForkStatsReport {
-    /// Page-fault events read.
-    pub faults: u64,
-    /// Pages filled by copying snapshot bytes.
-    pub pages_copied: u64,
-    /// Bytes filled by copying snapshot bytes.
-    pub bytes_copied: u64,
-    /// Pages filled with zeros.
-    pub zero_pages: u64,
-    /// Faults on pages already present.
-    pub already_present: u64,
-    /// REMOVE events applied.
-    pub removes: u64,
-    /// Faults retried after `EAGAIN`.
-    pub deferred_retries: u64,
-    /// Faults outside every declared region.
-    pub outside_faults: u64,
-    /// Faults that failed otherwise.
-    pub errors: u64,
-    /// Fault service latency in nanoseconds.
-    pub latency_ns: LatencyReport,
-}
-
-/// Summary of the latency histogram.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct LatencyReport {
-    /// Faults measured.
-    pub count: u64,
-    /// Median.
-    pub p50: u64,
-    /// 99th percentile.
-    pub p99: u64,
-    /// Largest.
-    pub max: u64,
-}
-
-impl std::ops::AddAssign<&ForkStatsReport> for ForkStatsReport {
-    /// Adds another fork's counters; of the latency summary only `count` and `max` add up.
-    fn add_assign(&mut self, r: &ForkStatsReport) {
-        self.faults += r.faults;
-        self.pages_copied += r.pages_copied;
-        self.bytes_copied += r.bytes_copied;
-        self.zero_pages += r.zero_pages;
-        self.already_present += r.already_present;
-        self.removes += r.removes;
-        self.deferred_retries += r.deferred_retries;
-        self.outside_faults += r.outside_faults;
-        self.errors += r.errors;
-        self.latency_ns.count += r.latency_ns.count;
-        self.latency_ns.max = self.latency_ns.max.max(r.latency_ns.max);
-    }
-}
-
 impl ForkStats {
     /// Records fault latencies measured during one batch.
     pub fn record_latencies(&self, samples_ns: &[u64]) {
@@ -145,6 +90,7 @@ impl ForkStats {
             removes: load(&self.removes),
             deferred_retries: load(&self.deferred_retries),
             outside_faults: load(&self.outside_faults),
+            poisoned_pages: 0,
             errors: load(&self.errors),
             latency_ns: LatencyReport {
                 count: hist.len(),

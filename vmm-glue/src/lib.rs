@@ -1,20 +1,26 @@
-//! Hypervisor-facing pieces of pagerd.
+//! The hypervisor-facing side of pagerd: what a VMM (or whatever starts one) does to have
+//! pagerd serve its guest memory.
 //!
-//! - [`handoff`]: the JSON message a VMM sends with its userfaultfd (Firecracker's
-//!   `GuestRegionUffdMapping` list), parsing that tolerates what VMMs send, and the validation
-//!   that rejects what pagerd must never serve.
-//! - [`events`]: the JSON event lines the VMM binaries print.
-//! - [`fdpass`]: one message plus file descriptors over a Unix stream socket (`SCM_RIGHTS`),
-//!   the peer's credentials (`SO_PEERCRED`), and the incremental receiver pagerd drives from
-//!   its event loop.
-//! - [`synthetic`]: a synthetic VMM that maps guest memory exactly as Firecracker does, hands
-//!   its uffd to pagerd and checks every byte it reads. Tests and benches run it as the
-//!   `synthetic-vmm` binary.
-//! - [`kvm`]: a tiny KVM VMM whose CPL3 guest checksums its pagerd-served memory (the
-//!   `kvm-vmm` binary).
+//! - [`hand_off`]: the Firecracker uffd handoff, as a VMM performs it: connect to a fork's
+//!   handoff socket and send the guest regions with the userfaultfd. The wire format itself
+//!   lives in [`proto::handoff`] and [`proto::fdpass`], shared with the daemon.
 
-pub mod events;
-pub mod fdpass;
-pub mod handoff;
-pub mod kvm;
-pub mod synthetic;
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+pub use proto::handoff::GuestRegionUffdMapping;
+
+/// Connects to a fork's handoff socket and hands over `uffd` with the `regions` it covers,
+/// exactly as Firecracker does. The returned connection must stay open for as long as the VMM
+/// runs; pagerd writes one JSON error line on it if it refuses the handoff.
+pub fn hand_off(
+    socket: &Path,
+    regions: &[GuestRegionUffdMapping],
+    uffd: BorrowedFd<'_>,
+) -> io::Result<UnixStream> {
+    let stream = UnixStream::connect(socket)?;
+    proto::fdpass::send_handoff(&stream, regions, uffd)?;
+    Ok(stream)
+}

@@ -1,13 +1,13 @@
-//! The control socket: a Unix stream socket speaking newline-delimited JSON ([`protocol`]).
+//! The control socket: a Unix stream socket speaking newline-delimited JSON (`proto::control`).
 //!
 //! One thread accepts; each connection gets a thread of its own that reads request lines
-//! (at most [`protocol::MAX_REQUEST_BYTES`] each), hands them to the [`Handler`] and writes one
+//! (at most [`MAX_REQUEST_BYTES`] each), hands them to the [`Handler`] and writes one
 //! response line per request. A connection idle for longer than the idle timeout is closed, as
 //! is one that sends an over-long line; at most [`MAX_CONNECTIONS`] are served at once and the
 //! rest are told the daemon is busy. Only the socket owner's uid, root, and members of the
 //! configured group may connect (mode 0660 and an `SO_PEERCRED` check).
 
-pub mod protocol;
+mod dispatch;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -18,21 +18,25 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use protocol::{parse_line, response, ControlError, ErrorCode, Request, MAX_REQUEST_BYTES};
+use proto::control::{
+    parse_line, response, ControlError, ErrorCode, Request, MAX_REQUEST_BYTES,
+};
 use serde_json::Value;
 
+pub(crate) use dispatch::Dispatcher;
+
 /// The most connections served at once.
-pub const MAX_CONNECTIONS: usize = 256;
+pub(crate) const MAX_CONNECTIONS: usize = 256;
 
 /// Answers requests; implemented by the daemon, and testable without a socket.
-pub trait Handler: Send + Sync + 'static {
+pub(crate) trait Handler: Send + Sync + 'static {
     /// Handles one request.
     fn handle(&self, request: Request) -> Result<Value, ControlError>;
 }
 
 /// The listening control socket and its accept thread.
 #[derive(Debug)]
-pub struct ControlServer {
+pub(crate) struct ControlServer {
     path: PathBuf,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -74,11 +78,6 @@ impl ControlServer {
         })
     }
 
-    /// The socket path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Stops accepting and removes the socket.
     pub fn stop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -99,8 +98,7 @@ fn accept_loop(
     stopping: Arc<AtomicBool>,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let owner = unsafe { libc::geteuid() };
+    let owner = nix::unistd::geteuid().as_raw();
     for conn in listener.incoming() {
         if stopping.load(Ordering::SeqCst) {
             return;

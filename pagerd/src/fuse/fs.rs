@@ -1,6 +1,6 @@
 //! The read-only filesystem: `/snapshots/<id>/memory` for every snapshot that may be forked.
 //!
-//! - `open` of a memory file is a reference ([`Lifecycle::open_memory_file`]), taken under the
+//! - `open` of a memory file is a reference ([`MemoryFiles::open_memory_file`]), taken under the
 //!   lifecycle lock so it cannot race a delete; `release` ends it. Opening for writing, or a
 //!   snapshot pending deletion, is refused.
 //! - Reads are answered straight from the snapshot's shared mapping, as large as the kernel
@@ -9,7 +9,8 @@
 //! - With passthrough the kernel reads and maps the backing file in the state directory itself
 //!   and pagerd only sees `open` and `release`. One backing id per snapshot is shared by all
 //!   its open handles.
-//! - Everything that would change something answers `EROFS`.
+//! - Nothing here changes anything: the mount is read-only, so the kernel answers `EROFS` to
+//!   every mutation before it reaches this filesystem; opening for writing is refused here too.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -21,13 +22,14 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
+use proto::model::ReadPath;
+
 use super::inodes::{Inodes, Node, ROOT, SNAPSHOTS};
-use super::SNAPSHOTS_DIR;
 use crate::file_users::FileKey;
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{MemoryFiles, SNAPSHOTS_DIR};
 use crate::snapshot::Snapshot;
 use crate::store::MEMORY_FILE;
 
@@ -35,15 +37,6 @@ use crate::store::MEMORY_FILE;
 /// deleted and re-registered snapshot must be looked up again soon.
 const TTL: Duration = Duration::from_secs(1);
 const BLOCK: u32 = 4096;
-
-/// How reads reach the snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadPath {
-    /// pagerd answers every read from its mapping of the snapshot.
-    Cached,
-    /// The kernel reads and maps the backing file itself (FUSE passthrough).
-    Passthrough,
-}
 
 /// A memory file open in some process.
 #[derive(Debug)]
@@ -56,7 +49,7 @@ struct OpenFile {
 /// The filesystem.
 #[derive(Debug)]
 pub struct MemoryFs {
-    lifecycle: Arc<Lifecycle>,
+    files: Arc<dyn MemoryFiles>,
     inodes: Inodes,
     wanted: ReadPath,
     /// Whether passthrough was granted by the kernel at `init`.
@@ -75,14 +68,14 @@ impl MemoryFs {
     /// A filesystem over the lifecycle's snapshots; `passthrough` reports what the kernel
     /// granted.
     pub fn new(
-        lifecycle: Arc<Lifecycle>,
+        files: Arc<dyn MemoryFiles>,
         wanted: ReadPath,
         passthrough: Arc<AtomicBool>,
         device: Arc<OnceLock<(u64, u64)>>,
     ) -> Self {
         Self {
             device,
-            lifecycle,
+            files,
             inodes: Inodes::new(),
             wanted,
             passthrough,
@@ -163,7 +156,7 @@ impl MemoryFs {
             minor,
             inode: ino,
         });
-        let handle = match self.lifecycle.open_memory_file(&snapshot, pid, key) {
+        let handle = match self.files.open_memory_file(&snapshot, pid, key) {
             Ok(h) => h,
             Err(e) => {
                 tracing::info!(snapshot = %snapshot.id(), pid, reason = %e, "memory file open refused");
@@ -175,7 +168,7 @@ impl MemoryFs {
                 Ok(id) => Some(id),
                 Err(e) => {
                     tracing::error!(snapshot = %snapshot.id(), error = %e, "cannot register the backing file for passthrough");
-                    self.lifecycle.release_memory_file(handle);
+                    self.files.release_memory_file(handle);
                     return reply.error(Errno::EIO);
                 }
             }
@@ -224,7 +217,7 @@ impl Filesystem for MemoryFs {
             (Some(Node::Snapshots), Some(id)) => id
                 .parse()
                 .ok()
-                .and_then(|id| self.lifecycle.openable_snapshot(&id))
+                .and_then(|id| self.files.openable_snapshot(&id))
                 .map(|s| self.inodes.snapshot_dir(&s)),
             (Some(Node::SnapshotDir(s)), Some(MEMORY_FILE)) => {
                 s.upgrade().map(|s| self.inodes.snapshot_dir(&s) + 1)
@@ -294,7 +287,7 @@ impl Filesystem for MemoryFs {
     ) {
         let removed = self.open_files().remove(&fh.0);
         if removed.is_some() {
-            self.lifecycle.release_memory_file(fh.0);
+            self.files.release_memory_file(fh.0);
         }
         // Dropping the handle's backing id here, after the reference is recorded as ended.
         drop(removed);
@@ -341,7 +334,7 @@ impl Filesystem for MemoryFs {
             }
             Some(Node::Snapshots) => {
                 entries[1].0 = ROOT;
-                for s in self.lifecycle.openable_snapshots() {
+                for s in self.files.openable_snapshots() {
                     let dir = self.inodes.snapshot_dir(&s);
                     entries.push((dir, FileType::Directory, s.id().to_string()));
                 }
@@ -365,7 +358,7 @@ impl Filesystem for MemoryFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let snapshots = self.lifecycle.openable_snapshots();
+        let snapshots = self.files.openable_snapshots();
         let bytes: u64 = snapshots.iter().map(|s| s.size()).sum();
         let files = snapshots.len() as u64 * 2 + 2;
         reply.statfs(bytes / u64::from(BLOCK), 0, 0, files, 0, BLOCK, 255, BLOCK);
@@ -411,170 +404,5 @@ impl Filesystem for MemoryFs {
     ) {
         // Memory files are not terminals or devices (`isatty` asks).
         reply.error(Errno::ENOTTY);
-    }
-
-    // Everything below would change the filesystem: read-only, always.
-
-    fn setattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<fuser::TimeOrNow>,
-        _mtime: Option<fuser::TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
-        _write_flags: fuser::WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn mknod(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn mkdir(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn symlink(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &std::path::Path,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: fuser::RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn link(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn create(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _flags: i32,
-        reply: fuser::ReplyCreate,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn setxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn fallocate(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn copy_file_range(
-        &self,
-        _req: &Request,
-        _ino_in: INodeNo,
-        _fh_in: FileHandle,
-        _offset_in: u64,
-        _ino_out: INodeNo,
-        _fh_out: FileHandle,
-        _offset_out: u64,
-        _len: u64,
-        _flags: fuser::CopyFileRangeFlags,
-        reply: ReplyWrite,
-    ) {
-        reply.error(Errno::EROFS);
     }
 }

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use crate::ids::Id;
+use proto::Id;
 use crate::snapshot::Snapshot;
 
 /// The root directory.

@@ -20,57 +20,22 @@
 
 mod fs;
 mod inodes;
-pub mod mountpoint;
+pub(crate) mod mountpoint;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use fuser::{BackgroundSession, MountOption, SessionACL};
 
-pub use fs::ReadPath;
+pub use proto::model::ReadPath;
 
-use crate::ids::Id;
-use crate::lifecycle::Lifecycle;
-
-/// The directory of the mount that holds one directory per snapshot.
-pub const SNAPSHOTS_DIR: &str = "snapshots";
-
-/// Where snapshot `id`'s memory file is on a mount at `mountpoint`.
-pub fn memory_file(mountpoint: &Path, id: &Id) -> PathBuf {
-    mountpoint
-        .join(SNAPSHOTS_DIR)
-        .join(id.as_str())
-        .join(crate::store::MEMORY_FILE)
-}
-
-/// A mounted view, as the rest of the daemon sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountInfo {
-    /// The mount point (absolute).
-    pub path: PathBuf,
-    /// The mount's device number.
-    pub device: u64,
-    /// The read path the kernel granted.
-    pub read_path: ReadPath,
-}
-
-/// Which read path the mount offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum FuseMode {
-    /// No FUSE mount.
-    Off,
-    /// pagerd answers reads into the FUSE page cache.
-    Cached,
-    /// The kernel maps the backing file directly (FUSE passthrough); refuse to start without.
-    Passthrough,
-    /// Passthrough where the kernel offers it, cached otherwise.
-    Auto,
-}
+use crate::config::FuseMode;
+use crate::lifecycle::{FuseMount, MemoryFiles};
 
 /// How to mount.
 #[derive(Debug, Clone)]
-pub struct FuseOptions {
+pub(crate) struct FuseOptions {
     /// Where.
     pub mountpoint: PathBuf,
     /// Which read path.
@@ -83,7 +48,7 @@ pub struct FuseOptions {
 
 /// Why the FUSE mount could not be set up.
 #[derive(Debug, thiserror::Error)]
-pub enum FuseError {
+pub(crate) enum FuseError {
     /// The mount point could not be prepared (stale mounts, directory).
     #[error("cannot prepare mount point {path}")]
     MountPoint {
@@ -109,14 +74,14 @@ pub enum FuseError {
 
 /// The mounted view.
 #[derive(Debug)]
-pub struct FuseView {
+pub(crate) struct FuseView {
     session: Option<BackgroundSession>,
-    mountpoint: PathBuf,
+    info: FuseMount,
 }
 
 impl FuseView {
-    /// Mounts the view of `lifecycle`'s snapshots, replacing stale mounts first.
-    pub fn mount(lifecycle: Arc<Lifecycle>, options: &FuseOptions) -> Result<Self, FuseError> {
+    /// Mounts the view of the snapshots `files` offers, replacing stale mounts first.
+    pub fn mount(files: Arc<dyn MemoryFiles>, options: &FuseOptions) -> Result<Self, FuseError> {
         let prepare = |source| FuseError::MountPoint {
             path: options.mountpoint.clone(),
             source,
@@ -135,7 +100,7 @@ impl FuseView {
         let granted = Arc::new(AtomicBool::new(false));
         let device = Arc::new(OnceLock::new());
         let filesystem =
-            fs::MemoryFs::new(lifecycle.clone(), wanted, granted.clone(), device.clone());
+            fs::MemoryFs::new(files, wanted, granted.clone(), device.clone());
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             MountOption::RO,
@@ -163,27 +128,31 @@ impl FuseView {
         } else {
             ReadPath::Cached
         };
-        lifecycle.set_fuse_mount(MountInfo {
-            path: mountpoint.clone(),
-            device: nix::sys::stat::makedev(major, minor),
-            read_path,
-        });
         let session = session.spawn().map_err(mount_err)?;
         let view = Self {
             session: Some(session),
-            mountpoint,
+            info: FuseMount {
+                path: mountpoint,
+                device: nix::sys::stat::makedev(major, minor),
+                read_path,
+            },
         };
         if options.mode == FuseMode::Passthrough && read_path != ReadPath::Passthrough {
             view.unmount();
             return Err(FuseError::NoPassthrough);
         }
         if options.readahead_kib > 0 {
-            if let Err(e) = mountpoint::set_readahead_kib(&view.mountpoint, options.readahead_kib) {
+            if let Err(e) = mountpoint::set_readahead_kib(&view.info.path, options.readahead_kib) {
                 tracing::warn!(error = %e, "cannot set the FUSE mount's readahead; keeping the kernel's");
             }
         }
-        tracing::info!(mountpoint = %view.mountpoint.display(), read_path = ?read_path, "memory files mounted");
+        tracing::info!(mountpoint = %view.info.path.display(), read_path = ?read_path, "memory files mounted");
         Ok(view)
+    }
+
+    /// Where it is mounted and how it reads.
+    pub fn info(&self) -> &FuseMount {
+        &self.info
     }
 
     /// Removes the mount. If processes still hold memory files it is detached instead: they
@@ -195,12 +164,12 @@ impl FuseView {
         };
         match session.umount_and_join() {
             Ok(()) => {
-                tracing::info!(mountpoint = %self.mountpoint.display(), "memory files unmounted")
+                tracing::info!(mountpoint = %self.info.path.display(), "memory files unmounted")
             }
             Err(e) => {
-                tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e,
+                tracing::warn!(mountpoint = %self.info.path.display(), error = %e,
                     "memory files still in use; detaching the mount");
-                if let Err(e) = mountpoint::detach_all(&self.mountpoint) {
+                if let Err(e) = mountpoint::detach_all(&self.info.path) {
                     tracing::error!(error = %e, "cannot detach the FUSE mount");
                 }
             }

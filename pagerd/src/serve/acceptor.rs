@@ -20,12 +20,15 @@ use std::time::{Duration, Instant};
 use mio::net::{UnixListener, UnixStream as MioUnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
-use vmm_glue::fdpass::{self, HandoffReceiver, ReceivedHandoff};
-use vmm_glue::handoff::{self, HandoffError};
+use proto::fdpass::{self, HandoffReceiver, ReceivedHandoff};
+use proto::control::ErrorCode;
+use proto::handoff::{self, HandoffError, HandoffRefusal, HandoffReply};
+use proto::model::{EndReason, ForkState, HandoffErrorInfo, RefusalReason};
 
 use crate::errors::error_chain;
-use crate::ids::Id;
-use crate::registry::{Fork, ForkEvent, ForkState, Registry};
+use proto::Id;
+use crate::registry::{Fork, Registry};
+use crate::serve::{ForkEvent, ForkEvents};
 use crate::serve::session::{ServeOptions, Session};
 use crate::serve::uffd::Userfaultfd;
 use crate::serve::worker::{Command, WorkerHandle};
@@ -61,6 +64,7 @@ impl AcceptorHandle {
     /// Starts the acceptor.
     pub fn spawn(
         registry: Arc<Registry>,
+        events: ForkEvents,
         workers: Arc<Vec<WorkerHandle>>,
         options: ServeOptions,
         handoff_timeout: Duration,
@@ -72,6 +76,7 @@ impl AcceptorHandle {
             poll,
             rx,
             registry,
+            events,
             workers,
             options,
             handoff_timeout,
@@ -124,6 +129,7 @@ struct Acceptor {
     poll: Poll,
     rx: Receiver<AcceptorCommand>,
     registry: Arc<Registry>,
+    events: ForkEvents,
     workers: Arc<Vec<WorkerHandle>>,
     options: ServeOptions,
     handoff_timeout: Duration,
@@ -147,23 +153,23 @@ enum AttachError {
 }
 
 impl AttachError {
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> RefusalReason {
         match self {
             Self::Handoff(e) => e.reason(),
-            Self::AlreadyServing(_) => "already_serving",
-            Self::SnapshotGone(_) => "snapshot_missing",
-            Self::Setup(_) => "setup_failed",
-            Self::NoWorker => "no_worker",
+            Self::AlreadyServing(_) => RefusalReason::AlreadyServing,
+            Self::SnapshotGone(_) => RefusalReason::SnapshotMissing,
+            Self::Setup(_) => RefusalReason::SetupFailed,
+            Self::NoWorker => RefusalReason::NoWorker,
         }
     }
 
-    fn code(&self) -> &'static str {
+    fn code(&self) -> ErrorCode {
         match self {
-            Self::Handoff(_) => "invalid_argument",
-            Self::AlreadyServing(_) => "conflict",
-            Self::SnapshotGone(_) => "not_found",
-            Self::Setup(_) => "internal",
-            Self::NoWorker => "unavailable",
+            Self::Handoff(_) => ErrorCode::InvalidArgument,
+            Self::AlreadyServing(_) => ErrorCode::Conflict,
+            Self::SnapshotGone(_) => ErrorCode::NotFound,
+            Self::Setup(_) => ErrorCode::Internal,
+            Self::NoWorker => ErrorCode::Unavailable,
         }
     }
 }
@@ -361,17 +367,28 @@ impl Acceptor {
     }
 
     fn refuse(&mut self, p: Pending, error: AttachError) {
-        tracing::warn!(fork = %p.fork.id(), peer_pid = p.peer_pid, reason = error.reason(),
-            error = %error_chain(&error), "handoff refused");
+        let refusal = HandoffRefusal {
+            code: error.code(),
+            reason: error.reason(),
+            message: error_chain(&error),
+        };
+        tracing::warn!(fork = %p.fork.id(), peer_pid = p.peer_pid, reason = ?refusal.reason,
+            error = %refusal.message, "handoff refused");
         // Record first: whoever reads the reply may look at the fork next.
         self.registry.update(&p.fork, |s| {
-            s.last_handoff_error = Some((error.reason().to_owned(), error_chain(&error)));
+            s.last_handoff_error = Some(HandoffErrorInfo {
+                reason: refusal.reason,
+                message: refusal.message.clone(),
+            });
         });
-        let line = serde_json::json!({
-            "ok": false,
-            "error": {"code": error.code(), "reason": error.reason(), "message": error_chain(&error)},
-        });
-        reply(&p.stream, &line);
+        reply(
+            &p.stream,
+            &HandoffReply {
+                ok: false,
+                fork: None,
+                error: Some(refusal),
+            },
+        );
     }
 
     fn attach(&mut self, p: Pending, handoff: ReceivedHandoff) {
@@ -379,7 +396,11 @@ impl Acceptor {
             Ok(session) => {
                 reply(
                     &p.stream,
-                    &serde_json::json!({"ok": true, "fork": p.fork.id()}),
+                    &HandoffReply {
+                        ok: true,
+                        fork: Some(p.fork.id().clone()),
+                        error: None,
+                    },
                 );
                 // The connection stays open for as long as the VMM runs.
                 let connection = UnixStream::from(std::os::fd::OwnedFd::from(p.stream));
@@ -449,7 +470,7 @@ impl Acceptor {
             s.uffd_features = features;
             s.worker = Some(prepared.worker);
         });
-        self.registry.emit(ForkEvent::Attached(fork.clone()));
+        let _ = self.events.send(ForkEvent::Attached(fork.clone()));
         // One VMM per fork: nobody else may connect now.
         let keys: Vec<usize> = self
             .listeners
@@ -467,7 +488,7 @@ impl Acceptor {
             tracing::error!(fork = %fork.id(), "worker has exited; the fork cannot be served");
             self.registry.update(&fork, |s| {
                 s.state = ForkState::Ended;
-                s.end_reason = Some("no_worker".into());
+                s.end_reason = Some(EndReason::NoWorker);
             });
         }
     }
@@ -477,15 +498,17 @@ struct PreparedSession {
     snapshot: Arc<crate::snapshot::Snapshot>,
     uffd: Userfaultfd,
     pidfd: Option<std::os::fd::OwnedFd>,
-    regions: Vec<vmm_glue::handoff::GuestRegionUffdMapping>,
+    regions: Vec<proto::handoff::GuestRegionUffdMapping>,
     worker: usize,
     peer_pid: Option<i32>,
 }
 
 /// Best effort: one JSON line to the VMM. Firecracker never reads it; synthetic VMMs and
 /// operators debugging a refused handoff can.
-fn reply(stream: &MioUnixStream, line: &serde_json::Value) {
-    let mut text = line.to_string();
+fn reply(stream: &MioUnixStream, line: &HandoffReply) {
+    let Ok(mut text) = serde_json::to_string(line) else {
+        return;
+    };
     text.push('\n');
     let mut writer: &MioUnixStream = stream;
     let _ = writer.write_all(text.as_bytes());

@@ -20,7 +20,9 @@ use acceptor::{AcceptorCommand, AcceptorHandle};
 use session::ServeOptions;
 use worker::{Command, WorkerHandle};
 
-use crate::registry::{Fork, ForkState, Registry};
+use proto::model::ForkState;
+
+use crate::registry::{Fork, Registry};
 
 /// The longest path a Unix socket address can hold, less the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
@@ -47,6 +49,20 @@ pub enum ServeError {
     Stopped,
 }
 
+/// Something that happened to a fork on a serving thread, for the lifecycle to record (off
+/// the serving threads: recording writes to disk).
+#[derive(Debug)]
+pub(crate) enum ForkEvent {
+    /// A VMM handed over its uffd.
+    Attached(Arc<Fork>),
+    /// Serving ended.
+    Ended(Arc<Fork>),
+}
+
+/// Where serving threads report [`ForkEvent`]s. Events sent after the receiver is gone (at
+/// shutdown, when endings must not release references) are dropped.
+pub(crate) type ForkEvents = mpsc::Sender<ForkEvent>;
+
 /// Workers plus the acceptor.
 #[derive(Debug)]
 pub struct Server {
@@ -58,16 +74,22 @@ impl Server {
     /// Starts `workers` worker threads and the acceptor.
     pub fn start(
         registry: Arc<Registry>,
+        events: ForkEvents,
         workers: usize,
         options: ServeOptions,
         handoff_timeout: Duration,
     ) -> io::Result<Self> {
         let workers: Vec<WorkerHandle> = (0..workers.max(1))
-            .map(|i| WorkerHandle::spawn(i, registry.clone(), options.spin))
+            .map(|i| WorkerHandle::spawn(i, registry.clone(), events.clone(), options.spin))
             .collect::<io::Result<_>>()?;
         let workers = Arc::new(workers);
-        let acceptor =
-            AcceptorHandle::spawn(registry.clone(), workers.clone(), options, handoff_timeout)?;
+        let acceptor = AcceptorHandle::spawn(
+            registry.clone(),
+            events,
+            workers.clone(),
+            options,
+            handoff_timeout,
+        )?;
         Ok(Self { workers, acceptor })
     }
 

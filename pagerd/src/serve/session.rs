@@ -21,7 +21,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use vmm_glue::handoff::{GuestRegionUffdMapping, PAGE_SIZE_2M, PAGE_SIZE_4K};
+use proto::handoff::{GuestRegionUffdMapping, PAGE_SIZE_2M, PAGE_SIZE_4K};
+use proto::model::EndReason;
 
 use crate::bitmap::Bitmap;
 use crate::ratelimit::RateLimiter;
@@ -29,35 +30,6 @@ use crate::registry::Fork;
 use crate::serve::uffd::{FillError, UffdMsg, Userfaultfd, EVENT_PAGEFAULT, EVENT_REMOVE};
 use crate::snapshot::Snapshot;
 use crate::stats::bump;
-
-/// Why a session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
-    /// The VMM process exited (its pidfd fired, or the kernel answered `ESRCH`: its memory
-    /// is gone).
-    VmmExited,
-    /// The uffd hung up.
-    UffdGone,
-    /// The fork was closed on the control socket.
-    Closed,
-    /// The daemon is shutting down.
-    Shutdown,
-    /// Reading the uffd failed.
-    ReadFailed,
-}
-
-impl EndReason {
-    /// Text for the fork record.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::VmmExited => "vmm_exited",
-            Self::UffdGone => "uffd_gone",
-            Self::Closed => "closed",
-            Self::Shutdown => "shutdown",
-            Self::ReadFailed => "read_failed",
-        }
-    }
-}
 
 /// What draining the uffd left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

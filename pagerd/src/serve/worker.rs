@@ -25,9 +25,12 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::ids::Id;
-use crate::registry::{ForkEvent, ForkState, Registry};
-use crate::serve::session::{Drain, EndReason, Session};
+use proto::Id;
+use proto::model::{EndReason, ForkState};
+
+use crate::registry::Registry;
+use crate::serve::{ForkEvent, ForkEvents};
+use crate::serve::session::{Drain, Session};
 use crate::serve::uffd::{empty_msg, UffdMsg};
 
 /// How often deferred faults are retried when no event arrives.
@@ -63,7 +66,12 @@ pub struct WorkerHandle {
 
 impl WorkerHandle {
     /// Starts worker number `index`.
-    pub fn spawn(index: usize, registry: Arc<Registry>, spin: Duration) -> io::Result<Self> {
+    pub fn spawn(
+        index: usize,
+        registry: Arc<Registry>,
+        events: ForkEvents,
+        spin: Duration,
+    ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = mpsc::channel();
@@ -73,6 +81,7 @@ impl WorkerHandle {
             sessions: Slab::new(),
             rx,
             registry,
+            events,
             load: sessions.clone(),
             spin,
             deferred: Vec::new(),
@@ -122,6 +131,7 @@ struct Worker {
     sessions: Slab<Session>,
     rx: Receiver<Command>,
     registry: Arc<Registry>,
+    events: ForkEvents,
     load: Arc<AtomicUsize>,
     /// After a fault, keep polling without sleeping for this long: the same VMM's next fault
     /// usually follows within microseconds, and a sleeping worker costs a wakeup.
@@ -294,9 +304,9 @@ impl Worker {
             pages_copied = stats.pages_copied, zero_pages = stats.zero_pages, "session ended");
         self.registry.update(&fork, |s| {
             s.state = ForkState::Ended;
-            s.end_reason = Some(reason.as_str().to_owned());
+            s.end_reason = Some(reason);
         });
-        self.registry.emit(ForkEvent::Ended(fork));
+        let _ = self.events.send(ForkEvent::Ended(fork));
     }
 
     fn end_all(&mut self, reason: EndReason) {

@@ -8,19 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-
-/// How the file was brought in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ImportMethod {
-    /// A second name for the same inode.
-    Hardlink,
-    /// A copy-on-write clone of the extents.
-    Reflink,
-    /// A byte copy.
-    Copy,
-}
+pub use proto::model::ImportMethod;
 
 /// `ioctl(dst, FICLONE, src)`.
 fn reflink(src: &File, dst: &File) -> io::Result<()> {

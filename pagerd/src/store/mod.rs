@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::Id;
+use proto::Id;
 use atomic::{fsync_dir, remove_durably, temp_name, write_atomic, TEMP_PREFIX};
 use import::ImportMethod;
 

@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm_glue::events::{emit, exit_status};
-use vmm_glue::synthetic::{
+use test_vmms::events::{emit, exit_status};
+use test_vmms::synthetic::{
     monotonic_ns, AccessOrder, AccessPath, AccessPlan, GuestMemory, RegionSpec,
 };
 

@@ -17,172 +17,35 @@
 //! on the FUSE mount ([`FileUsers`]) are references too: they live only in memory, since the
 //! kernel tells the daemon when each handle is released.
 
+mod error;
+mod memory_files;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use proto::model::{
+    DeleteOutcome, EndReason, ForkCounts, ForkInfo, ForkListEntry, ForkState, ForkStatsReport,
+    FuseStatus, SnapshotInfo, StatsReport, StatusReport,
+};
+use proto::Id;
 use serde::Serialize;
 
-use crate::file_users::{FileKey, FileUserInfo, FileUsers};
-use crate::fuse::MountInfo;
-use crate::ids::Id;
-use crate::registry::{unix_ms, Fork, ForkEvent, ForkInfo, ForkState, Registry, RegistryError};
-use crate::serve::{ServeError, Server};
-use crate::snapshot::{Snapshot, SnapshotError, ZERO_MAP_PAGE};
-use crate::stats::ForkStatsReport;
-use crate::store::{ForkRecord, ForkScan, SnapshotMeta, Store, StoreError, VmmIdentity};
+pub(crate) use error::LifecycleError;
+pub(crate) use memory_files::{FuseMount, MemoryFiles, SNAPSHOTS_DIR};
 
-/// Why a lifecycle operation was refused or failed.
-#[derive(Debug, thiserror::Error)]
-pub enum LifecycleError {
-    /// No such snapshot or fork.
-    #[error("no {kind} `{id}`")]
-    NotFound {
-        /// "snapshot" or "fork".
-        kind: &'static str,
-        /// The id.
-        id: Id,
-    },
-    /// The id is taken.
-    #[error("{kind} `{id}` already exists")]
-    Exists {
-        /// "snapshot" or "fork".
-        kind: &'static str,
-        /// The id.
-        id: Id,
-    },
-    /// Live forks, or processes holding its memory file, reference the snapshot.
-    #[error(
-        "snapshot `{snapshot}` is referenced by {}; close them first, or delete with defer",
-        references(forks, file_users)
-    )]
-    InUse {
-        /// The snapshot.
-        snapshot: Id,
-        /// The forks referencing it.
-        forks: Vec<Id>,
-        /// The processes holding its memory file on the FUSE mount.
-        file_users: Vec<FileUserInfo>,
-    },
-    /// The snapshot is being deleted; no new forks.
-    #[error("snapshot `{0}` is pending deletion; no new forks of it are allowed")]
-    DeletePending(Id),
-    /// Some fork record cannot be read, so no reference count can be trusted.
-    #[error("cannot count the forks of snapshot `{snapshot}`: unreadable fork record(s) {}; repair or remove them", paths(records))]
-    CountsUnknown {
-        /// The snapshot.
-        snapshot: Id,
-        /// The unreadable records.
-        records: Vec<PathBuf>,
-    },
-    /// The snapshot's files on disk are damaged.
-    #[error("snapshot `{snapshot}` is damaged: {why}")]
-    Broken {
-        /// The snapshot.
-        snapshot: Id,
-        /// What is wrong.
-        why: String,
-    },
-    /// The path given cannot be a memory file.
-    #[error("{}: {why}", path.display())]
-    BadPath {
-        /// The path.
-        path: PathBuf,
-        /// What is wrong.
-        why: String,
-    },
-    /// The memory file cannot be mapped.
-    #[error(transparent)]
-    Snapshot(#[from] SnapshotError),
-    /// Reading or writing the state directory failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The serving side failed.
-    #[error(transparent)]
-    Serve(#[from] ServeError),
-    /// A wait ran out.
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-}
-
-fn list(ids: &[Id]) -> String {
-    ids.iter().map(Id::as_str).collect::<Vec<_>>().join(", ")
-}
-
-fn references(forks: &[Id], file_users: &[FileUserInfo]) -> String {
-    let mut parts = Vec::new();
-    if !forks.is_empty() {
-        parts.push(format!("{} fork(s): {}", forks.len(), list(forks)));
-    }
-    if !file_users.is_empty() {
-        let users: Vec<String> = file_users
-            .iter()
-            .map(|u| format!("{} (pid {}, {:?})", u.id, u.pid, u.state).to_lowercase())
-            .collect();
-        parts.push(format!(
-            "{} process(es) holding its memory file: {}",
-            users.len(),
-            users.join(", ")
-        ));
-    }
-    parts.join(" and ")
-}
-
-fn paths(paths: &[PathBuf]) -> String {
-    paths
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// A snapshot as the control socket reports it.
-#[derive(Debug, Clone, Serialize)]
-pub struct SnapshotInfo {
-    /// Snapshot id.
-    pub id: Id,
-    /// The memory file in the state directory.
-    pub path: PathBuf,
-    /// What is recorded (absent when the metadata is unreadable).
-    #[serde(flatten)]
-    pub meta: Option<SnapshotMeta>,
-    /// 4 KiB pages that are all zeros (when mapped).
-    pub zero_pages: Option<u64>,
-    /// References: forks plus processes holding its memory file; `null` when some fork
-    /// record is unreadable.
-    pub ref_count: Option<usize>,
-    /// The forks' ids; `null` when unknown.
-    pub forks: Option<Vec<Id>>,
-    /// Processes holding its memory file on the FUSE mount.
-    pub file_users: Vec<FileUserInfo>,
-    /// Its memory file on the FUSE mount, for VMMs that map a file (when mounted).
-    pub fuse_file: Option<PathBuf>,
-    /// The unreadable fork records that make the count unknown.
-    pub unreadable_fork_records: Vec<PathBuf>,
-    /// What is wrong with a damaged snapshot.
-    pub error: Option<String>,
-}
-
-/// What a delete did.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeleteOutcome {
-    /// The snapshot.
-    pub id: Id,
-    /// Gone now.
-    pub deleted: bool,
-    /// Marked for deletion when its last fork ends.
-    pub pending: bool,
-    /// The forks it waits for.
-    pub forks: Vec<Id>,
-    /// The processes holding its memory file it waits for.
-    pub file_users: Vec<FileUserInfo>,
-}
+use crate::file_users::FileUsers;
+use crate::registry::{unix_ms, Fork, Registry};
+use crate::serve::{ForkEvent, Server};
+use crate::snapshot::{Snapshot, ZERO_MAP_PAGE};
+use error::references;
+use crate::store::{ForkRecord, ForkScan, SnapshotMeta, Store, VmmIdentity};
 
 /// What reconciliation did at start.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct ReconcileReport {
+pub(crate) struct ReconcileReport {
     /// Leftover files removed.
     pub removed_leftovers: Vec<PathBuf>,
     /// Snapshots mapped.
@@ -215,16 +78,17 @@ impl Catalog {
     }
 }
 
-/// Snapshots and forks, on disk and served.
+/// Snapshots and forks, on disk and served: the one place that decides what exists.
 #[derive(Debug)]
-pub struct Lifecycle {
+pub(crate) struct Lifecycle {
     store: Store,
     registry: Arc<Registry>,
     server: Server,
     catalog: Mutex<Catalog>,
     next_fork: AtomicU64,
     file_users: FileUsers,
-    fuse: OnceLock<MountInfo>,
+    fuse: OnceLock<FuseMount>,
+    started: Instant,
 }
 
 fn now_ms() -> u64 {
@@ -246,37 +110,13 @@ impl Lifecycle {
             next_fork: AtomicU64::new(1),
             file_users: FileUsers::default(),
             fuse: OnceLock::new(),
+            started: Instant::now(),
         }
     }
 
-    /// The server.
-    pub fn server(&self) -> &Server {
-        &self.server
-    }
-
-    /// The registry.
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
-    }
-
-    /// The state directory.
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// Processes holding memory files on the FUSE mount.
-    pub fn file_users(&self) -> &FileUsers {
-        &self.file_users
-    }
-
     /// Records where the FUSE view is mounted (once: the daemon mounts it once).
-    pub fn set_fuse_mount(&self, mount: MountInfo) {
+    pub fn set_fuse_mount(&self, mount: FuseMount) {
         let _ = self.fuse.set(mount);
-    }
-
-    /// The FUSE view, if it is mounted.
-    pub fn fuse_mount(&self) -> Option<&MountInfo> {
-        self.fuse.get()
     }
 
     fn lock(&self) -> MutexGuard<'_, Catalog> {
@@ -344,7 +184,7 @@ impl Lifecycle {
                     )?;
                     self.registry.update(&fork, |s| {
                         s.vmm_pid = record.vmm.map(|v| v.pid);
-                        s.end_reason = Some("daemon_restarted".into());
+                        s.end_reason = Some(EndReason::DaemonRestarted);
                     });
                     report.detached.push(record.id.clone());
                 }
@@ -392,7 +232,8 @@ impl Lifecycle {
             return Err(bad("not a regular file"));
         }
         if self
-            .fuse_mount()
+            .fuse
+            .get()
             .is_some_and(|m| std::os::unix::fs::MetadataExt::dev(&meta) == m.device)
         {
             // Reading it would need the FUSE view, whose opens wait for this very lock.
@@ -432,17 +273,20 @@ impl Lifecycle {
     fn snapshot_info(&self, catalog: &Catalog, id: &Id, scan: &ForkScan) -> SnapshotInfo {
         let forks = scan.referencing(id);
         let file_users = self.file_users.referencing(id);
+        let meta = catalog.metas.get(id);
         SnapshotInfo {
             id: id.clone(),
             path: self.store.memory_path(id),
-            meta: catalog.metas.get(id).cloned(),
+            size: meta.map(|m| m.size),
+            created_unix_ms: meta.map(|m| m.created_unix_ms),
+            source: meta.map(|m| m.source.clone()),
+            import: meta.map(|m| m.import),
+            delete_pending: meta.is_some_and(|m| m.delete_pending),
             zero_pages: self.registry.snapshot(id).ok().map(|s| s.zero_page_count()),
             ref_count: forks.as_ref().map(|f| f.len() + file_users.len()),
             forks,
             file_users,
-            fuse_file: self
-                .fuse_mount()
-                .map(|m| crate::fuse::memory_file(&m.path, id)),
+            fuse_file: self.fuse.get().map(|m| m.memory_file(id)),
             unreadable_fork_records: scan.unreadable.iter().map(|u| u.path.clone()).collect(),
             error: catalog.damaged.get(id).cloned(),
         }
@@ -682,92 +526,12 @@ impl Lifecycle {
 
     fn on_ended(&self, fork: &Arc<Fork>) -> Result<(), LifecycleError> {
         let mut catalog = self.lock();
-        if !self.is_current(fork) || fork.status().end_reason.as_deref() == Some("shutdown") {
+        if !self.is_current(fork) || fork.status().end_reason == Some(EndReason::Shutdown) {
             return Ok(());
         }
         self.store.remove_fork(fork.id())?;
         self.finish_pending_delete(&mut catalog, fork.snapshot())?;
         Ok(())
-    }
-
-    /// A snapshot whose memory file may be opened now: registered, mapped, not pending
-    /// deletion.
-    pub fn openable_snapshot(&self, id: &Id) -> Option<Arc<Snapshot>> {
-        let catalog = self.lock();
-        catalog
-            .forkable(id)
-            .then(|| self.registry.snapshot(id).ok())
-            .flatten()
-    }
-
-    /// Every snapshot whose memory file may be opened now.
-    pub fn openable_snapshots(&self) -> Vec<Arc<Snapshot>> {
-        let catalog = self.lock();
-        let mut snapshots = self.registry.snapshots();
-        snapshots.retain(|s| catalog.forkable(s.id()));
-        snapshots
-    }
-
-    /// Records that process `pid` opened `snapshot`'s memory file, if that very snapshot may
-    /// still be opened (a delete or a re-registration may have happened since the kernel
-    /// looked the file up). Returns the handle that identifies the reference.
-    pub fn open_memory_file(
-        &self,
-        snapshot: &Arc<Snapshot>,
-        pid: i32,
-        backing: Option<FileKey>,
-    ) -> Result<u64, LifecycleError> {
-        let catalog = self.lock();
-        let id = snapshot.id();
-        match catalog.metas.get(id) {
-            Some(meta) if meta.delete_pending => {
-                return Err(LifecycleError::DeletePending(id.clone()))
-            }
-            Some(_)
-                if self
-                    .registry
-                    .snapshot(id)
-                    .is_ok_and(|current| Arc::ptr_eq(&current, snapshot)) => {}
-            _ => {
-                return Err(LifecycleError::NotFound {
-                    kind: "snapshot",
-                    id: id.clone(),
-                })
-            }
-        }
-        let handle = self.file_users.open(id.clone(), pid, backing);
-        drop(catalog);
-        tracing::info!(snapshot = %id, pid, handle, "memory file opened");
-        Ok(handle)
-    }
-
-    /// The kernel released a memory file handle: the reference ends (unless the process still
-    /// maps the file through passthrough), which may finish a pending delete.
-    pub fn release_memory_file(&self, handle: u64) {
-        let mut catalog = self.lock();
-        if let Some(snapshot) = self.file_users.release(handle) {
-            tracing::info!(snapshot = %snapshot, handle, "memory file released");
-            self.after_file_user_left(&mut catalog, &snapshot);
-        }
-    }
-
-    /// A file user of `snapshot` is gone: a delete may have been waiting for it.
-    fn after_file_user_left(&self, catalog: &mut Catalog, snapshot: &Id) {
-        if let Err(e) = self.finish_pending_delete(catalog, snapshot) {
-            tracing::error!(error = %crate::errors::error_chain(&e), snapshot = %snapshot, "cannot finish a pending delete");
-        }
-    }
-
-    /// Ends the references of processes that no longer map a memory file they once opened,
-    /// and finishes the deletes that were waiting for them.
-    pub fn recheck_file_users(&self) {
-        if !self.file_users.any_mapped() {
-            return;
-        }
-        let mut catalog = self.lock();
-        for snapshot in self.file_users.prune() {
-            self.after_file_user_left(&mut catalog, &snapshot);
-        }
     }
 
     /// Waits for a fork state.
@@ -781,21 +545,76 @@ impl Lifecycle {
     }
 
     /// Summed counters of every fork the daemon knows.
-    pub fn totals(&self) -> ForkStatsReport {
-        let mut total = ForkStatsReport::default();
-        for fork in self.registry.forks() {
-            total += &fork.stats.report();
+    pub fn stats(&self) -> StatsReport {
+        let forks = self.registry.forks();
+        let mut totals = ForkStatsReport::default();
+        for fork in &forks {
+            totals += &fork.stats.report();
         }
-        total
+        StatsReport {
+            forks: forks.len(),
+            totals,
+        }
     }
 
-    /// Damaged snapshots and unreadable fork records, for status.
-    pub fn problems(&self) -> Result<(Vec<Id>, Vec<PathBuf>), LifecycleError> {
-        let catalog = self.lock();
-        let scan = self.store.scan_forks()?;
-        Ok((
-            catalog.damaged.keys().cloned().collect(),
-            scan.unreadable.into_iter().map(|u| u.path).collect(),
-        ))
+    /// Every uffd fork, then every process holding a memory file.
+    pub fn fork_list(&self) -> Vec<ForkListEntry> {
+        let forks = self.registry.forks();
+        let uffd = forks.iter().map(|f| ForkListEntry::Uffd(Box::new(f.info())));
+        let files = self.file_users.list().into_iter().map(ForkListEntry::File);
+        uffd.chain(files).collect()
+    }
+
+    /// One uffd fork.
+    pub fn fork(&self, id: &Id) -> Result<ForkInfo, LifecycleError> {
+        Ok(self.registry.fork(id)?.info())
+    }
+
+    /// Health, version and counts.
+    pub fn status(&self) -> Result<StatusReport, LifecycleError> {
+        let (damaged, unreadable) = {
+            let catalog = self.lock();
+            let scan = self.store.scan_forks()?;
+            (
+                catalog.damaged.keys().cloned().collect::<Vec<_>>(),
+                scan.unreadable.into_iter().map(|u| u.path).collect::<Vec<_>>(),
+            )
+        };
+        let mut forks = ForkCounts::default();
+        for fork in self.registry.forks() {
+            match fork.status().state {
+                ForkState::Waiting => forks.waiting += 1,
+                ForkState::Serving => forks.serving += 1,
+                ForkState::Ended => forks.ended += 1,
+                ForkState::Detached => forks.detached += 1,
+            }
+        }
+        Ok(StatusReport {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            healthy: damaged.is_empty() && unreadable.is_empty(),
+            state_dir: self.store.root().to_owned(),
+            workers: self.server.worker_count(),
+            worker_sessions: self.server.worker_loads(),
+            snapshots: self.registry.snapshots().len(),
+            forks,
+            damaged_snapshots: damaged,
+            unreadable_fork_records: unreadable,
+            open_fds: crate::sys::open_fd_count().ok(),
+            fuse: self.fuse.get().map(|mount| FuseStatus {
+                mountpoint: mount.path.clone(),
+                read_path: mount.read_path,
+                file_users: self.file_users.list().len(),
+            }),
+        })
+    }
+
+    /// Stops serving every fork (at shutdown; their records stay for the next start).
+    pub fn shutdown(&self) {
+        self.server.shutdown();
+        for fork in self.registry.forks() {
+            let _ = std::fs::remove_file(fork.handoff_socket());
+        }
     }
 }

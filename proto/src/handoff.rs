@@ -18,6 +18,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::control::ErrorCode;
+use crate::ids::Id;
+use crate::model::RefusalReason;
+
 /// A 4 KiB page, the only normal page size pagerd serves.
 pub const PAGE_SIZE_4K: u64 = 4096;
 /// A 2 MiB hugetlbfs page.
@@ -63,6 +67,32 @@ struct WireMapping {
     page_size: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     page_size_kib: Option<u64>,
+}
+
+/// The one JSON line pagerd writes back on a handoff connection: `{"ok":true,"fork":ID}` once
+/// it serves the uffd, or `{"ok":false,"error":{…}}` when it refuses it. Firecracker never
+/// reads it; other VMMs and operators debugging a refused handoff can.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffReply {
+    /// Whether the uffd is served.
+    pub ok: bool,
+    /// The fork now served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork: Option<Id>,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<HandoffRefusal>,
+}
+
+/// A refused handoff, as told to the VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffRefusal {
+    /// The control protocol's error code for it.
+    pub code: ErrorCode,
+    /// The stable reason.
+    pub reason: RefusalReason,
+    /// What a human can act on.
+    pub message: String,
 }
 
 /// Why a handoff was refused. Each variant has a stable [`reason`](HandoffError::reason) that
@@ -191,27 +221,27 @@ pub enum HandoffError {
 }
 
 impl HandoffError {
-    /// A stable, machine-readable name for the error, reported to the VMM and in fork records.
-    pub fn reason(&self) -> &'static str {
+    /// The stable reason reported to the VMM and on the fork.
+    pub fn reason(&self) -> RefusalReason {
         match self {
-            Self::NoFd => "no_fd",
-            Self::SeveralFds { .. } => "several_fds",
-            Self::NotUserfaultfd { .. } => "not_userfaultfd",
-            Self::TooLarge { .. } => "too_large",
-            Self::Incomplete { .. } => "incomplete",
-            Self::Io(_) => "io",
-            Self::TimedOut { .. } => "timed_out",
-            Self::InvalidJson(_) => "invalid_json",
-            Self::NoRegions => "no_regions",
-            Self::TooManyRegions { .. } => "too_many_regions",
-            Self::MissingPageSize { .. } => "missing_page_size",
-            Self::PageSizeMismatch { .. } => "page_size_mismatch",
-            Self::UnsupportedPageSize { .. } => "unsupported_page_size",
-            Self::Unaligned { .. } => "unaligned",
-            Self::EmptyRegion { .. } => "empty_region",
-            Self::Overflow { .. } => "overflow",
-            Self::Overlap { .. } => "overlap",
-            Self::PastEndOfFile { .. } => "past_end_of_file",
+            Self::NoFd => RefusalReason::NoFd,
+            Self::SeveralFds { .. } => RefusalReason::SeveralFds,
+            Self::NotUserfaultfd { .. } => RefusalReason::NotUserfaultfd,
+            Self::TooLarge { .. } => RefusalReason::TooLarge,
+            Self::Incomplete { .. } => RefusalReason::Incomplete,
+            Self::Io(_) => RefusalReason::Io,
+            Self::TimedOut { .. } => RefusalReason::TimedOut,
+            Self::InvalidJson(_) => RefusalReason::InvalidJson,
+            Self::NoRegions => RefusalReason::NoRegions,
+            Self::TooManyRegions { .. } => RefusalReason::TooManyRegions,
+            Self::MissingPageSize { .. } => RefusalReason::MissingPageSize,
+            Self::PageSizeMismatch { .. } => RefusalReason::PageSizeMismatch,
+            Self::UnsupportedPageSize { .. } => RefusalReason::UnsupportedPageSize,
+            Self::Unaligned { .. } => RefusalReason::Unaligned,
+            Self::EmptyRegion { .. } => RefusalReason::EmptyRegion,
+            Self::Overflow { .. } => RefusalReason::Overflow,
+            Self::Overlap { .. } => RefusalReason::Overlap,
+            Self::PastEndOfFile { .. } => RefusalReason::PastEndOfFile,
         }
     }
 }

@@ -16,16 +16,16 @@
 //!
 //! With `--hold` it then prints `{"event":"holding"}` and keeps the VM (and so its memory and
 //! its fork) alive until stdin is closed. Errors print `{"event":"error","message":...}` and
-//! exit with status 1. The guest and its checksum are described in `vmm_glue::kvm::guest`.
+//! exit with status 1. The guest and its checksum are described in `test_vmms::kvm::guest`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm_glue::events::{emit, exit_status};
-use vmm_glue::kvm::guest::CHECKSUM_CHUNK;
-use vmm_glue::kvm::ChecksumVm;
-use vmm_glue::synthetic::{GuestMemory, RegionSpec};
+use test_vmms::events::{emit, exit_status};
+use test_vmms::kvm::guest::CHECKSUM_CHUNK;
+use test_vmms::kvm::ChecksumVm;
+use test_vmms::synthetic::{GuestMemory, RegionSpec};
 
 /// Runs a KVM guest that checksums its pagerd-served memory.
 #[derive(Debug, Parser)]

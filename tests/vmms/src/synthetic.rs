@@ -26,8 +26,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
-use crate::fdpass;
-use crate::handoff::{GuestRegionUffdMapping, PAGE_SIZE_2M, PAGE_SIZE_4K};
+
+use proto::handoff::{GuestRegionUffdMapping, PAGE_SIZE_2M, PAGE_SIZE_4K};
 
 /// Where a region's bytes live: its length and its start in the memory file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -417,9 +417,7 @@ impl GuestMemory {
                 "file-backed guest memory has no uffd",
             )
         })?;
-        let stream = UnixStream::connect(socket)?;
-        fdpass::send_handoff(&stream, &self.mappings(), uffd.as_fd())?;
-        Ok(stream)
+        vmm_glue::hand_off(socket, &self.mappings(), uffd.as_fd())
     }
 
     /// The region holding a guest offset, and the offset within it.

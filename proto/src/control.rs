@@ -10,13 +10,14 @@
 //!
 //! `v` is required and must be [`PROTOCOL_VERSION`]; `id` is any JSON value and is echoed
 //! back; `op` picks the request; every other field belongs to the request, and unknown fields
-//! are rejected. `docs/protocol.md` lists every request.
+//! are rejected. `docs/protocol.md` lists every request. [`ErrorCode::exit_code`] is the
+//! CLI's exit status for each error.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::ids::Id;
-use crate::registry::ForkState;
+use crate::model::ForkState;
 
 /// The protocol version this daemon speaks.
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -24,7 +25,7 @@ pub const PROTOCOL_VERSION: u64 = 1;
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// Every request the daemon understands.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", deny_unknown_fields)]
 pub enum Request {
     /// Daemon health, version and counts.
@@ -48,7 +49,7 @@ pub enum Request {
         /// Its id.
         snapshot: Id,
         /// If forks reference it, delete it when the last one ends instead of refusing.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         defer: bool,
     },
     /// Every snapshot.
@@ -66,7 +67,7 @@ pub enum Request {
         /// The snapshot to fork.
         snapshot: Id,
         /// The fork's id; generated when absent.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         fork: Option<Id>,
     },
     /// Every fork.
@@ -86,7 +87,7 @@ pub enum Request {
         /// The state to wait for.
         state: ForkState,
         /// How long to wait at most, in ms (default 10000, at most 600000).
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
     },
     /// Stops serving a fork and forgets it.
@@ -98,7 +99,7 @@ pub enum Request {
 }
 
 /// Stable error codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The thing named does not exist.
@@ -113,9 +114,49 @@ pub enum ErrorCode {
     Internal,
 }
 
+impl ErrorCode {
+    /// Every code.
+    pub const ALL: [ErrorCode; 5] = [
+        ErrorCode::NotFound,
+        ErrorCode::Conflict,
+        ErrorCode::InvalidArgument,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::Conflict => "conflict",
+            Self::InvalidArgument => "invalid_argument",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// The exit status `pagerctl` ends with when the daemon answers this error (see
+    /// `docs/protocol.md`; 2 is a usage error, 8 an unreachable daemon, 9 an unhealthy one).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::NotFound => 3,
+            Self::Conflict => 4,
+            Self::InvalidArgument => 5,
+            Self::Unavailable => 6,
+            Self::Internal => 7,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("{code:?}: {message}")]
+#[error("{message} ({code})")]
 pub struct ControlError {
     /// Stable code.
     pub code: ErrorCode,
@@ -176,6 +217,51 @@ pub fn parse_line(line: &[u8]) -> ParsedLine {
     ParsedLine { id, request }
 }
 
+/// One request as a line for the socket (without the newline): the request's fields plus
+/// the protocol version and the caller's `id`.
+pub fn request_line(id: &Value, request: &Request) -> String {
+    let mut object = match serde_json::to_value(request) {
+        Ok(Value::Object(object)) => object,
+        // Every request is a struct variant, which serialises as an object.
+        _ => Map::new(),
+    };
+    object.insert("v".into(), Value::from(PROTOCOL_VERSION));
+    object.insert("id".into(), id.clone());
+    Value::Object(object).to_string()
+}
+
+/// A response line as a client reads it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// The protocol version.
+    pub v: u64,
+    /// The request's id, echoed.
+    #[serde(default)]
+    pub id: Value,
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result, when it did.
+    #[serde(default)]
+    pub result: Option<Value>,
+    /// The error, when it did not.
+    #[serde(default)]
+    pub error: Option<ControlError>,
+}
+
+impl Response {
+    /// The result, or the error.
+    pub fn into_result(self) -> Result<Value, ControlError> {
+        match (self.ok, self.result, self.error) {
+            (true, result, _) => Ok(result.unwrap_or(Value::Null)),
+            (false, _, Some(error)) => Err(error),
+            (false, _, None) => Err(ControlError::new(
+                ErrorCode::Internal,
+                "the daemon refused the request without saying why",
+            )),
+        }
+    }
+}
+
 /// Builds a response line (without the newline).
 pub fn response(id: Value, outcome: Result<Value, ControlError>) -> Value {
     match outcome {
@@ -211,6 +297,41 @@ mod tests {
             parse_line(br#"{"v":1,"op":"status"}"#).request.unwrap(),
             Request::Status {}
         );
+    }
+
+    #[test]
+    fn request_lines_round_trip() {
+        let requests = [
+            Request::Status {},
+            Request::ForkCreate {
+                snapshot: "s1".parse().unwrap(),
+                fork: None,
+            },
+            Request::SnapshotDelete {
+                snapshot: "s1".parse().unwrap(),
+                defer: true,
+            },
+            Request::ForkWait {
+                fork: "f".parse().unwrap(),
+                state: ForkState::Ended,
+                timeout_ms: Some(5),
+            },
+        ];
+        for request in requests {
+            let line = request_line(&Value::from(9), &request);
+            let parsed = parse_line(line.as_bytes());
+            assert_eq!(parsed.id, Value::from(9));
+            assert_eq!(parsed.request.unwrap(), request, "{line}");
+        }
+    }
+
+    #[test]
+    fn exit_codes_are_distinct() {
+        let mut codes: Vec<u8> = ErrorCode::ALL.iter().map(|c| c.exit_code()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), ErrorCode::ALL.len());
+        assert!(codes.iter().all(|&c| c > 2 && c < 8));
     }
 
     #[test]

@@ -1,0 +1,201 @@
+//! How each answer reads for a person: tables of forks and snapshots, and short summaries.
+
+use proto::model::{
+    DeleteOutcome, ForkInfo, ForkListEntry, SnapshotInfo, StatsReport, StatusReport,
+};
+
+use crate::table;
+use crate::units;
+
+fn or_dash<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// Health, version and counts.
+pub fn status(s: &StatusReport) -> String {
+    let health = if s.healthy {
+        "healthy".to_owned()
+    } else {
+        format!(
+            "UNHEALTHY: damaged snapshots [{}], unreadable fork records [{}]",
+            s.damaged_snapshots
+                .iter()
+                .map(|id| id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            s.unreadable_fork_records
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let fuse = s.fuse.as_ref().map_or_else(
+        || "not mounted".to_owned(),
+        |f| {
+            format!(
+                "{} ({:?}, {} file users)",
+                f.mountpoint.display(),
+                f.read_path,
+                f.file_users
+            )
+            .to_lowercase()
+        },
+    );
+    format!(
+        "pagerd {} (pid {}), up {}, {}\nstate dir: {}\nworkers: {} (sessions {:?})\nsnapshots: {}\nforks: {} waiting, {} serving, {} detached, {} ended\nfuse: {fuse}\n",
+        s.version,
+        s.pid,
+        units::uptime(s.uptime_ms),
+        health,
+        s.state_dir.display(),
+        s.workers,
+        s.worker_sessions,
+        s.snapshots,
+        s.forks.waiting,
+        s.forks.serving,
+        s.forks.detached,
+        s.forks.ended,
+    )
+}
+
+/// Summed counters.
+pub fn stats(r: &StatsReport) -> String {
+    let t = &r.totals;
+    format!(
+        "forks: {}\nfaults: {}\npages copied: {} ({})\nzero pages: {}\nremoves: {}\npoisoned pages: {}\nerrors: {}\nlatency: {} faults, max {}\n",
+        r.forks,
+        t.faults,
+        t.pages_copied,
+        units::bytes(t.bytes_copied),
+        t.zero_pages,
+        t.removes,
+        t.poisoned_pages,
+        t.errors,
+        t.latency_ns.count,
+        units::nanos(t.latency_ns.max),
+    )
+}
+
+/// Forks and file users as one table.
+pub fn fork_table(entries: &[ForkListEntry]) -> String {
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|entry| match entry {
+            ForkListEntry::Uffd(f) => vec![
+                f.id.to_string(),
+                "uffd".into(),
+                f.snapshot.to_string(),
+                f.state.to_string(),
+                or_dash(f.vmm_pid),
+                f.stats.faults.to_string(),
+                units::bytes(f.stats.bytes_copied),
+                f.stats.zero_pages.to_string(),
+                units::nanos(f.stats.latency_ns.p99),
+                or_dash(f.end_reason),
+            ],
+            ForkListEntry::File(u) => vec![
+                u.id.clone(),
+                "file".into(),
+                u.snapshot.to_string(),
+                format!("{:?}", u.state).to_lowercase(),
+                u.pid.to_string(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ],
+        })
+        .collect();
+    table::render(
+        &[
+            "ID", "KIND", "SNAPSHOT", "STATE", "PID", "FAULTS", "COPIED", "ZERO", "P99", "ENDED",
+        ],
+        &rows,
+    )
+}
+
+/// One fork in full.
+pub fn fork(f: &ForkInfo) -> String {
+    let s = &f.stats;
+    let handoff_error = f.last_handoff_error.as_ref().map(|e| {
+        format!(
+            "{} ({})",
+            e.message,
+            serde_json::to_value(e.reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        )
+    });
+    format!(
+        "fork {}\n  snapshot: {}\n  state: {}\n  end reason: {}\n  handoff socket: {}\n  vmm pid: {}\n  worker: {}\n  last handoff error: {}\n  faults: {} ({} already present, {} outside regions, {} retried)\n  copied: {} pages ({})\n  zero pages: {}\n  removes: {}\n  poisoned pages: {}\n  errors: {}\n  latency: p50 {}, p99 {}, max {} over {} faults\n",
+        f.id,
+        f.snapshot,
+        f.state,
+        or_dash(f.end_reason),
+        f.handoff_socket.display(),
+        or_dash(f.vmm_pid),
+        or_dash(f.worker),
+        handoff_error.unwrap_or_else(|| "-".into()),
+        s.faults,
+        s.already_present,
+        s.outside_faults,
+        s.deferred_retries,
+        s.pages_copied,
+        units::bytes(s.bytes_copied),
+        s.zero_pages,
+        s.removes,
+        s.poisoned_pages,
+        s.errors,
+        units::nanos(s.latency_ns.p50),
+        units::nanos(s.latency_ns.p99),
+        units::nanos(s.latency_ns.max),
+        s.latency_ns.count,
+    )
+}
+
+/// Snapshots as a table.
+pub fn snapshot_table(snapshots: &[SnapshotInfo]) -> String {
+    let rows: Vec<Vec<String>> = snapshots
+        .iter()
+        .map(|s| {
+            let note = if let Some(error) = &s.error {
+                format!("DAMAGED: {error}")
+            } else if s.delete_pending {
+                "delete pending".into()
+            } else {
+                "-".into()
+            };
+            vec![
+                s.id.to_string(),
+                or_dash(s.size.map(units::bytes)),
+                or_dash(s.zero_pages.map(|z| units::bytes(z * 4096))),
+                or_dash(s.ref_count),
+                or_dash(s.import.map(|i| format!("{i:?}").to_lowercase())),
+                note,
+                s.path.display().to_string(),
+            ]
+        })
+        .collect();
+    table::render(
+        &["ID", "SIZE", "ZEROS", "REFS", "IMPORT", "NOTE", "PATH"],
+        &rows,
+    )
+}
+
+/// What a delete did.
+pub fn deleted(d: &DeleteOutcome) -> String {
+    if d.deleted {
+        return format!("deleted {}\n", d.id);
+    }
+    let forks: Vec<&str> = d.forks.iter().map(|f| f.as_str()).collect();
+    let users: Vec<String> = d.file_users.iter().map(ToString::to_string).collect();
+    format!(
+        "{} will be deleted when nothing references it: forks [{}], processes holding its memory file [{}]\n",
+        d.id,
+        forks.join(", "),
+        users.join(", ")
+    )
+}

@@ -1,0 +1,97 @@
+//! Answers control requests: one `match` from [`Request`] to the lifecycle, and the stable
+//! error code of every way a request can fail.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::control::{ControlError, ErrorCode, Request};
+use serde_json::Value;
+
+use super::Handler;
+use crate::errors::error_chain;
+use crate::lifecycle::{Lifecycle, LifecycleError};
+use crate::registry::RegistryError;
+use crate::serve::ServeError;
+
+/// The longest `fork.wait` allowed.
+const MAX_WAIT: Duration = Duration::from_secs(600);
+/// A `fork.wait` without a timeout waits this long.
+const DEFAULT_WAIT: Duration = Duration::from_secs(10);
+
+impl From<LifecycleError> for ControlError {
+    fn from(e: LifecycleError) -> Self {
+        let code = match &e {
+            LifecycleError::NotFound { .. } => ErrorCode::NotFound,
+            LifecycleError::Exists { .. }
+            | LifecycleError::InUse { .. }
+            | LifecycleError::DeletePending(_) => ErrorCode::Conflict,
+            LifecycleError::BadPath { .. } | LifecycleError::Snapshot(_) => {
+                ErrorCode::InvalidArgument
+            }
+            LifecycleError::Registry(RegistryError::NoFork(_) | RegistryError::NoSnapshot(_)) => {
+                ErrorCode::NotFound
+            }
+            LifecycleError::Registry(RegistryError::Exists { .. }) => ErrorCode::Conflict,
+            LifecycleError::Registry(RegistryError::WaitTimedOut { .. }) => ErrorCode::Unavailable,
+            LifecycleError::Serve(ServeError::SocketPathTooLong(_)) => ErrorCode::InvalidArgument,
+            LifecycleError::Serve(ServeError::Stopped) => ErrorCode::Unavailable,
+            LifecycleError::Store(s) if s.source.kind() == std::io::ErrorKind::StorageFull => {
+                ErrorCode::Unavailable
+            }
+            LifecycleError::CountsUnknown { .. }
+            | LifecycleError::Broken { .. }
+            | LifecycleError::Store(_)
+            | LifecycleError::Serve(_) => ErrorCode::Internal,
+        };
+        ControlError::new(code, error_chain(&e))
+    }
+}
+
+fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ControlError> {
+    serde_json::to_value(v).map_err(|e| ControlError::new(ErrorCode::Internal, e.to_string()))
+}
+
+/// Answers requests from the lifecycle.
+#[derive(Debug)]
+pub(crate) struct Dispatcher {
+    lifecycle: Arc<Lifecycle>,
+}
+
+impl Dispatcher {
+    /// A dispatcher over `lifecycle`.
+    pub fn new(lifecycle: Arc<Lifecycle>) -> Self {
+        Self { lifecycle }
+    }
+}
+
+impl Handler for Dispatcher {
+    fn handle(&self, request: Request) -> Result<Value, ControlError> {
+        let lc = &self.lifecycle;
+        match request {
+            Request::Status {} => to_value(lc.status()?),
+            Request::Stats {} => to_value(lc.stats()),
+            Request::SnapshotRegister { snapshot, path } => {
+                to_value(lc.register_snapshot(snapshot, &path)?)
+            }
+            Request::SnapshotDelete { snapshot, defer } => {
+                to_value(lc.delete_snapshot(&snapshot, defer)?)
+            }
+            Request::SnapshotList {} => to_value(lc.snapshots()?),
+            Request::SnapshotGet { snapshot } => to_value(lc.snapshot(&snapshot)?),
+            Request::ForkCreate { snapshot, fork } => to_value(lc.create_fork(fork, &snapshot)?),
+            Request::ForkList {} => to_value(lc.fork_list()),
+            Request::ForkGet { fork } => to_value(lc.fork(&fork)?),
+            Request::ForkWait {
+                fork,
+                state,
+                timeout_ms,
+            } => {
+                let timeout = timeout_ms
+                    .map_or(DEFAULT_WAIT, Duration::from_millis)
+                    .min(MAX_WAIT);
+                to_value(lc.wait_fork(&fork, state, timeout)?)
+            }
+            Request::ForkClose { fork } => to_value(lc.close_fork(&fork)?),
+        }
+    }
+}

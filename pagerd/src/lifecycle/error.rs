@@ -1,0 +1,113 @@
+//! Why a lifecycle operation was refused or failed, with messages that name what is in the
+//! way (the forks, the processes, the unreadable records).
+
+use std::path::PathBuf;
+
+use proto::model::FileUserInfo;
+use proto::Id;
+
+use crate::registry::RegistryError;
+use crate::serve::ServeError;
+use crate::snapshot::SnapshotError;
+use crate::store::StoreError;
+
+/// Why a lifecycle operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LifecycleError {
+    /// No such snapshot or fork.
+    #[error("no {kind} `{id}`")]
+    NotFound {
+        /// "snapshot" or "fork".
+        kind: &'static str,
+        /// The id.
+        id: Id,
+    },
+    /// The id is taken.
+    #[error("{kind} `{id}` already exists")]
+    Exists {
+        /// "snapshot" or "fork".
+        kind: &'static str,
+        /// The id.
+        id: Id,
+    },
+    /// Live forks, or processes holding its memory file, reference the snapshot.
+    #[error(
+        "snapshot `{snapshot}` is referenced by {}; close them first, or delete with defer",
+        references(forks, file_users)
+    )]
+    InUse {
+        /// The snapshot.
+        snapshot: Id,
+        /// The forks referencing it.
+        forks: Vec<Id>,
+        /// The processes holding its memory file on the FUSE mount.
+        file_users: Vec<FileUserInfo>,
+    },
+    /// The snapshot is being deleted; no new forks.
+    #[error("snapshot `{0}` is pending deletion; no new forks of it are allowed")]
+    DeletePending(Id),
+    /// Some fork record cannot be read, so no reference count can be trusted.
+    #[error("cannot count the forks of snapshot `{snapshot}`: unreadable fork record(s) {}; repair or remove them", paths(records))]
+    CountsUnknown {
+        /// The snapshot.
+        snapshot: Id,
+        /// The unreadable records.
+        records: Vec<PathBuf>,
+    },
+    /// The snapshot's files on disk are damaged.
+    #[error("snapshot `{snapshot}` is damaged: {why}")]
+    Broken {
+        /// The snapshot.
+        snapshot: Id,
+        /// What is wrong.
+        why: String,
+    },
+    /// The path given cannot be a memory file.
+    #[error("{}: {why}", path.display())]
+    BadPath {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The memory file cannot be mapped.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// Reading or writing the state directory failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The serving side failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// A wait ran out.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+fn list(ids: &[Id]) -> String {
+    ids.iter().map(Id::as_str).collect::<Vec<_>>().join(", ")
+}
+
+pub(super) fn references(forks: &[Id], file_users: &[FileUserInfo]) -> String {
+    let mut parts = Vec::new();
+    if !forks.is_empty() {
+        parts.push(format!("{} fork(s): {}", forks.len(), list(forks)));
+    }
+    if !file_users.is_empty() {
+        let users: Vec<String> = file_users.iter().map(ToString::to_string).collect();
+        parts.push(format!(
+            "{} process(es) holding its memory file: {}",
+            users.len(),
+            users.join(", ")
+        ));
+    }
+    parts.join(" and ")
+}
+
+fn paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
