@@ -3,13 +3,13 @@
 #
 # It builds pagerd, writes a 256 MiB snapshot memory file (64 MiB of data, the rest zeros, as
 # real VM memory mostly is), starts pagerd, registers the file as a snapshot and creates eight
-# forks with `ctl`, and starts a
+# forks with `pagerctl`, and starts a
 # synthetic VMM per fork. Each VMM restores its memory exactly as Firecracker does (anonymous
 # private memory registered with userfaultfd, handed to pagerd over the fork's socket), reads
 # every page and checks it byte for byte against the snapshot. Then four more VMMs map the
 # snapshot's memory file from pagerd's read-only FUSE mount MAP_PRIVATE (the fallback for VMMs
 # that can only map a file), check it the same way and hold it: while they do, the snapshot
-# cannot be deleted. Then `ctl` shows what pagerd did.
+# cannot be deleted. Then `pagerctl` shows what pagerd did.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -28,22 +28,22 @@ head -c 64M /dev/urandom >"$work/memory"
 truncate -s 256M "$work/memory"
 
 echo "== starting pagerd and registering the snapshot"
-export PAGERD_SOCKET="$work/state/control.sock"
+export PAGERD_STATE_DIR="$work/state"  # pagerctl finds the control socket there
 # pagerd prints one line once it serves; read it from a pipe (EOF means it died).
-exec {ready}< <(exec "$bin/pagerd" --state-dir "$work/state" 2>"$work/pagerd.log")
+exec {ready}< <(exec "$bin/pagerd" 2>"$work/pagerd.log")
 pagerd_pid=$!
 if ! read -r -t 60 -u "$ready" line || [[ "$line" != "pagerd ready"* ]]; then
   cat "$work/pagerd.log"
   echo "pagerd did not start" >&2
   exit 1
 fi
-"$bin/ctl" snapshot add base "$work/memory"
-"$bin/ctl" status
+"$bin/pagerctl" snapshot add base "$work/memory"
+"$bin/pagerctl" status
 
 echo "== creating 8 forks and starting a synthetic VMM on each"
 vmm_pids=()
 for i in $(seq 1 8); do
-  socket=$("$bin/ctl" fork create base --id "vm$i")
+  socket=$("$bin/pagerctl" fork create base --id "vm$i")
   order=$([ $((i % 2)) = 0 ] && echo random || echo sequential)
   "$bin/synthetic-vmm" --snapshot "$work/memory" --socket "$socket" --order "$order" verify \
     >"$work/vm$i.out" &
@@ -55,7 +55,7 @@ for i in $(seq 1 8); do
   report=$(grep '"verified"' "$work/vm$i.out" || true)
   echo "vm$i: ${report:-FAILED}"
 done
-for i in $(seq 1 8); do "$bin/ctl" fork wait "vm$i" ended >/dev/null; done
+for i in $(seq 1 8); do "$bin/pagerctl" fork wait "vm$i" ended >/dev/null; done
 
 echo "== 4 VMMs map the FUSE memory file MAP_PRIVATE and hold it"
 file="$work/state/fuse/snapshots/base/memory"
@@ -74,22 +74,22 @@ for i in $(seq 1 4); do
 done
 
 echo "== what pagerd did"
-"$bin/ctl" fork ls
-"$bin/ctl" stats
+"$bin/pagerctl" fork ls
+"$bin/pagerctl" stats
 echo "== deleting the snapshot while VMMs hold its memory file is refused:"
-if "$bin/ctl" snapshot rm base; then
+if "$bin/pagerctl" snapshot rm base; then
   echo "demo FAILED: a held snapshot was deleted" >&2
   exit 1
 fi
 exec {hold}>&-
 for pid in "${file_pids[@]}"; do wait "$pid" || failed=1; done
-for i in $(seq 1 8); do "$bin/ctl" fork close "vm$i" >/dev/null; done
+for i in $(seq 1 8); do "$bin/pagerctl" fork close "vm$i" >/dev/null; done
 for _ in $(seq 1 100); do
-  "$bin/ctl" fork ls --json | grep -q '"file"' || break
+  "$bin/pagerctl" fork ls --json | grep -q '"file"' || break
   sleep 0.1
 done
-"$bin/ctl" snapshot rm base
-"$bin/ctl" status
+"$bin/pagerctl" snapshot rm base
+"$bin/pagerctl" status
 if [ "$failed" != 0 ]; then
   echo "demo FAILED: a fork saw wrong memory" >&2
   exit 1
