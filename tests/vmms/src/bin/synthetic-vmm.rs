@@ -62,8 +62,42 @@ struct Args {
     /// Register this many bytes past the last region without declaring them.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     undeclared_tail: u64,
-    /// The steps to run, in order.
-    steps: Vec<String>,
+    /// The steps to run, in order (all are checked before memory is mapped or handed off).
+    #[arg(value_parser = parse_step)]
+    steps: Vec<Step>,
+}
+
+/// One step of the script.
+#[derive(Debug, Clone)]
+enum Step {
+    Verify(Option<(u64, u64)>),
+    Footprint,
+    Touch,
+    Stamp(u64),
+    DontNeed(u64, u64),
+    Wait,
+    Hold,
+    TouchOutside,
+    Churn,
+}
+
+fn parse_step(step: &str) -> Result<Step, String> {
+    Ok(match step.split_once(':').unwrap_or((step, "")) {
+        ("verify", "") => Step::Verify(None),
+        ("verify", range) => Step::Verify(Some(parse_range(range)?)),
+        ("footprint", "") => Step::Footprint,
+        ("touch", "") => Step::Touch,
+        ("stamp", tag) => Step::Stamp(tag.parse().map_err(|e| format!("bad stamp `{tag}`: {e}"))?),
+        ("dontneed", range) => {
+            let (off, len) = parse_range(range)?;
+            Step::DontNeed(off, len)
+        }
+        ("wait", "") => Step::Wait,
+        ("hold", "") => Step::Hold,
+        ("touch-outside", "") => Step::TouchOutside,
+        ("churn", "") => Step::Churn,
+        _ => return Err(format!("unknown step `{step}`")),
+    })
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -134,48 +168,40 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let stdin = std::io::stdin();
     for step in &args.steps {
-        match step.split_once(':').unwrap_or((step, "")) {
-            ("verify", range) => {
-                let range = if range.is_empty() {
-                    None
-                } else {
-                    Some(parse_range(range)?)
-                };
+        match *step {
+            Step::Verify(range) => {
                 let report = memory.verify(range, &plan, args.access)?;
                 emit(serde_json::json!({"event": "verified", "report": report}));
             }
-            ("footprint", _) => {
+            Step::Footprint => {
                 let footprint = memory.footprint()?;
                 emit(serde_json::json!({"event": "footprint", "guest": footprint}));
             }
-            ("touch", _) => {
+            Step::Touch => {
                 let pages = memory.touch(&plan);
                 emit(serde_json::json!({"event": "touched", "pages": pages}));
             }
-            ("stamp", tag) => {
-                let tag: u64 = tag.parse().map_err(|e| format!("bad stamp `{tag}`: {e}"))?;
+            Step::Stamp(tag) => {
                 memory.stamp(tag)?;
                 emit(serde_json::json!({"event": "stamped", "tag": tag}));
             }
-            ("dontneed", range) => {
-                let (off, len) = parse_range(range)?;
+            Step::DontNeed(off, len) => {
                 memory.dont_need(off, len)?;
                 emit(serde_json::json!({"event": "dontneed", "offset": off, "len": len}));
             }
-            ("wait", _) => {
+            Step::Wait => {
                 emit(serde_json::json!({"event": "waiting"}));
                 stdin.lock().read_line(&mut String::new())?;
             }
-            ("hold", _) => {
+            Step::Hold => {
                 emit(serde_json::json!({"event": "holding"}));
                 std::io::copy(&mut stdin.lock(), &mut std::io::sink())?;
             }
-            ("touch-outside", _) => {
+            Step::TouchOutside => {
                 memory.touch_undeclared_tail()?;
                 emit(serde_json::json!({"event": "touched_outside"}));
             }
-            ("churn", _) => memory.churn(|| emit(serde_json::json!({"event": "churning"})))?,
-            (other, _) => return Err(format!("unknown step `{other}`").into()),
+            Step::Churn => memory.churn(|| emit(serde_json::json!({"event": "churning"})))?,
         }
     }
     Ok(())
