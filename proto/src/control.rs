@@ -186,7 +186,7 @@ pub struct ParsedLine {
 /// Parses one request line.
 pub fn parse_line(line: &[u8]) -> ParsedLine {
     let invalid = |message: String| ControlError::new(ErrorCode::InvalidArgument, message);
-    let mut object: Map<String, Value> = match serde_json::from_slice::<Value>(line) {
+    let mut object: Map<String, Value> = match crate::json::parse_strict(line) {
         Ok(Value::Object(o)) => o,
         Ok(_) => {
             return ParsedLine {
@@ -346,6 +346,7 @@ mod tests {
             r#"{"v":1,"op":"fork.get","fork":42}"#,
             r#"{"v":1,"op":"fork.get","fork":"../../etc"}"#,
             r#"{"v":1,"op":"fork.get"}"#,
+            r#"{"v":1,"op":"fork.get","fork":"a","fork":"b"}"#,
         ] {
             assert_eq!(code(line), ErrorCode::InvalidArgument, "{line}");
         }

@@ -424,6 +424,11 @@ mod tests {
         validate(&regions, 300 * 0x1000).unwrap();
     }
 
+    /// The reason's wire name.
+    fn name(reason: RefusalReason) -> String {
+        serde_json::to_value(reason).unwrap().as_str().unwrap().to_owned()
+    }
+
     #[test]
     fn rejects_each_malformed_message_with_its_reason() {
         let cases: Vec<(&[u8], &str)> = vec![
@@ -438,7 +443,7 @@ mod tests {
         ];
         for (msg, reason) in cases {
             let err = parse(msg).and_then(|r| validate(&r, 1 << 20)).unwrap_err();
-            assert_eq!(err.reason(), reason, "{}", String::from_utf8_lossy(msg));
+            assert_eq!(name(err.reason()), reason, "{}", String::from_utf8_lossy(msg));
         }
     }
 
@@ -471,13 +476,13 @@ mod tests {
         ];
         for (regions, reason) in cases {
             let err = validate(&regions, 1 << 20).unwrap_err();
-            assert_eq!(err.reason(), reason, "{regions:?}: {err}");
+            assert_eq!(name(err.reason()), reason, "{regions:?}: {err}");
         }
     }
 
     #[test]
     fn rejects_oversized_messages() {
         let big = vec![b' '; MAX_MESSAGE_BYTES + 1];
-        assert_eq!(parse(&big).unwrap_err().reason(), "too_large");
+        assert_eq!(name(parse(&big).unwrap_err().reason()), "too_large");
     }
 }

@@ -12,6 +12,7 @@
 //! - [`client`]: a blocking client of the control socket with one typed call per request.
 //! - [`defaults`]: where the state directory and control socket are when nobody says.
 //! - [`ids`]: snapshot and fork names, safe to use in file names.
+//! - [`json`]: strict parsing of request lines (no duplicate keys, bounded nesting).
 //! - [`handoff`]: the message a VMM sends with its userfaultfd, its parsing and validation;
 //!   [`fdpass`]: sending and receiving it with the fd over a Unix socket.
 
@@ -21,6 +22,7 @@ pub mod defaults;
 pub mod fdpass;
 pub mod handoff;
 pub mod ids;
+pub mod json;
 pub mod model;
 
 pub use ids::Id;
