@@ -19,8 +19,9 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use proto::model::ForkState;
+use test_vmms::synthetic::{GuestMemory, RegionSpec};
 use testkit::{read_reply, write_snapshot, Daemon};
-use vmm_glue::synthetic::{GuestMemory, RegionSpec};
 
 const PAGE: u64 = 4096;
 /// Pages per guest: each benchmark iteration needs a page never touched before.
@@ -63,14 +64,12 @@ impl Fixture {
         let memory =
             GuestMemory::map_for_uffd(&self.mem, &[region], false, 0).expect("guest memory");
         let conn = memory.hand_off(&socket).expect("handoff");
-        self.daemon.wait_fork(&fork, "serving");
+        self.daemon.wait_fork(&fork, ForkState::Serving);
         (memory, conn, fork)
     }
 
     fn close(&self, fork: &str) {
-        self.daemon
-            .request("fork.close", serde_json::json!({"fork": fork}))
-            .expect("close fork");
+        self.daemon.close_fork(fork);
     }
 }
 
@@ -198,7 +197,7 @@ fn handoff(c: &mut Criterion) {
                 let conn = memory.hand_off(&socket).expect("handoff");
                 let reply = read_reply(&conn).expect("reply");
                 total += started.elapsed();
-                assert_eq!(reply["ok"], true);
+                assert!(reply.ok, "{reply:?}");
                 drop((memory, conn));
                 fx.close(&fork);
             }

@@ -5,137 +5,84 @@
 //! naming the snapshot.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use serde_json::{json, Value};
-use testkit::{write_snapshot, Daemon};
+use proto::client::{Client, ClientError};
+use proto::control::{ErrorCode, Request};
+use proto::model::{ForkListEntry, ForkState};
+use serde_json::Value;
+use testkit::{id, write_snapshot, Daemon};
 
 const ROUNDS: usize = 210;
 
-/// One request on a fresh connection; `None` if the daemon died under it.
-fn call(control: &Path, request: Value) -> Option<Value> {
-    let mut stream = UnixStream::connect(control).ok()?;
-    writeln!(stream, "{request}").ok()?;
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
-}
-
 /// What a step must answer while the daemon lives: `None` = success, `Some(code)` = that error.
-type Expect = Option<&'static str>;
+type Expect = Option<ErrorCode>;
+
+/// One request on a fresh connection: its answer (`None` = success), or `None` if the daemon
+/// died under it.
+fn call(client: &Client, request: &Request) -> Option<Expect> {
+    match client.call_value(request) {
+        Ok(_) => Some(None),
+        Err(ClientError::Refused(e)) => Some(Some(e.code)),
+        Err(_) => None,
+    }
+}
 
 /// The scripted operations of round `r`. Some steps tidy up what an earlier, killed round may
 /// have left, so they accept more than one answer.
-fn script(r: usize, mem: &Path) -> Vec<(Value, Vec<Expect>)> {
-    let (s, t, prev_g) = (
-        format!("s{r}"),
-        format!("t{r}"),
-        format!("g{}", r.wrapping_sub(1)),
-    );
-    let op = |op: &str, args: Value| {
-        let mut v = json!({"v": 1, "op": op});
-        v.as_object_mut()
-            .unwrap()
-            .extend(args.as_object().unwrap().clone());
-        v
+fn script(r: usize, mem: &Path) -> Vec<(Request, Vec<Expect>)> {
+    let (s, t) = (id(&format!("s{r}")), id(&format!("t{r}")));
+    let fork = |name: String| id(&name);
+    let create = |snapshot: &proto::Id, name: String| Request::ForkCreate {
+        snapshot: snapshot.clone(),
+        fork: Some(fork(name)),
     };
+    let close = |name: String| Request::ForkClose { fork: fork(name) };
+    let register = |snapshot: &proto::Id| Request::SnapshotRegister {
+        snapshot: snapshot.clone(),
+        path: mem.to_owned(),
+    };
+    let delete = |snapshot: &proto::Id, defer: bool| Request::SnapshotDelete {
+        snapshot: snapshot.clone(),
+        defer,
+    };
+    use ErrorCode::{Conflict, NotFound};
     vec![
         (
-            op("fork.close", json!({"fork": prev_g})),
-            vec![None, Some("not_found")],
+            close(format!("g{}", r.wrapping_sub(1))),
+            vec![None, Some(NotFound)],
         ),
+        (register(&s), vec![None]),
+        (create(&s, format!("f{r}a")), vec![None]),
+        (create(&s, format!("f{r}b")), vec![None]),
+        (delete(&s, false), vec![Some(Conflict)]),
+        (close(format!("f{r}a")), vec![None]),
+        (delete(&s, true), vec![None]),
+        (create(&s, format!("f{r}c")), vec![Some(Conflict)]),
+        (close(format!("f{r}b")), vec![None]),
         (
-            op("snapshot.register", json!({"snapshot": s, "path": mem})),
-            vec![None],
+            Request::SnapshotGet {
+                snapshot: s.clone(),
+            },
+            vec![Some(NotFound)],
         ),
-        (
-            op(
-                "fork.create",
-                json!({"snapshot": s, "fork": format!("f{r}a")}),
-            ),
-            vec![None],
-        ),
-        (
-            op(
-                "fork.create",
-                json!({"snapshot": s, "fork": format!("f{r}b")}),
-            ),
-            vec![None],
-        ),
-        (
-            op("snapshot.delete", json!({"snapshot": s})),
-            vec![Some("conflict")],
-        ),
-        (
-            op("fork.close", json!({"fork": format!("f{r}a")})),
-            vec![None],
-        ),
-        (
-            op("snapshot.delete", json!({"snapshot": s, "defer": true})),
-            vec![None],
-        ),
-        (
-            op(
-                "fork.create",
-                json!({"snapshot": s, "fork": format!("f{r}c")}),
-            ),
-            vec![Some("conflict")],
-        ),
-        (
-            op("fork.close", json!({"fork": format!("f{r}b")})),
-            vec![None],
-        ),
-        (
-            op("snapshot.get", json!({"snapshot": s})),
-            vec![Some("not_found")],
-        ),
-        (
-            op("snapshot.register", json!({"snapshot": t, "path": mem})),
-            vec![None],
-        ),
-        (
-            op(
-                "fork.create",
-                json!({"snapshot": t, "fork": format!("g{r}")}),
-            ),
-            vec![None],
-        ),
-        (
-            op("snapshot.delete", json!({"snapshot": t, "defer": true})),
-            vec![None],
-        ),
+        (register(&t), vec![None]),
+        (create(&t, format!("g{r}")), vec![None]),
+        (delete(&t, true), vec![None]),
     ]
 }
 
 /// Runs round `r`'s script, reporting each finished step, until the daemon dies or it ends.
 fn run_script(control: PathBuf, r: usize, mem: PathBuf, progress: mpsc::Sender<usize>) {
+    let client = Client::new(&control);
     for (i, (request, allowed)) in script(r, &mem).into_iter().enumerate() {
-        let Some(response) = call(&control, request.clone()) else {
+        let Some(got) = call(&client, &request) else {
             return;
-        };
-        let got: Expect = if response["ok"] == true {
-            None
-        } else {
-            let code = response["error"]["code"].as_str().unwrap_or("?");
-            Some(
-                [
-                    "not_found",
-                    "conflict",
-                    "invalid_argument",
-                    "unavailable",
-                    "internal",
-                ]
-                .into_iter()
-                .find(|c| *c == code)
-                .unwrap_or("?"),
-            )
         };
         assert!(
             allowed.contains(&got),
-            "round {r} step {i} {request}: {response}"
+            "round {r} step {i} {request:?}: {got:?}"
         );
         if progress.send(i + 1).is_err() {
             return;
@@ -196,43 +143,40 @@ fn check_invariants(daemon: &Daemon, round: usize) {
         );
     }
     // The daemon agrees: the same snapshots, and each ref_count is the number of records.
-    let list = daemon.request("snapshot.list", Value::Null).unwrap();
-    let listed: BTreeSet<String> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_owned())
-        .collect();
+    let list = daemon.snapshots();
+    let listed: BTreeSet<String> = list.iter().map(|s| s.id.to_string()).collect();
     assert_eq!(
         listed,
         dirs,
         "{}",
         ctx("listed snapshots differ from the directories")
     );
-    for info in list.as_array().unwrap() {
-        let id = info["id"].as_str().unwrap();
+    for info in &list {
+        let id = info.id.as_str();
         let expected = refs.get(id).cloned().unwrap_or_default();
         assert_eq!(
-            info["ref_count"],
-            expected.len(),
+            info.ref_count,
+            Some(expected.len()),
             "{}",
-            ctx(&format!("ref_count of {id}: {info}"))
+            ctx(&format!("ref_count of {id}: {info:?}"))
         );
-        let forks: BTreeSet<String> = info["forks"]
-            .as_array()
-            .unwrap()
+        let forks: BTreeSet<String> = info
+            .forks
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}", ctx(&format!("forks of {id} unknown"))))
             .iter()
-            .map(|f| f.as_str().unwrap().to_owned())
+            .map(ToString::to_string)
             .collect();
         assert_eq!(forks, expected, "{}", ctx(id));
     }
     // Every recorded fork is known, and exactly the waiting ones have sockets.
-    let forks = daemon.request("fork.list", Value::Null).unwrap();
+    let forks = daemon.forks();
     let known: BTreeSet<String> = forks
-        .as_array()
-        .unwrap()
         .iter()
-        .map(|f| f["id"].as_str().unwrap().to_owned())
+        .map(|f| match f {
+            ForkListEntry::Uffd(fork) => fork.id.to_string(),
+            ForkListEntry::File(user) => user.id.clone(),
+        })
         .collect();
     assert_eq!(
         known,
@@ -241,11 +185,13 @@ fn check_invariants(daemon: &Daemon, round: usize) {
         ctx("forks known to the daemon differ from the records")
     );
     let waiting: BTreeSet<String> = forks
-        .as_array()
-        .unwrap()
         .iter()
-        .filter(|f| f["state"] == "waiting")
-        .map(|f| format!("{}.sock", f["id"].as_str().unwrap()))
+        .filter_map(|f| match f {
+            ForkListEntry::Uffd(fork) if fork.state == ForkState::Waiting => {
+                Some(format!("{}.sock", fork.id))
+            }
+            _ => None,
+        })
         .collect();
     assert_eq!(
         names(&state.join("sockets")),
@@ -292,10 +238,13 @@ fn two_hundred_kills_leave_records_files_and_counts_consistent() {
         kill_points.len() >= 12,
         "kills landed at only {kill_points:?}"
     );
-    assert_eq!(daemon.fork("anchored")["state"], "detached");
+    assert_eq!(daemon.fork("anchored").state, ForkState::Detached);
     assert_eq!(
-        daemon.error_code("snapshot.delete", json!({"snapshot": "anchor"})),
-        "conflict"
+        daemon.error_code(&Request::SnapshotDelete {
+            snapshot: id("anchor"),
+            defer: false
+        }),
+        ErrorCode::Conflict
     );
     anchor_vmm.kill();
 }

@@ -5,36 +5,38 @@
 //! deletes until the kernel releases them (also on SIGKILL), read-only answers, sizes, and the
 //! mount's life across shutdown, crash and restart.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-use testkit::{binary, wait_until, write_snapshot, Daemon, Vmm};
+use proto::control::{ErrorCode, Request};
+use proto::model::ReadPath;
+use testkit::{binary, id, wait_until, write_snapshot, Daemon, Vmm};
 
 const MIB: u64 = 1 << 20;
 const DEADLINE: Duration = Duration::from_secs(30);
-const MODES: [&str; 2] = ["cached", "passthrough"];
+const MODES: [ReadPath; 2] = [ReadPath::Cached, ReadPath::Passthrough];
 
-/// The sharing test measures the whole machine's page cache: it runs alone (write), the other
-/// tests of this file run together (read).
-static PAGE_CACHE: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-fn page_cache_shared() -> std::sync::RwLockReadGuard<'static, ()> {
-    PAGE_CACHE.read().unwrap_or_else(|p| p.into_inner())
+/// pagerd's `--fuse` value for a read path.
+fn flag(mode: ReadPath) -> &'static str {
+    match mode {
+        ReadPath::Cached => "cached",
+        ReadPath::Passthrough => "passthrough",
+    }
 }
 
 /// Starts pagerd with one snapshot and the FUSE view in `mode`; checks the mode took.
-fn daemon_with(snapshots: &[(&str, &Path)], mode: &str) -> Daemon {
-    let daemon = Daemon::start(snapshots, &["--fuse", mode]);
-    let status = daemon.request("status", Value::Null).unwrap();
-    assert_eq!(status["fuse"]["read_path"], mode, "{status}");
-    assert_eq!(
-        status["fuse"]["mountpoint"],
-        json!(daemon.fuse_mount()),
-        "{status}"
-    );
+fn daemon_with(snapshots: &[(&str, &Path)], mode: ReadPath) -> Daemon {
+    let daemon = Daemon::start(snapshots, &["--fuse", flag(mode)]);
+    let status = daemon.status();
+    let fuse = status
+        .fuse
+        .as_ref()
+        .unwrap_or_else(|| panic!("not mounted: {status:?}"));
+    assert_eq!(fuse.read_path, mode, "{status:?}");
+    assert_eq!(fuse.mountpoint, daemon.fuse_mount(), "{status:?}");
     daemon
 }
 
@@ -50,17 +52,6 @@ fn file_vmm(original: &Path, file: &Path, steps: &[&str]) -> Vmm {
     Vmm::spawn(&args)
 }
 
-fn file_users(daemon: &Daemon) -> Vec<Value> {
-    let forks = daemon.request("fork.list", Value::Null).unwrap();
-    forks
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["kind"] == "file")
-        .cloned()
-        .collect()
-}
-
 /// How many mounts sit exactly at `path` (stacked ones count each).
 fn mounts_at(path: &Path) -> usize {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -73,7 +64,6 @@ fn mounts_at(path: &Path) -> usize {
 
 #[test]
 fn eight_forks_map_the_memory_file_privately_and_keep_their_own_writes() {
-    let _shared = page_cache_shared();
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 16 * MIB, 0xf05e, 7, MIB);
     let original = std::fs::read(&mem).unwrap();
@@ -101,7 +91,7 @@ fn eight_forks_map_the_memory_file_privately_and_keep_their_own_writes() {
             assert_eq!(
                 report["report"]["pages"],
                 16 * MIB / 4096,
-                "{mode}: {report}"
+                "{mode:?}: {report}"
             );
             vmm.expect("stamped");
             vmm.expect("verified");
@@ -112,27 +102,31 @@ fn eight_forks_map_the_memory_file_privately_and_keep_their_own_writes() {
             vmm.resume();
             vmm.expect("verified");
         }
-        let users = file_users(&daemon);
-        assert_eq!(users.len(), 8, "{mode}: {users:?}");
-        let mut pids: Vec<i64> = users.iter().map(|u| u["pid"].as_i64().unwrap()).collect();
+        let users = daemon.file_users();
+        assert_eq!(users.len(), 8, "{mode:?}: {users:?}");
+        let mut pids: Vec<i64> = users.iter().map(|u| i64::from(u.pid)).collect();
         let mut expected: Vec<i64> = vmms.iter().map(|v| i64::from(v.pid())).collect();
         pids.sort_unstable();
         expected.sort_unstable();
-        assert_eq!(pids, expected, "{mode}: file users are the VMM processes");
+        assert_eq!(pids, expected, "{mode:?}: file users are the VMM processes");
+        assert!(
+            users.iter().all(|u| u.snapshot == id("s")),
+            "{mode:?}: {users:?}"
+        );
 
         // Nobody else sees those writes: the mount, the state directory and the source.
         assert!(
             std::fs::read(&file).unwrap() == original,
-            "{mode}: FUSE file changed"
+            "{mode:?}: FUSE file changed"
         );
         let backing = daemon.state_dir().join("snapshots/s/memory");
         assert!(
             std::fs::read(backing).unwrap() == original,
-            "{mode}: backing file changed"
+            "{mode:?}: backing file changed"
         );
         assert!(
             std::fs::read(&mem).unwrap() == original,
-            "{mode}: source changed"
+            "{mode:?}: source changed"
         );
         // A fork started after all those writes reads the snapshot's bytes.
         let mut late = file_vmm(&mem, &file, &["verify"]);
@@ -142,7 +136,7 @@ fn eight_forks_map_the_memory_file_privately_and_keep_their_own_writes() {
             vmm.finish();
         }
         wait_until("file users released", DEADLINE, || {
-            file_users(&daemon).is_empty()
+            daemon.file_users().is_empty()
         });
     }
 }
@@ -165,24 +159,57 @@ fn rss_pss_kib(pid: u32) -> (u64, u64) {
     (field("Rss:"), field("Pss:"))
 }
 
-/// The page cache size in KiB (`Cached` in `/proc/meminfo`).
-fn page_cache_kib() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    meminfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Cached:")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .expect("Cached in /proc/meminfo")
+/// The KiB of `path`'s own page cache, from `cachestat(2)`: the pages cached for that file
+/// and no other (a FUSE memory file served by passthrough has none of its own: its pages are
+/// the backing file's).
+fn cached_kib(path: &Path) -> u64 {
+    /// `struct cachestat_range`.
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    /// `struct cachestat`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct CacheStat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    /// `cachestat`'s number in the generic syscall table, which x86-64 shares.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let file = std::fs::File::open(path).unwrap();
+    // The whole file (a length of 0 runs to its end).
+    let range = Range { off: 0, len: 0 };
+    let mut stat = CacheStat::default();
+    // SAFETY: cachestat reads `range` and writes `stat`, both live and of the kernel's layout,
+    // on a descriptor this function owns.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut CacheStat,
+            0u32,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "cachestat({}): {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: sysconf has no preconditions.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap();
+    stat.nr_cache * page / 1024
 }
 
 #[test]
 fn eight_readers_share_one_copy_of_the_pages() {
-    let _alone = PAGE_CACHE.write().unwrap_or_else(|p| p.into_inner());
     const SIZE: u64 = 256 * MIB;
     const READERS: u64 = 8;
     let size_kib = SIZE / 1024;
@@ -191,8 +218,18 @@ fn eight_readers_share_one_copy_of_the_pages() {
     for mode in MODES {
         let daemon = daemon_with(&[("s", &mem)], mode);
         let file = daemon.fuse_file("s");
-        std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
-        let cache_before = page_cache_kib();
+        let backing = daemon.state_dir().join("snapshots/s/memory");
+        // Where the readers' pages can be cached: the memory file's own page cache (cached
+        // read path) and the backing file's (passthrough, and pagerd's own mapping). Counting
+        // only these two files' pages keeps whatever else the machine does out of the figure.
+        // pagerd's copy of the backing file is in the cache before any reader starts.
+        std::io::copy(
+            &mut std::fs::File::open(&backing).unwrap(),
+            &mut std::io::sink(),
+        )
+        .unwrap();
+        let snapshot_cache_kib = || cached_kib(&file) + cached_kib(&backing);
+        let cache_before = snapshot_cache_kib();
         let mut readers: Vec<Vmm> = (0..READERS)
             .map(|_| file_vmm(&mem, &file, &["touch", "wait", "verify", "hold"]))
             .collect();
@@ -200,24 +237,24 @@ fn eight_readers_share_one_copy_of_the_pages() {
             assert_eq!(r.expect("touched")["pages"], SIZE / 4096);
             r.expect("waiting");
         }
-        let grown = page_cache_kib().saturating_sub(cache_before);
+        let grown = snapshot_cache_kib().saturating_sub(cache_before);
         for r in &readers {
             let (rss, pss) = rss_pss_kib(r.pid());
             assert!(
                 rss >= size_kib,
-                "{mode}: every page is resident: rss {rss} KiB"
+                "{mode:?}: every page is resident: rss {rss} KiB"
             );
             // The file's pages are split between the readers (and, with passthrough, pagerd's
             // own mapping of the same file): each carries about an eighth.
             assert!(
                 pss * 6 < rss && pss * 10 > rss,
-                "{mode}: pss {pss} KiB should be about 1/{READERS} of rss {rss} KiB"
+                "{mode:?}: pss {pss} KiB should be about 1/{READERS} of rss {rss} KiB"
             );
         }
         assert!(
             grown * 4 < size_kib * 5,
-            "{mode}: the page cache grew by {grown} KiB for {READERS} readers of {size_kib} KiB: \
-             more than one copy"
+            "{mode:?}: the snapshot's page cache grew by {grown} KiB for {READERS} readers of \
+             {size_kib} KiB: more than one copy"
         );
         // And the shared pages are the snapshot's bytes.
         for r in &mut readers {
@@ -232,7 +269,6 @@ fn eight_readers_share_one_copy_of_the_pages() {
 
 #[test]
 fn a_memory_file_held_by_a_process_blocks_deletes_until_the_process_dies() {
-    let _shared = page_cache_shared();
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 0xde1, 3, 0);
     for mode in MODES {
@@ -241,40 +277,44 @@ fn a_memory_file_held_by_a_process_blocks_deletes_until_the_process_dies() {
         // The VMM maps the file and closes its descriptor, as VMMs do.
         let mut vmm = file_vmm(&mem, &file, &["verify", "hold"]);
         vmm.expect("verified");
-        let users = file_users(&daemon);
-        assert_eq!(users.len(), 1, "{mode}: {users:?}");
-        assert_eq!(users[0]["pid"], vmm.pid(), "{mode}: {users:?}");
-        assert_eq!(users[0]["snapshot"], "s");
-        let info = daemon
-            .request("snapshot.get", json!({"snapshot": "s"}))
-            .unwrap();
-        assert_eq!(info["ref_count"], 1, "{mode}: {info}");
-        assert_eq!(info["fuse_file"], json!(file), "{mode}: {info}");
+        let users = daemon.file_users();
+        assert_eq!(users.len(), 1, "{mode:?}: {users:?}");
+        assert_eq!(
+            users[0].pid,
+            i32::try_from(vmm.pid()).unwrap(),
+            "{mode:?}: {users:?}"
+        );
+        assert_eq!(users[0].snapshot, id("s"));
+        let info = daemon.snapshot("s");
+        assert_eq!(info.ref_count, Some(1), "{mode:?}: {info:?}");
+        assert_eq!(info.fuse_file.as_ref(), Some(&file), "{mode:?}: {info:?}");
+        assert_eq!(info.file_users, users, "{mode:?}: {info:?}");
 
-        let err = daemon
-            .request("snapshot.delete", json!({"snapshot": "s"}))
-            .unwrap_err();
-        assert_eq!(err.code, "conflict", "{mode}: {err:?}");
+        let err = daemon.refusal(&Request::SnapshotDelete {
+            snapshot: id("s"),
+            defer: false,
+        });
+        assert_eq!(err.code, ErrorCode::Conflict, "{mode:?}: {err:?}");
         assert!(
             err.message.contains(&format!("pid {}", vmm.pid())),
-            "{mode}: the refusal names the process: {}",
+            "{mode:?}: the refusal names the process: {}",
             err.message
         );
-        let (ok, out, _) = daemon.ctl(&["fork", "ls"]);
+        let run = daemon.pagerctl(&["fork", "ls"]);
         assert!(
-            ok && out.contains("file") && out.contains(&vmm.pid().to_string()),
-            "{out}"
+            run.success()
+                && run.stdout.contains("file")
+                && run.stdout.contains(&vmm.pid().to_string()),
+            "{run:?}"
         );
-        assert!(file.exists(), "{mode}: refused delete left the file");
+        assert!(file.exists(), "{mode:?}: refused delete left the file");
 
         vmm.kill();
         wait_until("the killed VMM's reference to end", DEADLINE, || {
-            file_users(&daemon).is_empty()
+            daemon.file_users().is_empty()
         });
-        let deleted = daemon
-            .request("snapshot.delete", json!({"snapshot": "s"}))
-            .unwrap();
-        assert_eq!(deleted["deleted"], true, "{mode}: {deleted}");
+        let deleted = daemon.delete_snapshot("s", false);
+        assert!(deleted.deleted, "{mode:?}: {deleted:?}");
         wait_until("the deleted snapshot to leave the mount", DEADLINE, || {
             !file.exists()
         });
@@ -283,7 +323,6 @@ fn a_memory_file_held_by_a_process_blocks_deletes_until_the_process_dies() {
 
 #[test]
 fn a_deferred_delete_waits_for_file_users_and_hides_the_file_from_new_ones() {
-    let _shared = page_cache_shared();
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 0xdef, 0, 0);
     for mode in MODES {
@@ -292,11 +331,9 @@ fn a_deferred_delete_waits_for_file_users_and_hides_the_file_from_new_ones() {
         let mut vmm = file_vmm(&mem, &file, &["verify", "wait", "verify"]);
         vmm.expect("verified");
         vmm.expect("waiting");
-        let outcome = daemon
-            .request("snapshot.delete", json!({"snapshot": "s", "defer": true}))
-            .unwrap();
-        assert_eq!(outcome["pending"], true, "{mode}: {outcome}");
-        assert_eq!(outcome["file_users"].as_array().unwrap().len(), 1);
+        let outcome = daemon.delete_snapshot("s", true);
+        assert!(outcome.pending, "{mode:?}: {outcome:?}");
+        assert_eq!(outcome.file_users.len(), 1);
         // No new users of a snapshot on its way out.
         wait_until("the pending snapshot to leave the mount", DEADLINE, || {
             std::fs::File::open(&file).is_err()
@@ -307,8 +344,9 @@ fn a_deferred_delete_waits_for_file_users_and_hides_the_file_from_new_ones() {
         vmm.finish();
         wait_until("the deferred delete to finish", DEADLINE, || {
             daemon
-                .request("snapshot.get", json!({"snapshot": "s"}))
-                .is_err_and(|e| e.code == "not_found")
+                .client()
+                .snapshot("s")
+                .is_err_and(|e| e.code() == Some(ErrorCode::NotFound))
         });
         assert!(!daemon.state_dir().join("snapshots/s").exists());
     }
@@ -323,7 +361,6 @@ fn raw_errno(result: std::io::Result<impl Sized>) -> i32 {
 
 #[test]
 fn the_mount_is_read_only_lists_every_snapshot_and_shows_exact_sizes() {
-    let _shared = page_cache_shared();
     let dir = tempfile::tempdir().unwrap();
     let small = write_snapshot(&dir.path().join("small"), 4 * MIB, 1, 0, 0);
     let odd = write_snapshot(&dir.path().join("odd"), 12 * MIB + 8192, 2, 5, 4096);
@@ -336,7 +373,7 @@ fn the_mount_is_read_only_lists_every_snapshot_and_shows_exact_sizes() {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names, ["odd", "small"], "{mode}");
+        assert_eq!(names, ["odd", "small"], "{mode:?}");
         for (id, source) in [("small", &small), ("odd", &odd)] {
             let want = std::fs::metadata(source).unwrap().len();
             let out = Command::new("ls")
@@ -345,8 +382,8 @@ fn the_mount_is_read_only_lists_every_snapshot_and_shows_exact_sizes() {
                 .unwrap();
             let line = String::from_utf8_lossy(&out.stdout);
             let fields: Vec<&str> = line.split_whitespace().collect();
-            assert_eq!(fields[0], "-r--r--r--", "{mode}: {line}");
-            assert_eq!(fields[4], want.to_string(), "{mode}: ls -l size: {line}");
+            assert_eq!(fields[0], "-r--r--r--", "{mode:?}: {line}");
+            assert_eq!(fields[4], want.to_string(), "{mode:?}: ls -l size: {line}");
         }
 
         // Reads at any offset and length return the snapshot's bytes.
@@ -363,7 +400,7 @@ fn the_mount_is_read_only_lists_every_snapshot_and_shows_exact_sizes() {
             let start = usize::try_from(offset).unwrap();
             assert!(
                 buf == original[start..start + len],
-                "{mode}: read at {offset}+{len}"
+                "{mode:?}: read at {offset}+{len}"
             );
         }
         let mut past_end = [0u8; 16];
@@ -376,40 +413,40 @@ fn the_mount_is_read_only_lists_every_snapshot_and_shows_exact_sizes() {
         let mem = daemon.fuse_file("odd");
         let erofs = libc::EROFS;
         let open_rw = std::fs::OpenOptions::new().write(true).open(&mem);
-        assert_eq!(raw_errno(open_rw), erofs, "{mode}: open for writing");
+        assert_eq!(raw_errno(open_rw), erofs, "{mode:?}: open for writing");
         let truncate = std::fs::OpenOptions::new()
             .write(true)
             .truncate(true)
             .open(&mem);
-        assert_eq!(raw_errno(truncate), erofs, "{mode}: truncate");
+        assert_eq!(raw_errno(truncate), erofs, "{mode:?}: truncate");
         assert_eq!(
             raw_errno(std::fs::write(root.join("new"), b"x")),
             erofs,
-            "{mode}: create"
+            "{mode:?}: create"
         );
         assert_eq!(
             raw_errno(std::fs::create_dir(root.join("d"))),
             erofs,
-            "{mode}: mkdir"
+            "{mode:?}: mkdir"
         );
         assert_eq!(
             raw_errno(std::fs::remove_file(&mem)),
             erofs,
-            "{mode}: unlink"
+            "{mode:?}: unlink"
         );
         let renamed = std::fs::rename(&mem, mem.with_file_name("other"));
-        assert_eq!(raw_errno(renamed), erofs, "{mode}: rename");
+        assert_eq!(raw_errno(renamed), erofs, "{mode:?}: rename");
         let perms = std::os::unix::fs::PermissionsExt::from_mode(0o666);
         assert_eq!(
             raw_errno(std::fs::set_permissions(&mem, perms)),
             erofs,
-            "{mode}: chmod"
+            "{mode:?}: chmod"
         );
         let truncated = nix::unistd::truncate(&mem, 0).map_err(std::io::Error::from);
-        assert_eq!(raw_errno(truncated), erofs, "{mode}: truncate(2)");
+        assert_eq!(raw_errno(truncated), erofs, "{mode:?}: truncate(2)");
         assert!(
             std::fs::read(&mem).unwrap() == original,
-            "{mode}: unchanged"
+            "{mode:?}: unchanged"
         );
         assert_eq!(
             std::fs::metadata(&mem).unwrap().len(),
@@ -420,7 +457,6 @@ fn the_mount_is_read_only_lists_every_snapshot_and_shows_exact_sizes() {
 
 #[test]
 fn the_mount_goes_at_shutdown_and_comes_back_after_a_crash() {
-    let _shared = page_cache_shared();
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 9, 0, 0);
     let original = std::fs::read(&mem).unwrap();
@@ -463,18 +499,15 @@ fn the_mount_goes_at_shutdown_and_comes_back_after_a_crash() {
 
 #[test]
 fn registering_a_file_from_the_mount_itself_is_refused() {
-    let _shared = page_cache_shared();
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 4, 0, 0);
     let daemon = Daemon::start(&[("s", &mem)], &[]);
     let looped: PathBuf = daemon.fuse_file("s");
-    let err = daemon
-        .request(
-            "snapshot.register",
-            json!({"snapshot": "again", "path": looped}),
-        )
-        .unwrap_err();
-    assert_eq!(err.code, "invalid_argument", "{err:?}");
+    let err = daemon.refusal(&Request::SnapshotRegister {
+        snapshot: id("again"),
+        path: looped,
+    });
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err:?}");
     assert!(err.message.contains("FUSE"), "{}", err.message);
     // The daemon still answers and serves.
     assert!(std::fs::read(daemon.fuse_file("s")).unwrap() == std::fs::read(&mem).unwrap());
@@ -482,10 +515,9 @@ fn registering_a_file_from_the_mount_itself_is_refused() {
 
 #[test]
 fn a_passthrough_fork_keeps_its_memory_when_the_daemon_dies() {
-    let _shared = page_cache_shared();
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 8 * MIB, 0xdead, 4, 0);
-    let mut daemon = daemon_with(&[("s", &mem)], "passthrough");
+    let mut daemon = daemon_with(&[("s", &mem)], ReadPath::Passthrough);
     // Mapped, not a single page read yet.
     let mut vmm = file_vmm(&mem, &daemon.fuse_file("s"), &["wait", "verify"]);
     vmm.expect("waiting");

@@ -1,14 +1,15 @@
 //! Real KVM guests on pagerd-served memory: `kvm-vmm` hands its uffd to a real pagerd, then a
 //! CPL3 guest checksums every MiB of its memory, so every page reaches the guest through a
 //! fault KVM takes from kernel context. The guest's checksums are compared with checksums of
-//! the snapshot file computed by the same definition (`vmm_glue::kvm::guest`), for one VM, two
+//! the snapshot file computed by the same definition (`test_vmms::kvm::guest`), for one VM, two
 //! VMs at once, and a VM that writes to its memory next to siblings that must not see it; and
 //! guests whose memory is the FUSE memory file mapped `MAP_PRIVATE` (both read paths).
 
 use std::path::Path;
 
+use proto::model::{EndReason, ForkState};
+use test_vmms::kvm::guest;
 use testkit::{write_snapshot, Daemon, Vmm};
-use vmm_glue::kvm::guest;
 
 const MIB: u64 = 1 << 20;
 const IMAGE: u64 = 64 * MIB;
@@ -46,16 +47,16 @@ fn snapshot(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
 /// Asserts a fork ended because its VMM exited, with every page of the image served and no
 /// errors.
 fn assert_served_whole_image(daemon: &Daemon, fork: &str) {
-    let record = daemon.wait_fork(fork, "ended");
-    assert_eq!(record["end_reason"], "vmm_exited", "{record}");
-    let stats = &record["stats"];
+    let record = daemon.wait_fork(fork, ForkState::Ended);
+    assert_eq!(record.end_reason, Some(EndReason::VmmExited), "{record:?}");
+    let stats = &record.stats;
     assert_eq!(
-        stats["pages_copied"].as_u64().unwrap() + stats["zero_pages"].as_u64().unwrap(),
+        stats.pages_copied + stats.zero_pages,
         IMAGE / 4096,
-        "every page of the image was served by pagerd: {stats}"
+        "every page of the image was served by pagerd: {stats:?}"
     );
-    assert_eq!(stats["errors"], 0, "{stats}");
-    assert_eq!(stats["outside_faults"], 0, "{stats}");
+    assert_eq!(stats.errors, 0, "{stats:?}");
+    assert_eq!(stats.outside_faults, 0, "{stats:?}");
 }
 
 /// Compares checksum lists MiB by MiB, naming the first MiB that differs.
@@ -100,8 +101,14 @@ fn two_vms_from_one_snapshot_at_once() {
     let mut b = start_kvm(&mem, &sockets[1], &["--hold"]);
     a.expect("handed_off");
     b.expect("handed_off");
-    assert_eq!(daemon.wait_fork("a", "serving")["state"], "serving");
-    assert_eq!(daemon.wait_fork("b", "serving")["state"], "serving");
+    assert_eq!(
+        daemon.wait_fork("a", ForkState::Serving).state,
+        ForkState::Serving
+    );
+    assert_eq!(
+        daemon.wait_fork("b", ForkState::Serving).state,
+        ForkState::Serving
+    );
     let got_a = checksums(&mut a);
     let got_b = checksums(&mut b);
     a.expect("holding");
@@ -153,7 +160,7 @@ fn a_vm_sees_its_own_writes_and_siblings_do_not() {
 
     // All three were alive together; the snapshot file itself is untouched.
     for fork in ["before", "writer", "after"] {
-        assert_eq!(daemon.fork(fork)["state"], "serving", "{fork}");
+        assert_eq!(daemon.fork(fork).state, ForkState::Serving, "{fork}");
     }
     before.finish();
     writer.finish();
@@ -198,16 +205,12 @@ fn guests_run_on_the_fuse_memory_file_mapped_privately() {
         reader.expect("mapped");
         assert_checksums(&format!("{mode} reader"), &checksums(&mut reader), &plain);
         reader.expect("holding");
-        let forks = daemon
-            .request("fork.list", serde_json::Value::Null)
-            .unwrap();
-        let users = forks
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|f| f["kind"] == "file")
-            .count();
-        assert_eq!(users, 2, "{mode}: both VMMs hold the memory file: {forks}");
+        let users = daemon.file_users();
+        assert_eq!(
+            users.len(),
+            2,
+            "{mode}: both VMMs hold the memory file: {users:?}"
+        );
         writer.finish();
         reader.finish();
         assert!(

@@ -3,6 +3,7 @@
 //! many regions at scattered file offsets, 2 MiB hugetlbfs pages, faults from kernel context,
 //! 16 concurrent forks, and pages given back with `MADV_DONTNEED`.
 
+use proto::model::{EndReason, ForkInfo, ForkState};
 use serde_json::Value;
 use testkit::{write_snapshot, zero_pages_in, Daemon, HugePages, Vmm};
 
@@ -19,7 +20,7 @@ fn serve_one(
     fork: &str,
     mem: &std::path::Path,
     extra: &[String],
-) -> (Vec<Value>, Value) {
+) -> (Vec<Value>, ForkInfo) {
     let socket = daemon.create_fork(snapshot, fork);
     let mut args = vec![
         arg("--snapshot"),
@@ -29,8 +30,8 @@ fn serve_one(
     ];
     args.extend_from_slice(extra);
     let events = Vmm::spawn(&args).finish();
-    let record = daemon.wait_fork(fork, "ended");
-    assert_eq!(record["end_reason"], "vmm_exited", "{record}");
+    let record = daemon.wait_fork(fork, ForkState::Ended);
+    assert_eq!(record.end_reason, Some(EndReason::VmmExited), "{record:?}");
     (events, record)
 }
 
@@ -59,36 +60,28 @@ fn one_region_every_page_matches_and_zero_pages_are_not_copied() {
         let reports = verified(&events);
         assert_eq!(reports.len(), 1);
         assert_eq!(reports[0]["pages"], size / 4096);
-        let stats = &record["stats"];
+        let stats = &record.stats;
         let pages = size / 4096;
         let zero = zero_pages_in(&mem);
+        assert_eq!(stats.pages_copied + stats.zero_pages, pages, "{stats:?}");
         assert_eq!(
-            stats["pages_copied"].as_u64().unwrap() + stats["zero_pages"].as_u64().unwrap(),
-            pages,
-            "{stats}"
+            stats.zero_pages, zero,
+            "every all-zero page answered with the zero page: {stats:?}"
         );
-        assert_eq!(
-            stats["zero_pages"], zero,
-            "every all-zero page answered with the zero page: {stats}"
-        );
-        assert_eq!(stats["bytes_copied"], (pages - zero) * 4096);
-        assert_eq!(stats["errors"], 0);
-        assert_eq!(stats["outside_faults"], 0);
-        assert!(stats["faults"].as_u64().unwrap() >= pages / 32, "{stats}");
-        assert_eq!(stats["latency_ns"]["count"], stats["faults"], "{stats}");
-        let latency = &stats["latency_ns"];
-        let (p50, p99, max) = (
-            latency["p50"].as_u64().unwrap(),
-            latency["p99"].as_u64().unwrap(),
-            latency["max"].as_u64().unwrap(),
-        );
-        assert!(0 < p50 && p50 <= p99 && p99 <= max, "{latency}");
+        assert_eq!(stats.bytes_copied, (pages - zero) * 4096);
+        assert_eq!(stats.errors, 0);
+        assert_eq!(stats.outside_faults, 0);
+        assert!(stats.faults >= pages / 32, "{stats:?}");
+        assert_eq!(stats.latency_ns.count, stats.faults, "{stats:?}");
+        let latency = &stats.latency_ns;
+        let (p50, p99, max) = (latency.p50, latency.p99, latency.max);
+        assert!(0 < p50 && p50 <= p99 && p99 <= max, "{latency:?}");
         assert!(
             p99 > 1_000,
-            "copying 64 KiB into another process takes more than 1 µs: {latency}"
+            "copying 64 KiB into another process takes more than 1 µs: {latency:?}"
         );
-        assert!(record["vmm_pid"].as_i64().unwrap() > 0);
-        let features = record["uffd_features"].as_u64().unwrap();
+        assert!(record.vmm_pid.unwrap() > 0);
+        let features = record.uffd_features.unwrap();
         assert_ne!(features & 0x8, 0, "EVENT_REMOVE negotiated: {features:#x}");
     }
 }
@@ -99,12 +92,9 @@ fn without_fault_around_each_fault_serves_one_page() {
     let mem = write_snapshot(&dir.path().join("mem"), 8 * MIB, 2, 5, 0);
     let daemon = Daemon::start(&[("base", &mem)], &["--fault-around", "1"]);
     let (_, record) = serve_one(&daemon, "base", "f", &mem, &[arg("verify")]);
-    let stats = &record["stats"];
-    assert_eq!(stats["faults"], 8 * MIB / 4096, "{stats}");
-    assert_eq!(
-        stats["pages_copied"].as_u64().unwrap() + stats["zero_pages"].as_u64().unwrap(),
-        8 * MIB / 4096
-    );
+    let stats = &record.stats;
+    assert_eq!(stats.faults, 8 * MIB / 4096, "{stats:?}");
+    assert_eq!(stats.pages_copied + stats.zero_pages, 8 * MIB / 4096);
 }
 
 #[test]
@@ -134,11 +124,11 @@ fn many_regions_at_scattered_file_offsets() {
     for report in verified(&events) {
         assert_eq!(report["bytes"], total);
     }
-    let stats = &record["stats"];
+    let stats = &record.stats;
     assert_eq!(
-        stats["pages_copied"].as_u64().unwrap() + stats["zero_pages"].as_u64().unwrap(),
+        stats.pages_copied + stats.zero_pages,
         total / 4096,
-        "{stats}"
+        "{stats:?}"
     );
 }
 
@@ -162,7 +152,7 @@ fn faults_from_kernel_context_are_served() {
             ],
         );
         assert_eq!(verified(&events)[0]["pages"], 16 * MIB / 4096);
-        assert_eq!(record["stats"]["errors"], 0);
+        assert_eq!(record.stats.errors, 0);
     }
 }
 
@@ -194,11 +184,11 @@ fn hugetlbfs_2mib_pages() {
     let reports = verified(&events);
     assert_eq!(reports.len(), 2);
     assert_eq!(reports[1]["removed_pages"], 2);
-    let stats = &record["stats"];
+    let stats = &record.stats;
     // 9 huge pages copied, then the two given back come back as zeros.
-    assert_eq!(stats["pages_copied"], 9, "{stats}");
-    assert_eq!(stats["zero_pages"], 2, "{stats}");
-    assert_eq!(stats["removes"], 2, "{stats}");
+    assert_eq!(stats.pages_copied, 9, "{stats:?}");
+    assert_eq!(stats.zero_pages, 2, "{stats:?}");
+    assert_eq!(stats.removes, 2, "{stats:?}");
 }
 
 #[test]
@@ -226,20 +216,13 @@ fn sixteen_forks_of_one_snapshot_at_once() {
         .map(arg);
         let mut vmm = Vmm::spawn(&args);
         vmm.expect("waiting");
-        daemon.wait_fork(&format!("f{i}"), "serving");
+        daemon.wait_fork(&format!("f{i}"), ForkState::Serving);
         vmms.push(vmm);
     }
-    let status = daemon.request("status", Value::Null).unwrap();
-    assert_eq!(status["forks"]["serving"], 16, "{status}");
-    assert_eq!(
-        status["worker_sessions"],
-        serde_json::json!([8, 8]),
-        "{status}"
-    );
-    let info = daemon
-        .request("snapshot.get", serde_json::json!({"snapshot": "base"}))
-        .unwrap();
-    assert_eq!(info["ref_count"], 16);
+    let status = daemon.status();
+    assert_eq!(status.forks.serving, 16, "{status:?}");
+    assert_eq!(status.worker_sessions, [8, 8], "{status:?}");
+    assert_eq!(daemon.ref_count("base"), Some(16));
     // All sixteen start faulting together.
     for vmm in &mut vmms {
         vmm.resume();
@@ -249,8 +232,8 @@ fn sixteen_forks_of_one_snapshot_at_once() {
         assert_eq!(verified(&events)[0]["pages"], 16 * MIB / 4096, "fork {i}");
     }
     for i in 0..16 {
-        let record = daemon.wait_fork(&format!("f{i}"), "ended");
-        assert_eq!(record["stats"]["errors"], 0);
+        let record = daemon.wait_fork(&format!("f{i}"), ForkState::Ended);
+        assert_eq!(record.stats.errors, 0);
     }
 }
 
@@ -280,10 +263,10 @@ fn pages_given_back_read_as_zeros_and_the_rest_keeps_its_bytes() {
     assert_eq!(reports[0]["removed_pages"], 64);
     assert_eq!(reports[1]["removed_pages"], 64 + 16 + 5);
     assert_eq!(reports[2]["removed_pages"], 64 + 16 + 5);
-    let stats = &record["stats"];
-    assert_eq!(stats["removes"], 4, "{stats}");
-    assert_eq!(stats["errors"], 0, "{stats}");
+    let stats = &record.stats;
+    assert_eq!(stats.removes, 4, "{stats:?}");
+    assert_eq!(stats.errors, 0, "{stats:?}");
     // Every page copied once; the given-back pages zero-filled each time they were read.
-    assert_eq!(stats["pages_copied"], 16 * MIB / 4096 - 64, "{stats}");
-    assert_eq!(stats["zero_pages"], 64 + (16 + 5) + 1, "{stats}");
+    assert_eq!(stats.pages_copied, 16 * MIB / 4096 - 64, "{stats:?}");
+    assert_eq!(stats.zero_pages, 64 + (16 + 5) + 1, "{stats:?}");
 }

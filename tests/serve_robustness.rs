@@ -5,10 +5,13 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 
+use proto::control::{ErrorCode, Request};
+use proto::handoff::{GuestRegionUffdMapping, HandoffRefusal};
+use proto::model::{EndReason, ForkState, RefusalReason};
 use serde_json::{json, Value};
 use testkit::{
-    borrow_all, dev_null, new_uffd, raw_handoff, read_reply, wait_until, write_snapshot, Daemon,
-    Vmm, DEADLINE,
+    borrow_all, dev_null, id, new_uffd, raw_handoff, read_reply, wait_until, write_snapshot,
+    Daemon, Vmm, DEADLINE,
 };
 
 const MIB: u64 = 1 << 20;
@@ -23,7 +26,7 @@ fn healthy_vmm(daemon: &Daemon, mem: &std::path::Path, fork: &str) -> Vmm {
     );
     vmm.expect("verified");
     vmm.expect("waiting");
-    daemon.wait_fork(fork, "serving");
+    daemon.wait_fork(fork, ForkState::Serving);
     vmm
 }
 
@@ -51,36 +54,35 @@ fn a_vmm_killed_mid_fault_is_reaped_and_nothing_leaks() {
         let socket = daemon.create_fork("base", &fork);
         let mut vmm = Vmm::attach(&mem, &socket, &["churn"]);
         vmm.expect("churning");
-        let faults_then = daemon.fork(&fork)["stats"]["faults"].as_u64().unwrap();
+        let faults_then = daemon.fork(&fork).stats.faults;
         wait_until("the victim to keep faulting", DEADLINE, || {
-            daemon.fork(&fork)["stats"]["faults"].as_u64().unwrap() > faults_then
+            daemon.fork(&fork).stats.faults > faults_then
         });
         vmm.kill();
-        let record = daemon.wait_fork(&fork, "ended");
-        assert_eq!(record["end_reason"], "vmm_exited", "{record}");
-        let status = daemon.request("status", Value::Null).unwrap();
+        let record = daemon.wait_fork(&fork, ForkState::Ended);
+        assert_eq!(record.end_reason, Some(EndReason::VmmExited), "{record:?}");
+        let status = daemon.status();
         assert_eq!(
-            status["forks"]["serving"], 1,
-            "only the healthy fork is served: {status}"
+            status.forks.serving, 1,
+            "only the healthy fork is served: {status:?}"
         );
-        let sessions: u64 = status["worker_sessions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .sum();
-        assert_eq!(sessions, 1, "{status}");
-        daemon.request("fork.close", json!({"fork": fork})).unwrap();
+        let sessions: usize = status.worker_sessions.iter().sum();
+        assert_eq!(sessions, 1, "{status:?}");
+        daemon.close_fork(&fork);
         assert_eq!(
-            daemon
-                .request("fork.get", json!({"fork": fork}))
-                .unwrap_err()
-                .code,
-            "not_found"
+            daemon.error_code(&Request::ForkGet { fork: id(&fork) }),
+            ErrorCode::NotFound
         );
     }
     daemon.wait_for_fd_count(fds_before, &listing_before);
     finish_healthy(healthy);
+}
+
+/// The refusal in a handoff reply (panics if there is no reply or it is not a refusal).
+fn refusal(reply: Option<proto::handoff::HandoffReply>) -> HandoffRefusal {
+    let reply = reply.expect("a reply");
+    assert!(!reply.ok, "{reply:?}");
+    reply.error.expect("a refusal")
 }
 
 /// A well-formed one-region message for a 16 MiB snapshot.
@@ -98,60 +100,65 @@ fn malformed_handoffs_are_refused_while_a_healthy_fork_keeps_serving() {
     let (fds_before, listing_before) = (daemon.fd_count(), daemon.fd_listing());
 
     let base = 0x7f00_0000_0000_u64;
-    let good = json!([region_json(base, MIB, 0, 4096)])
-        .to_string()
-        .into_bytes();
+    // A message as a VMM sends it: only the descriptors that come with it are wrong.
+    let good = proto::handoff::encode(&[GuestRegionUffdMapping {
+        base_host_virt_addr: base,
+        size: MIB,
+        offset: 0,
+        page_size: 4096,
+    }]);
     let json_of = |v: Value| v.to_string().into_bytes();
     let uffd = || vec![new_uffd()];
-    let cases: Vec<(&str, Vec<u8>, Vec<std::os::fd::OwnedFd>)> = vec![
-        ("no_fd", good.clone(), vec![]),
-        ("several_fds", good.clone(), vec![new_uffd(), dev_null()]),
+    use RefusalReason as R;
+    let cases: Vec<(RefusalReason, Vec<u8>, Vec<std::os::fd::OwnedFd>)> = vec![
+        (R::NoFd, good.clone(), vec![]),
+        (R::SeveralFds, good.clone(), vec![new_uffd(), dev_null()]),
         (
-            "several_fds",
+            R::SeveralFds,
             good.clone(),
             vec![new_uffd(), new_uffd(), new_uffd(), dev_null(), dev_null()],
         ),
-        ("not_userfaultfd", good.clone(), vec![dev_null()]),
-        ("invalid_json", b"{nope".to_vec(), uffd()),
+        (R::NotUserfaultfd, good.clone(), vec![dev_null()]),
+        (R::InvalidJson, b"{nope".to_vec(), uffd()),
         (
-            "invalid_json",
+            R::InvalidJson,
             json_of(json!([{"base_host_virt_addr": "x", "size": 1, "offset": 0}])),
             uffd(),
         ),
-        ("invalid_json", json_of(json!({"regions": []})), uffd()),
-        ("no_regions", b"[]".to_vec(), uffd()),
+        (R::InvalidJson, json_of(json!({"regions": []})), uffd()),
+        (R::NoRegions, b"[]".to_vec(), uffd()),
         (
-            "unaligned",
+            R::Unaligned,
             json_of(json!([region_json(base, MIB + 1, 0, 4096)])),
             uffd(),
         ),
         (
-            "unaligned",
+            R::Unaligned,
             json_of(json!([region_json(base + 512, MIB, 0, 4096)])),
             uffd(),
         ),
         (
-            "unaligned",
+            R::Unaligned,
             json_of(json!([region_json(base, MIB, 100, 4096)])),
             uffd(),
         ),
         (
-            "unaligned",
+            R::Unaligned,
             json_of(json!([region_json(base, MIB, 0, 2 * MIB)])),
             uffd(),
         ),
         (
-            "unsupported_page_size",
+            R::UnsupportedPageSize,
             json_of(json!([region_json(base, MIB, 0, 8192)])),
             uffd(),
         ),
         (
-            "unsupported_page_size",
+            R::UnsupportedPageSize,
             json_of(json!([region_json(base, MIB, 0, 0)])),
             uffd(),
         ),
         (
-            "overlap",
+            R::Overlap,
             json_of(json!([
                 region_json(base, 2 * MIB, 0, 4096),
                 region_json(base + MIB, MIB, 4 * MIB, 4096)
@@ -159,67 +166,66 @@ fn malformed_handoffs_are_refused_while_a_healthy_fork_keeps_serving() {
             uffd(),
         ),
         (
-            "past_end_of_file",
+            R::PastEndOfFile,
             json_of(json!([region_json(base, 2 * MIB, 15 * MIB, 4096)])),
             uffd(),
         ),
         (
-            "overflow",
+            R::Overflow,
             json_of(json!([region_json(u64::MAX - 4095, 8192, 0, 4096)])),
             uffd(),
         ),
         (
-            "empty_region",
+            R::EmptyRegion,
             json_of(json!([region_json(base, 0, 0, 4096)])),
             uffd(),
         ),
         (
-            "page_size_mismatch",
+            R::PageSizeMismatch,
             json_of(
                 json!([{"base_host_virt_addr": base, "size": 4096, "offset": 0, "page_size": 4096, "page_size_kib": 4}]),
             ),
             uffd(),
         ),
         (
-            "too_large",
+            R::TooLarge,
             [b"[".as_slice(), &vec![b' '; 2 * MIB as usize]].concat(),
             uffd(),
         ),
     ];
     for (reason, bytes, fds) in &cases {
         let reply = raw_handoff(&target, bytes, &borrow_all(fds))
-            .unwrap_or_else(|| panic!("no reply for {reason}"));
-        assert_eq!(reply["ok"], false, "{reason}: {reply}");
-        assert_eq!(reply["error"]["reason"], *reason, "{reply}");
-        assert_eq!(reply["error"]["code"], "invalid_argument", "{reply}");
+            .unwrap_or_else(|| panic!("no reply for {reason:?}"));
+        assert!(!reply.ok, "{reason:?}: {reply:?}");
+        assert_eq!(reply.fork, None, "{reply:?}");
+        let error = reply.error.expect("a refusal");
+        assert_eq!(error.reason, *reason, "{error:?}");
+        assert_eq!(error.code, ErrorCode::InvalidArgument, "{error:?}");
         let record = daemon.fork("target");
         assert_eq!(
-            record["state"], "waiting",
+            record.state,
+            ForkState::Waiting,
             "a refused handoff leaves the fork waiting"
         );
-        assert_eq!(record["last_handoff_error"]["reason"], *reason);
+        let last = record.last_handoff_error.expect("the refusal is kept");
+        assert_eq!(last.reason, *reason);
+        assert_eq!(last.message, error.message);
     }
 
     // A client that connects and closes without a word, and one that says nothing at all.
     let quitter = UnixStream::connect(&target).unwrap();
     quitter.shutdown(std::net::Shutdown::Write).unwrap();
-    assert_eq!(
-        read_reply(&quitter).unwrap()["error"]["reason"],
-        "incomplete"
-    );
+    assert_eq!(refusal(read_reply(&quitter)).reason, R::Incomplete);
     let silent = UnixStream::connect(&target).unwrap();
     silent.set_read_timeout(Some(DEADLINE)).unwrap();
-    assert_eq!(read_reply(&silent).unwrap()["error"]["reason"], "timed_out");
+    assert_eq!(refusal(read_reply(&silent)).reason, R::TimedOut);
     // A message split across writes, its fd on the first: still refused for its content only.
     let split = UnixStream::connect(&target).unwrap();
     let msg = json_of(json!([region_json(base, MIB, 16 * MIB, 4096)]));
     let fd = new_uffd();
-    vmm_glue::fdpass::send_with_fds(&split, &msg[..10], &[fd.as_fd()]).unwrap();
+    proto::fdpass::send_with_fds(&split, &msg[..10], &[fd.as_fd()]).unwrap();
     (&split).write_all(&msg[10..]).unwrap();
-    assert_eq!(
-        read_reply(&split).unwrap()["error"]["reason"],
-        "past_end_of_file"
-    );
+    assert_eq!(refusal(read_reply(&split)).reason, R::PastEndOfFile);
     drop((quitter, silent, split));
 
     // Every descriptor that came with a refused handoff was closed.
@@ -230,7 +236,7 @@ fn malformed_handoffs_are_refused_while_a_healthy_fork_keeps_serving() {
     let vmm = Vmm::attach(&mem, &target, &["verify"]);
     let events = vmm.finish();
     assert!(events.iter().any(|e| e["event"] == "verified"));
-    assert_eq!(daemon.wait_fork("target", "ended")["stats"]["errors"], 0);
+    assert_eq!(daemon.wait_fork("target", ForkState::Ended).stats.errors, 0);
 }
 
 #[test]
@@ -256,7 +262,7 @@ fn a_fault_outside_every_declared_region_is_counted_and_serving_goes_on() {
     );
     vmm.expect("waiting");
     wait_until("the outside fault to be counted", DEADLINE, || {
-        daemon.fork("sly")["stats"]["outside_faults"] == 1
+        daemon.fork("sly").stats.outside_faults == 1
     });
     vmm.resume();
     let events = vmm.finish();
@@ -264,9 +270,9 @@ fn a_fault_outside_every_declared_region_is_counted_and_serving_goes_on() {
         events.iter().filter(|e| e["event"] == "verified").count(),
         2
     );
-    let record = daemon.wait_fork("sly", "ended");
-    assert_eq!(record["stats"]["outside_faults"], 1, "{record}");
-    assert_eq!(record["stats"]["errors"], 0, "{record}");
+    let record = daemon.wait_fork("sly", ForkState::Ended);
+    assert_eq!(record.stats.outside_faults, 1, "{record:?}");
+    assert_eq!(record.stats.errors, 0, "{record:?}");
 }
 
 #[test]
@@ -278,7 +284,7 @@ fn one_vmm_per_fork_and_closing_a_serving_fork_frees_it() {
     let socket = daemon.create_fork("base", "solo");
     let mut vmm = Vmm::attach(&mem, &socket, &["verify", "hold"]);
     vmm.expect("holding");
-    daemon.wait_fork("solo", "serving");
+    daemon.wait_fork("solo", ForkState::Serving);
     // The handoff socket is gone once a VMM is attached: a second VMM cannot take over.
     let err = UnixStream::connect(&socket).unwrap_err();
     assert!(
@@ -288,16 +294,11 @@ fn one_vmm_per_fork_and_closing_a_serving_fork_frees_it() {
         ),
         "{err}"
     );
-    let closed = daemon
-        .request("fork.close", json!({"fork": "solo"}))
-        .unwrap();
-    assert_eq!(closed["id"], "solo");
+    let closed = daemon.close_fork("solo");
+    assert_eq!(closed.id, id("solo"));
     assert_eq!(
-        daemon
-            .request("fork.close", json!({"fork": "solo"}))
-            .unwrap_err()
-            .code,
-        "not_found"
+        daemon.error_code(&Request::ForkClose { fork: id("solo") }),
+        ErrorCode::NotFound
     );
     daemon.wait_for_fd_count(fds_before, &listing_before);
     vmm.kill();

@@ -26,10 +26,11 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use proto::model::ForkState;
 use serde::Serialize;
 use serde_json::{json, Value};
+use test_vmms::synthetic::monotonic_ns;
 use testkit::{binary, proc_status_kb, Daemon, Vmm};
-use vmm_glue::synthetic::monotonic_ns;
 
 /// One way of giving forks their memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -380,11 +381,7 @@ pub fn run(
             0
         };
         let errors: u64 = (0..uffd_forks)
-            .map(|i| {
-                d.wait_fork(&format!("f{i}"), "ended")["stats"]["errors"]
-                    .as_u64()
-                    .unwrap_or(0)
-            })
+            .map(|i| d.wait_fork(&format!("f{i}"), ForkState::Ended).stats.errors)
             .sum();
         assert_eq!(errors, 0, "pagerd reported fault errors");
         d.stop();

@@ -10,7 +10,8 @@ pub mod report;
 
 use std::path::Path;
 
-use serde_json::{json, Value};
+use proto::model::ForkState;
+use serde_json::Value;
 use testkit::{Daemon, Vmm};
 
 /// One timed pass of a synthetic VMM over guest memory.
@@ -57,14 +58,12 @@ pub fn pagerd_pass(daemon: &Daemon, snapshot: &str, fork: &str, mem: &Path, orde
     ];
     let events = Vmm::spawn(&args).finish();
     let report = verify_report(&events);
-    let record = daemon.wait_fork(fork, "ended");
-    daemon
-        .request("fork.close", json!({"fork": fork}))
-        .expect("close fork");
+    let record = daemon.wait_fork(fork, ForkState::Ended);
+    daemon.close_fork(fork);
     Pass {
         pages: report["pages"].as_u64().expect("pages"),
         elapsed_ns: report["elapsed_ns"].as_u64().expect("elapsed"),
-        faults: record["stats"]["faults"].as_u64().expect("faults"),
+        faults: record.stats.faults,
     }
 }
 

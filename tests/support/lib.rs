@@ -3,10 +3,14 @@
 //! - [`binary`] builds (once per test process) and finds the workspace's binaries, so tests
 //!   never run stale ones.
 //! - [`write_snapshot`] writes a memory file with a known pattern and zero areas.
-//! - [`Daemon`] runs a real `pagerd` process and talks to its control socket.
+//! - [`Daemon`] runs a real `pagerd` process and talks to its control socket through
+//!   [`proto::client::Client`]: typed helpers that panic on a refusal ([`Daemon::fork`],
+//!   [`Daemon::snapshot`], …), [`Daemon::refusal`] / [`Daemon::error_code`] for requests that
+//!   must be refused, and [`Daemon::raw_request`] for hand-made (hostile) lines.
+//! - [`Daemon::pagerctl`] runs the CLI against it and returns its exit code and output.
 //! - [`Vmm`] runs a `synthetic-vmm` process and reads the events it prints.
-//! - [`raw_handoff`] sends arbitrary (hostile) handoff messages; [`HugePages`] reserves and
-//!   gives back 2 MiB pages.
+//! - [`raw_handoff`] sends arbitrary (hostile) handoff messages and reads pagerd's
+//!   [`HandoffReply`]; [`HugePages`] reserves and gives back 2 MiB pages.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -17,7 +21,15 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use proto::client::{Client, ClientError};
+use proto::control::{ControlError, ErrorCode, Request, Response};
+use proto::handoff::HandoffReply;
+use proto::model::{
+    DeleteOutcome, FileUserInfo, ForkInfo, ForkListEntry, ForkState, SnapshotInfo, StatusReport,
+};
+use proto::Id;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 /// How long tests wait for anything before failing.
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -33,7 +45,7 @@ fn bin_dir() -> PathBuf {
     }
 }
 
-/// The path of a workspace binary (`pagerd`, `synthetic-vmm`, `kvm-vmm`, `ctl`,
+/// The path of a workspace binary (`pagerd`, `synthetic-vmm`, `kvm-vmm`, `pagerctl`,
 /// `naive-handler`), built first if this is the first call in this process.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
@@ -47,7 +59,7 @@ pub fn binary(name: &str) -> PathBuf {
             "-p",
             "pagerd",
             "-p",
-            "vmm-glue",
+            "pagerd-test-vmms",
             "-p",
             "pagerd-ctl",
             "-p",
@@ -135,13 +147,44 @@ fn line_channel(out: impl Read + Send + 'static) -> Receiver<String> {
     rx
 }
 
-/// An error answer from the control socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ControlError {
-    /// The stable code (`not_found`, `conflict`, …).
-    pub code: String,
-    /// The message.
-    pub message: String,
+/// A snapshot or fork id (panics if `text` is not a valid one), for building [`Request`]s.
+pub fn id(text: &str) -> Id {
+    text.parse()
+        .unwrap_or_else(|e| panic!("`{text}` is not an id: {e}"))
+}
+
+/// The daemon's refusal of a call that was expected to fail (panics if it succeeded or never
+/// reached the daemon).
+pub fn refused<T: std::fmt::Debug>(result: Result<T, ClientError>) -> ControlError {
+    match result {
+        Ok(answer) => panic!("the request was expected to be refused but answered {answer:?}"),
+        Err(ClientError::Refused(e)) => e,
+        Err(e) => panic!("the request never got an answer: {e:?}"),
+    }
+}
+
+/// What a `pagerctl` run did.
+#[derive(Debug, Clone)]
+pub struct CtlRun {
+    /// Its exit status code (`None` if a signal ended it).
+    pub code: Option<i32>,
+    /// What it printed on stdout.
+    pub stdout: String,
+    /// What it printed on stderr.
+    pub stderr: String,
+}
+
+impl CtlRun {
+    /// Whether it exited with status 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// Its stdout (with `--json`) decoded as `T`.
+    pub fn json<T: DeserializeOwned>(&self) -> T {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("pagerctl printed no JSON ({e}): {self:?}"))
+    }
 }
 
 /// A running pagerd process with its own state directory.
@@ -150,6 +193,7 @@ pub struct Daemon {
     dir: tempfile::TempDir,
     state: PathBuf,
     control: PathBuf,
+    client: Client,
     args: Vec<String>,
 }
 
@@ -178,6 +222,7 @@ impl Daemon {
             child,
             state: dir.path().join("state"),
             dir,
+            client: Client::new(&control),
             control,
             args: all,
         }
@@ -202,6 +247,7 @@ impl Daemon {
             dir,
             state: state.to_owned(),
             control: control.to_owned(),
+            client: Client::new(control),
             args,
         }
     }
@@ -214,7 +260,7 @@ impl Daemon {
             .expect("log file");
         let mut child = Command::new(binary("pagerd"))
             .args(args)
-            .env("PAGERD_LOG", "info")
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -284,7 +330,13 @@ impl Daemon {
         &self.control
     }
 
-    /// Sends one request line (already JSON) and returns the parsed response line.
+    /// The typed client of this daemon's control socket.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Sends one request line as given (malformed or hostile on purpose) and returns the
+    /// response line as JSON.
     pub fn raw_request(&self, line: &str) -> Value {
         let mut stream = UnixStream::connect(&self.control).expect("connect control socket");
         stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
@@ -302,63 +354,109 @@ impl Daemon {
         serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad response {reply:?}: {e}"))
     }
 
-    /// Sends a request (`op` plus `args` fields) and returns its result or error.
-    pub fn request(&self, op: &str, args: Value) -> Result<Value, ControlError> {
-        let mut req = json!({"v": 1, "id": op, "op": op});
-        if let Value::Object(extra) = args {
-            req.as_object_mut().expect("object").extend(extra);
-        }
-        let resp = self.raw_request(&req.to_string());
-        assert_eq!(
-            resp["id"],
-            Value::from(op),
-            "request id must be echoed: {resp}"
-        );
-        if resp["ok"] == Value::Bool(true) {
-            Ok(resp["result"].clone())
-        } else {
-            Err(ControlError {
-                code: resp["error"]["code"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-                message: resp["error"]["message"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            })
-        }
+    /// [`raw_request`](Self::raw_request), its answer decoded as a response envelope.
+    pub fn raw_response(&self, line: &str) -> Response {
+        let reply = self.raw_request(line);
+        serde_json::from_value(reply.clone())
+            .unwrap_or_else(|e| panic!("not a response envelope ({e}): {reply}"))
     }
 
-    /// Runs `ctl` against this daemon; returns (success, stdout, stderr).
-    pub fn ctl(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(binary("ctl"))
+    /// Sends a request and decodes its result as `T`; panics (with the daemon's log) if it
+    /// is refused.
+    pub fn call<T: DeserializeOwned>(&self, request: &Request) -> T {
+        self.client
+            .call(request)
+            .unwrap_or_else(|e| panic!("{request:?} failed: {e:?}\n{}", self.log()))
+    }
+
+    /// The daemon's refusal of `request` (panics if it succeeds).
+    pub fn refusal(&self, request: &Request) -> ControlError {
+        refused(self.client.call_value(request))
+    }
+
+    /// The error code `request` is refused with (panics if it succeeds).
+    pub fn error_code(&self, request: &Request) -> ErrorCode {
+        self.refusal(request).code
+    }
+
+    /// Runs `pagerctl` against this daemon.
+    pub fn pagerctl(&self, args: &[&str]) -> CtlRun {
+        let out = Command::new(binary("pagerctl"))
             .args(args)
-            .env("PAGERD_SOCKET", &self.control)
+            .env(proto::defaults::SOCKET_ENV, &self.control)
+            .env_remove(proto::defaults::STATE_DIR_ENV)
             .output()
-            .expect("run ctl");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    /// Creates a fork and returns its handoff socket.
-    pub fn create_fork(&self, snapshot: &str, fork: &str) -> PathBuf {
-        let info = self
-            .request("fork.create", json!({"snapshot": snapshot, "fork": fork}))
-            .expect("fork.create");
-        assert_eq!(info["state"], "waiting");
-        PathBuf::from(info["handoff_socket"].as_str().expect("socket path"))
-    }
-
-    /// The error code a request is refused with (panics if it succeeds).
-    pub fn error_code(&self, op: &str, args: Value) -> String {
-        match self.request(op, args) {
-            Ok(result) => panic!("{op} was expected to fail but answered {result}"),
-            Err(e) => e.code,
+            .expect("run pagerctl");
+        CtlRun {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
+    }
+
+    /// Daemon health and counts.
+    pub fn status(&self) -> StatusReport {
+        self.call(&Request::Status {})
+    }
+
+    /// Registers a memory file as snapshot `snapshot`.
+    pub fn register_snapshot(&self, snapshot: &str, path: &Path) -> SnapshotInfo {
+        self.call(&Request::SnapshotRegister {
+            snapshot: id(snapshot),
+            path: path.to_owned(),
+        })
+    }
+
+    /// Deletes snapshot `snapshot` (when its last reference ends, with `defer`).
+    pub fn delete_snapshot(&self, snapshot: &str, defer: bool) -> DeleteOutcome {
+        self.call(&Request::SnapshotDelete {
+            snapshot: id(snapshot),
+            defer,
+        })
+    }
+
+    /// One snapshot.
+    pub fn snapshot(&self, snapshot: &str) -> SnapshotInfo {
+        self.call(&Request::SnapshotGet {
+            snapshot: id(snapshot),
+        })
+    }
+
+    /// Every snapshot.
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.call(&Request::SnapshotList {})
+    }
+
+    /// A snapshot's reference count (`None` when the daemon cannot know it).
+    pub fn ref_count(&self, snapshot: &str) -> Option<usize> {
+        self.snapshot(snapshot).ref_count
+    }
+
+    /// Every fork and every process holding a memory file.
+    pub fn forks(&self) -> Vec<ForkListEntry> {
+        self.call(&Request::ForkList {})
+    }
+
+    /// The processes holding memory files on the FUSE mount, from `fork.list`.
+    pub fn file_users(&self) -> Vec<FileUserInfo> {
+        self.forks()
+            .into_iter()
+            .filter_map(|entry| match entry {
+                ForkListEntry::File(user) => Some(user),
+                ForkListEntry::Uffd(_) => None,
+            })
+            .collect()
+    }
+
+    /// Creates fork `fork` of `snapshot` and returns its handoff socket.
+    pub fn create_fork(&self, snapshot: &str, fork: &str) -> PathBuf {
+        let info: ForkInfo = self.call(&Request::ForkCreate {
+            snapshot: id(snapshot),
+            fork: Some(id(fork)),
+        });
+        assert_eq!(info.state, ForkState::Waiting, "{info:?}");
+        assert_eq!(info.id.as_str(), fork, "{info:?}");
+        info.handoff_socket
     }
 
     /// Creates fork `fork` of `snapshot` and attaches a VMM that reads all of `mem` and then
@@ -368,28 +466,54 @@ impl Daemon {
         let mut vmm = Vmm::attach(mem, &socket, &["verify", "hold"]);
         vmm.expect("verified");
         vmm.expect("holding");
-        assert_eq!(self.wait_fork(fork, "serving")["state"], "serving");
+        assert_eq!(
+            self.wait_fork(fork, ForkState::Serving).state,
+            ForkState::Serving
+        );
         vmm
     }
 
     /// A fork's record.
-    pub fn fork(&self, fork: &str) -> Value {
-        self.request("fork.get", json!({"fork": fork}))
-            .expect("fork.get")
+    pub fn fork(&self, fork: &str) -> ForkInfo {
+        self.call(&Request::ForkGet { fork: id(fork) })
     }
 
     /// Waits (server side) until the fork reaches `state`, and returns its record.
-    pub fn wait_fork(&self, fork: &str, state: &str) -> Value {
-        let timeout_ms = u64::try_from(DEADLINE.as_millis()).expect("fits");
-        self.request(
-            "fork.wait",
-            json!({"fork": fork, "state": state, "timeout_ms": timeout_ms}),
-        )
-        .unwrap_or_else(|e| panic!("fork {fork} never reached {state}: {e:?}\n{}", self.log()))
+    pub fn wait_fork(&self, fork: &str, state: ForkState) -> ForkInfo {
+        self.client
+            .wait_fork(fork, state, DEADLINE)
+            .unwrap_or_else(|e| panic!("fork {fork} never reached {state}: {e:?}\n{}", self.log()))
     }
 
-    /// Open descriptors of the daemon process.
+    /// Stops serving a fork and forgets it.
+    pub fn close_fork(&self, fork: &str) -> ForkInfo {
+        self.call(&Request::ForkClose { fork: id(fork) })
+    }
+
+    /// Control connections the daemon has accepted and not yet closed (the client hangs up
+    /// after each answer; the daemon closes its end a moment later).
+    pub fn control_connections(&self) -> usize {
+        let table = std::fs::read_to_string("/proc/net/unix").expect("read /proc/net/unix");
+        let path = self.control.to_string_lossy();
+        table
+            .lines()
+            .skip(1)
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // Num RefCount Protocol Flags Type St Inode Path; the listener has
+                // __SO_ACCEPTCON (0x10000) in its flags.
+                fields.len() == 8 && fields[7] == path && fields[3] != "00010000"
+            })
+            .count()
+    }
+    /// Open descriptors of the daemon process, counted once it has closed every control
+    /// connection (so that the answer to a request just made is not counted).
     pub fn fd_count(&self) -> usize {
+        wait_until(
+            "the daemon to close its control connections",
+            DEADLINE,
+            || self.control_connections() == 0,
+        );
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .expect("daemon fd dir")
             .count()
@@ -608,18 +732,19 @@ pub fn new_uffd() -> OwnedFd {
     uffd.as_fd().try_clone_to_owned().expect("dup uffd")
 }
 
-/// Connects to a handoff socket, sends `bytes` with `fds`, and returns pagerd's reply line
+/// Connects to a handoff socket, sends `bytes` with `fds`, and returns pagerd's reply
 /// (`None` if it closed the connection without one).
-pub fn raw_handoff(socket: &Path, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Option<Value> {
+pub fn raw_handoff(socket: &Path, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Option<HandoffReply> {
     let stream = UnixStream::connect(socket).expect("connect handoff socket");
     stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
     // pagerd may close the connection before reading everything (too-large messages).
-    let _ = vmm_glue::fdpass::send_with_fds(&stream, bytes, fds);
+    let _ = proto::fdpass::send_with_fds(&stream, bytes, fds);
     read_reply(&stream)
 }
 
-/// Reads one reply line from a handoff connection.
-pub fn read_reply(stream: &UnixStream) -> Option<Value> {
+/// Reads pagerd's one reply line from a handoff connection (`None` if it closed the
+/// connection without one).
+pub fn read_reply(stream: &UnixStream) -> Option<HandoffReply> {
     let mut line = String::new();
     match BufReader::new(stream).read_line(&mut line) {
         Ok(0) | Err(_) => None,

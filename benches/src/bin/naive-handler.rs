@@ -15,8 +15,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use proto::fdpass::HandoffReceiver;
 use userfaultfd::{Event, Uffd};
-use vmm_glue::fdpass::HandoffReceiver;
 
 /// A one-VM, one-thread, one-page-per-fault page server.
 #[derive(Debug, Parser)]

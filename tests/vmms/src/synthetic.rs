@@ -26,7 +26,6 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
-
 use proto::handoff::{GuestRegionUffdMapping, PAGE_SIZE_2M, PAGE_SIZE_4K};
 
 /// Where a region's bytes live: its length and its start in the memory file.
