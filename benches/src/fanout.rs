@@ -88,7 +88,7 @@ impl Mode {
 }
 
 /// What the forks read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Pattern {
     /// The first 25% of memory, in order.

@@ -76,8 +76,22 @@ pub fn table(rows: &[Row]) -> String {
             out += &format!("       {pagerd_mode} ÷  {}\n", parts.join(" | "));
         }
     }
-    out
+    out + TABLE_LEGEND
 }
+
+/// What the table's columns and ratio lines mean.
+pub const TABLE_LEGEND: &str = "
+columns: forks = VMMs started at once; MiB = snapshot size; pattern = what each fork reads
+  (sequential: first 25% in order; random: 10% random pages, different per fork; hot: the same
+  10% for every fork); zeros = share of all-zero pages in the snapshot; ready_s = until every
+  fork has its memory set up; wset_s = until every fork has read its working set; pages/s =
+  working-set pages read per second over all forks; p50_us/p99_us = one page read inside a
+  fork (first touch, including the fault round trip); srv_cpu = CPU seconds of the page server
+  (pagerd, or all naive handlers); srv_MiB = its peak RSS; fork_anon_MiB = anonymous memory of
+  all forks; guest_pss_MiB = Pss of all forks' guest memory, every fork alive.
+ratios: `MODE ÷ BASE` lines divide pagerd's figure by the baseline's, so below 1 is better for
+  pagerd in every column (wset, ready, p99 latency, guest memory, total CPU).
+";
 
 /// Writes every row, with ratios and the machine it ran on, as JSON.
 pub fn write_json(rows: &[Row], machine: &serde_json::Value, path: &Path) -> std::io::Result<()> {
@@ -105,21 +119,39 @@ const COLORS: [RGBColor; 6] = [
     MAGENTA,
 ];
 
-/// Draws time-to-working-set against forks, one panel per snapshot size and pattern (dense
-/// snapshots), one line per mode.
+/// Height of the legend strip under the panels.
+const LEGEND_HEIGHT: u32 = 36;
+
+/// The modes that have at least one measured outcome.
+fn measured_modes(rows: &[Row]) -> Vec<Mode> {
+    Mode::ALL
+        .into_iter()
+        .filter(|mode| {
+            rows.iter().any(|r| {
+                r.outcomes
+                    .iter()
+                    .any(|(m, o)| m == mode && o.skipped.is_none())
+            })
+        })
+        .collect()
+}
+
+/// Draws time-to-working-set against forks (log scale: N spans 1 to 128), one panel per
+/// snapshot size and pattern (dense snapshots), one line per mode, and one legend under all
+/// panels so that no legend covers a point.
 pub fn write_chart(rows: &[Row], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let mut sizes: Vec<u64> = rows.iter().map(|r| r.scenario.size_mib).collect();
     sizes.sort_unstable();
     sizes.dedup();
     let mut patterns: Vec<Pattern> = rows.iter().map(|r| r.scenario.pattern).collect();
+    patterns.sort_unstable();
     patterns.dedup();
-    let root = SVGBackend::new(
-        path,
-        (420 * patterns.len() as u32, 320 * sizes.len() as u32),
-    )
-    .into_drawing_area();
+    let modes = measured_modes(rows);
+    let (width, panels_height) = (420 * patterns.len() as u32, 320 * sizes.len() as u32);
+    let root = SVGBackend::new(path, (width, panels_height + LEGEND_HEIGHT)).into_drawing_area();
     root.fill(&WHITE)?;
-    let panels = root.split_evenly((sizes.len(), patterns.len()));
+    let (panel_area, legend_area) = root.split_vertically(panels_height);
+    let panels = panel_area.split_evenly((sizes.len(), patterns.len()));
     for (i, panel) in panels.iter().enumerate() {
         let (size, pattern) = (sizes[i / patterns.len()], patterns[i % patterns.len()]);
         let cells: Vec<&Row> = rows
@@ -146,20 +178,13 @@ pub fn write_chart(rows: &[Row], path: &Path) -> Result<(), Box<dyn std::error::
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(45)
-            .build_cartesian_2d(0.0..max_n * 1.05, 0.0..max_t * 1.1)?;
+            .build_cartesian_2d((0.8..max_n * 1.25).log_scale(), 0.0..max_t * 1.1)?;
         chart
             .configure_mesh()
-            .x_desc("forks")
+            .x_desc("forks (log scale)")
             .y_desc("s to working set")
             .draw()?;
         for (k, mode) in Mode::ALL.iter().enumerate() {
-            if !cells.iter().any(|r| {
-                r.outcomes
-                    .iter()
-                    .any(|(m, o)| m == mode && o.skipped.is_none())
-            }) {
-                continue;
-            }
             let points: Vec<(f64, f64)> = cells
                 .iter()
                 .filter_map(|r| {
@@ -169,22 +194,32 @@ pub fn write_chart(rows: &[Row], path: &Path) -> Result<(), Box<dyn std::error::
                         .then_some((r.scenario.forks as f64, o.working_set_s))
                 })
                 .collect();
+            if points.is_empty() {
+                continue;
+            }
             let color = COLORS[k];
-            chart
-                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-                .label(mode.name())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color));
+            chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?;
             chart.draw_series(
                 points
                     .into_iter()
                     .map(|p| Circle::new(p, 3, color.filled())),
             )?;
         }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE)
-            .draw()?;
+    }
+    let slot = i32::try_from(width / modes.len().max(1) as u32)?;
+    let y = i32::try_from(LEGEND_HEIGHT / 2)?;
+    for (j, mode) in modes.iter().enumerate() {
+        let k = Mode::ALL.iter().position(|m| m == mode).unwrap_or(0);
+        let x = i32::try_from(j)? * slot + 10;
+        legend_area.draw(&PathElement::new(
+            vec![(x, y), (x + 20, y)],
+            COLORS[k].stroke_width(3),
+        ))?;
+        legend_area.draw(&Text::new(
+            mode.name(),
+            (x + 26, y - 7),
+            ("sans-serif", 14).into_font(),
+        ))?;
     }
     root.present()?;
     Ok(())
