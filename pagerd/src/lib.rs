@@ -15,12 +15,15 @@
 //! - [`fuse`]: the read-only FUSE mount with one memory file per snapshot, for VMMs that can
 //!   only map a file; [`file_users`]: the processes holding those files (references too).
 //! - [`control`]: the JSON control socket; [`daemon`] answers it and runs everything.
+//! - [`access`]: who may read guest memory — the modes and group of everything pagerd makes.
 
+pub mod access;
 pub mod bitmap;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod errors;
+pub mod extents;
 pub mod file_users;
 pub mod fuse;
 pub mod ids;

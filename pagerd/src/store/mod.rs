@@ -22,6 +22,7 @@
 //! (`.tmp-*`, `.trash-*`, sockets) is removed by [`Store::remove_leftovers`].
 
 pub mod atomic;
+pub mod identity;
 pub mod import;
 
 use std::io;
