@@ -214,10 +214,13 @@ fn eight_readers_share_one_copy_of_the_pages() {
                 "{mode}: pss {pss} KiB should be about 1/{READERS} of rss {rss} KiB"
             );
         }
+        // One copy for all readers: the memory file's page cache (passthrough), plus, with
+        // the cached path, the FUSE file's own (pagerd fills it with `pread` on the file).
+        let copies = if mode == "cached" { 2 } else { 1 };
         assert!(
-            grown * 4 < size_kib * 5,
+            grown * 4 < size_kib * (4 * copies + 1),
             "{mode}: the page cache grew by {grown} KiB for {READERS} readers of {size_kib} KiB: \
-             more than one copy"
+             more than {copies} copies"
         );
         // And the shared pages are the snapshot's bytes.
         for r in &mut readers {
@@ -345,7 +348,7 @@ fn the_mount_is_read_only_lists_every_snapshot_and_shows_exact_sizes() {
                 .unwrap();
             let line = String::from_utf8_lossy(&out.stdout);
             let fields: Vec<&str> = line.split_whitespace().collect();
-            assert_eq!(fields[0], "-r--r--r--", "{mode}: {line}");
+            assert_eq!(fields[0], "-r--------", "{mode}: {line}");
             assert_eq!(fields[4], want.to_string(), "{mode}: ls -l size: {line}");
         }
 

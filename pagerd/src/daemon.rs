@@ -3,6 +3,11 @@
 //!
 //! A shutdown stops serving but keeps every fork record: VMMs still running keep their
 //! references, and the next start reconciles them (detached if alive, reaped if gone).
+//!
+//! Before anything else the umask becomes 077 and the state directory is brought to the
+//! access policy (`--group`, [`crate::access`]). A lifecycle thread records what serving
+//! threads report and, about once a second, checks file users and the memory files of every
+//! snapshot.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,6 +17,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::{json, Value};
 
+use crate::access::{self, Access};
 use crate::config::Config;
 use crate::control::protocol::{ControlError, ErrorCode, Request};
 use crate::control::{ControlServer, Handler};
@@ -23,6 +29,7 @@ use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::registry::{ForkInfo, ForkState, Registry, RegistryError};
 use crate::serve::session::ServeOptions;
 use crate::serve::{ServeError, Server};
+use crate::store::import::ImportMode;
 use crate::store::{Store, StoreError};
 
 /// Why the daemon could not start.
@@ -46,8 +53,8 @@ pub enum DaemonError {
     /// Serving threads could not start.
     #[error("cannot start serving")]
     Serve(#[source] std::io::Error),
-    /// The control group does not exist.
-    #[error("unknown control group `{0}`")]
+    /// The group does not exist.
+    #[error("unknown group `{0}`")]
     Group(String),
     /// The control socket could not be bound.
     #[error("cannot listen on control socket {path}")]
@@ -80,8 +87,9 @@ pub fn init_logging(default_filter: &str) {
 /// The longest `fork.wait` allowed.
 const MAX_WAIT: Duration = Duration::from_secs(600);
 const DEFAULT_WAIT: Duration = Duration::from_secs(10);
-/// How often processes that only map a memory file (passthrough) are checked for having let go.
-const FILE_USER_RECHECK: Duration = Duration::from_secs(1);
+/// How often processes that only map a memory file (passthrough) are checked for having let
+/// go, and memory files for having changed.
+const JANITOR_PERIOD: Duration = Duration::from_secs(1);
 
 impl From<LifecycleError> for ControlError {
     fn from(e: LifecycleError) -> Self {
@@ -175,11 +183,13 @@ impl Handler for Daemon {
                 "totals": lc.totals(),
             })),
             Request::SnapshotRegister { snapshot, path } => {
-                to_value(lc.register_snapshot(snapshot, &path)?)
+                to_value(lc.register_snapshot_path(snapshot, &path, ImportMode::Copy)?)
             }
-            Request::SnapshotDelete { snapshot, defer } => {
-                to_value(lc.delete_snapshot(&snapshot, defer)?)
-            }
+            Request::SnapshotDelete {
+                snapshot,
+                defer,
+                force,
+            } => to_value(lc.delete_snapshot(&snapshot, defer, force)?),
             Request::SnapshotList {} => to_value(lc.snapshots()?),
             Request::SnapshotGet { snapshot } => to_value(lc.snapshot(&snapshot)?),
             Request::ForkCreate { snapshot, fork } => to_value(lc.create_fork(fork, &snapshot)?),
@@ -234,8 +244,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     signals.add(Signal::SIGINT);
     signals.thread_block().map_err(DaemonError::Signals)?;
 
-    let control_gid = config.control_group.as_deref().map(group_id).transpose()?;
-    let store = Store::open(&config.state_dir).map_err(DaemonError::State)?;
+    access::restrict_umask();
+    let group = config.group.as_deref().map(group_id).transpose()?;
+    let access = Access::new(group);
+    let store = Store::open_with(&config.state_dir, access).map_err(DaemonError::State)?;
     let registry = Arc::new(Registry::new());
     let options = ServeOptions {
         fault_around_pages: config.fault_around,
@@ -257,11 +269,21 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         let lifecycle = lifecycle.clone();
         std::thread::Builder::new()
             .name("pagerd-lifecycle".into())
-            .spawn(move || loop {
-                match inbox.recv_timeout(FILE_USER_RECHECK) {
-                    Ok(event) => lifecycle.on_event(event),
-                    Err(mpsc::RecvTimeoutError::Timeout) => lifecycle.recheck_file_users(),
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            .spawn(move || {
+                let mut next_pass = Instant::now() + JANITOR_PERIOD;
+                loop {
+                    let wait = next_pass.saturating_duration_since(Instant::now());
+                    match inbox.recv_timeout(wait) {
+                        Ok(event) => lifecycle.on_event(event),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                    // Also under a steady stream of events.
+                    if Instant::now() >= next_pass {
+                        lifecycle.recheck_file_users();
+                        lifecycle.check_snapshot_files();
+                        next_pass = Instant::now() + JANITOR_PERIOD;
+                    }
                 }
             })
             .map_err(DaemonError::Serve)?
@@ -271,7 +293,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     for (id, path) in &config.snapshots {
         if lifecycle.snapshot(id).is_err() {
             lifecycle
-                .register_snapshot(id.clone(), path)
+                .register_snapshot_path(id.clone(), path, ImportMode::Copy)
                 .map_err(|source| DaemonError::CommandLine {
                     id: id.clone(),
                     source,
@@ -289,7 +311,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         }
     }
     let fuse = config
-        .fuse_options()
+        .fuse_options(access)
         .map(|options| FuseView::mount(lifecycle.clone(), &options))
         .transpose()
         .map_err(DaemonError::Fuse)?;
@@ -302,7 +324,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         &control_path,
         daemon,
         Duration::from_millis(config.control_idle_timeout_ms),
-        control_gid,
+        group,
     )
     .map_err(|source| DaemonError::Control {
         path: control_path.clone(),

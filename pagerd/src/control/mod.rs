@@ -5,12 +5,11 @@
 //! response line per request. A connection idle for longer than the idle timeout is closed, as
 //! is one that sends an over-long line; at most [`MAX_CONNECTIONS`] are served at once and the
 //! rest are told the daemon is busy. Only the socket owner's uid, root, and members of the
-//! configured group may connect (mode 0660 and an `SO_PEERCRED` check).
+//! configured group may connect (mode 0600, 0660 with the group, and an `SO_PEERCRED` check).
 
 pub mod protocol;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -58,10 +57,7 @@ impl ControlServer {
             std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-        if let Some(gid) = group {
-            std::os::unix::fs::chown(path, None, Some(gid))?;
-        }
+        crate::access::Access::new(group).apply_socket(path)?;
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
         let thread = std::thread::Builder::new()

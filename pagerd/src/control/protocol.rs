@@ -50,6 +50,9 @@ pub enum Request {
         /// If forks reference it, delete it when the last one ends instead of refusing.
         #[serde(default)]
         defer: bool,
+        /// Delete a damaged snapshot (still refused while anything references it).
+        #[serde(default)]
+        force: bool,
     },
     /// Every snapshot.
     #[serde(rename = "snapshot.list")]
