@@ -20,12 +20,13 @@ use serde_json::{json, Value};
 use crate::access::{self, Access};
 use crate::config::Config;
 use crate::control::protocol::{ControlError, ErrorCode, Request};
-use crate::control::{ControlServer, Handler};
+use crate::control::{ControlServer, Handler, RequestContext};
 use crate::errors::error_chain;
 use crate::file_users::FileUserInfo;
 use crate::fuse::FuseView;
 use crate::ids::Id;
 use crate::lifecycle::{Lifecycle, LifecycleError};
+use crate::registration::{self, RegisterRequest};
 use crate::registry::{ForkInfo, ForkState, Registry, RegistryError};
 use crate::serve::session::ServeOptions;
 use crate::serve::{ServeError, Server};
@@ -174,7 +175,16 @@ impl Daemon {
 }
 
 impl Handler for Daemon {
+    /// Without a context the peer is unknown: registration by path is refused.
     fn handle(&self, request: Request) -> Result<Value, ControlError> {
+        self.handle_with(request, &mut RequestContext::default())
+    }
+
+    fn handle_with(
+        &self,
+        request: Request,
+        context: &mut RequestContext,
+    ) -> Result<Value, ControlError> {
         let lc = &self.lifecycle;
         match request {
             Request::Status {} => self.status(),
@@ -182,8 +192,19 @@ impl Handler for Daemon {
                 "forks": lc.registry().forks().len(),
                 "totals": lc.totals(),
             })),
-            Request::SnapshotRegister { snapshot, path } => {
-                to_value(lc.register_snapshot_path(snapshot, &path, ImportMode::Copy)?)
+            Request::SnapshotRegister {
+                snapshot,
+                path,
+                fd,
+                link,
+            } => {
+                let request = RegisterRequest {
+                    snapshot,
+                    path,
+                    fd,
+                    link,
+                };
+                to_value(registration::register(lc, request, context)?)
             }
             Request::SnapshotDelete {
                 snapshot,

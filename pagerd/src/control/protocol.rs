@@ -33,14 +33,24 @@ pub enum Request {
     /// Summed serving counters.
     #[serde(rename = "stats")]
     Stats {},
-    /// Registers a memory file as a snapshot (hardlinked, reflinked or copied into the state
-    /// directory, then never modified).
+    /// Registers a memory file as a snapshot: copied (reflinked where the filesystem can)
+    /// into the state directory, or linked with `link`; never modified afterwards.
     #[serde(rename = "snapshot.register")]
     SnapshotRegister {
         /// The new snapshot's id.
         snapshot: Id,
-        /// Absolute path of the memory file.
-        path: std::path::PathBuf,
+        /// Absolute path of the memory file; with `fd`, only the name recorded.
+        #[serde(default)]
+        path: Option<std::path::PathBuf>,
+        /// The memory file comes as a descriptor passed with this line (`SCM_RIGHTS`), opened
+        /// for reading by the client. Required unless the client is root.
+        #[serde(default)]
+        fd: bool,
+        /// Link the file instead of copying it. The file must then never be written,
+        /// truncated or replaced in place again while the snapshot exists; a change marks
+        /// the snapshot damaged.
+        #[serde(default)]
+        link: bool,
     },
     /// Deletes a snapshot no fork references.
     #[serde(rename = "snapshot.delete")]
