@@ -1,6 +1,10 @@
 //! A client of pagerd's control socket: one request line out, one response line back.
+//! A descriptor may go with the line (`SCM_RIGHTS`, in the same `sendmsg` as the line's first
+//! byte): `snapshot add` passes the memory file it opened, which proves to pagerd that this
+//! user may read it.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IoSlice, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,6 +21,15 @@ pub enum ClientError {
     #[error("cannot connect to pagerd at {path}")]
     Connect {
         /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file to pass could not be opened.
+    #[error("cannot open {path}")]
+    Open {
+        /// The file.
         path: PathBuf,
         /// Why.
         #[source]
@@ -59,11 +72,21 @@ impl Client {
         args: Value,
         extra_wait: Duration,
     ) -> Result<Value, ClientError> {
-        let mut stream =
-            UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
-                path: self.path.clone(),
-                source,
-            })?;
+        self.request_with_fd(op, args, None, extra_wait)
+    }
+
+    /// [`request`](Self::request), passing `fd` with the request line.
+    pub fn request_with_fd(
+        &self,
+        op: &str,
+        args: Value,
+        fd: Option<BorrowedFd<'_>>,
+        extra_wait: Duration,
+    ) -> Result<Value, ClientError> {
+        let stream = UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
+            path: self.path.clone(),
+            source,
+        })?;
         stream
             .set_read_timeout(Some(IO_TIMEOUT + extra_wait))
             .map_err(ClientError::Io)?;
@@ -74,7 +97,8 @@ impl Client {
         if let Value::Object(args) = args {
             request.extend(args);
         }
-        writeln!(stream, "{}", Value::Object(request)).map_err(ClientError::Io)?;
+        let line = format!("{}\n", Value::Object(request));
+        send_line(&stream, line.as_bytes(), fd).map_err(ClientError::Io)?;
         let mut line = String::new();
         BufReader::new(&stream)
             .read_line(&mut line)
@@ -96,4 +120,29 @@ impl Client {
             _ => Err(ClientError::Malformed(line)),
         }
     }
+}
+
+/// Sends `line`, with `fd` attached to its first byte.
+fn send_line(stream: &UnixStream, line: &[u8], fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let raw: Vec<i32> = fd.iter().map(AsRawFd::as_raw_fd).collect();
+    let cmsgs: Vec<ControlMessage<'_>> = if raw.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
+    let sent = loop {
+        match sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[IoSlice::new(line)],
+            &cmsgs,
+            MsgFlags::empty(),
+            None,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other.map_err(std::io::Error::from)?,
+        }
+    };
+    let mut writer = stream;
+    writer.write_all(&line[sent..])
 }

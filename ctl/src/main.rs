@@ -7,6 +7,7 @@
 mod client;
 mod table;
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -50,13 +51,22 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum SnapshotCommand {
-    /// Register a memory file as a snapshot (brought into the state directory and never
-    /// modified afterwards).
+    /// Register a memory file as a snapshot: copied into the state directory (a reflink where
+    /// the filesystem can) and never modified afterwards. The file is opened here and passed
+    /// to pagerd as a descriptor, so only files this user can read can be registered.
     Add {
         /// Snapshot id.
         id: String,
-        /// The memory file (relative paths are taken from the current directory).
+        /// The memory file (relative paths are taken from the current directory; a symlink is
+        /// refused: pass its target).
         path: PathBuf,
+        /// Link the file instead of copying it (same filesystem as pagerd's state directory).
+        /// The file must then never be written, truncated or replaced in place again while
+        /// the snapshot exists: forks read it at any time. pagerd leaves its owner and modes
+        /// alone and watches its size and times; a change (chmod, chown and adding or removing
+        /// names included) marks the snapshot damaged and no new forks of it are made.
+        #[arg(long)]
+        link: bool,
     },
     /// Delete a snapshot; refused while forks reference it, unless deferred.
     Rm {
@@ -65,6 +75,9 @@ enum SnapshotCommand {
         /// If forks reference it, delete it when the last one ends.
         #[arg(long)]
         defer: bool,
+        /// Delete a damaged snapshot (still refused while forks or processes use it).
+        #[arg(long)]
+        force: bool,
     },
     /// List snapshots.
     Ls,
@@ -174,6 +187,26 @@ fn snapshot_rows(snapshots: &[Value]) -> String {
     table::render(&["ID", "SIZE", "ZERO_PAGES", "REFS", "NOTE", "PATH"], &rows)
 }
 
+/// Opens a memory file to pass to pagerd, refusing a symlink as pagerd does.
+fn open_memory_file(path: &std::path::Path) -> Result<std::fs::File, client::ClientError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
+        .map_err(|source| {
+            let source = if source.raw_os_error() == Some(nix::libc::ELOOP) {
+                std::io::Error::new(source.kind(), "is a symlink; pass the target")
+            } else {
+                source
+            };
+            client::ClientError::Open {
+                path: path.to_owned(),
+                source,
+            }
+        })
+}
+
 fn run(cli: &Cli) -> Result<String, client::ClientError> {
     let client = Client::new(&cli.socket);
     let call = |op: &str, args: Value| client.request(op, args, Duration::ZERO);
@@ -210,14 +243,24 @@ fn run(cli: &Cli) -> Result<String, client::ClientError> {
             );
             (r, h)
         }
-        Command::Snapshot(SnapshotCommand::Add { id, path }) => {
+        Command::Snapshot(SnapshotCommand::Add { id, path, link }) => {
             let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-            let r = call("snapshot.register", json!({"snapshot": id, "path": path}))?;
+            let file = open_memory_file(&path)?;
+            let args = json!({"snapshot": id, "path": path, "fd": true, "link": link});
+            let r = client.request_with_fd(
+                "snapshot.register",
+                args,
+                Some(file.as_fd()),
+                Duration::ZERO,
+            )?;
             let h = snapshot_rows(std::slice::from_ref(&r));
             (r, h)
         }
-        Command::Snapshot(SnapshotCommand::Rm { id, defer }) => {
-            let r = call("snapshot.delete", json!({"snapshot": id, "defer": defer}))?;
+        Command::Snapshot(SnapshotCommand::Rm { id, defer, force }) => {
+            let r = call(
+                "snapshot.delete",
+                json!({"snapshot": id, "defer": defer, "force": force}),
+            )?;
             let h = if r["deleted"] == Value::Bool(true) {
                 format!("deleted {id}\n")
             } else {
