@@ -19,7 +19,7 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<std::ops::Range<u6
 }
 
 fn find(file: &File, size: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
-    let whole = || Ok(vec![0..size]);
+    let whole = || Ok(std::iter::once(0..size).collect());
     let mut extents = Vec::new();
     let mut offset = 0u64;
     while offset < size {
