@@ -420,10 +420,9 @@ impl Lifecycle {
             path: source.name.clone(),
             why,
         };
-        use std::os::unix::fs::MetadataExt;
         if self
             .fuse_mount()
-            .is_some_and(|m| source.meta.dev() == m.device)
+            .is_some_and(|m| std::os::unix::fs::MetadataExt::dev(&source.meta) == m.device)
         {
             // Reading it would need the FUSE view, whose opens wait for this very lock.
             return Err(bad(
