@@ -41,11 +41,14 @@ fn script(r: usize, mem: &Path) -> Vec<(Request, Vec<Expect>)> {
     let close = |name: String| Request::ForkClose { fork: fork(name) };
     let register = |snapshot: &proto::Id| Request::SnapshotRegister {
         snapshot: snapshot.clone(),
-        path: mem.to_owned(),
+        path: Some(mem.to_owned()),
+        fd: false,
+        link: false,
     };
     let delete = |snapshot: &proto::Id, defer: bool| Request::SnapshotDelete {
         snapshot: snapshot.clone(),
         defer,
+        force: false,
     };
     use ErrorCode::{Conflict, NotFound};
     vec![
@@ -242,7 +245,8 @@ fn two_hundred_kills_leave_records_files_and_counts_consistent() {
     assert_eq!(
         daemon.error_code(&Request::SnapshotDelete {
             snapshot: id("anchor"),
-            defer: false
+            defer: false,
+            force: false,
         }),
         ErrorCode::Conflict
     );

@@ -293,6 +293,7 @@ fn a_memory_file_held_by_a_process_blocks_deletes_until_the_process_dies() {
         let err = daemon.refusal(&Request::SnapshotDelete {
             snapshot: id("s"),
             defer: false,
+            force: false,
         });
         assert_eq!(err.code, ErrorCode::Conflict, "{mode:?}: {err:?}");
         assert!(
@@ -382,7 +383,7 @@ fn the_mount_is_read_only_lists_every_snapshot_and_shows_exact_sizes() {
                 .unwrap();
             let line = String::from_utf8_lossy(&out.stdout);
             let fields: Vec<&str> = line.split_whitespace().collect();
-            assert_eq!(fields[0], "-r--r--r--", "{mode:?}: {line}");
+            assert_eq!(fields[0], "-r--------", "{mode:?}: {line}");
             assert_eq!(fields[4], want.to_string(), "{mode:?}: ls -l size: {line}");
         }
 
@@ -505,7 +506,9 @@ fn registering_a_file_from_the_mount_itself_is_refused() {
     let looped: PathBuf = daemon.fuse_file("s");
     let err = daemon.refusal(&Request::SnapshotRegister {
         snapshot: id("again"),
-        path: looped,
+        path: Some(looped),
+        fd: false,
+        link: false,
     });
     assert_eq!(err.code, ErrorCode::InvalidArgument, "{err:?}");
     assert!(err.message.contains("FUSE"), "{}", err.message);

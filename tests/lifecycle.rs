@@ -31,13 +31,16 @@ fn snapshot_delete(snapshot: &str, defer: bool) -> Request {
     Request::SnapshotDelete {
         snapshot: id(snapshot),
         defer,
+        force: false,
     }
 }
 
 fn register(snapshot: &str, path: impl Into<PathBuf>) -> Request {
     Request::SnapshotRegister {
         snapshot: id(snapshot),
-        path: path.into(),
+        path: Some(path.into()),
+        fd: false,
+        link: false,
     }
 }
 
@@ -59,6 +62,11 @@ fn full_lifecycle_through_pagerctl_and_the_control_socket() {
     assert_eq!(info.size, Some(8 * MIB));
     assert_eq!(info.ref_count, Some(0));
     assert!(!info.delete_pending);
+    assert_ne!(
+        info.import,
+        Some(ImportMethod::Hardlink),
+        "copied (or cloned) by default"
+    );
     let stored = daemon.state_dir().join("snapshots/base/memory");
     assert_eq!(info.path, stored);
     // pagerctl prints what the daemon reports, and the import it reports is what happened to

@@ -3,7 +3,8 @@
 //! Every subcommand is one request; the answer is printed for people (default) or as the
 //! daemon's JSON (`--json`). Exit status: 0 on success, 2 for a usage error, 3 to 7 for the
 //! daemon's error codes (`not_found`, `conflict`, `invalid_argument`, `unavailable`,
-//! `internal`), 8 when the daemon cannot be reached, 9 when `status` finds it unhealthy. Errors
+//! `internal`; 5 also for a file that cannot be opened here), 8 when the daemon cannot be
+//! reached, 9 when `status` finds it unhealthy. Errors
 //! go to stderr as a numbered chain, or with `--json` to stdout as `{"error": {...}}`.
 
 mod render;
@@ -65,13 +66,22 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum SnapshotCommand {
-    /// Register a memory file as a snapshot (brought into the state directory and never
-    /// modified afterwards).
+    /// Register a memory file as a snapshot: copied into the state directory (a reflink where
+    /// the filesystem can) and never modified afterwards. The file is opened here and passed
+    /// to pagerd as a descriptor, so only files this user can read can be registered.
     Add {
         /// Snapshot id.
         id: String,
-        /// The memory file (relative paths are taken from the current directory).
+        /// The memory file (relative paths are taken from the current directory; a symlink is
+        /// refused: pass its target).
         path: PathBuf,
+        /// Link the file instead of copying it (same filesystem as pagerd's state directory).
+        /// The file must then never be written, truncated or replaced in place again while
+        /// the snapshot exists: forks read it at any time. pagerd leaves its owner and modes
+        /// alone and watches its size and times; a change (chmod, chown and adding or removing
+        /// names included) marks the snapshot damaged and no new forks of it are made.
+        #[arg(long)]
+        link: bool,
     },
     /// Delete a snapshot; refused while forks reference it, unless deferred.
     Rm {
@@ -80,6 +90,9 @@ enum SnapshotCommand {
         /// If forks reference it, delete it when the last one ends.
         #[arg(long)]
         defer: bool,
+        /// Delete a damaged snapshot (still refused while forks or processes use it).
+        #[arg(long)]
+        force: bool,
     },
     /// List snapshots.
     Ls,
@@ -158,13 +171,13 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
             let r = client.stats()?;
             done(&r, render::stats(&r))
         }
-        Command::Snapshot(SnapshotCommand::Add { id, path }) => {
+        Command::Snapshot(SnapshotCommand::Add { id, path, link }) => {
             let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-            let r = client.register_snapshot(id, &path)?;
+            let r = client.register_snapshot(id, &path, *link)?;
             done(&r, render::snapshot_table(std::slice::from_ref(&r)))
         }
-        Command::Snapshot(SnapshotCommand::Rm { id, defer }) => {
-            let r = client.delete_snapshot(id, *defer)?;
+        Command::Snapshot(SnapshotCommand::Rm { id, defer, force }) => {
+            let r = client.delete_snapshot(id, *defer, *force)?;
             done(&r, render::deleted(&r))
         }
         Command::Snapshot(SnapshotCommand::Ls) => {
@@ -202,9 +215,18 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
     })
 }
 
+/// The error code a failed call stands for: the daemon's, `invalid_argument` for a file that
+/// cannot be opened here, or none when the daemon could not be reached.
+fn error_code(e: &ClientError) -> Option<ErrorCode> {
+    match e {
+        ClientError::Open { .. } => Some(ErrorCode::InvalidArgument),
+        other => other.code(),
+    }
+}
+
 /// The exit status for a failed call.
 fn exit_code(e: &ClientError) -> u8 {
-    e.code().map_or(EXIT_UNREACHABLE, ErrorCode::exit_code)
+    error_code(e).map_or(EXIT_UNREACHABLE, ErrorCode::exit_code)
 }
 
 /// Prints a failed call: the numbered chain on stderr, or JSON on stdout.
@@ -212,7 +234,10 @@ fn report(e: &ClientError, json: bool) {
     if json {
         let error = match e {
             ClientError::Refused(refusal) => serde_json::to_value(refusal).unwrap_or(Value::Null),
-            other => serde_json::json!({"code": "unreachable", "message": chain(other).join(": ")}),
+            other => serde_json::json!({
+                "code": error_code(other).map_or("unreachable", ErrorCode::as_str),
+                "message": chain(other).join(": "),
+            }),
         };
         println!("{}", serde_json::json!({ "error": error }));
         return;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::access::Access;
 use crate::fuse::FuseOptions;
 use proto::Id;
 
@@ -22,12 +23,14 @@ pub struct Config {
     /// Control socket path [default: STATE_DIR/control.sock, where `pagerctl` looks too].
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
-    /// A group (name or gid) whose members may also use the control socket, besides the
-    /// daemon's own user and root.
-    #[arg(long)]
-    pub control_group: Option<String>,
-    /// A snapshot to register at start unless it already is, as ID=PATH to its memory file.
-    /// Repeatable.
+    /// A group (name or gid) whose members may read guest memory and use the sockets, besides
+    /// the daemon's own user and root: the state directory becomes 0750 root:GROUP, copied
+    /// memory files and FUSE memory files 0440, the control and handoff sockets 0660. Without
+    /// it everything is private to the daemon's user (docs/security.md).
+    #[arg(long, visible_alias = "control-group", value_name = "NAME|GID")]
+    pub group: Option<String>,
+    /// A snapshot to register at start unless it already is, as ID=PATH to its memory file
+    /// (copied into the state directory). Repeatable.
     #[arg(long = "snapshot", value_parser = parse_pair)]
     pub snapshots: Vec<(Id, PathBuf)>,
     /// A fork to create at start unless it exists, as ID=SNAPSHOT_ID. Repeatable.
@@ -111,8 +114,8 @@ impl Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
-    /// How to mount the FUSE view, unless it is off.
-    pub(crate) fn fuse_options(&self) -> Option<FuseOptions> {
+    /// How to mount the FUSE view, unless it is off; its modes follow `access`.
+    pub(crate) fn fuse_options(&self, access: Access) -> Option<FuseOptions> {
         (self.fuse != FuseMode::Off).then(|| FuseOptions {
             mountpoint: self
                 .fuse_mount
@@ -121,6 +124,7 @@ impl Config {
             mode: self.fuse,
             threads: self.fuse_threads.unwrap_or_else(|| 2 * self.worker_count()),
             readahead_kib: self.fuse_readahead_kib,
+            access,
         })
     }
 

@@ -3,16 +3,22 @@
 //!
 //! A shutdown stops serving but keeps every fork record: VMMs still running keep their
 //! references, and the next start reconciles them (detached if alive, reaped if gone).
+//!
+//! Before anything else the umask becomes 077 and the state directory is brought to the
+//! access policy (`--group`, [`crate::access`]). A lifecycle thread records what serving
+//! threads report and, about once a second, checks file users and the memory files of every
+//! snapshot.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
 use proto::Id;
 
+use crate::access::{self, Access};
 use crate::config::{Config, LogFormat};
 use crate::control::{ControlServer, Dispatcher};
 use crate::fuse::FuseView;
@@ -20,6 +26,7 @@ use crate::lifecycle::{Lifecycle, LifecycleError, MemoryFiles};
 use crate::registry::Registry;
 use crate::serve::session::ServeOptions;
 use crate::serve::Server;
+use crate::store::import::ImportMode;
 use crate::store::{Store, StoreError};
 
 /// Why the daemon could not start.
@@ -43,8 +50,8 @@ pub(crate) enum DaemonError {
     /// Serving threads could not start.
     #[error("cannot start serving")]
     Serve(#[source] std::io::Error),
-    /// The control group does not exist.
-    #[error("unknown control group `{0}`")]
+    /// The group does not exist.
+    #[error("unknown group `{0}`")]
     Group(String),
     /// The control socket could not be bound.
     #[error("cannot listen on control socket {path}")]
@@ -81,8 +88,9 @@ pub(crate) fn init_logging(default_filter: &str, format: LogFormat) {
     };
 }
 
-/// How often processes that only map a memory file (passthrough) are checked for having let go.
-const FILE_USER_RECHECK: Duration = Duration::from_secs(1);
+/// How often processes that only map a memory file (passthrough) are checked for having let
+/// go, and memory files for having changed.
+const JANITOR_PERIOD: Duration = Duration::from_secs(1);
 
 fn group_id(name: &str) -> Result<u32, DaemonError> {
     if let Ok(gid) = name.parse::<u32>() {
@@ -104,8 +112,10 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     signals.add(Signal::SIGINT);
     signals.thread_block().map_err(DaemonError::Signals)?;
 
-    let control_gid = config.control_group.as_deref().map(group_id).transpose()?;
-    let store = Store::open(&config.state_dir).map_err(DaemonError::State)?;
+    access::restrict_umask();
+    let group = config.group.as_deref().map(group_id).transpose()?;
+    let access = Access::new(group);
+    let store = Store::open_with(&config.state_dir, access).map_err(DaemonError::State)?;
     let registry = Arc::new(Registry::new());
     let options = ServeOptions {
         fault_around_pages: config.fault_around,
@@ -128,11 +138,19 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         std::thread::Builder::new()
             .name("pagerd-lifecycle".into())
             .spawn(move || {
+                let mut next_pass = Instant::now() + JANITOR_PERIOD;
                 while !stopping.load(Ordering::SeqCst) {
-                    match inbox.recv_timeout(FILE_USER_RECHECK) {
+                    let wait = next_pass.saturating_duration_since(Instant::now());
+                    match inbox.recv_timeout(wait) {
                         Ok(event) => lifecycle.on_event(event),
-                        Err(mpsc::RecvTimeoutError::Timeout) => lifecycle.recheck_file_users(),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                    // Also under a steady stream of events.
+                    if Instant::now() >= next_pass {
+                        lifecycle.recheck_file_users();
+                        lifecycle.check_snapshot_files();
+                        next_pass = Instant::now() + JANITOR_PERIOD;
                     }
                 }
             })
@@ -143,7 +161,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     for (id, path) in &config.snapshots {
         if lifecycle.snapshot(id).is_err() {
             lifecycle
-                .register_snapshot(id.clone(), path)
+                .register_snapshot_path(id.clone(), path, ImportMode::Copy)
                 .map_err(|source| DaemonError::CommandLine {
                     id: id.clone(),
                     source,
@@ -160,7 +178,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
                 })?;
         }
     }
-    let fuse = match config.fuse_options() {
+    let fuse = match config.fuse_options(access) {
         Some(options) => {
             let files: Arc<dyn MemoryFiles> = lifecycle.clone();
             let view = FuseView::mount(files, &options).map_err(DaemonError::Fuse)?;
@@ -174,7 +192,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         &control_path,
         Arc::new(Dispatcher::new(lifecycle.clone())),
         Duration::from_millis(config.control_idle_timeout_ms),
-        control_gid,
+        group,
     )
     .map_err(|source| DaemonError::Control {
         path: control_path.clone(),

@@ -14,13 +14,17 @@
 //!   [`lifecycle`]: every change of what exists, made durable first, and restart reconciliation.
 //! - [`fuse`]: the read-only FUSE mount with one memory file per snapshot, for VMMs that can
 //!   only map a file; [`file_users`]: the processes holding those files (references too).
-//! - [`control`]: the JSON control socket; [`daemon`] answers it and runs everything.
+//! - [`control`]: the JSON control socket; [`daemon`] answers it and runs everything;
+//!   [`registration`]: who may register which file (descriptors, not paths, from non-root).
+//! - [`access`]: who may read guest memory — the modes and group of everything pagerd makes.
 
+mod access;
 mod bitmap;
 pub mod config;
 mod control;
 mod daemon;
 mod errors;
+mod extents;
 mod file_users;
 mod fuse;
 mod lifecycle;

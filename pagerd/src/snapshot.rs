@@ -4,8 +4,19 @@
 //! page cache feeds them all. When the snapshot is opened pagerd also records which 4 KiB pages
 //! of the file are all zeros: those are answered with `UFFDIO_ZEROPAGE` (the kernel's shared
 //! zero page) instead of a copy.
+//!
+//! ```text
+//!   mapping (PROT_READ, MAP_SHARED) ──▶ only ever a source for the kernel: UFFDIO_COPY
+//!   descriptor (O_NOFOLLOW)         ──▶ every read pagerd makes itself: pread
+//!                                       (zero-page scan, FUSE cached reads, change checks)
+//! ```
+//!
+//! A file truncated behind pagerd's back (a linked file whose owner broke the link contract)
+//! is then a short read, an error, for pagerd, and `EFAULT` for `UFFDIO_COPY`; never a SIGBUS.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -37,6 +48,15 @@ pub enum SnapshotError {
         /// Its size.
         size: u64,
     },
+    /// The file could not be read (it may have shrunk while it was read).
+    #[error("cannot read memory file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The file could not be mapped.
     #[error("cannot map memory file {path}")]
     Map {
@@ -52,21 +72,31 @@ pub enum SnapshotError {
 #[derive(Debug)]
 pub struct Snapshot {
     id: Id,
-    path: PathBuf,
+    file: File,
     map: Mmap,
     zero_pages: Bitmap,
     created: SystemTime,
 }
 
 impl Snapshot {
-    /// Maps `path` read-only and records its zero pages.
+    /// Opens `path` (not following a symlink), maps it read-only and records its zero pages.
     pub fn open(id: Id, path: &Path) -> Result<Self, SnapshotError> {
         let open_err = |source| SnapshotError::Open {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(open_err)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
+        if !meta.is_file() {
+            return Err(open_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            )));
+        }
         let size = meta.len();
         if size == 0 || size % ZERO_MAP_PAGE != 0 {
             return Err(SnapshotError::BadSize {
@@ -74,17 +104,30 @@ impl Snapshot {
                 size,
             });
         }
-        // SAFETY: pagerd never writes a registered memory file and maps it read-only; the
-        // bytes are only read (as `UFFDIO_COPY` sources and here).
+        // SAFETY: memmap2 requires that the mapped file not change while mapped, because Rust
+        // code reading the map would see bytes change under a shared reference, or be killed
+        // by SIGBUS past a truncated end. That holds here because:
+        // - the mapping is read-only, and pagerd never writes the file;
+        // - nobody else writes it either: it is pagerd's private copy (mode 0400/0440, in a
+        //   0700/0750 state directory, written completely before this point), or, with
+        //   `ImportMode::Link`, the caller's file, whose owner promised never to write it
+        //   again (the documented link contract) — a promise the change checks enforce: the
+        //   snapshot is marked damaged and no new forks are made;
+        // - pagerd's own code never reads the map: `bytes` is only handed to the kernel as a
+        //   `UFFDIO_COPY` source (which answers EFAULT, not a signal, past a truncated end),
+        //   and every read of pagerd's own goes through `pread` on `file` (`read_at`).
         let map =
             unsafe { MmapOptions::new().map(&file) }.map_err(|source| SnapshotError::Map {
                 path: path.to_owned(),
                 source,
             })?;
-        let zero_pages = find_zero_pages(&map);
+        let zero_pages = find_zero_pages(&file, size).map_err(|source| SnapshotError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(Self {
             id,
-            path: path.to_owned(),
+            file,
             map,
             zero_pages,
             created: meta.modified().unwrap_or_else(|_| SystemTime::now()),
@@ -94,11 +137,6 @@ impl Snapshot {
     /// The snapshot's id.
     pub fn id(&self) -> &Id {
         &self.id
-    }
-
-    /// The memory file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Size of the memory file in bytes.
@@ -111,9 +149,27 @@ impl Snapshot {
         self.created
     }
 
-    /// The memory file's bytes.
+    /// The open memory file, for `fstat` and `pread`.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The shared read-only mapping of the memory file, to hand to the kernel as a
+    /// `UFFDIO_COPY` source. pagerd's own code must not read it (the mapping's safety rests on
+    /// that); it reads with [`read_at`](Self::read_at).
     pub fn bytes(&self) -> &[u8] {
         &self.map
+    }
+
+    /// Up to `len` bytes at `offset`, cut at the snapshot's size; `pread` on the file, so a
+    /// file that shrank behind pagerd's back is an error (`UnexpectedEof`), not a signal.
+    pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let size = self.size();
+        let start = offset.min(size);
+        let end = start.saturating_add(len as u64).min(size);
+        let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(usize::MAX)];
+        self.file.read_exact_at(&mut buf, start)?;
+        Ok(buf)
     }
 
     /// Whether the 4 KiB page at `file_offset` is all zeros.
@@ -127,21 +183,59 @@ impl Snapshot {
     }
 }
 
-fn find_zero_pages(bytes: &[u8]) -> Bitmap {
-    static ZERO: [u8; ZERO_MAP_PAGE as usize] = [0; ZERO_MAP_PAGE as usize];
-    let mut map = Bitmap::new(bytes.len() as u64 / ZERO_MAP_PAGE);
-    for (i, page) in bytes.chunks_exact(ZERO_MAP_PAGE as usize).enumerate() {
-        if page == ZERO {
-            map.set(i as u64);
+/// The all-zero 4 KiB pages of the first `size` bytes of `file`: holes without reading them,
+/// data extents with `pread` (an error if the file is shorter than `size`).
+fn find_zero_pages(file: &File, size: u64) -> io::Result<Bitmap> {
+    const PAGE: usize = ZERO_MAP_PAGE as usize;
+    const CHUNK_PAGES: u64 = 256;
+    static ZERO: [u8; PAGE] = [0; PAGE];
+    let pages = size / ZERO_MAP_PAGE;
+    let mut map = Bitmap::new(pages);
+    map.fill(0, pages, true);
+    let mut buf = vec![0u8; PAGE * CHUNK_PAGES as usize];
+    for extent in crate::extents::data_extents(file, size)? {
+        let mut page = extent.start / ZERO_MAP_PAGE;
+        let end = extent.end.div_ceil(ZERO_MAP_PAGE).min(pages);
+        while page < end {
+            let count = (end - page).min(CHUNK_PAGES);
+            let bytes = &mut buf[..count as usize * PAGE];
+            file.read_exact_at(bytes, page * ZERO_MAP_PAGE)?;
+            for (i, chunk) in (page..).zip(bytes.chunks_exact(PAGE)) {
+                if chunk != ZERO {
+                    map.fill(i, i + 1, false);
+                }
+            }
+            page += count;
         }
     }
-    map
+    Ok(map)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn holes_are_zero_pages() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(4 << 20).unwrap();
+        file.as_file()
+            .write_all_at(&[9u8; 10], (2 << 20) + 4095)
+            .unwrap();
+        let snap = Snapshot::open("s".parse().unwrap(), file.path()).unwrap();
+        assert_eq!(snap.zero_page_count(), 1024 - 2);
+        assert!(!snap.is_zero_page(2 << 20) && !snap.is_zero_page((2 << 20) + 4096));
+        assert!(snap.is_zero_page((2 << 20) + 8192) && snap.is_zero_page((2 << 20) - 4096));
+    }
+
+    #[test]
+    fn a_symlink_is_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), [0u8; 4096]).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("f"), dir.path().join("l")).unwrap();
+        assert!(Snapshot::open("s".parse().unwrap(), &dir.path().join("l")).is_err());
+    }
 
     #[test]
     fn records_zero_pages_and_rejects_bad_sizes() {
@@ -156,8 +250,18 @@ mod tests {
         assert!(!snap.is_zero_page(4096) && !snap.is_zero_page(3 * 4096));
         assert_eq!(snap.zero_page_count(), 2);
         assert_eq!(snap.bytes(), &bytes[..]);
+        assert_eq!(snap.read_at(4096 + 17, 2).unwrap(), [1, 0]);
+        assert_eq!(snap.read_at(3 * 4096, 1 << 20).unwrap().len(), 4096);
+        assert!(snap.read_at(1 << 30, 10).unwrap().is_empty());
 
-        file.write_all(b"odd").unwrap();
+        // A file that shrinks behind the snapshot's back is an error, not a signal.
+        file.as_file().set_len(4096).unwrap();
+        let err = snap.read_at(2 * 4096, 4096).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        file.as_file().set_len(4 * 4096).unwrap();
+        file.as_file().write_all_at(&bytes, 0).unwrap();
+
+        file.as_file().write_all_at(b"odd", 4 * 4096).unwrap();
         let err = Snapshot::open("s".parse().unwrap(), file.path()).unwrap_err();
         assert!(matches!(err, SnapshotError::BadSize { size, .. } if size == 4 * 4096 + 3));
     }

@@ -1,7 +1,10 @@
 //! A blocking client of the control socket: one connection per call, one request line out,
 //! one response line back, decoded into the [`model`](crate::model) type of that request.
 
-use std::io::{BufRead, BufReader, Write};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,6 +39,15 @@ pub enum ClientError {
     /// The daemon answered something that is not a response of the expected shape.
     #[error("pagerd sent a malformed response: {0}")]
     Malformed(String),
+    /// The file to pass could not be opened.
+    #[error("cannot open {path}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The daemon refused the request.
     #[error("pagerd refused the request")]
     Refused(#[source] ControlError),
@@ -79,11 +91,20 @@ impl Client {
 
     /// Sends one request and returns the daemon's result as JSON.
     pub fn call_value(&self, request: &Request) -> Result<Value, ClientError> {
-        let mut stream =
-            UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
-                path: self.path.clone(),
-                source,
-            })?;
+        self.call_value_with_fd(request, None)
+    }
+
+    /// Sends one request with a descriptor attached to its line (`SCM_RIGHTS`) and returns
+    /// the daemon's result as JSON.
+    pub fn call_value_with_fd(
+        &self,
+        request: &Request,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, ClientError> {
+        let stream = UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
+            path: self.path.clone(),
+            source,
+        })?;
         let extra = match request {
             Request::ForkWait { timeout_ms, .. } => {
                 Duration::from_millis(timeout_ms.unwrap_or(10_000))
@@ -93,7 +114,9 @@ impl Client {
         stream
             .set_read_timeout(Some(IO_TIMEOUT + extra))
             .map_err(ClientError::Io)?;
-        writeln!(stream, "{}", request_line(&Value::from(1), request)).map_err(ClientError::Io)?;
+        let line = request_line(&Value::from(1), request) + "\n";
+        crate::fdpass::send_with_fds(&stream, line.as_bytes(), fd.as_slice())
+            .map_err(ClientError::Io)?;
         let mut line = String::new();
         BufReader::new(&stream)
             .read_line(&mut line)
@@ -119,19 +142,64 @@ impl Client {
         self.call(&Request::Stats {})
     }
 
-    /// `snapshot.register`.
-    pub fn register_snapshot(&self, id: &str, path: &Path) -> Result<SnapshotInfo, ClientError> {
+    /// `snapshot.register` of the file at `path`, opened here (a symlink is refused, as the
+    /// daemon does) and passed as a descriptor: the daemon reads only what this process can.
+    /// With `link` the file is linked, not copied, and must never be written again.
+    pub fn register_snapshot(
+        &self,
+        id: &str,
+        path: &Path,
+        link: bool,
+    ) -> Result<SnapshotInfo, ClientError> {
+        let file = open_memory_file(path)?;
+        self.register_snapshot_fd(id, path, file.as_fd(), link)
+    }
+
+    /// `snapshot.register` of an open file; `name` is recorded as its source.
+    pub fn register_snapshot_fd(
+        &self,
+        id: &str,
+        name: &Path,
+        file: BorrowedFd<'_>,
+        link: bool,
+    ) -> Result<SnapshotInfo, ClientError> {
+        let request = Request::SnapshotRegister {
+            snapshot: parse_id(id)?,
+            path: Some(name.to_owned()),
+            fd: true,
+            link,
+        };
+        let value = self.call_value_with_fd(&request, Some(file))?;
+        serde_json::from_value(value).map_err(|e| ClientError::Malformed(e.to_string()))
+    }
+
+    /// `snapshot.register` by path alone: the daemon opens the file itself, which it allows
+    /// only for root and its own user.
+    pub fn register_snapshot_path(
+        &self,
+        id: &str,
+        path: &Path,
+        link: bool,
+    ) -> Result<SnapshotInfo, ClientError> {
         self.call(&Request::SnapshotRegister {
             snapshot: parse_id(id)?,
-            path: path.to_owned(),
+            path: Some(path.to_owned()),
+            fd: false,
+            link,
         })
     }
 
-    /// `snapshot.delete`.
-    pub fn delete_snapshot(&self, id: &str, defer: bool) -> Result<DeleteOutcome, ClientError> {
+    /// `snapshot.delete`; `force` removes a damaged snapshot.
+    pub fn delete_snapshot(
+        &self,
+        id: &str,
+        defer: bool,
+        force: bool,
+    ) -> Result<DeleteOutcome, ClientError> {
         self.call(&Request::SnapshotDelete {
             snapshot: parse_id(id)?,
             defer,
+            force,
         })
     }
 
@@ -162,7 +230,9 @@ impl Client {
 
     /// `fork.get`.
     pub fn fork(&self, id: &str) -> Result<ForkInfo, ClientError> {
-        self.call(&Request::ForkGet { fork: parse_id(id)? })
+        self.call(&Request::ForkGet {
+            fork: parse_id(id)?,
+        })
     }
 
     /// `fork.wait`.
@@ -181,6 +251,27 @@ impl Client {
 
     /// `fork.close`.
     pub fn close_fork(&self, id: &str) -> Result<ForkInfo, ClientError> {
-        self.call(&Request::ForkClose { fork: parse_id(id)? })
+        self.call(&Request::ForkClose {
+            fork: parse_id(id)?,
+        })
     }
+}
+
+/// Opens a memory file to pass to pagerd, refusing a symlink as pagerd does.
+fn open_memory_file(path: &Path) -> Result<File, ClientError> {
+    File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|source| {
+            let source = if source.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::new(source.kind(), "is a symlink; pass the target")
+            } else {
+                source
+            };
+            ClientError::Open {
+                path: path.to_owned(),
+                source,
+            }
+        })
 }

@@ -34,14 +34,24 @@ pub enum Request {
     /// Summed serving counters.
     #[serde(rename = "stats")]
     Stats {},
-    /// Registers a memory file as a snapshot (hardlinked, reflinked or copied into the state
-    /// directory, then never modified).
+    /// Registers a memory file as a snapshot: copied (reflinked where the filesystem can)
+    /// into the state directory, or linked with `link`; never modified afterwards.
     #[serde(rename = "snapshot.register")]
     SnapshotRegister {
         /// The new snapshot's id.
         snapshot: Id,
-        /// Absolute path of the memory file.
-        path: std::path::PathBuf,
+        /// Absolute path of the memory file; with `fd`, only the name recorded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<std::path::PathBuf>,
+        /// The memory file comes as a descriptor passed with this line (`SCM_RIGHTS`), opened
+        /// for reading by the client. Required unless the client is root.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fd: bool,
+        /// Link the file instead of copying it. The file must then never be written,
+        /// truncated or replaced in place again while the snapshot exists; a change marks
+        /// the snapshot damaged.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        link: bool,
     },
     /// Deletes a snapshot no fork references.
     #[serde(rename = "snapshot.delete")]
@@ -51,6 +61,9 @@ pub enum Request {
         /// If forks reference it, delete it when the last one ends instead of refusing.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         defer: bool,
+        /// Delete a damaged snapshot (still refused while anything references it).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
     },
     /// Every snapshot.
     #[serde(rename = "snapshot.list")]
@@ -310,6 +323,13 @@ mod tests {
             Request::SnapshotDelete {
                 snapshot: "s1".parse().unwrap(),
                 defer: true,
+                force: false,
+            },
+            Request::SnapshotRegister {
+                snapshot: "s1".parse().unwrap(),
+                path: Some("/m".into()),
+                fd: true,
+                link: true,
             },
             Request::ForkWait {
                 fork: "f".parse().unwrap(),

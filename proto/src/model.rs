@@ -181,6 +181,13 @@ pub enum ImportMethod {
     Copy,
 }
 
+impl ImportMethod {
+    /// Whether pagerd owns the file (a copy or clone), as opposed to sharing the caller's.
+    pub fn is_private(self) -> bool {
+        self != Self::Hardlink
+    }
+}
+
 /// How reads of the FUSE memory files reach the snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -346,6 +353,10 @@ pub struct SnapshotInfo {
     pub source: Option<PathBuf>,
     /// How it was brought in.
     pub import: Option<ImportMethod>,
+    /// The memory file's identity as recorded at registration (a change marks the snapshot
+    /// damaged).
+    #[serde(default)]
+    pub file: Option<FileIdentity>,
     /// Deleted as soon as nothing references it; no new forks meanwhile.
     pub delete_pending: bool,
     /// 4 KiB pages that are all zeros (when mapped).
@@ -363,6 +374,23 @@ pub struct SnapshotInfo {
     pub unreadable_fork_records: Vec<PathBuf>,
     /// What is wrong with a damaged snapshot.
     pub error: Option<String>,
+}
+
+/// What is compared to notice that a memory file changed: `fstat` of the file once it is in
+/// place, recorded with the snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIdentity {
+    /// The filesystem's device number.
+    pub dev: u64,
+    /// The inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification, ns since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Last change of contents or metadata, ns since the Unix epoch.
+    pub ctime_ns: i64,
 }
 
 /// What a delete did.

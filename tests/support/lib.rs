@@ -399,12 +399,12 @@ impl Daemon {
         self.call(&Request::Status {})
     }
 
-    /// Registers a memory file as snapshot `snapshot`.
+    /// Registers a memory file as snapshot `snapshot` (a copy), passing it as a descriptor
+    /// as `pagerctl` does.
     pub fn register_snapshot(&self, snapshot: &str, path: &Path) -> SnapshotInfo {
-        self.call(&Request::SnapshotRegister {
-            snapshot: id(snapshot),
-            path: path.to_owned(),
-        })
+        self.client
+            .register_snapshot(snapshot, path, false)
+            .unwrap_or_else(|e| panic!("register {snapshot}: {e:?}\n{}", self.log()))
     }
 
     /// Deletes snapshot `snapshot` (when its last reference ends, with `defer`).
@@ -412,6 +412,7 @@ impl Daemon {
         self.call(&Request::SnapshotDelete {
             snapshot: id(snapshot),
             defer,
+            force: false,
         })
     }
 

@@ -7,7 +7,8 @@ use std::time::Duration;
 use proto::control::{ControlError, ErrorCode, Request};
 use serde_json::Value;
 
-use super::Handler;
+use super::registration::{self, RegisterRequest};
+use super::{Handler, RequestContext};
 use crate::errors::error_chain;
 use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::registry::RegistryError;
@@ -65,17 +66,39 @@ impl Dispatcher {
 }
 
 impl Handler for Dispatcher {
+    /// Without a context the peer is unknown: registration by path is refused.
     fn handle(&self, request: Request) -> Result<Value, ControlError> {
+        self.handle_with(request, &mut RequestContext::default())
+    }
+
+    fn handle_with(
+        &self,
+        request: Request,
+        context: &mut RequestContext,
+    ) -> Result<Value, ControlError> {
         let lc = &self.lifecycle;
         match request {
             Request::Status {} => to_value(lc.status()?),
             Request::Stats {} => to_value(lc.stats()),
-            Request::SnapshotRegister { snapshot, path } => {
-                to_value(lc.register_snapshot(snapshot, &path)?)
+            Request::SnapshotRegister {
+                snapshot,
+                path,
+                fd,
+                link,
+            } => {
+                let request = RegisterRequest {
+                    snapshot,
+                    path,
+                    fd,
+                    link,
+                };
+                to_value(registration::register(lc, request, context)?)
             }
-            Request::SnapshotDelete { snapshot, defer } => {
-                to_value(lc.delete_snapshot(&snapshot, defer)?)
-            }
+            Request::SnapshotDelete {
+                snapshot,
+                defer,
+                force,
+            } => to_value(lc.delete_snapshot(&snapshot, defer, force)?),
             Request::SnapshotList {} => to_value(lc.snapshots()?),
             Request::SnapshotGet { snapshot } => to_value(lc.snapshot(&snapshot)?),
             Request::ForkCreate { snapshot, fork } => to_value(lc.create_fork(fork, &snapshot)?),

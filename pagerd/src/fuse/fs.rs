@@ -3,9 +3,12 @@
 //! - `open` of a memory file is a reference ([`MemoryFiles::open_memory_file`]), taken under the
 //!   lifecycle lock so it cannot race a delete; `release` ends it. Opening for writing, or a
 //!   snapshot pending deletion, is refused.
-//! - Reads are answered straight from the snapshot's shared mapping, as large as the kernel
-//!   asks; files are opened with keep-cache, so a page read once stays in the page cache for
-//!   every later fork.
+//! - Reads are answered with `pread` on the snapshot's file ([`Snapshot::read_at`]), as large
+//!   as the kernel asks; a file that shrank behind pagerd's back (a broken link contract)
+//!   answers `EIO`, never a SIGBUS. Files are opened with keep-cache, so a page read once
+//!   stays in the page cache for every later fork.
+//! - Modes and group come from the access policy: memory files 0400 (0440 with a group),
+//!   directories 0500 (0550); the mount's `default_permissions` has the kernel enforce them.
 //! - With passthrough the kernel reads and maps the backing file in the state directory itself
 //!   and pagerd only sees `open` and `release`. One backing id per snapshot is shared by all
 //!   its open handles.
@@ -14,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
@@ -28,6 +30,7 @@ use fuser::{
 use proto::model::ReadPath;
 
 use super::inodes::{Inodes, Node, ROOT, SNAPSHOTS};
+use crate::access::Access;
 use crate::file_users::FileKey;
 use crate::lifecycle::{MemoryFiles, SNAPSHOTS_DIR};
 use crate::snapshot::Snapshot;
@@ -62,6 +65,8 @@ pub struct MemoryFs {
     backings: Mutex<HashMap<u64, Weak<BackingId>>>,
     uid: u32,
     gid: u32,
+    file_mode: u16,
+    dir_mode: u16,
 }
 
 impl MemoryFs {
@@ -72,7 +77,9 @@ impl MemoryFs {
         wanted: ReadPath,
         passthrough: Arc<AtomicBool>,
         device: Arc<OnceLock<(u64, u64)>>,
+        access: Access,
     ) -> Self {
+        let mode = |m: u32| u16::try_from(m & 0o7777).unwrap_or(0);
         Self {
             device,
             files,
@@ -81,8 +88,10 @@ impl MemoryFs {
             passthrough,
             open: Mutex::new(HashMap::new()),
             backings: Mutex::new(HashMap::new()),
-            uid: nix::unistd::geteuid().as_raw(),
-            gid: nix::unistd::getegid().as_raw(),
+            uid: access.uid(),
+            gid: access.gid(),
+            file_mode: mode(access.memory_mode()),
+            dir_mode: mode(access.read_only_dir_mode()),
         }
     }
 
@@ -92,16 +101,26 @@ impl MemoryFs {
 
     fn attr(&self, ino: u64, node: &Node) -> Option<FileAttr> {
         let (kind, perm, nlink, size, time) = match node {
-            Node::Root | Node::Snapshots => {
-                (FileType::Directory, 0o555, 2, 0, SystemTime::UNIX_EPOCH)
-            }
+            Node::Root | Node::Snapshots => (
+                FileType::Directory,
+                self.dir_mode,
+                2,
+                0,
+                SystemTime::UNIX_EPOCH,
+            ),
             Node::SnapshotDir(s) => {
                 let s = s.upgrade()?;
-                (FileType::Directory, 0o555, 2, 0, s.created())
+                (FileType::Directory, self.dir_mode, 2, 0, s.created())
             }
             Node::Memory(s) => {
                 let s = s.upgrade()?;
-                (FileType::RegularFile, 0o444, 1, s.size(), s.created())
+                (
+                    FileType::RegularFile,
+                    self.file_mode,
+                    1,
+                    s.size(),
+                    s.created(),
+                )
             }
         };
         Some(FileAttr {
@@ -142,7 +161,9 @@ impl MemoryFs {
         if let Some(id) = backings.get(&ino).and_then(Weak::upgrade) {
             return Ok(id);
         }
-        let id = Arc::new(reply.open_backing(File::open(snapshot.path())?)?);
+        // The snapshot's own descriptor: the very file that was checked, not a path
+        // looked up again.
+        let id = Arc::new(reply.open_backing(snapshot.file().try_clone()?)?);
         backings.insert(ino, Arc::downgrade(&id));
         backings.retain(|_, id| id.strong_count() > 0);
         Ok(id)
@@ -267,12 +288,13 @@ impl Filesystem for MemoryFs {
         let Some(snapshot) = self.open_files().get(&fh.0).map(|f| f.snapshot.clone()) else {
             return reply.error(Errno::EBADF);
         };
-        let bytes = snapshot.bytes();
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(bytes.len());
-        let end = start.saturating_add(size as usize).min(bytes.len());
-        reply.data(&bytes[start..end]);
+        match snapshot.read_at(offset, size as usize) {
+            Ok(bytes) => reply.data(&bytes),
+            Err(e) => {
+                tracing::warn!(snapshot = %snapshot.id(), offset, size, error = %e, "memory file read failed");
+                reply.error(Errno::EIO);
+            }
+        }
     }
 
     fn release(

@@ -3,7 +3,8 @@
 //! `memory-backend-file`).
 //!
 //! ```text
-//! MOUNT/snapshots/<id>/memory      0444, the snapshot's exact size
+//! MOUNT/snapshots/<id>/memory      0400 (0440 root:GROUP), the snapshot's exact size
+//! MOUNT/, directories              0500 (0550 root:GROUP)
 //!
 //! VMM: open ─▶ mmap(MAP_PRIVATE) ─▶ page faults
 //!        │                               │ cached:      FUSE read ─▶ pagerd's mapping of the file
@@ -14,6 +15,10 @@
 //! Pages nobody wrote are shared by every fork through one page cache; writes are copied on
 //! write by the kernel into the writer's private memory. Nothing the mount does can change a
 //! snapshot: it is mounted read-only and every mutation answers `EROFS`.
+//!
+//! The mount is `allow_other` so that members of the `--group` can use it, and
+//! `default_permissions` so that the kernel enforces the modes above (those of
+//! [`crate::access`]): without a group, only root reads guest memory here.
 //!
 //! [`FuseView::mount`] first detaches whatever a crashed daemon left on the mount point;
 //! [`FuseView::unmount`] removes the mount at shutdown (lazily, if VMMs still hold files).
@@ -30,6 +35,7 @@ use fuser::{BackgroundSession, MountOption, SessionACL};
 
 pub use proto::model::ReadPath;
 
+use crate::access::Access;
 use crate::config::FuseMode;
 use crate::lifecycle::{FuseMount, MemoryFiles};
 
@@ -44,6 +50,9 @@ pub(crate) struct FuseOptions {
     pub threads: usize,
     /// The mount's readahead in KiB (0 keeps the kernel's default).
     pub readahead_kib: u32,
+    /// Who may read memory files: the modes and group the mount shows (and the kernel
+    /// enforces).
+    pub access: Access,
 }
 
 /// Why the FUSE mount could not be set up.
@@ -99,8 +108,13 @@ impl FuseView {
         };
         let granted = Arc::new(AtomicBool::new(false));
         let device = Arc::new(OnceLock::new());
-        let filesystem =
-            fs::MemoryFs::new(files, wanted, granted.clone(), device.clone());
+        let filesystem = fs::MemoryFs::new(
+            files,
+            wanted,
+            granted.clone(),
+            device.clone(),
+            options.access,
+        );
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             MountOption::RO,

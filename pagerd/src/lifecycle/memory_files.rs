@@ -90,8 +90,9 @@ impl MemoryFiles for Lifecycle {
         pid: i32,
         backing: Option<FileKey>,
     ) -> Result<u64, LifecycleError> {
-        let catalog = self.lock();
+        let mut catalog = self.lock();
         let id = snapshot.id();
+        self.verify_unchanged(&mut catalog, id)?;
         match catalog.metas.get(id) {
             Some(meta) if meta.delete_pending => {
                 return Err(LifecycleError::DeletePending(id.clone()))

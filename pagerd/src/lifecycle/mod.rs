@@ -8,8 +8,12 @@
 //! ended/close: stop serving ─▶ remove fork record ─▶ finish a pending delete if no refs left
 //! delete:     scan fork records (unreadable → refuse) ─▶ refs? conflict / mark pending
 //!             : trash the directory
-//! restart:    remove leftovers ─▶ map snapshots ─▶ each fork record: no VMM → listen again,
-//!             VMM alive → detached, VMM gone → reap ─▶ finish pending deletes
+//! restart:    remove leftovers ─▶ map snapshots, check each memory file against its record
+//!             ─▶ each fork record: no VMM → listen again, VMM alive → detached,
+//!             VMM gone → reap ─▶ finish pending deletes
+//! checks:     every second, before each fork and each FUSE open: the memory file's fstat
+//!             against its record; a change marks the snapshot damaged (no new forks; a forced
+//!             delete removes it once nothing references it)
 //! ```
 //!
 //! Reference counts are read off the fork records every time they are needed
@@ -20,7 +24,7 @@
 mod error;
 mod memory_files;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -33,6 +37,7 @@ use proto::model::{
 use proto::Id;
 use serde::Serialize;
 
+use crate::store::import::{ImportMethod, ImportMode, Source};
 pub(crate) use error::LifecycleError;
 pub(crate) use memory_files::{FuseMount, MemoryFiles, SNAPSHOTS_DIR};
 
@@ -40,8 +45,8 @@ use crate::file_users::FileUsers;
 use crate::registry::{unix_ms, Fork, Registry};
 use crate::serve::{ForkEvent, Server};
 use crate::snapshot::{Snapshot, ZERO_MAP_PAGE};
-use error::references;
 use crate::store::{ForkRecord, ForkScan, SnapshotMeta, Store, VmmIdentity};
+use error::references;
 
 /// What reconciliation did at start.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -72,9 +77,9 @@ struct Catalog {
 }
 
 impl Catalog {
-    /// Registered, and not on its way out.
+    /// Registered, not damaged, and not on its way out.
     fn forkable(&self, id: &Id) -> bool {
-        self.metas.get(id).is_some_and(|m| !m.delete_pending)
+        self.metas.get(id).is_some_and(|m| !m.delete_pending) && !self.damaged.contains_key(id)
     }
 }
 
@@ -135,18 +140,7 @@ impl Lifecycle {
             ..ReconcileReport::default()
         };
         for stored in self.store.snapshots()? {
-            let opened = stored.meta.and_then(|meta| {
-                let snapshot = Snapshot::open(meta.id.clone(), &self.store.memory_path(&meta.id))
-                    .map_err(|e| crate::errors::error_chain(&e))?;
-                if snapshot.size() != meta.size {
-                    return Err(format!(
-                        "memory file is {} bytes, recorded {}",
-                        snapshot.size(),
-                        meta.size
-                    ));
-                }
-                Ok((meta, snapshot))
-            });
+            let opened = stored.meta.and_then(|meta| self.open_stored(meta));
             match opened {
                 Ok((meta, snapshot)) => {
                     self.registry.add_snapshot(snapshot)?;
@@ -218,34 +212,72 @@ impl Lifecycle {
         Ok(report)
     }
 
-    /// Registers a memory file as snapshot `id`.
-    pub fn register_snapshot(&self, id: Id, path: &Path) -> Result<SnapshotInfo, LifecycleError> {
-        let bad = |why: &str| LifecycleError::BadPath {
-            path: path.to_owned(),
-            why: why.to_owned(),
-        };
+    /// Maps a snapshot found in the state directory and checks its memory file against its
+    /// record; `Err` says why it is damaged.
+    fn open_stored(&self, meta: SnapshotMeta) -> Result<(SnapshotMeta, Snapshot), String> {
+        let snapshot = Snapshot::open(meta.id.clone(), &self.store.memory_path(&meta.id))
+            .map_err(|e| crate::errors::error_chain(&e))?;
+        if snapshot.size() != meta.size {
+            return Err(format!(
+                "memory file is {} bytes, recorded {}",
+                snapshot.size(),
+                meta.size
+            ));
+        }
+        let meta = self.store.verify_memory(meta, snapshot.file())?;
+        Ok((meta, snapshot))
+    }
+
+    /// Registers the memory file at `path` (absolute; a symlink is refused) as snapshot `id`.
+    pub fn register_snapshot_path(
+        &self,
+        id: Id,
+        path: &Path,
+        mode: ImportMode,
+    ) -> Result<SnapshotInfo, LifecycleError> {
         if !path.is_absolute() {
-            return Err(bad("the path must be absolute"));
+            return Err(LifecycleError::BadPath {
+                path: path.to_owned(),
+                why: "the path must be absolute".into(),
+            });
         }
-        let meta = std::fs::metadata(path).map_err(|e| bad(&e.to_string()))?;
-        if !meta.is_file() {
-            return Err(bad("not a regular file"));
-        }
+        let source = Source::open(path).map_err(|e| LifecycleError::BadPath {
+            path: path.to_owned(),
+            why: crate::errors::error_chain(&e),
+        })?;
+        self.register_snapshot(id, source, mode)
+    }
+
+    /// Registers an open memory file as snapshot `id`, copied (or cloned) into the state
+    /// directory, or linked ([`ImportMode::Link`]: the caller promises never to write it).
+    pub fn register_snapshot(
+        &self,
+        id: Id,
+        source: Source,
+        mode: ImportMode,
+    ) -> Result<SnapshotInfo, LifecycleError> {
+        let bad = |why: String| LifecycleError::BadPath {
+            path: source.name.clone(),
+            why,
+        };
         if self
             .fuse
             .get()
-            .is_some_and(|m| std::os::unix::fs::MetadataExt::dev(&meta) == m.device)
+            .is_some_and(|m| std::os::unix::fs::MetadataExt::dev(&source.meta) == m.device)
         {
             // Reading it would need the FUSE view, whose opens wait for this very lock.
             return Err(bad(
-                "the file is on pagerd's own FUSE mount; register the original",
+                "the file is on pagerd's own FUSE mount; register the original".into(),
             ));
         }
-        if meta.len() == 0 || meta.len() % ZERO_MAP_PAGE != 0 {
-            return Err(bad(&format!(
-                "size {} is not a non-zero multiple of 4096",
-                meta.len()
+        let size = source.meta.len();
+        if size == 0 || size % ZERO_MAP_PAGE != 0 {
+            return Err(bad(format!(
+                "size {size} is not a non-zero multiple of 4096"
             )));
+        }
+        if mode == ImportMode::Link {
+            self.store.check_linkable(&source.meta).map_err(bad)?;
         }
         let mut catalog = self.lock();
         if catalog.metas.contains_key(&id) || catalog.damaged.contains_key(&id) {
@@ -254,15 +286,34 @@ impl Lifecycle {
                 id,
             });
         }
-        let stored = self.store.add_snapshot(&id, path, meta.len(), now_ms())?;
-        let snapshot = match Snapshot::open(id.clone(), &self.store.memory_path(&id)) {
+        if mode == ImportMode::Link {
+            if let Some(other) = linked_as(&catalog, &source.meta) {
+                // Another name would change the inode's ctime, which the other snapshot
+                // watches: one linked snapshot per file.
+                return Err(bad(format!(
+                    "this file is already linked as snapshot `{other}`; fork that one, or \
+                     register a copy"
+                )));
+            }
+        }
+        let stored =
+            self.store
+                .add_snapshot(&id, &source.file, &source.name, size, mode, now_ms())?;
+        let opened = Snapshot::open(id.clone(), &self.store.memory_path(&id))
+            .map_err(LifecycleError::from)
+            .and_then(|snapshot| match stored.file_changed(snapshot.file()) {
+                // A linked file written while it was being registered.
+                Some(why) => Err(bad(why)),
+                None => Ok(snapshot),
+            });
+        let snapshot = match opened {
             Ok(s) => s,
             Err(e) => {
                 let _ = self.store.remove_snapshot(&id);
-                return Err(e.into());
+                return Err(e);
             }
         };
-        tracing::info!(snapshot = %id, source = %path.display(), import = ?stored.import, size = stored.size,
+        tracing::info!(snapshot = %id, source = %source.name.display(), import = ?stored.import, size = stored.size,
             zero_pages = snapshot.zero_page_count(), "snapshot registered");
         self.registry.add_snapshot(snapshot)?;
         catalog.metas.insert(id.clone(), stored);
@@ -281,6 +332,7 @@ impl Lifecycle {
             created_unix_ms: meta.map(|m| m.created_unix_ms),
             source: meta.map(|m| m.source.clone()),
             import: meta.map(|m| m.import),
+            file: meta.and_then(|m| m.file),
             delete_pending: meta.is_some_and(|m| m.delete_pending),
             zero_pages: self.registry.snapshot(id).ok().map(|s| s.zero_page_count()),
             ref_count: forks.as_ref().map(|f| f.len() + file_users.len()),
@@ -296,7 +348,7 @@ impl Lifecycle {
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, LifecycleError> {
         let catalog = self.lock();
         let scan = self.store.scan_forks()?;
-        let ids: Vec<Id> = catalog
+        let ids: BTreeSet<Id> = catalog
             .metas
             .keys()
             .chain(catalog.damaged.keys())
@@ -322,14 +374,23 @@ impl Lifecycle {
     }
 
     /// Deletes a snapshot no fork references; with `defer`, marks a referenced one to be
-    /// deleted when its last fork ends.
-    pub fn delete_snapshot(&self, id: &Id, defer: bool) -> Result<DeleteOutcome, LifecycleError> {
+    /// deleted when its last fork ends. A damaged snapshot is removed only with `force`, and
+    /// only once nothing references it (`force` changes nothing for a healthy one).
+    pub fn delete_snapshot(
+        &self,
+        id: &Id,
+        defer: bool,
+        force: bool,
+    ) -> Result<DeleteOutcome, LifecycleError> {
         let mut catalog = self.lock();
         if let Some(why) = catalog.damaged.get(id) {
-            return Err(LifecycleError::Broken {
-                snapshot: id.clone(),
-                why: why.clone(),
-            });
+            if !force {
+                return Err(LifecycleError::Broken {
+                    snapshot: id.clone(),
+                    why: format!("{why}; only a forced delete removes it"),
+                });
+            }
+            return self.delete_damaged(&mut catalog, id);
         }
         let Some(meta) = catalog.metas.get(id).cloned() else {
             return Err(LifecycleError::NotFound {
@@ -378,12 +439,78 @@ impl Lifecycle {
         })
     }
 
+    /// A forced delete of a damaged snapshot: refused while forks or file users reference it
+    /// (or while they cannot be counted).
+    fn delete_damaged(
+        &self,
+        catalog: &mut Catalog,
+        id: &Id,
+    ) -> Result<DeleteOutcome, LifecycleError> {
+        let scan = self.store.scan_forks()?;
+        let forks = scan
+            .referencing(id)
+            .ok_or_else(|| LifecycleError::CountsUnknown {
+                snapshot: id.clone(),
+                records: scan.unreadable.iter().map(|u| u.path.clone()).collect(),
+            })?;
+        let file_users = self.file_users.referencing(id);
+        if !forks.is_empty() || !file_users.is_empty() {
+            return Err(LifecycleError::InUse {
+                snapshot: id.clone(),
+                forks,
+                file_users,
+            });
+        }
+        self.remove_snapshot_now(catalog, id)?;
+        Ok(DeleteOutcome {
+            id: id.clone(),
+            deleted: true,
+            pending: false,
+            forks,
+            file_users,
+        })
+    }
+
     fn remove_snapshot_now(&self, catalog: &mut Catalog, id: &Id) -> Result<(), LifecycleError> {
         self.store.remove_snapshot(id)?;
         self.registry.remove_snapshot(id);
         catalog.metas.remove(id);
+        catalog.damaged.remove(id);
         tracing::info!(snapshot = %id, "snapshot deleted");
         Ok(())
+    }
+
+    /// Marks a snapshot damaged if its memory file changed since it was recorded (one
+    /// `fstat`); `Err` if it is damaged, now or before.
+    fn verify_unchanged(&self, catalog: &mut Catalog, id: &Id) -> Result<(), LifecycleError> {
+        if let Some(why) = catalog.damaged.get(id) {
+            return Err(LifecycleError::Broken {
+                snapshot: id.clone(),
+                why: why.clone(),
+            });
+        }
+        let (Some(meta), Ok(snapshot)) = (catalog.metas.get(id), self.registry.snapshot(id)) else {
+            return Ok(());
+        };
+        let Some(why) = meta.file_changed(snapshot.file()) else {
+            return Ok(());
+        };
+        tracing::error!(snapshot = %id, %why, "snapshot damaged: no new forks of it; forks already running may read changed bytes");
+        catalog.damaged.insert(id.clone(), why.clone());
+        Err(LifecycleError::Broken {
+            snapshot: id.clone(),
+            why,
+        })
+    }
+
+    /// Checks every snapshot's memory file against its record (one `fstat` each) and marks
+    /// the changed ones damaged. The daemon calls it about once a second.
+    pub fn check_snapshot_files(&self) {
+        let mut catalog = self.lock();
+        let ids: Vec<Id> = catalog.metas.keys().cloned().collect();
+        for id in ids {
+            let _ = self.verify_unchanged(&mut catalog, &id);
+        }
     }
 
     /// Deletes a pending snapshot if no fork record names it and no process holds its memory
@@ -409,7 +536,8 @@ impl Lifecycle {
 
     /// Creates a fork of `snapshot`; its record is on disk before its socket listens.
     pub fn create_fork(&self, id: Option<Id>, snapshot: &Id) -> Result<ForkInfo, LifecycleError> {
-        let catalog = self.lock();
+        let mut catalog = self.lock();
+        self.verify_unchanged(&mut catalog, snapshot)?;
         let meta = catalog
             .metas
             .get(snapshot)
@@ -560,7 +688,9 @@ impl Lifecycle {
     /// Every uffd fork, then every process holding a memory file.
     pub fn fork_list(&self) -> Vec<ForkListEntry> {
         let forks = self.registry.forks();
-        let uffd = forks.iter().map(|f| ForkListEntry::Uffd(Box::new(f.info())));
+        let uffd = forks
+            .iter()
+            .map(|f| ForkListEntry::Uffd(Box::new(f.info())));
         let files = self.file_users.list().into_iter().map(ForkListEntry::File);
         uffd.chain(files).collect()
     }
@@ -577,7 +707,10 @@ impl Lifecycle {
             let scan = self.store.scan_forks()?;
             (
                 catalog.damaged.keys().cloned().collect::<Vec<_>>(),
-                scan.unreadable.into_iter().map(|u| u.path).collect::<Vec<_>>(),
+                scan.unreadable
+                    .into_iter()
+                    .map(|u| u.path)
+                    .collect::<Vec<_>>(),
             )
         };
         let mut forks = ForkCounts::default();
@@ -617,4 +750,18 @@ impl Lifecycle {
             let _ = std::fs::remove_file(fork.handoff_socket());
         }
     }
+}
+
+/// The snapshot that already links the file with metadata `source`, if any.
+fn linked_as(catalog: &Catalog, source: &std::fs::Metadata) -> Option<Id> {
+    use std::os::unix::fs::MetadataExt;
+    catalog
+        .metas
+        .values()
+        .find(|m| {
+            m.import == ImportMethod::Hardlink
+                && m.file
+                    .is_some_and(|f| f.dev == source.dev() && f.ino == source.ino())
+        })
+        .map(|m| m.id.clone())
 }

@@ -152,7 +152,8 @@ impl Server {
 }
 
 /// Binds a Unix listener at `path`, replacing a stale socket left there (never another kind
-/// of file).
+/// of file). The socket gets the group access of its directory (0600, or 0660 root:GROUP
+/// with `--group`: [`crate::access`]); until then the daemon's umask keeps it private.
 fn bind_fresh(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
@@ -165,5 +166,7 @@ fn bind_fresh(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    std::os::unix::net::UnixListener::bind(path)
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    crate::access::restrict_socket_like_its_directory(path)?;
+    Ok(listener)
 }

@@ -2,7 +2,8 @@
 //!
 //! After [`write_atomic`] returns, the file holds the new bytes and survives a crash; if the
 //! process dies before, the old file (or none) is there, plus at most a temp file whose name
-//! starts with [`TEMP_PREFIX`], which reconciliation removes.
+//! starts with [`TEMP_PREFIX`], which reconciliation removes. Files are created with mode 0600:
+//! records are the daemon's alone.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -32,7 +33,7 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o640)
+            .mode(0o600)
             .open(&temp)?;
         file.write_all(bytes)?;
         file.sync_all()?;

@@ -2,10 +2,12 @@
 //! crash.
 //!
 //! ```text
-//! STATE/
+//! STATE/                         0700 (0750 root:GROUP with --group; see crate::access)
 //!   control.sock                 the control socket (default)
-//!   snapshots/<id>/memory        the memory file (hardlink, reflink or copy; mode 0444)
-//!   snapshots/<id>/snapshot.json SnapshotMeta
+//!   lock                         flock'ed by the running daemon
+//!   snapshots/<id>/memory        the memory file: pagerd's copy (0400, 0440 root:GROUP), or
+//!                                with ImportMode::Link the caller's inode, modes untouched
+//!   snapshots/<id>/snapshot.json SnapshotMeta, with the memory file's FileIdentity
 //!   forks/<id>.json              ForkRecord: the fork names its snapshot
 //!   sockets/<id>.sock            handoff sockets of waiting forks
 //! ```
@@ -20,8 +22,12 @@
 //! directory, and disappears by renaming it to a trash name before removing it; records are
 //! written by temp file, fsync, rename, fsync of the directory. Whatever a crash leaves behind
 //! (`.tmp-*`, `.trash-*`, sockets) is removed by [`Store::remove_leftovers`].
+//!
+//! Modes and groups follow the [`Access`] policy the store was opened with; [`Store::open`]
+//! brings an existing directory to it, and [`Store::verify_memory`] a snapshot's memory file.
 
 pub mod atomic;
+pub mod identity;
 pub mod import;
 
 use std::io;
@@ -29,9 +35,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use proto::Id;
+use crate::access::Access;
 use atomic::{fsync_dir, remove_durably, temp_name, write_atomic, TEMP_PREFIX};
-use import::ImportMethod;
+use identity::{FileIdentity, FileIdentityExt};
+use import::{ImportMethod, ImportMode};
+use proto::Id;
 
 const TRASH_PREFIX: &str = ".trash-";
 const META_FILE: &str = "snapshot.json";
@@ -57,6 +65,24 @@ pub struct SnapshotMeta {
     /// Delete as soon as no fork references it; no new forks meanwhile.
     #[serde(default)]
     pub delete_pending: bool,
+    /// The memory file as it was once in place, to notice later changes (absent in
+    /// metadata written before pagerd recorded it; recorded at the next start).
+    #[serde(default)]
+    pub file: Option<FileIdentity>,
+}
+
+impl SnapshotMeta {
+    /// Why the memory file, open as `file`, is no longer what was recorded (an `fstat`);
+    /// `None` while it is unchanged or nothing was recorded.
+    pub fn file_changed(&self, file: &std::fs::File) -> Option<String> {
+        let recorded = self.file.as_ref()?;
+        match FileIdentity::of(file) {
+            Ok(now) => recorded
+                .changes(&now)
+                .map(|changes| identity::changed_reason(&changes)),
+            Err(e) => Some(format!("cannot inspect the memory file: {e}")),
+        }
+    }
 }
 
 /// The VMM serving a fork, identified so that a recycled pid is not mistaken for it.
@@ -168,15 +194,20 @@ fn at<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sto
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    access: Access,
     /// An exclusive lock on `STATE_DIR/lock`, held while the store is open: one daemon per
     /// state directory.
     _lock: std::sync::Arc<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the state directory at `root`.
-    pub fn open(root: &Path) -> Result<Self, StoreError> {
+    /// Opens (creating if needed) the state directory at `root`, and brings the modes and
+    /// groups of its directories and records to `access`.
+    pub fn open_with(root: &Path, access: Access) -> Result<Self, StoreError> {
         std::fs::create_dir_all(root).map_err(at("cannot create", root))?;
+        access
+            .apply(root, access.dir_mode())
+            .map_err(at("cannot set the mode of", root))?;
         let lock_path = root.join("lock");
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -200,8 +231,12 @@ impl Store {
                     source,
                 }
             })?;
+        access
+            .apply(&lock_path, access.record_mode())
+            .map_err(at("cannot set the mode of", &lock_path))?;
         let store = Self {
             root: root.to_owned(),
+            access,
             _lock: std::sync::Arc::new(lock),
         };
         for dir in [
@@ -210,8 +245,47 @@ impl Store {
             store.sockets_dir(),
         ] {
             std::fs::create_dir_all(&dir).map_err(at("cannot create", &dir))?;
+            access
+                .apply(&dir, access.dir_mode())
+                .map_err(at("cannot set the mode of", &dir))?;
         }
+        store.secure_contents()?;
         Ok(store)
+    }
+
+    /// Brings snapshot directories, their metadata and fork records to the access policy
+    /// (memory files are [`verify_memory`](Self::verify_memory)'s, which knows which ones
+    /// pagerd owns).
+    fn secure_contents(&self) -> Result<(), StoreError> {
+        let access = &self.access;
+        let snapshots = self.snapshots_dir();
+        for entry in std::fs::read_dir(&snapshots).map_err(at("cannot list", &snapshots))? {
+            let entry = entry.map_err(at("cannot list", &snapshots))?;
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let dir = entry.path();
+            access
+                .apply(&dir, access.dir_mode())
+                .map_err(at("cannot set the mode of", &dir))?;
+            let meta = dir.join(META_FILE);
+            if meta.exists() {
+                access
+                    .apply(&meta, access.record_mode())
+                    .map_err(at("cannot set the mode of", &meta))?;
+            }
+        }
+        let forks = self.forks_dir();
+        for entry in std::fs::read_dir(&forks).map_err(at("cannot list", &forks))? {
+            let entry = entry.map_err(at("cannot list", &forks))?;
+            if entry.file_type().is_ok_and(|t| t.is_file()) {
+                let path = entry.path();
+                access
+                    .apply(&path, access.record_mode())
+                    .map_err(at("cannot set the mode of", &path))?;
+            }
+        }
+        Ok(())
     }
 
     /// The state directory.
@@ -239,13 +313,17 @@ impl Store {
         self.snapshots_dir().join(id.as_str()).join(MEMORY_FILE)
     }
 
-    /// Brings `source` in as snapshot `id`: a temp directory with the memory file and its
-    /// metadata, renamed into place in one step.
+    /// Brings `source` (a checked, open source of `size` bytes, named `source_name` in the
+    /// record) in as snapshot `id`: a temp directory with the memory file and its metadata,
+    /// renamed into place in one step. The metadata records the memory file's identity as it
+    /// is once in place.
     pub fn add_snapshot(
         &self,
         id: &Id,
-        source: &Path,
+        source: &std::fs::File,
+        source_name: &Path,
         size: u64,
+        mode: ImportMode,
         created_unix_ms: u64,
     ) -> Result<SnapshotMeta, StoreError> {
         let dir = self.snapshots_dir();
@@ -260,17 +338,24 @@ impl Store {
         let temp = dir.join(temp_name(id.as_str()));
         let result = (|| {
             std::fs::create_dir(&temp).map_err(at("cannot create", &temp))?;
+            self.access
+                .apply(&temp, self.access.dir_mode())
+                .map_err(at("cannot set the mode of", &temp))?;
             let memory = temp.join(MEMORY_FILE);
-            let import = import::import(source, &memory)
+            let import = import::import(source, &memory, size, mode, &self.access)
                 .map_err(at("cannot bring in the memory file as", &memory))?;
+            let file = std::fs::metadata(&memory)
+                .map(|m| FileIdentity::from_metadata(&m))
+                .map_err(at("cannot inspect", &memory))?;
             let meta = SnapshotMeta {
                 id: id.clone(),
-                size,
+                size: file.size,
                 page_size: crate::snapshot::ZERO_MAP_PAGE,
                 created_unix_ms,
-                source: source.to_owned(),
+                source: source_name.to_owned(),
                 import,
                 delete_pending: false,
+                file: Some(file),
             };
             write_atomic(&temp, META_FILE, &to_json(&meta))
                 .map_err(at("cannot write", &temp.join(META_FILE)))?;
@@ -282,6 +367,57 @@ impl Store {
             let _ = std::fs::remove_dir_all(&temp);
         }
         result
+    }
+
+    /// Whether a file with metadata `source` can be linked into the state directory (same
+    /// filesystem); `Err` says why not.
+    pub fn check_linkable(&self, source: &std::fs::Metadata) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        let here = std::fs::metadata(self.snapshots_dir()).map_err(|e| e.to_string())?;
+        if here.dev() == source.dev() {
+            Ok(())
+        } else {
+            Err(
+                "it is on another filesystem than the state directory; a link needs the same \
+                 one (register it without link to copy it)"
+                    .into(),
+            )
+        }
+    }
+
+    /// Checks a snapshot's memory file, just opened as `file` from
+    /// [`memory_path`](Self::memory_path), against what `meta` recorded, and brings a file
+    /// pagerd owns to the access policy's mode and group. Returns the metadata to keep (with
+    /// the identity recorded again if pagerd changed the file's mode, or had none recorded),
+    /// or why the snapshot is damaged.
+    pub fn verify_memory(
+        &self,
+        mut meta: SnapshotMeta,
+        file: &std::fs::File,
+    ) -> Result<SnapshotMeta, String> {
+        if let Some(why) = meta.file_changed(file) {
+            return Err(why);
+        }
+        let mut rerecord = meta.file.is_none();
+        if meta.import.is_private() {
+            let path = self.memory_path(&meta.id);
+            match self.access.apply(&path, self.access.memory_mode()) {
+                Ok(changed) => rerecord |= changed,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot set the memory file's mode")
+                }
+            }
+        }
+        if rerecord {
+            meta.file = Some(
+                FileIdentity::of(file)
+                    .map_err(|e| format!("cannot inspect the memory file: {e}"))?,
+            );
+            if let Err(e) = self.write_snapshot_meta(&meta) {
+                tracing::warn!(snapshot = %meta.id, error = %crate::errors::error_chain(&e), "cannot record the memory file's identity");
+            }
+        }
+        Ok(meta)
     }
 
     /// Rewrites a snapshot's metadata.
@@ -428,12 +564,14 @@ mod tests {
     #[test]
     fn snapshots_and_fork_records_round_trip_and_counts_fail_closed() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state")).unwrap();
+        let store = Store::open_with(&dir.path().join("state"), Access::default()).unwrap();
         let src = dir.path().join("mem");
         std::fs::write(&src, vec![1u8; 8192]).unwrap();
-        let meta = store.add_snapshot(&id("s"), &src, 8192, 5).unwrap();
+        let (file, _) = import::open_source(&src).unwrap();
+        let add = |id: &Id| store.add_snapshot(id, &file, &src, 8192, ImportMode::Copy, 5);
+        let meta = add(&id("s")).unwrap();
         assert_eq!(store.snapshots().unwrap()[0].meta.as_ref().unwrap(), &meta);
-        assert!(store.add_snapshot(&id("s"), &src, 8192, 5).is_err());
+        assert!(add(&id("s")).is_err());
 
         for f in ["a", "b"] {
             let record = ForkRecord {
@@ -459,7 +597,7 @@ mod tests {
     #[test]
     fn leftovers_are_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open_with(dir.path(), Access::default()).unwrap();
         std::fs::create_dir(store.snapshots_dir().join(".tmp-x-1-2")).unwrap();
         std::fs::create_dir(store.snapshots_dir().join(".trash-.tmp-y-1-3")).unwrap();
         std::fs::write(store.forks_dir().join(".tmp-f.json-1-4"), b"{").unwrap();
