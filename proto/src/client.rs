@@ -162,7 +162,9 @@ impl Client {
 
     /// `fork.get`.
     pub fn fork(&self, id: &str) -> Result<ForkInfo, ClientError> {
-        self.call(&Request::ForkGet { fork: parse_id(id)? })
+        self.call(&Request::ForkGet {
+            fork: parse_id(id)?,
+        })
     }
 
     /// `fork.wait`.
@@ -181,6 +183,8 @@ impl Client {
 
     /// `fork.close`.
     pub fn close_fork(&self, id: &str) -> Result<ForkInfo, ClientError> {
-        self.call(&Request::ForkClose { fork: parse_id(id)? })
+        self.call(&Request::ForkClose {
+            fork: parse_id(id)?,
+        })
     }
 }

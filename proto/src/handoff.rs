@@ -426,7 +426,11 @@ mod tests {
 
     /// The reason's wire name.
     fn name(reason: RefusalReason) -> String {
-        serde_json::to_value(reason).unwrap().as_str().unwrap().to_owned()
+        serde_json::to_value(reason)
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     #[test]
@@ -443,7 +447,12 @@ mod tests {
         ];
         for (msg, reason) in cases {
             let err = parse(msg).and_then(|r| validate(&r, 1 << 20)).unwrap_err();
-            assert_eq!(name(err.reason()), reason, "{}", String::from_utf8_lossy(msg));
+            assert_eq!(
+                name(err.reason()),
+                reason,
+                "{}",
+                String::from_utf8_lossy(msg)
+            );
         }
     }
 

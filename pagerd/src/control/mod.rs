@@ -18,9 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use proto::control::{
-    parse_line, response, ControlError, ErrorCode, Request, MAX_REQUEST_BYTES,
-};
+use proto::control::{parse_line, response, ControlError, ErrorCode, Request, MAX_REQUEST_BYTES};
 use serde_json::Value;
 
 pub(crate) use dispatch::Dispatcher;

@@ -15,8 +15,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use proto::Id;
 use crate::snapshot::Snapshot;
+use proto::Id;
 
 /// The root directory.
 pub const ROOT: u64 = 1;

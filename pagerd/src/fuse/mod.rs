@@ -99,8 +99,7 @@ impl FuseView {
         };
         let granted = Arc::new(AtomicBool::new(false));
         let device = Arc::new(OnceLock::new());
-        let filesystem =
-            fs::MemoryFs::new(files, wanted, granted.clone(), device.clone());
+        let filesystem = fs::MemoryFs::new(files, wanted, granted.clone(), device.clone());
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             MountOption::RO,

@@ -40,8 +40,8 @@ use crate::file_users::FileUsers;
 use crate::registry::{unix_ms, Fork, Registry};
 use crate::serve::{ForkEvent, Server};
 use crate::snapshot::{Snapshot, ZERO_MAP_PAGE};
-use error::references;
 use crate::store::{ForkRecord, ForkScan, SnapshotMeta, Store, VmmIdentity};
+use error::references;
 
 /// What reconciliation did at start.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -560,7 +560,9 @@ impl Lifecycle {
     /// Every uffd fork, then every process holding a memory file.
     pub fn fork_list(&self) -> Vec<ForkListEntry> {
         let forks = self.registry.forks();
-        let uffd = forks.iter().map(|f| ForkListEntry::Uffd(Box::new(f.info())));
+        let uffd = forks
+            .iter()
+            .map(|f| ForkListEntry::Uffd(Box::new(f.info())));
         let files = self.file_users.list().into_iter().map(ForkListEntry::File);
         uffd.chain(files).collect()
     }
@@ -577,7 +579,10 @@ impl Lifecycle {
             let scan = self.store.scan_forks()?;
             (
                 catalog.damaged.keys().cloned().collect::<Vec<_>>(),
-                scan.unreadable.into_iter().map(|u| u.path).collect::<Vec<_>>(),
+                scan.unreadable
+                    .into_iter()
+                    .map(|u| u.path)
+                    .collect::<Vec<_>>(),
             )
         };
         let mut forks = ForkCounts::default();

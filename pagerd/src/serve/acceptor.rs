@@ -19,20 +19,20 @@ use std::time::{Duration, Instant};
 
 use mio::net::{UnixListener, UnixStream as MioUnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use slab::Slab;
-use proto::fdpass::{self, HandoffReceiver, ReceivedHandoff};
 use proto::control::ErrorCode;
+use proto::fdpass::{self, HandoffReceiver, ReceivedHandoff};
 use proto::handoff::{self, HandoffError, HandoffRefusal, HandoffReply};
 use proto::model::{EndReason, ForkState, HandoffErrorInfo, RefusalReason};
+use slab::Slab;
 
 use crate::errors::error_chain;
-use proto::Id;
 use crate::registry::{Fork, Registry};
-use crate::serve::{ForkEvent, ForkEvents};
 use crate::serve::session::{ServeOptions, Session};
 use crate::serve::uffd::Userfaultfd;
 use crate::serve::worker::{Command, WorkerHandle};
+use crate::serve::{ForkEvent, ForkEvents};
 use crate::sys;
+use proto::Id;
 
 const WAKER: Token = Token(usize::MAX);
 

@@ -25,13 +25,13 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use proto::Id;
 use proto::model::{EndReason, ForkState};
+use proto::Id;
 
 use crate::registry::Registry;
-use crate::serve::{ForkEvent, ForkEvents};
 use crate::serve::session::{Drain, Session};
 use crate::serve::uffd::{empty_msg, UffdMsg};
+use crate::serve::{ForkEvent, ForkEvents};
 
 /// How often deferred faults are retried when no event arrives.
 pub const DEFERRED_RETRY: Duration = Duration::from_micros(200);

@@ -29,9 +29,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use proto::Id;
 use atomic::{fsync_dir, remove_durably, temp_name, write_atomic, TEMP_PREFIX};
 use import::ImportMethod;
+use proto::Id;
 
 const TRASH_PREFIX: &str = ".trash-";
 const META_FILE: &str = "snapshot.json";
