@@ -182,6 +182,7 @@ pub fn write_chart(rows: &[Row], path: &Path) -> Result<(), Box<dyn std::error::
         chart
             .configure_mesh()
             .x_desc("forks (log scale)")
+            .x_label_formatter(&|n| format!("{n:.0}"))
             .y_desc("s to working set")
             .draw()?;
         for (k, mode) in Mode::ALL.iter().enumerate() {
