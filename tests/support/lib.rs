@@ -187,6 +187,38 @@ impl CtlRun {
     }
 }
 
+/// A pagerd started with a command line and environment of a test's choosing
+/// ([`Daemon::launch`]).
+#[derive(Debug, Clone)]
+pub struct Launch<'a> {
+    /// The whole command line.
+    pub args: &'a [&'a str],
+    /// The working directory (the test's own when `None`).
+    pub cwd: Option<&'a Path>,
+    /// Environment variables to set.
+    pub env: &'a [(&'a str, &'a str)],
+    /// Where the state directory will be.
+    pub state: PathBuf,
+    /// Where the control socket will be.
+    pub control: PathBuf,
+}
+
+/// Reports that a test could not run here, and why: loudly on stderr, and as a line in the
+/// file `$PAGERD_TEST_SKIPS` names (the test script counts them in its summary). The caller
+/// returns right after.
+pub fn skip(test: &str, why: &str) {
+    eprintln!("SKIPPED {test}: {why}");
+    if let Some(path) = std::env::var_os("PAGERD_TEST_SKIPS") {
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(file, "{test}: {why}");
+        }
+    }
+}
+
 /// A running pagerd process with its own state directory.
 pub struct Daemon {
     child: Child,
@@ -252,15 +284,51 @@ impl Daemon {
         }
     }
 
+    /// Starts pagerd with exactly the command line, working directory and environment a test
+    /// chooses (no `--state-dir` or `--control-socket` is added; `PAGERD_*` variables are not
+    /// inherited), and waits until it says it is ready.
+    pub fn launch(launch: Launch<'_>) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("pagerd-test")
+            .tempdir()
+            .expect("tempdir");
+        let args: Vec<String> = launch.args.iter().map(|a| (*a).to_owned()).collect();
+        let mut command = Command::new(binary("pagerd"));
+        command
+            .env_remove(proto::defaults::STATE_DIR_ENV)
+            .env_remove(proto::defaults::SOCKET_ENV)
+            .env("RUST_LOG", "info")
+            .envs(launch.env.iter().copied());
+        if let Some(cwd) = launch.cwd {
+            command.current_dir(cwd);
+        }
+        let child = Self::spawn_command_ready(&dir, command.args(&args));
+        Self {
+            child,
+            dir,
+            client: Client::new(&launch.control),
+            state: launch.state,
+            control: launch.control,
+            args,
+        }
+    }
+
     fn spawn_ready(dir: &tempfile::TempDir, args: &[String]) -> Child {
+        Self::spawn_command_ready(
+            dir,
+            Command::new(binary("pagerd"))
+                .args(args)
+                .env("RUST_LOG", "info"),
+        )
+    }
+
+    fn spawn_command_ready(dir: &tempfile::TempDir, command: &mut Command) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.path().join("pagerd.log"))
             .expect("log file");
-        let mut child = Command::new(binary("pagerd"))
-            .args(args)
-            .env("RUST_LOG", "info")
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)

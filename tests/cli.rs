@@ -1,0 +1,240 @@
+//! An operator's first hour: `pagerd` and `pagerctl` with no arguments meet; a relative state
+//! directory never reaches a VMM as a relative path; every `pagerctl` outcome has its exit
+//! status, and `--json` errors are JSON on stdout; `fork get` tells why a fork ended and why
+//! its last handoff was refused; logs follow `RUST_LOG` and come as JSON on request.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use proto::control::ErrorCode;
+use proto::model::{EndReason, ForkInfo, ForkState, RefusalReason, StatusReport};
+use serde_json::Value;
+use testkit::{binary, new_uffd, raw_handoff, skip, write_snapshot, Daemon, Launch, Vmm};
+
+const MIB: u64 = 1 << 20;
+
+/// Runs `pagerctl` with `args` and no `PAGERD_*` variables: only its defaults say where the
+/// daemon is.
+fn pagerctl_bare(args: &[&str]) -> Output {
+    Command::new(binary("pagerctl"))
+        .args(args)
+        .env_remove(proto::defaults::STATE_DIR_ENV)
+        .env_remove(proto::defaults::SOCKET_ENV)
+        .output()
+        .expect("run pagerctl")
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON on stdout ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn pagerd_and_pagerctl_meet_with_no_arguments() {
+    let default_state = PathBuf::from(proto::defaults::STATE_DIR);
+    if default_state.exists() {
+        skip(
+            "pagerd_and_pagerctl_meet_with_no_arguments",
+            "/var/lib/pagerd already exists on this machine; the test uses the real default and \
+             leaves an existing installation alone",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 2 * MIB, 71, 1, 0);
+    let daemon = Daemon::launch(Launch {
+        args: &[],
+        cwd: None,
+        env: &[],
+        state: default_state.clone(),
+        control: proto::defaults::control_socket(&default_state),
+    });
+
+    let out = pagerctl_bare(&["--json", "status"]);
+    assert!(out.status.success(), "{out:?}");
+    let status: StatusReport = serde_json::from_value(json_of(&out)).unwrap();
+    assert_eq!(status.state_dir, default_state);
+    assert_eq!(status.pid, daemon.pid());
+
+    let out = pagerctl_bare(&["snapshot", "add", "base", mem.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let out = pagerctl_bare(&["fork", "create", "base", "--id", "vm1"]);
+    assert!(out.status.success(), "{out:?}");
+    let socket = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert_eq!(socket, default_state.join("sockets/vm1.sock"));
+    let mut vmm = Vmm::attach(&mem, &socket, &["verify"]);
+    vmm.expect("verified");
+    vmm.finish();
+    assert!(pagerctl_bare(&["fork", "close", "vm1"]).status.success());
+    assert!(pagerctl_bare(&["snapshot", "rm", "base"]).status.success());
+
+    assert!(daemon.stop().success());
+    std::fs::remove_dir_all(&default_state).unwrap();
+}
+
+#[test]
+fn a_relative_state_dir_is_made_absolute_before_any_path_reaches_a_vmm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 2 * MIB, 72, 1, 0);
+    let state = dir.path().join("relative-state");
+    let daemon = Daemon::launch(Launch {
+        args: &["--state-dir", "relative-state", "--fuse", "off"],
+        cwd: Some(dir.path()),
+        env: &[],
+        state: state.clone(),
+        control: state.join("control.sock"),
+    });
+    assert_eq!(daemon.status().state_dir, state);
+    daemon.register_snapshot("base", &mem);
+    let socket = daemon.create_fork("base", "vm1");
+    assert!(socket.is_absolute(), "{}", socket.display());
+    assert_eq!(socket, state.join("sockets/vm1.sock"));
+    let mut vmm = Vmm::attach(&mem, &socket, &["verify"]);
+    vmm.expect("verified");
+    vmm.finish();
+}
+
+#[test]
+fn every_pagerctl_outcome_has_its_exit_status_and_json_errors_go_to_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 2 * MIB, 73, 0, 0);
+    let mut daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    let exit = |code: ErrorCode| Some(i32::from(code.exit_code()));
+
+    // Found, not found, a bad id, a conflict, a usage error.
+    assert_eq!(daemon.pagerctl(&["snapshot", "get", "base"]).code, Some(0));
+    let run = daemon.pagerctl(&["--json", "fork", "get", "nope"]);
+    assert_eq!(run.code, exit(ErrorCode::NotFound), "{run:?}");
+    let printed: Value = run.json();
+    assert_eq!(printed["error"]["code"], "not_found", "{printed}");
+    assert!(run.stderr.is_empty(), "--json errors go to stdout: {run:?}");
+    let run = daemon.pagerctl(&["fork", "get", "../etc"]);
+    assert_eq!(run.code, exit(ErrorCode::InvalidArgument), "{run:?}");
+    assert!(run.stderr.contains("invalid id"), "{run:?}");
+    daemon.create_fork("base", "f");
+    let run = daemon.pagerctl(&["snapshot", "rm", "base"]);
+    assert_eq!(run.code, exit(ErrorCode::Conflict), "{run:?}");
+    assert!(run.stderr.contains("1 fork(s): f"), "{run:?}");
+    assert_eq!(daemon.pagerctl(&["fork", "frobnicate"]).code, Some(2));
+
+    // A healthy daemon's status exits 0; an unreadable fork record makes it unhealthy (9).
+    assert_eq!(daemon.pagerctl(&["status"]).code, Some(0));
+    std::fs::write(daemon.state_dir().join("forks/broken.json"), b"{not json").unwrap();
+    daemon.respawn();
+    let run = daemon.pagerctl(&["status"]);
+    assert_eq!(run.code, Some(9), "{run:?}");
+    assert!(run.stdout.contains("UNHEALTHY"), "{run:?}");
+
+    // No daemon at all: 8, with a JSON error when asked.
+    let out = Command::new(binary("pagerctl"))
+        .args(["--socket", "/nonexistent/control.sock", "--json", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(8), "{out:?}");
+    assert_eq!(json_of(&out)["error"]["code"], "unreachable");
+}
+
+#[test]
+fn fork_get_tells_why_a_fork_ended_and_why_its_last_handoff_was_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 2 * MIB, 74, 1, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    let socket = daemon.create_fork("base", "f");
+
+    let uffd = new_uffd();
+    let reply = raw_handoff(
+        &socket,
+        b"[{\"size\": 1}]",
+        &[std::os::fd::AsFd::as_fd(&uffd)],
+    )
+    .expect("a reply");
+    assert!(!reply.ok);
+    let info = daemon.fork("f");
+    let refusal = info.last_handoff_error.clone().expect("recorded");
+    assert_eq!(refusal.reason, RefusalReason::InvalidJson);
+    let run = daemon.pagerctl(&["fork", "get", "f"]);
+    assert!(run.success(), "{run:?}");
+    assert!(
+        run.stdout.contains(&format!(
+            "last handoff error: {} (invalid_json)",
+            refusal.message
+        )),
+        "{}",
+        run.stdout
+    );
+
+    let mut vmm = Vmm::attach(&mem, &socket, &["verify"]);
+    vmm.expect("verified");
+    vmm.finish();
+    let ended = daemon.wait_fork("f", ForkState::Ended);
+    assert_eq!(ended.end_reason, Some(EndReason::VmmExited));
+    let run = daemon.pagerctl(&["fork", "get", "f"]);
+    assert!(run.stdout.contains("state: ended"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("end reason: vmm_exited"),
+        "{}",
+        run.stdout
+    );
+    // Sizes and latencies read in units, not raw numbers.
+    let copied = run.stdout.lines().find(|l| l.contains("copied:")).unwrap();
+    assert!(copied.ends_with("B)"), "{copied}");
+    let latency = run.stdout.lines().find(|l| l.contains("latency:")).unwrap();
+    assert!(
+        ["ns", "µs", "ms"].iter().any(|unit| latency.contains(unit)),
+        "{latency}"
+    );
+    let json: ForkInfo = daemon.pagerctl(&["--json", "fork", "get", "f"]).json();
+    assert_eq!(json, daemon.fork("f"));
+}
+
+/// The stderr lines of a pagerd started with `args` and `env`, once it is ready and stopped.
+fn log_lines(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Vec<String> {
+    let state = dir.join("state");
+    let state_arg = state.display().to_string();
+    let mut all = vec!["--state-dir", &state_arg, "--fuse", "off"];
+    all.extend(args);
+    let daemon = Daemon::launch(Launch {
+        args: &all,
+        cwd: None,
+        env,
+        control: state.join("control.sock"),
+        state,
+    });
+    daemon.status();
+    let log = daemon.log();
+    assert!(daemon.stop().success());
+    log.lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn logs_follow_rust_log_and_come_as_json_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = log_lines(&dir.path().join("a"), &["--log-format", "json"], &[]);
+    let ready: Vec<Value> = json
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|v: &Value| v["fields"]["message"] == "pagerd ready")
+        .collect();
+    assert_eq!(ready.len(), 1, "{json:?}");
+    assert_eq!(ready[0]["level"], "INFO");
+
+    let quiet = log_lines(&dir.path().join("b"), &[], &[("RUST_LOG", "warn")]);
+    assert!(
+        !quiet.iter().any(|l| l.contains("pagerd ready")),
+        "RUST_LOG=warn hides info lines: {quiet:?}"
+    );
+    let chatty = log_lines(
+        &dir.path().join("c"),
+        &["--log", "warn"],
+        &[("RUST_LOG", "info")],
+    );
+    assert!(
+        chatty.iter().any(|l| l.contains("pagerd ready")),
+        "RUST_LOG overrides --log: {chatty:?}"
+    );
+}
