@@ -99,7 +99,9 @@ impl From<LifecycleError> for ControlError {
             LifecycleError::Registry(RegistryError::Exists { .. }) => ErrorCode::Conflict,
             LifecycleError::Registry(RegistryError::WaitTimedOut { .. }) => ErrorCode::Unavailable,
             LifecycleError::Serve(ServeError::SocketPathTooLong(_)) => ErrorCode::InvalidArgument,
-            LifecycleError::Serve(ServeError::Stopped) => ErrorCode::Unavailable,
+            LifecycleError::Serve(ServeError::Stopped | ServeError::TooManyForks { .. }) => {
+                ErrorCode::Unavailable
+            }
             LifecycleError::Store(s) if s.source.kind() == std::io::ErrorKind::StorageFull => {
                 ErrorCode::Unavailable
             }
@@ -240,6 +242,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let options = ServeOptions {
         fault_around_pages: config.fault_around,
         spin: Duration::from_micros(config.spin_us),
+        max_forks: usize::try_from(config.max_forks).unwrap_or(usize::MAX),
     };
     let server = Server::start(
         registry.clone(),

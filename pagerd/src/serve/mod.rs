@@ -45,6 +45,12 @@ pub enum ServeError {
     /// A serving thread has exited.
     #[error("the serving threads are not running")]
     Stopped,
+    /// The daemon already keeps `--max-forks` forks.
+    #[error("the daemon already keeps {max} forks (--max-forks); close some first")]
+    TooManyForks {
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// Workers plus the acceptor.
@@ -52,6 +58,8 @@ pub enum ServeError {
 pub struct Server {
     workers: Arc<Vec<WorkerHandle>>,
     acceptor: AcceptorHandle,
+    registry: Arc<Registry>,
+    max_forks: usize,
 }
 
 impl Server {
@@ -68,7 +76,23 @@ impl Server {
         let workers = Arc::new(workers);
         let acceptor =
             AcceptorHandle::spawn(registry.clone(), workers.clone(), options, handoff_timeout)?;
-        Ok(Self { workers, acceptor })
+        Ok(Self {
+            workers,
+            acceptor,
+            registry,
+            max_forks: options.max_forks,
+        })
+    }
+
+    /// Whether one more fork may be created: the daemon keeps at most `max_forks` (each costs
+    /// a listening socket and its record, and a session's page maps once served).
+    pub fn admit_fork(&self) -> Result<(), ServeError> {
+        if self.registry.forks().len() >= self.max_forks {
+            return Err(ServeError::TooManyForks {
+                max: self.max_forks,
+            });
+        }
+        Ok(())
     }
 
     /// How many worker threads serve.

@@ -276,6 +276,8 @@ pub struct ServeOptions {
     pub fault_around_pages: u64,
     /// How long a worker keeps polling without sleeping after a fault.
     pub spin: Duration,
+    /// The most forks the daemon keeps at once (any state); more are refused.
+    pub max_forks: usize,
 }
 
 /// How far a run of zero pages may extend: up to the next 2 MiB boundary.
