@@ -384,12 +384,20 @@ impl Session {
     /// Reads and handles pending events, at most [`BATCHES_PER_TURN`] batches. Never blocks,
     /// whatever the VMM does to the uffd.
     pub fn drain(&mut self, buf: &mut [UffdMsg]) -> Drain {
-        for _ in 0..BATCHES_PER_TURN {
+        for batch in 0..BATCHES_PER_TURN {
             let n = match self.uffd.read_events(buf) {
                 Ok(0) => return Drain::Ended(EndReason::UffdGone),
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return self.after_events(Drain::Idle)
+                    // Readiness with nothing to read: someone else read the events (the VMM
+                    // may read its own uffd), or a race. Check nobody cleared O_NONBLOCK;
+                    // the kernel's error event says so too, this catches it between polls.
+                    if batch == 0 && self.uffd.nonblock_cleared() {
+                        tracing::warn!(fork = %self.fork.id(),
+                            "O_NONBLOCK was cleared on the uffd; ending the session");
+                        return Drain::Ended(EndReason::UffdTampered);
+                    }
+                    return self.after_events(Drain::Idle);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
