@@ -141,7 +141,10 @@ struct Acceptor {
 enum AttachError {
     #[error(transparent)]
     Handoff(#[from] HandoffError),
-    #[error("fork `{fork}` is {state:?}: it takes one VMM, once")]
+    #[error(
+        "fork `{fork}` is {}: it takes one VMM, once",
+        format!("{state:?}").to_lowercase()
+    )]
     AlreadyServing { fork: Id, state: ForkState },
     #[error("snapshot `{0}` is not being served")]
     SnapshotGone(Id),
