@@ -49,6 +49,10 @@ pub struct Config {
     /// the next fault of the same VMM usually follows at once. 0 always sleeps.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub spin_us: u64,
+    /// The most forks the daemon keeps at once, in any state (an ended fork counts until it is
+    /// closed); `fork.create` beyond it is refused with `unavailable`.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_forks: u64,
     /// How long a VMM may take to send its handoff message after connecting, in ms.
     #[arg(long, default_value_t = 10_000)]
     pub handoff_timeout_ms: u64,

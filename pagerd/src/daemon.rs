@@ -120,6 +120,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     let options = ServeOptions {
         fault_around_pages: config.fault_around,
         spin: Duration::from_micros(config.spin_us),
+        max_forks: usize::try_from(config.max_forks).unwrap_or(usize::MAX),
     };
     // Serving threads report attach and end here; disk writes happen off their threads.
     let (events, inbox) = mpsc::channel();

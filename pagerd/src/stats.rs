@@ -1,22 +1,111 @@
 //! Per-fork serving counters and the fault-latency histogram.
 //!
 //! Counters are `AtomicU64`s written with `Relaxed` ordering by the fork's one worker and read
-//! by anyone. The histogram is written once per batch of events (one uncontended lock), not
-//! once per fault. Latency is measured inside the daemon: from the moment a batch of fault
-//! events is read off the uffd to the moment the `UFFDIO_COPY`/`ZEROPAGE`/`WAKE` that
-//! resolves the fault returns, in nanoseconds.
+//! by anyone. Latency is measured inside the daemon: from the moment a batch of fault events is
+//! read off the uffd to the moment the `UFFDIO_COPY`/`ZEROPAGE`/`WAKE`/`POISON` that resolves
+//! the fault returns, in nanoseconds. It is kept in a small log-linear histogram
+//! ([`LatencyHistogram`], about 4 KiB) that is only allocated on a fork's first recorded fault
+//! and written once per batch of events (one uncontended lock), so an idle fork costs a few
+//! hundred bytes and a daemon with thousands of forks stays small.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use hdrhistogram::Histogram;
 use proto::model::{ForkStatsReport, LatencyReport};
 
 /// The largest latency the histogram tells apart (60 s); longer ones count as 60 s.
 const MAX_LATENCY_NS: u64 = 60_000_000_000;
 
+/// Values below `2^SUB_BITS+1` get a bucket each; above, every power of two is split into
+/// `2^SUB_BITS` buckets, so a reported value is within 1/16 (6.25%) of the recorded one.
+const SUB_BITS: u32 = 4;
+const SUB_BUCKETS: u64 = 1 << SUB_BITS;
+/// Values below this are exact.
+const LINEAR_LIMIT: u64 = 2 * SUB_BUCKETS;
+/// Buckets needed up to [`MAX_LATENCY_NS`].
+const BUCKETS: usize = bucket_of(MAX_LATENCY_NS) + 1;
+// The counts stay near 4 KiB.
+const _: () = assert!(BUCKETS * 8 <= 4096 + 256);
+
+/// The bucket holding `v` (`v <= MAX_LATENCY_NS`).
+const fn bucket_of(v: u64) -> usize {
+    if v < LINEAR_LIMIT {
+        return v as usize;
+    }
+    let exp = 63 - v.leading_zeros(); // >= SUB_BITS + 1
+    let sub = (v >> (exp - SUB_BITS)) & (SUB_BUCKETS - 1);
+    (LINEAR_LIMIT + (exp - SUB_BITS - 1) as u64 * SUB_BUCKETS + sub) as usize
+}
+
+/// The largest value that falls in bucket `i`.
+const fn bucket_top(i: usize) -> u64 {
+    let i = i as u64;
+    if i < LINEAR_LIMIT {
+        return i;
+    }
+    let exp = (i - LINEAR_LIMIT) / SUB_BUCKETS + SUB_BITS as u64 + 1;
+    let sub = (i - LINEAR_LIMIT) % SUB_BUCKETS;
+    let width = 1 << (exp - SUB_BITS as u64);
+    (1 << exp) + (sub + 1) * width - 1
+}
+
+/// Fault latencies in log-linear buckets: `count` per bucket, plus the exact maximum.
+#[derive(Debug, Clone)]
+pub struct LatencyHistogram {
+    counts: Box<[u64; BUCKETS]>,
+    total: u64,
+    max: u64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self {
+            counts: Box::new([0; BUCKETS]),
+            total: 0,
+            max: 0,
+        }
+    }
+}
+
+impl LatencyHistogram {
+    /// Records one latency; values past 60 s count as 60 s, 0 as 1.
+    pub fn record(&mut self, ns: u64) {
+        let v = ns.clamp(1, MAX_LATENCY_NS);
+        self.counts[bucket_of(v)] += 1;
+        self.total += 1;
+        self.max = self.max.max(v);
+    }
+
+    /// The value below which a `q` fraction of the recorded latencies lie (the top of the
+    /// bucket holding that rank, never above the largest recorded); 0 when empty.
+    pub fn quantile(&self, q: f64) -> u64 {
+        if self.total == 0 {
+            return 0;
+        }
+        // The rank of the sample wanted, 1-based: ceil(q * total), at least 1.
+        let rank = ((q.clamp(0.0, 1.0) * self.total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, &n) in self.counts.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return bucket_top(i).min(self.max);
+            }
+        }
+        self.max
+    }
+
+    fn report(&self) -> LatencyReport {
+        LatencyReport {
+            count: self.total,
+            p50: self.quantile(0.5),
+            p99: self.quantile(0.99),
+            max: self.max,
+        }
+    }
+}
+
 /// Live counters of one fork.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ForkStats {
     /// Page-fault events read.
     pub faults: AtomicU64,
@@ -34,30 +123,13 @@ pub struct ForkStats {
     pub deferred_retries: AtomicU64,
     /// Faults outside every region the VMM declared.
     pub outside_faults: AtomicU64,
+    /// Pages poisoned (`UFFDIO_POISON`) because pagerd had no bytes for them: the access
+    /// gets `SIGBUS`.
+    pub poisoned_pages: AtomicU64,
     /// Faults that could not be served for another reason.
     pub errors: AtomicU64,
-    latency_ns: Mutex<Histogram<u64>>,
-}
-
-impl Default for ForkStats {
-    fn default() -> Self {
-        Self {
-            faults: AtomicU64::new(0),
-            pages_copied: AtomicU64::new(0),
-            bytes_copied: AtomicU64::new(0),
-            zero_pages: AtomicU64::new(0),
-            already_present: AtomicU64::new(0),
-            removes: AtomicU64::new(0),
-            deferred_retries: AtomicU64::new(0),
-            outside_faults: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            // Fixed bounds: `saturating_record` clamps to the histogram's current top, and an
-            // auto-resizing histogram starts with a top of about 2 µs.
-            latency_ns: Mutex::new(
-                Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3).expect("valid histogram bounds"),
-            ),
-        }
-    }
+    /// Allocated on the first recorded latency.
+    latency_ns: Mutex<Option<LatencyHistogram>>,
 }
 
 /// Adds `n` to a counter.
@@ -72,14 +144,21 @@ impl ForkStats {
             return;
         }
         let mut hist = self.latency_ns.lock().unwrap_or_else(|p| p.into_inner());
+        let hist = hist.get_or_insert_with(LatencyHistogram::default);
         for &ns in samples_ns {
-            hist.saturating_record(ns.max(1));
+            hist.record(ns);
         }
     }
 
     /// Copies the counters.
     pub fn report(&self) -> ForkStatsReport {
-        let hist = self.latency_ns.lock().unwrap_or_else(|p| p.into_inner());
+        let latency_ns = self
+            .latency_ns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(LatencyHistogram::report)
+            .unwrap_or_default();
         let load = |c: &AtomicU64| c.load(Relaxed);
         ForkStatsReport {
             faults: load(&self.faults),
@@ -90,14 +169,9 @@ impl ForkStats {
             removes: load(&self.removes),
             deferred_retries: load(&self.deferred_retries),
             outside_faults: load(&self.outside_faults),
-            poisoned_pages: 0,
+            poisoned_pages: load(&self.poisoned_pages),
             errors: load(&self.errors),
-            latency_ns: LatencyReport {
-                count: hist.len(),
-                p50: hist.value_at_quantile(0.5),
-                p99: hist.value_at_quantile(0.99),
-                max: hist.max(),
-            },
+            latency_ns,
         }
     }
 }
@@ -109,13 +183,57 @@ mod tests {
     #[test]
     fn latency_report_reflects_recorded_samples() {
         let stats = ForkStats::default();
+        assert_eq!(stats.report().latency_ns, LatencyReport::default());
         stats.record_latencies(&[1_000, 2_000, 3_000, 50_000]);
         let r = stats.report().latency_ns;
         assert_eq!(r.count, 4);
-        assert!((1_990..=2_010).contains(&r.p50), "{r:?}");
-        assert!(
-            (49_900..=50_100).contains(&r.p99) && r.max >= 50_000,
-            "{r:?}"
-        );
+        assert_eq!(r.max, 50_000);
+        assert!((2_000..=2_000 + 2_000 / 16).contains(&r.p50), "{r:?}");
+        assert_eq!(r.p99, 50_000, "the top bucket is capped at the maximum");
+    }
+
+    #[test]
+    fn an_idle_fork_allocates_no_histogram() {
+        let stats = ForkStats::default();
+        let _ = stats.report();
+        assert!(stats.latency_ns.lock().unwrap().is_none());
+        assert!(std::mem::size_of::<ForkStats>() < 256);
+    }
+
+    #[test]
+    fn buckets_cover_the_range_in_order_within_a_sixteenth() {
+        assert_eq!(BUCKETS, bucket_of(MAX_LATENCY_NS) + 1);
+        let mut last = 0;
+        let mut v = 1u64;
+        while v <= MAX_LATENCY_NS {
+            let b = bucket_of(v);
+            assert!(b >= last, "bucket order at {v}");
+            last = b;
+            let top = bucket_top(b);
+            assert!(top >= v, "{v} above its bucket's top {top}");
+            assert!(top - v <= v / 16, "{v} reported as {top}");
+            if b > 0 {
+                assert!(bucket_top(b - 1) < v, "{v} also fits bucket {}", b - 1);
+            }
+            v = v + v / 7 + 1;
+        }
+    }
+
+    #[test]
+    fn quantiles_and_clamping() {
+        let mut h = LatencyHistogram::default();
+        assert_eq!(h.quantile(0.5), 0);
+        for v in 1..=100 {
+            h.record(v * 1_000);
+        }
+        let p50 = h.quantile(0.5);
+        assert!((50_000..=50_000 + 50_000 / 16).contains(&p50), "{p50}");
+        let p99 = h.quantile(0.99);
+        assert!((99_000..=100_000).contains(&p99), "{p99}");
+        h.record(0);
+        h.record(u64::MAX);
+        assert_eq!(h.quantile(0.0), 1);
+        assert_eq!(h.quantile(1.0), MAX_LATENCY_NS);
+        assert_eq!(h.max, MAX_LATENCY_NS);
     }
 }

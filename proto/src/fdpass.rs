@@ -5,7 +5,10 @@
 //! connection. The page-server side ([`HandoffReceiver`]) is driven from a non-blocking event
 //! loop: each call reads what has arrived, keeps every fd that came with it, and reports a
 //! handoff once the bytes form one complete JSON value. There is no fixed message buffer, so
-//! a VMM with many regions works; the size is capped at [`MAX_MESSAGE_BYTES`].
+//! a VMM with many regions works; the size is capped at [`MAX_MESSAGE_BYTES`]. Each `recvmsg`
+//! has room for the most fds one message can carry (`SCM_MAX_FD`, 253), so the kernel never
+//! truncates the control data, and every fd it does install is owned at once, so a refused
+//! handoff closes all of them, however many a peer sent.
 //!
 //! ```text
 //!   VMM                                   pagerd
@@ -14,20 +17,19 @@
 //!   write(json[n..])  ─────────────────▶ HandoffReceiver::poll: … complete → validate
 //! ```
 
-use std::io::{self, IoSlice, IoSliceMut, Write};
+use std::io::{self, IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use nix::sys::socket::{
-    getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
-};
+use nix::sys::socket::{getsockopt, sendmsg, sockopt, ControlMessage, MsgFlags};
 
 use crate::handoff::{self, GuestRegionUffdMapping, HandoffError, MAX_MESSAGE_BYTES};
 
 /// What `/proc/self/fd/N` reads for a userfaultfd.
 const USERFAULTFD_LINK: &str = "anon_inode:[userfaultfd]";
-/// How many fds one `recvmsg` makes room for; more than one is already an error.
-const FDS_PER_CHUNK: usize = 8;
+/// The most fds one `SCM_RIGHTS` message can carry (the kernel's `SCM_MAX_FD`). Each `recvmsg`
+/// makes room for this many, so the kernel never has to truncate (and drop) any.
+const SCM_MAX_FD: usize = 253;
 /// Bytes read per `recvmsg`.
 const CHUNK_BYTES: usize = 64 * 1024;
 
@@ -107,35 +109,76 @@ struct Chunk {
     truncated: bool,
 }
 
+/// Room for the control messages of one `recvmsg`: one `SCM_RIGHTS` message with
+/// [`SCM_MAX_FD`] fds, in `u64`s so the buffer is aligned for `cmsghdr`.
+fn cmsg_buffer() -> Vec<u64> {
+    // SAFETY: CMSG_SPACE only computes a size.
+    let bytes = unsafe { libc::CMSG_SPACE((SCM_MAX_FD * std::mem::size_of::<RawFd>()) as u32) };
+    vec![0; (bytes as usize).div_ceil(8)]
+}
+
+/// One `recvmsg`: the bytes go to `buf`; every fd the kernel installed is returned owned,
+/// whatever else happens (a truncated control buffer, an unexpected message type), so none
+/// can leak.
 fn recv_chunk(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Chunk> {
-    let mut cmsg_space = nix::cmsg_space!([RawFd; FDS_PER_CHUNK]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = loop {
-        match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_space),
-            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-        ) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            other => break other.map_err(io::Error::from)?,
+    let mut cmsg = cmsg_buffer();
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `msghdr` is plain old data; all zeros is an empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(cmsg.as_slice()) as _;
+    let n = loop {
+        // SAFETY: `msg` points at `iov` (describing `buf`) and at `cmsg`, both valid for
+        // writes of the lengths given, and both outlive the call.
+        let n = unsafe {
+            libc::recvmsg(
+                sock.as_raw_fd(),
+                &mut msg,
+                libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            break n.unsigned_abs();
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     };
+    // Take ownership of every fd first, before anything can return early.
     let mut fds = Vec::new();
-    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = cmsg {
-            // SAFETY: the kernel just installed these descriptors in this process for this
-            // message; nothing else owns them, so each is wrapped exactly once.
-            fds.extend(
-                raw.into_iter()
-                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-            );
+    // SAFETY: `msg` was filled by the kernel: `msg_control`/`msg_controllen` describe the
+    // control messages it wrote into `cmsg`, which is still alive and aligned for `cmsghdr`.
+    let mut hdr = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !hdr.is_null() {
+        // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR only return headers inside the control buffer.
+        let h = unsafe { &*hdr };
+        if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN only computes a size.
+            let header = unsafe { libc::CMSG_LEN(0) } as usize;
+            let count = (h.cmsg_len as usize).saturating_sub(header) / std::mem::size_of::<RawFd>();
+            // SAFETY: the data of this header holds `count` ints inside the buffer.
+            let data = unsafe { libc::CMSG_DATA(hdr) }.cast::<RawFd>();
+            for i in 0..count {
+                // SAFETY: `i < count`, inside the header's data; the data may be unaligned.
+                let fd = unsafe { data.add(i).read_unaligned() };
+                // SAFETY: the kernel just installed this descriptor in this process for this
+                // message; nothing else owns it, so it is wrapped exactly once.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
         }
+        // SAFETY: `hdr` is a header inside the buffer `msg` describes.
+        hdr = unsafe { libc::CMSG_NXTHDR(&msg, hdr) };
     }
     Ok(Chunk {
-        len: msg.bytes,
+        len: n,
         fds,
-        truncated: msg.flags.contains(MsgFlags::MSG_CTRUNC),
+        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
     })
 }
 
@@ -194,5 +237,52 @@ impl HandoffReceiver {
         check_userfaultfd(uffd.as_fd()).map_err(|kind| HandoffError::NotUserfaultfd { kind })?;
         let regions = handoff::parse(&self.bytes)?;
         Ok(ReceivedHandoff { regions, uffd })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev_null() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    #[test]
+    fn every_fd_of_a_crowded_message_is_received_and_counted() {
+        for count in [2, 9, 20, SCM_MAX_FD] {
+            let (a, b) = UnixStream::pair().unwrap();
+            let fds: Vec<OwnedFd> = (0..count).map(|_| dev_null()).collect();
+            let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+            send_with_fds(&a, b"[]", &borrowed).unwrap();
+            let mut buf = vec![0u8; 64];
+            let chunk = recv_chunk(b.as_fd(), &mut buf).unwrap();
+            assert_eq!(chunk.len, 2);
+            assert_eq!(chunk.fds.len(), count, "every fd arrives, none is dropped");
+            assert!(!chunk.truncated);
+            let mut receiver = HandoffReceiver::new();
+            send_with_fds(&a, b"[]", &borrowed).unwrap();
+            match receiver.poll(&b) {
+                Err(HandoffError::SeveralFds { count: got }) => assert_eq!(got, count),
+                other => panic!("{count} fds: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_message_in_pieces_keeps_its_one_fd() {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let fd = dev_null();
+        send_with_fds(&a, b"[{\"base", &[fd.as_fd()]).unwrap();
+        let mut receiver = HandoffReceiver::new();
+        assert!(receiver.poll(&b).unwrap().is_none());
+        assert_eq!(receiver.fds.len(), 1);
+        (&a).write_all(b"_host_virt_addr\":0}]").unwrap();
+        // The fd is /dev/null, so the complete message is refused for that.
+        match receiver.poll(&b) {
+            Err(HandoffError::NotUserfaultfd { kind }) => assert_eq!(kind, "/dev/null"),
+            other => panic!("{other:?}"),
+        }
     }
 }

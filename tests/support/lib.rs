@@ -8,7 +8,8 @@
 //!   [`Daemon::snapshot`], …), [`Daemon::refusal`] / [`Daemon::error_code`] for requests that
 //!   must be refused, and [`Daemon::raw_request`] for hand-made (hostile) lines.
 //! - [`Daemon::pagerctl`] runs the CLI against it and returns its exit code and output.
-//! - [`Vmm`] runs a `synthetic-vmm` process and reads the events it prints.
+//! - [`Vmm`] runs a `synthetic-vmm` (or `hostile-vmm`, `kvm-vmm`) process and reads the events
+//!   it prints.
 //! - [`raw_handoff`] sends arbitrary (hostile) handoff messages and reads pagerd's
 //!   [`HandoffReply`]; [`HugePages`] reserves and gives back 2 MiB pages.
 
@@ -45,7 +46,7 @@ fn bin_dir() -> PathBuf {
     }
 }
 
-/// The path of a workspace binary (`pagerd`, `synthetic-vmm`, `kvm-vmm`, `pagerctl`,
+/// The path of a workspace binary (`pagerd`, `synthetic-vmm`, `kvm-vmm`, `hostile-vmm`, `pagerctl`,
 /// `naive-handler`), built first if this is the first call in this process.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
@@ -64,6 +65,8 @@ pub fn binary(name: &str) -> PathBuf {
             "pagerd-ctl",
             "-p",
             "pagerd-benches",
+            "-p",
+            "pagerd-tests",
         ]);
         if dir.ends_with("release") {
             cmd.arg("--release");
@@ -625,6 +628,22 @@ impl Daemon {
         self.terminate()
     }
 
+    /// Stops the daemon with SIGTERM and returns its exit status, or `None` if it has not
+    /// exited within `deadline` (it is then SIGKILLed).
+    pub fn stop_within(mut self, deadline: Duration) -> Option<ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let mut status = None;
+        poll_until(deadline, || {
+            status = self.child.try_wait().expect("wait pagerd");
+            status.is_some()
+        });
+        if status.is_none() {
+            self.sigkill();
+        }
+        status
+    }
+
     fn terminate(&mut self) -> ExitStatus {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
@@ -771,6 +790,26 @@ impl Vmm {
             self.events
         );
         std::mem::take(&mut self.events)
+    }
+
+    /// Waits (at most [`DEADLINE`]) for the VMM to exit on its own, whatever its status, and
+    /// returns the status and every event it printed. Leaves stdin open: a VMM that exits only
+    /// when its `hold` step ends must be told with [`close_stdin`](Self::close_stdin) first.
+    pub fn wait_exit(mut self) -> (ExitStatus, Vec<Value>) {
+        let mut status = None;
+        let exited = poll_until(DEADLINE, || {
+            status = self.child.try_wait().expect("wait VMM");
+            status.is_some()
+        });
+        assert!(exited, "the VMM did not exit; events {:?}", self.events);
+        // Its stdout closed with it: this ends once the last line is read.
+        while let Ok(line) = self.lines.recv_timeout(DEADLINE) {
+            if let Ok(event) = serde_json::from_str(&line) {
+                self.events.push(event);
+            }
+        }
+        let status = status.expect("exited");
+        (status, std::mem::take(&mut self.events))
     }
 
     /// SIGKILLs the VMM and reaps it.

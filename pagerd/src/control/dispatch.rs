@@ -35,7 +35,9 @@ impl From<LifecycleError> for ControlError {
             LifecycleError::Registry(RegistryError::Exists { .. }) => ErrorCode::Conflict,
             LifecycleError::Registry(RegistryError::WaitTimedOut { .. }) => ErrorCode::Unavailable,
             LifecycleError::Serve(ServeError::SocketPathTooLong(_)) => ErrorCode::InvalidArgument,
-            LifecycleError::Serve(ServeError::Stopped) => ErrorCode::Unavailable,
+            LifecycleError::Serve(ServeError::Stopped | ServeError::TooManyForks { .. }) => {
+                ErrorCode::Unavailable
+            }
             LifecycleError::Store(s) if s.source.kind() == std::io::ErrorKind::StorageFull => {
                 ErrorCode::Unavailable
             }

@@ -548,6 +548,7 @@ impl Lifecycle {
         if meta.delete_pending {
             return Err(LifecycleError::DeletePending(snapshot.clone()));
         }
+        self.server.admit_fork()?;
         let id = match id {
             Some(id) => id,
             None => self.generated_fork_id(),

@@ -2,13 +2,18 @@
 //!
 //! ```text
 //!   listener (fork f) ─accept─▶ pending connection ─HandoffReceiver::poll─▶ complete?
-//!        ├─ refused (no/several fds, bad JSON, bad regions, timeout …) ─▶ error line to the
-//!        │     peer, close, note it on the fork; the fork keeps waiting for a good handoff
-//!        └─ accepted ─▶ Session ─▶ least-loaded worker; the fork's listener is closed
+//!        ├─ refused (no/several fds, bad JSON, bad regions, features pagerd does not serve,
+//!        │     the fork already served, setup failed, timeout …) ─▶ error line to the peer,
+//!        │     close, note it on the fork; a waiting fork keeps waiting for a good handoff
+//!        └─ accepted ─▶ Session (built here) ─▶ "ok" line ─▶ least-loaded worker
 //! ```
 //!
 //! Connections are non-blocking and read as data arrives, so a client that connects and sends
-//! nothing (or sends slowly) holds up no one; it is dropped when its deadline passes.
+//! nothing (or sends slowly) holds up no one; it is dropped when its deadline passes. A fork's
+//! listener stays open until the fork is forgotten, so a second VMM connecting to a fork that
+//! is already served gets an `already_serving` reply rather than a reset. Everything a session
+//! allocates is allocated here, before the VMM hears "ok": a failure is a refusal
+//! (`setup_failed`), never a panic on a worker.
 
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
@@ -27,8 +32,8 @@ use slab::Slab;
 
 use crate::errors::error_chain;
 use crate::registry::{Fork, Registry};
-use crate::serve::session::{ServeOptions, Session};
-use crate::serve::uffd::Userfaultfd;
+use crate::serve::session::{ServeOptions, Session, SetupError};
+use crate::serve::uffd::{self, Userfaultfd};
 use crate::serve::worker::{Command, WorkerHandle};
 use crate::serve::{ForkEvent, ForkEvents};
 use crate::sys;
@@ -142,12 +147,25 @@ struct Acceptor {
 enum AttachError {
     #[error(transparent)]
     Handoff(#[from] HandoffError),
-    #[error("fork `{0}` already has a VMM")]
-    AlreadyServing(Id),
+    #[error(
+        "fork `{fork}` is {}: it takes one VMM, once",
+        format!("{state:?}").to_lowercase()
+    )]
+    AlreadyServing { fork: Id, state: ForkState },
     #[error("snapshot `{0}` is not being served")]
     SnapshotGone(Id),
+    #[error(
+        "the uffd negotiated features {unsupported:#x} (of {features:#x}) that pagerd does not \
+         serve; it serves {:#x}",
+        uffd::SERVED_FEATURES
+    )]
+    UnsupportedFeatures { features: u64, unsupported: u64 },
+    #[error("cannot read the uffd's features from /proc/self/fdinfo")]
+    FeaturesUnknown,
     #[error("cannot set up serving")]
     Setup(#[source] io::Error),
+    #[error("cannot set up serving")]
+    SessionSetup(#[source] SetupError),
     #[error("no worker is running")]
     NoWorker,
 }
@@ -156,19 +174,22 @@ impl AttachError {
     fn reason(&self) -> RefusalReason {
         match self {
             Self::Handoff(e) => e.reason(),
-            Self::AlreadyServing(_) => RefusalReason::AlreadyServing,
+            Self::AlreadyServing { .. } => RefusalReason::AlreadyServing,
             Self::SnapshotGone(_) => RefusalReason::SnapshotMissing,
-            Self::Setup(_) => RefusalReason::SetupFailed,
+            Self::UnsupportedFeatures { .. } => RefusalReason::UnsupportedFeatures,
+            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) => {
+                RefusalReason::SetupFailed
+            }
             Self::NoWorker => RefusalReason::NoWorker,
         }
     }
 
     fn code(&self) -> ErrorCode {
         match self {
-            Self::Handoff(_) => ErrorCode::InvalidArgument,
-            Self::AlreadyServing(_) => ErrorCode::Conflict,
+            Self::Handoff(_) | Self::UnsupportedFeatures { .. } => ErrorCode::InvalidArgument,
+            Self::AlreadyServing { .. } => ErrorCode::Conflict,
             Self::SnapshotGone(_) => ErrorCode::NotFound,
-            Self::Setup(_) => ErrorCode::Internal,
+            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) => ErrorCode::Internal,
             Self::NoWorker => ErrorCode::Unavailable,
         }
     }
@@ -393,7 +414,7 @@ impl Acceptor {
 
     fn attach(&mut self, p: Pending, handoff: ReceivedHandoff) {
         match self.try_attach(&p, handoff) {
-            Ok(session) => {
+            Ok(prepared) => {
                 reply(
                     &p.stream,
                     &HandoffReply {
@@ -404,28 +425,40 @@ impl Acceptor {
                 );
                 // The connection stays open for as long as the VMM runs.
                 let connection = UnixStream::from(std::os::fd::OwnedFd::from(p.stream));
-                self.start_session(p.fork, session, connection);
+                self.start_session(p.fork, prepared, connection);
             }
             Err(e) => self.refuse(p, e),
         }
     }
 
-    /// Checks the handoff against the fork's snapshot and builds its session (without the
-    /// connection, which is added once the reply is written).
+    /// Checks the handoff against the fork and its snapshot and builds its session (without
+    /// the connection, which is added once the reply is written).
     fn try_attach(
         &self,
         p: &Pending,
         handoff: ReceivedHandoff,
     ) -> Result<PreparedSession, AttachError> {
+        let state = p.fork.status().state;
+        if state != ForkState::Waiting {
+            return Err(AttachError::AlreadyServing {
+                fork: p.fork.id().clone(),
+                state,
+            });
+        }
         let snapshot = self
             .registry
             .snapshot(p.fork.snapshot())
             .map_err(|_| AttachError::SnapshotGone(p.fork.snapshot().clone()))?;
         handoff::validate(&handoff.regions, snapshot.size())?;
-        if p.fork.status().state != ForkState::Waiting {
-            return Err(AttachError::AlreadyServing(p.fork.id().clone()));
-        }
         let uffd = Userfaultfd::new(handoff.uffd).map_err(AttachError::Setup)?;
+        let features = uffd.features().ok_or(AttachError::FeaturesUnknown)?;
+        let unsupported = uffd::unsupported_features(features);
+        if unsupported != 0 {
+            return Err(AttachError::UnsupportedFeatures {
+                features,
+                unsupported,
+            });
+        }
         let pidfd = match p.peer_pid.map(sys::pidfd_open) {
             Some(Ok(fd)) => Some(fd),
             Some(Err(e)) => return Err(AttachError::Setup(e)),
@@ -434,11 +467,18 @@ impl Acceptor {
         let worker = (0..self.workers.len())
             .min_by_key(|&i| self.workers[i].load())
             .ok_or(AttachError::NoWorker)?;
-        Ok(PreparedSession {
+        let session = Session::new(
+            p.fork.clone(),
             snapshot,
             uffd,
             pidfd,
-            regions: handoff.regions,
+            handoff.regions,
+            self.options,
+        )
+        .map_err(AttachError::SessionSetup)?;
+        Ok(PreparedSession {
+            session,
+            features,
             worker,
             peer_pid: p.peer_pid,
         })
@@ -450,38 +490,26 @@ impl Acceptor {
         prepared: PreparedSession,
         connection: UnixStream,
     ) {
-        let features = prepared.uffd.features();
-        if features.is_some_and(|f| f & crate::serve::uffd::FEATURE_EVENT_REMOVE == 0) {
+        let PreparedSession {
+            mut session,
+            features,
+            worker,
+            peer_pid,
+        } = prepared;
+        if features & uffd::FEATURE_EVENT_REMOVE == 0 {
             tracing::warn!(fork = %fork.id(), "the VMM did not negotiate UFFD_FEATURE_EVENT_REMOVE; \
                 pages it gives back cannot be tracked");
         }
-        let session = Session::new(
-            fork.clone(),
-            prepared.snapshot,
-            prepared.uffd,
-            prepared.pidfd,
-            connection,
-            prepared.regions,
-            self.options,
-        );
+        session.keep_connection(connection);
         self.registry.update(&fork, |s| {
             s.state = ForkState::Serving;
-            s.vmm_pid = prepared.peer_pid;
-            s.uffd_features = features;
-            s.worker = Some(prepared.worker);
+            s.vmm_pid = peer_pid;
+            s.uffd_features = Some(features);
+            s.worker = Some(worker);
         });
         let _ = self.events.send(ForkEvent::Attached(fork.clone()));
-        // One VMM per fork: nobody else may connect now.
-        let keys: Vec<usize> = self
-            .listeners
-            .iter()
-            .filter(|(_, l)| Arc::ptr_eq(&l.fork, &fork))
-            .map(|(k, _)| k)
-            .collect();
-        for key in keys {
-            self.close_listener(key);
-        }
-        if self.workers[prepared.worker]
+        // The fork's listener stays: later connections are told `already_serving`.
+        if self.workers[worker]
             .send(Command::Attach(Box::new(session)))
             .is_err()
         {
@@ -495,10 +523,8 @@ impl Acceptor {
 }
 
 struct PreparedSession {
-    snapshot: Arc<crate::snapshot::Snapshot>,
-    uffd: Userfaultfd,
-    pidfd: Option<std::os::fd::OwnedFd>,
-    regions: Vec<proto::handoff::GuestRegionUffdMapping>,
+    session: Session,
+    features: u64,
     worker: usize,
     peer_pid: Option<i32>,
 }

@@ -47,6 +47,12 @@ pub enum ServeError {
     /// A serving thread has exited.
     #[error("the serving threads are not running")]
     Stopped,
+    /// The daemon already keeps `--max-forks` forks.
+    #[error("the daemon already keeps {max} forks (--max-forks); close some first")]
+    TooManyForks {
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// Something that happened to a fork on a serving thread, for the lifecycle to record (off
@@ -68,6 +74,8 @@ pub(crate) type ForkEvents = mpsc::Sender<ForkEvent>;
 pub struct Server {
     workers: Arc<Vec<WorkerHandle>>,
     acceptor: AcceptorHandle,
+    registry: Arc<Registry>,
+    max_forks: usize,
 }
 
 impl Server {
@@ -90,7 +98,23 @@ impl Server {
             options,
             handoff_timeout,
         )?;
-        Ok(Self { workers, acceptor })
+        Ok(Self {
+            workers,
+            acceptor,
+            registry,
+            max_forks: options.max_forks,
+        })
+    }
+
+    /// Whether one more fork may be created: the daemon keeps at most `max_forks` (each costs
+    /// a listening socket and its record, and a session's page maps once served).
+    pub fn admit_fork(&self) -> Result<(), ServeError> {
+        if self.registry.forks().len() >= self.max_forks {
+            return Err(ServeError::TooManyForks {
+                max: self.max_forks,
+            });
+        }
+        Ok(())
     }
 
     /// How many worker threads serve.

@@ -1,20 +1,30 @@
 //! One fork being served: its regions, its uffd, and the fault path.
 //!
 //! ```text
-//!  uffd events (batch of up to 64)
-//!    PAGEFAULT addr ─▶ region (binary search) ─▶ page ─▶ run of missing pages of one kind
-//!        ├─ data: UFFDIO_COPY from the snapshot's shared mapping
-//!        ├─ zero (snapshot page all zeros, or removed): UFFDIO_ZEROPAGE
-//!        │        (hugetlbfs has no zero page: copy from a zero buffer)
-//!        ├─ EEXIST ─▶ UFFDIO_WAKE        ├─ EAGAIN ─▶ deferred, retried after events
-//!        └─ ESRCH ─▶ the VMM is gone: the session ends
+//!  uffd events (batch of up to 64; fds a FORK event carries are closed at once)
+//!    PAGEFAULT addr, flags
+//!        ├─ WP or MINOR flag: a fault on a present page, which pagerd cannot resolve
+//!        │        ─▶ the session ends (unservable_fault)
+//!        ├─ outside every declared region ─▶ UFFDIO_POISON (the access gets SIGBUS)
+//!        └─ region (binary search) ─▶ page ─▶ run of missing pages of one kind
+//!             ├─ data: UFFDIO_COPY from the snapshot's shared mapping
+//!             ├─ zero (snapshot page all zeros, or removed): UFFDIO_ZEROPAGE
+//!             │        (hugetlbfs has no zero page: copy from a zero buffer)
+//!             ├─ EEXIST ─▶ UFFDIO_WAKE (many in a row with nothing filled: livelock, ends)
+//!             ├─ EAGAIN/ENOMEM ─▶ deferred, retried after events
+//!             ├─ ESRCH ─▶ the VMM is gone: the session ends
+//!             └─ anything else (EFAULT: the file shrank …) ─▶ UFFDIO_POISON
+//!    POISON fails for good ─▶ the session ends (unservable_fault): never a silent hang
 //!    REMOVE start..end ─▶ pages marked removed (read back as zeros), present bits cleared
 //! ```
 //!
 //! A session lives on exactly one worker, so its state needs no lock. The `present` bitmap is
 //! advisory: it keeps fault-around runs from colliding with pages already there, but a fault on
-//! a page marked present is still served (the kernel says it is missing).
+//! a page marked present is still served (the kernel says it is missing). A session is built
+//! ([`Session::new`]) on the acceptor before the VMM is told its handoff was accepted, so a
+//! failure to allocate its state is a refused handoff, never a panic on a worker.
 
+use std::collections::TryReserveError;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
@@ -27,9 +37,29 @@ use proto::model::EndReason;
 use crate::bitmap::Bitmap;
 use crate::ratelimit::RateLimiter;
 use crate::registry::Fork;
-use crate::serve::uffd::{FillError, UffdMsg, Userfaultfd, EVENT_PAGEFAULT, EVENT_REMOVE};
+use crate::serve::uffd::{
+    event_fd, FillError, UffdMsg, Userfaultfd, EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMOVE,
+    PAGEFAULT_FLAG_MINOR, PAGEFAULT_FLAG_WP,
+};
 use crate::snapshot::Snapshot;
 use crate::stats::bump;
+
+/// Why a session could not be set up (the handoff is refused with `setup_failed`).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The per-page maps of the regions could not be allocated.
+    #[error("cannot allocate page maps for {pages} pages")]
+    PageMaps {
+        /// Pages in all regions.
+        pages: u64,
+        /// Why.
+        #[source]
+        source: TryReserveError,
+    },
+    /// The zero buffer hugetlbfs regions are filled from could not be mapped.
+    #[error("cannot map 2 MiB of zeros for hugetlbfs regions")]
+    HugeZeroPage(#[source] std::io::Error),
+}
 
 /// What draining the uffd left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +77,29 @@ pub enum Drain {
 enum Fault {
     Resolved,
     Deferred,
-    Gone,
+    End(EndReason),
+}
+
+/// Faults answered `EEXIST` in a row, with no page filled or poisoned in between, after which
+/// the session is ended as a livelock. A genuine race (a fault queued just before the run that
+/// filled its page) costs one `EEXIST` per waiting thread, far below this.
+const LIVELOCK_STREAK: u32 = 4096;
+
+/// Counts consecutive `EEXIST` answers; any progress resets it.
+#[derive(Debug, Default)]
+struct EexistStreak(u32);
+
+impl EexistStreak {
+    /// One more fault for a page already there; `true` once it is a livelock.
+    fn present(&mut self) -> bool {
+        self.0 = self.0.saturating_add(1);
+        self.0 >= LIVELOCK_STREAK
+    }
+
+    /// A page was filled or poisoned.
+    fn progress(&mut self) {
+        self.0 = 0;
+    }
 }
 
 /// One guest memory region and which of its pages are present or removed.
@@ -87,6 +139,27 @@ enum Fill {
     Zero,
 }
 
+/// How far a run from `page` may reach: a data run to its readahead `window`, a zero run to
+/// the next 2 MiB boundary; never past `len` pages.
+fn run_limit(page: u64, kind: Fill, window: u64, len: u64) -> u64 {
+    match kind {
+        // Zero runs cost no memory and `UFFDIO_ZEROPAGE` is cheap: let them reach further.
+        Fill::Zero => (page / ZERO_WINDOW_PAGES + 1) * ZERO_WINDOW_PAGES,
+        Fill::Data => page + window,
+    }
+    .min(len)
+}
+
+/// The pages of a run: `page` itself, then every following page below `limit` for which
+/// `fits` holds, up to the first that does not.
+fn run_len(page: u64, limit: u64, fits: impl Fn(u64) -> bool) -> u64 {
+    let mut end = page + 1;
+    while end < limit && fits(end) {
+        end += 1;
+    }
+    end - page
+}
+
 impl Region {
     fn page_of(&self, addr: u64) -> u64 {
         (addr - self.mapping.base_host_virt_addr) / self.mapping.page_size
@@ -112,29 +185,49 @@ impl Region {
     }
 }
 
-/// A read-only, never-touched 2 MiB anonymous mapping: zeros to copy into hugetlbfs pages,
-/// which `UFFDIO_ZEROPAGE` does not support. Reading it costs no memory.
-fn huge_zero_page() -> *const u8 {
-    static ZERO: OnceLock<usize> = OnceLock::new();
-    let addr = *ZERO.get_or_init(|| {
-        // SAFETY: a fresh private anonymous read-only mapping; never written, never unmapped.
+/// The address of a read-only, never-touched 2 MiB anonymous mapping: zeros to copy into
+/// hugetlbfs pages, which `UFFDIO_ZEROPAGE` does not support. Reading it costs no memory.
+/// Mapped once per process, on the first session with 2 MiB regions; an address rather than
+/// a pointer so sessions holding it can move between threads.
+#[derive(Debug, Clone, Copy)]
+struct HugeZeroPage(usize);
+
+impl HugeZeroPage {
+    fn get() -> std::io::Result<Self> {
+        static ZERO: OnceLock<usize> = OnceLock::new();
+        if let Some(&addr) = ZERO.get() {
+            return Ok(Self(addr));
+        }
+        let len = PAGE_SIZE_2M as usize;
+        // SAFETY: a fresh private anonymous read-only mapping; never written, and never
+        // unmapped once published in `ZERO`.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                PAGE_SIZE_2M as usize,
+                len,
                 libc::PROT_READ,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
             )
         };
-        assert_ne!(addr, libc::MAP_FAILED, "cannot map 2 MiB of zeros");
-        addr as usize
-    });
-    addr as *const u8
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        if ZERO.set(addr as usize).is_err() {
+            // Another thread published its mapping first; this one was never shared.
+            // SAFETY: unmapping our own fresh mapping, which nothing refers to.
+            unsafe { libc::munmap(addr, len) };
+        }
+        Ok(Self(*ZERO.get().expect("published above")))
+    }
+
+    fn ptr(self) -> *const u8 {
+        self.0 as *const u8
+    }
 }
 
-/// Tuning of the fault path.
+/// Tuning of serving.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
     /// The most 4 KiB pages one fault may fill: the faulting page and the missing pages after
@@ -143,6 +236,8 @@ pub struct ServeOptions {
     pub fault_around_pages: u64,
     /// How long a worker keeps polling without sleeping after a fault.
     pub spin: Duration,
+    /// The most forks the daemon keeps at once (any state); more are refused.
+    pub max_forks: usize,
 }
 
 /// How far a run of zero pages may extend: up to the next 2 MiB boundary.
@@ -159,53 +254,71 @@ pub struct Session {
     uffd: Userfaultfd,
     pidfd: Option<OwnedFd>,
     /// Kept open for as long as the VMM runs; the VMM never sends anything more.
-    _connection: UnixStream,
+    connection: Option<UnixStream>,
     /// Sorted by base address; validated not to overlap.
     regions: Vec<Region>,
+    /// Set when a region has 2 MiB pages.
+    huge_zero: Option<HugeZeroPage>,
     deferred: Vec<u64>,
     options: ServeOptions,
+    eexist: EexistStreak,
     outside_log: RateLimiter,
     error_log: RateLimiter,
     latencies: Vec<u64>,
 }
 
 impl Session {
-    /// A session over validated regions.
+    /// A session over validated regions (their file ranges disjoint and inside the snapshot,
+    /// so the page maps are bounded by the snapshot's size). Allocation failures are errors.
     pub fn new(
         fork: Arc<Fork>,
         snapshot: Arc<Snapshot>,
         uffd: Userfaultfd,
         pidfd: Option<OwnedFd>,
-        connection: UnixStream,
         mut mappings: Vec<GuestRegionUffdMapping>,
         options: ServeOptions,
-    ) -> Self {
+    ) -> Result<Self, SetupError> {
         mappings.sort_by_key(|m| m.base_host_virt_addr);
-        let regions = mappings
-            .into_iter()
-            .map(|mapping| {
-                let pages = mapping.size / mapping.page_size;
-                Region {
-                    mapping,
-                    present: Bitmap::new(pages),
-                    removed: Bitmap::new(pages),
-                    readahead: Readahead::default(),
-                }
-            })
-            .collect();
-        Self {
+        let pages: u64 = mappings.iter().map(|m| m.size / m.page_size).sum();
+        let map = |n| Bitmap::try_new(n).map_err(|source| SetupError::PageMaps { pages, source });
+        let mut regions = Vec::new();
+        regions
+            .try_reserve_exact(mappings.len())
+            .map_err(|source| SetupError::PageMaps { pages, source })?;
+        for mapping in mappings {
+            let n = mapping.size / mapping.page_size;
+            regions.push(Region {
+                mapping,
+                present: map(n)?,
+                removed: map(n)?,
+                readahead: Readahead::default(),
+            });
+        }
+        let huge_zero = if regions.iter().any(|r| r.mapping.page_size != PAGE_SIZE_4K) {
+            Some(HugeZeroPage::get().map_err(SetupError::HugeZeroPage)?)
+        } else {
+            None
+        };
+        Ok(Self {
             snapshot,
             fork,
             uffd,
             pidfd,
-            _connection: connection,
+            connection: None,
             regions,
+            huge_zero,
             deferred: Vec::new(),
             options,
+            eexist: EexistStreak::default(),
             outside_log: RateLimiter::new(5, Duration::from_secs(10)),
             error_log: RateLimiter::new(5, Duration::from_secs(10)),
             latencies: Vec::with_capacity(64),
-        }
+        })
+    }
+
+    /// Keeps the VMM's handoff connection open for as long as the session lives.
+    pub fn keep_connection(&mut self, connection: UnixStream) {
+        self.connection = Some(connection);
     }
 
     /// The fork served.
@@ -228,25 +341,42 @@ impl Session {
         !self.deferred.is_empty()
     }
 
-    /// Reads and handles pending events, at most [`BATCHES_PER_TURN`] batches.
+    /// Reads and handles pending events, at most [`BATCHES_PER_TURN`] batches. Never blocks,
+    /// whatever the VMM does to the uffd.
     pub fn drain(&mut self, buf: &mut [UffdMsg]) -> Drain {
-        for _ in 0..BATCHES_PER_TURN {
+        for batch in 0..BATCHES_PER_TURN {
             let n = match self.uffd.read_events(buf) {
                 Ok(0) => return Drain::Ended(EndReason::UffdGone),
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return self.after_events(Drain::Idle)
+                    // Readiness with nothing to read: someone else read the events (the VMM
+                    // may read its own uffd), or a race. Check nobody cleared O_NONBLOCK;
+                    // the kernel's error event says so too, this catches it between polls.
+                    if batch == 0 && self.uffd.nonblock_cleared() {
+                        tracing::warn!(fork = %self.fork.id(),
+                            "O_NONBLOCK was cleared on the uffd; ending the session");
+                        return Drain::Ended(EndReason::UffdTampered);
+                    }
+                    return self.after_events(Drain::Idle);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::warn!(fork = %self.fork.id(), error = %e, "reading the uffd failed");
+                    tracing::warn!(fork = %self.fork.id(), error = %e, "reading the uffd failed \
+                        (EOPNOTSUPP: this kernel cannot read a uffd with RWF_NOWAIT)");
                     return Drain::Ended(EndReason::ReadFailed);
                 }
             };
+            let batch = &buf[..n];
+            // Descriptors come first: whatever happens to the batch, none may leak.
+            for msg in batch {
+                if let Some(fd) = event_fd(msg) {
+                    drop(fd);
+                }
+            }
             let batch_start = Instant::now();
-            for msg in &buf[..n] {
-                if self.handle_event(msg, batch_start) == Fault::Gone {
-                    return Drain::Ended(EndReason::VmmExited);
+            for msg in batch {
+                if let Fault::End(reason) = self.handle_event(msg, batch_start) {
+                    return Drain::Ended(reason);
                 }
             }
             self.fork.stats.record_latencies(&self.latencies);
@@ -259,8 +389,10 @@ impl Session {
     }
 
     fn after_events(&mut self, otherwise: Drain) -> Drain {
-        if self.has_deferred() && !self.retry_deferred() {
-            return Drain::Ended(EndReason::VmmExited);
+        if self.has_deferred() {
+            if let Err(reason) = self.retry_deferred() {
+                return Drain::Ended(reason);
+            }
         }
         otherwise
     }
@@ -270,7 +402,14 @@ impl Session {
             EVENT_PAGEFAULT => {
                 bump(&self.fork.stats.faults, 1);
                 // SAFETY: the kernel filled the `pagefault` member for this event type.
-                let addr = unsafe { msg.arg.pagefault.address };
+                let (addr, flags) = unsafe { (msg.arg.pagefault.address, msg.arg.pagefault.flags) };
+                if flags & (PAGEFAULT_FLAG_WP | PAGEFAULT_FLAG_MINOR) != 0 {
+                    bump(&self.fork.stats.errors, 1);
+                    tracing::warn!(fork = %self.fork.id(), addr = format_args!("{addr:#x}"),
+                        flags = format_args!("{flags:#x}"),
+                        "write-protect or minor fault: the VMM registered a mode pagerd does not serve; ending the session");
+                    return Fault::End(EndReason::UnservableFault);
+                }
                 let outcome = self.serve_fault(addr);
                 match outcome {
                     Fault::Deferred => self.deferred.push(addr),
@@ -278,7 +417,7 @@ impl Session {
                         let ns = batch_start.elapsed().as_nanos();
                         self.latencies.push(u64::try_from(ns).unwrap_or(u64::MAX));
                     }
-                    Fault::Gone => {}
+                    Fault::End(_) => {}
                 }
                 outcome
             }
@@ -289,9 +428,12 @@ impl Session {
                 Fault::Resolved
             }
             other => {
+                // FORK (its fd already closed), REMAP, UNMAP: features refused at handoff.
                 bump(&self.fork.stats.errors, 1);
                 if let Some(skipped) = self.error_log.check(Instant::now()) {
-                    tracing::warn!(fork = %self.fork.id(), event = other, skipped, "ignoring unexpected uffd event");
+                    let fork_event = other == EVENT_FORK;
+                    tracing::warn!(fork = %self.fork.id(), event = other, fork_event, skipped,
+                        "ignoring unexpected uffd event");
                 }
                 Fault::Resolved
             }
@@ -299,18 +441,18 @@ impl Session {
     }
 
     /// Retries deferred faults once each; those that still cannot be served stay deferred.
-    /// `false` means the VMM is gone.
-    pub fn retry_deferred(&mut self) -> bool {
+    /// `Err` ends the session.
+    pub fn retry_deferred(&mut self) -> Result<(), EndReason> {
         let pending = std::mem::take(&mut self.deferred);
         bump(&self.fork.stats.deferred_retries, pending.len() as u64);
         for addr in pending {
             match self.serve_fault(addr) {
                 Fault::Resolved => {}
                 Fault::Deferred => self.deferred.push(addr),
-                Fault::Gone => return false,
+                Fault::End(reason) => return Err(reason),
             }
         }
-        true
+        Ok(())
     }
 
     fn region_index(&self, addr: u64) -> Option<usize> {
@@ -323,9 +465,9 @@ impl Session {
             bump(&self.fork.stats.outside_faults, 1);
             if let Some(skipped) = self.outside_log.check(Instant::now()) {
                 tracing::warn!(fork = %self.fork.id(), addr = format_args!("{addr:#x}"), skipped,
-                    "fault outside every declared region; not served");
+                    "fault outside every declared region; poisoning the page");
             }
-            return Fault::Resolved;
+            return self.poison(addr & !(PAGE_SIZE_4K - 1), PAGE_SIZE_4K);
         };
         let page = self.regions[ri].page_of(addr);
         let kind = self.regions[ri].fill_of(page, &self.snapshot);
@@ -353,21 +495,17 @@ impl Session {
         if max <= 1 || region.mapping.page_size != PAGE_SIZE_4K {
             return 1;
         }
-        let end_limit = match kind {
-            // Zero runs cost no memory and `UFFDIO_ZEROPAGE` is cheap: let them reach further.
-            Fill::Zero => (page / ZERO_WINDOW_PAGES + 1) * ZERO_WINDOW_PAGES,
-            Fill::Data => page + region.readahead.window_for(page, max),
-        }
-        .min(region.present.len());
-        let mut end = page + 1;
-        while end < end_limit
-            && !region.present.get(end)
-            && region.fill_of(end, &self.snapshot) == kind
-        {
-            end += 1;
-        }
-        region.readahead.stream_end = end;
-        end - page
+        let window = match kind {
+            Fill::Data => region.readahead.window_for(page, max),
+            Fill::Zero => 0,
+        };
+        let limit = run_limit(page, kind, window, region.present.len());
+        let region = &self.regions[ri];
+        let run = run_len(page, limit, |p| {
+            !region.present.get(p) && region.fill_of(p, &self.snapshot) == kind
+        });
+        self.regions[ri].readahead.stream_end = page + run;
+        run
     }
 
     /// Fills `pages` pages of `kind` from `page` on, updating the present map and counters.
@@ -376,11 +514,16 @@ impl Session {
         let ps = region.mapping.page_size;
         let dst = region.addr_of(page);
         let len = pages * ps;
-        let result = match kind {
-            Fill::Zero if ps == PAGE_SIZE_4K => self.uffd.zeropage(dst, len),
+        let result = match (kind, self.huge_zero) {
+            (Fill::Zero, _) if ps == PAGE_SIZE_4K => self.uffd.zeropage(dst, len),
             // SAFETY: the zero buffer is 2 MiB long and lives forever; hugetlbfs runs are one page.
-            Fill::Zero => unsafe { self.uffd.copy(dst, huge_zero_page(), len) },
-            Fill::Data => {
+            (Fill::Zero, Some(zero)) => unsafe { self.uffd.copy(dst, zero.ptr(), len) },
+            // Set up with every session that has 2 MiB regions; cannot happen.
+            (Fill::Zero, None) => Err(FillError {
+                errno: Errno::EINVAL,
+                done: 0,
+            }),
+            (Fill::Data, _) => {
                 let src =
                     &self.snapshot.bytes()[region.file_offset_of(page) as usize..][..len as usize];
                 // SAFETY: `src` is a live slice of the snapshot mapping, `len` bytes long
@@ -401,33 +544,76 @@ impl Session {
             }
             Fill::Zero => bump(&stats.zero_pages, done_pages),
         }
+        if done_pages > 0 {
+            self.eexist.progress();
+        }
         self.regions[ri].present.fill(page, page + done_pages, true);
         result
     }
 
     fn fill_failed(&mut self, ri: usize, page: u64, e: FillError) -> Fault {
         let region = &mut self.regions[ri];
+        let (addr, ps) = (region.addr_of(page), region.mapping.page_size);
         match e.errno {
             Errno::EEXIST => {
                 region.present.set(page);
                 bump(&self.fork.stats.already_present, 1);
-                let (addr, ps) = (region.addr_of(page), region.mapping.page_size);
-                match self.uffd.wake(addr, ps) {
-                    Err(Errno::ESRCH) => Fault::Gone,
-                    _ => Fault::Resolved,
-                }
+                self.already_present(addr, ps)
             }
             Errno::EAGAIN | Errno::ENOMEM | Errno::EINTR => Fault::Deferred,
-            Errno::ESRCH => Fault::Gone,
+            Errno::ESRCH => Fault::End(EndReason::VmmExited),
             errno => {
+                // No bytes will ever come for this page (EFAULT: the memory file shrank;
+                // EINVAL: the region does not match the mapping …): fail the access loudly.
                 bump(&self.fork.stats.errors, 1);
                 if let Some(skipped) = self.error_log.check(Instant::now()) {
-                    tracing::warn!(fork = %self.fork.id(), addr = format_args!("{:#x}", region.addr_of(page)),
-                        %errno, skipped, "cannot serve fault");
+                    tracing::warn!(fork = %self.fork.id(), addr = format_args!("{addr:#x}"),
+                        %errno, skipped, "cannot serve fault; poisoning the page");
                 }
-                Fault::Resolved
+                region.present.set(page);
+                self.poison(addr, ps)
             }
         }
+    }
+
+    /// Answers a fault on a page that is already there: wake its threads. Endless repeats with
+    /// nothing filled in between are a livelock.
+    fn already_present(&mut self, addr: u64, len: u64) -> Fault {
+        if self.eexist.present() {
+            tracing::warn!(fork = %self.fork.id(), addr = format_args!("{addr:#x}"),
+                streak = LIVELOCK_STREAK,
+                "faults keep coming back for pages already present; ending the session");
+            return Fault::End(EndReason::Livelock);
+        }
+        match self.uffd.wake(addr, len) {
+            Err(Errno::ESRCH) => Fault::End(EndReason::VmmExited),
+            _ => Fault::Resolved,
+        }
+    }
+
+    /// Poisons `addr..addr+len` so the faulting access gets `SIGBUS` instead of hanging. If
+    /// even that is impossible (the range is not registered, or not of that page size), the
+    /// session ends: a fault pagerd cannot answer must not hang the VMM in silence.
+    fn poison(&mut self, addr: u64, len: u64) -> Fault {
+        match self.uffd.poison(addr, len) {
+            Ok(()) => {}
+            Err(e) if e.done > 0 => {}
+            Err(e) => {
+                return match e.errno {
+                    Errno::EEXIST => self.already_present(addr, len),
+                    Errno::EAGAIN | Errno::ENOMEM | Errno::EINTR => Fault::Deferred,
+                    Errno::ESRCH => Fault::End(EndReason::VmmExited),
+                    errno => {
+                        tracing::warn!(fork = %self.fork.id(), addr = format_args!("{addr:#x}"),
+                            %errno, "cannot poison an unservable fault; ending the session");
+                        Fault::End(EndReason::UnservableFault)
+                    }
+                }
+            }
+        }
+        bump(&self.fork.stats.poisoned_pages, 1);
+        self.eexist.progress();
+        Fault::Resolved
     }
 
     /// The guest gave `start..end` back: those pages read as zeros from now on.
@@ -443,5 +629,63 @@ impl Session {
             region.removed.fill(first, last, true);
             region.present.fill(first, last, false);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readahead_doubles_on_a_continuing_fault_and_restarts_otherwise() {
+        let mut ra = Readahead::default();
+        assert_eq!(ra.window_for(10, 32), 1, "the first fault fills one page");
+        ra.stream_end = 11;
+        assert_eq!(ra.window_for(11, 32), 2);
+        ra.stream_end = 13;
+        assert_eq!(ra.window_for(13, 32), 4);
+        ra.stream_end = 17;
+        let mut page = 17;
+        for _ in 0..10 {
+            let w = ra.window_for(page, 32);
+            page += w;
+            ra.stream_end = page;
+        }
+        assert_eq!(ra.window, 32, "capped at the maximum");
+        assert_eq!(ra.window_for(5, 32), 1, "a jump starts over");
+        assert_eq!(ra.window_for(7, 1), 1);
+    }
+
+    #[test]
+    fn runs_stop_at_the_window_the_region_end_or_the_first_misfit() {
+        // Data: as far as the window.
+        assert_eq!(run_limit(10, Fill::Data, 8, 1000), 18);
+        assert_eq!(
+            run_limit(10, Fill::Data, 8, 12),
+            12,
+            "never past the region"
+        );
+        // Zeros: to the next 2 MiB boundary, whatever the window.
+        assert_eq!(run_limit(10, Fill::Zero, 0, 10_000), 512);
+        assert_eq!(run_limit(512, Fill::Zero, 0, 10_000), 1024);
+        assert_eq!(run_limit(1000, Fill::Zero, 0, 1010), 1010);
+        // The faulting page is always in.
+        assert_eq!(run_len(5, 6, |_| false), 1);
+        assert_eq!(run_len(5, 5, |_| true), 1);
+        assert_eq!(run_len(5, 20, |_| true), 15);
+        assert_eq!(run_len(5, 20, |p| p != 9), 4);
+    }
+
+    #[test]
+    fn a_streak_of_eexist_without_progress_is_a_livelock() {
+        let mut streak = EexistStreak::default();
+        for _ in 1..LIVELOCK_STREAK {
+            assert!(!streak.present());
+        }
+        streak.progress();
+        for _ in 1..LIVELOCK_STREAK {
+            assert!(!streak.present(), "progress resets the count");
+        }
+        assert!(streak.present());
     }
 }

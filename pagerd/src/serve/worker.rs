@@ -3,8 +3,13 @@
 //! ```text
 //!   Poll ─┬─ WAKER            commands: attach a session, close a fork, shut down
 //!         ├─ 2k   (uffd)      drain events in batches → Session::drain
+//!         │                   (an error event: O_NONBLOCK was cleared → end, uffd_tampered)
 //!         └─ 2k+1 (exit)      the VMM's pidfd became readable: it exited → end session k
 //! ```
+//!
+//! Nothing here waits on a descriptor the VMM controls: uffd reads use `RWF_NOWAIT` (see
+//! [`crate::serve::uffd`]), so a worker cannot be stalled by one VMM, whatever it does to its
+//! uffd, and every other fork on the worker keeps being served.
 //!
 //! A fork's faults stay on its worker, so its state needs no lock. A session whose batch
 //! budget ran out is drained again on the next turn (zero-timeout poll) so one busy fork
@@ -182,6 +187,7 @@ impl Worker {
                             return;
                         }
                     }
+                    Token(t) if t % 2 == 0 && event.is_error() => self.tampered(t / 2),
                     Token(t) if t % 2 == 0 => {
                         to_drain.push(t / 2);
                         last_fault = Some(Instant::now());
@@ -221,12 +227,26 @@ impl Worker {
             let Some(session) = self.sessions.get_mut(key) else {
                 continue;
             };
-            if !session.retry_deferred() {
-                self.end(key, EndReason::VmmExited);
+            if let Err(reason) = session.retry_deferred() {
+                self.end(key, reason);
             } else if session.has_deferred() {
                 self.deferred.push(key);
             }
         }
+    }
+
+    /// The kernel's poll reported an error on session `key`'s uffd: for a uffd whose API was
+    /// negotiated (checked at handoff) that means `O_NONBLOCK` was cleared on the shared open
+    /// file description. Reads would still never block, but readiness is meaningless from now
+    /// on, so the session ends.
+    fn tampered(&mut self, key: usize) {
+        let Some(session) = self.sessions.get(key) else {
+            return;
+        };
+        let nonblock_cleared = session.uffd().nonblock_cleared();
+        tracing::warn!(fork = %session.fork().id(), nonblock_cleared,
+            "the uffd reports an error (the VMM cleared O_NONBLOCK on it); ending the session");
+        self.end(key, EndReason::UffdTampered);
     }
 
     /// Handles queued commands; `false` means shut down.

@@ -614,7 +614,8 @@ impl GuestMemory {
     }
 
     /// Reads one byte in the registered but undeclared tail, from a thread of its own. No page
-    /// server can serve it, so the thread blocks until the process exits.
+    /// server has bytes for it: pagerd poisons the page, so the process dies of `SIGBUS`
+    /// (another page server might leave the thread blocked until the process exits).
     pub fn touch_undeclared_tail(&self) -> io::Result<()> {
         let last = self.regions.last().expect("guest memory has regions");
         if last.undeclared_tail == 0 {
