@@ -530,6 +530,28 @@ impl Store {
             }
             fsync_dir(&dir).map_err(at("cannot sync", &dir))?;
         }
+        // A record rewritten in place (`snapshot.json`) leaves its temp file in the snapshot's
+        // own directory when the daemon dies mid-write.
+        let snapshots = self.snapshots_dir();
+        for entry in std::fs::read_dir(&snapshots).map_err(at("cannot list", &snapshots))? {
+            let dir = entry.map_err(at("cannot list", &snapshots))?.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            let mut any = false;
+            for file in std::fs::read_dir(&dir).map_err(at("cannot list", &dir))? {
+                let file = file.map_err(at("cannot list", &dir))?;
+                if file.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                    let path = file.path();
+                    std::fs::remove_file(&path).map_err(at("cannot remove", &path))?;
+                    removed.push(path);
+                    any = true;
+                }
+            }
+            if any {
+                fsync_dir(&dir).map_err(at("cannot sync", &dir))?;
+            }
+        }
         Ok(removed)
     }
 }
@@ -603,8 +625,14 @@ mod tests {
         std::fs::write(store.forks_dir().join(".tmp-f.json-1-4"), b"{").unwrap();
         std::fs::write(store.sockets_dir().join("f.sock"), b"").unwrap();
         std::fs::write(store.forks_dir().join("kept.json"), b"{").unwrap();
-        assert_eq!(store.remove_leftovers().unwrap().len(), 4);
+        let snapshot = store.snapshots_dir().join("s");
+        std::fs::create_dir(&snapshot).unwrap();
+        std::fs::write(snapshot.join("snapshot.json"), b"{}").unwrap();
+        std::fs::write(snapshot.join(".tmp-snapshot.json-1-5"), b"{").unwrap();
+        assert_eq!(store.remove_leftovers().unwrap().len(), 5);
         assert!(store.forks_dir().join("kept.json").exists());
+        assert!(snapshot.join("snapshot.json").exists());
+        assert!(!snapshot.join(".tmp-snapshot.json-1-5").exists());
     }
 
     #[test]
