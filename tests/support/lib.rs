@@ -35,7 +35,7 @@ use serde_json::Value;
 /// How long tests wait for anything before failing.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
-/// The directory holding the workspace's built binaries (next to the running test's `deps/`).
+/// The directory holding the running program's sibling binaries (next to a test's `deps/`).
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
@@ -46,11 +46,10 @@ fn bin_dir() -> PathBuf {
     }
 }
 
-/// The path of a workspace binary (`pagerd`, `synthetic-vmm`, `kvm-vmm`, `hostile-vmm`, `pagerctl`,
-/// `naive-handler`), built first if this is the first call in this process.
-pub fn binary(name: &str) -> PathBuf {
+/// Builds the workspace's binaries once per process, when the program runs under cargo
+/// (`cargo test`, `cargo run`), so that tests never run stale ones.
+fn build_once(dir: &Path) {
     static BUILT: OnceLock<()> = OnceLock::new();
-    let dir = bin_dir();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
@@ -65,8 +64,6 @@ pub fn binary(name: &str) -> PathBuf {
             "pagerd-ctl",
             "-p",
             "pagerd-benches",
-            "-p",
-            "pagerd-tests",
         ]);
         if dir.ends_with("release") {
             cmd.arg("--release");
@@ -74,9 +71,35 @@ pub fn binary(name: &str) -> PathBuf {
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "building the binaries failed");
     });
-    let path = dir.join(name);
-    assert!(path.exists(), "{} was not built", path.display());
-    path
+}
+
+/// The path of one of pagerd's binaries (`pagerd`, `pagerctl`, `synthetic-vmm`, `kvm-vmm`,
+/// `hostile-vmm`, `naive-handler`).
+///
+/// Under cargo they are built first (once per process) and taken from the build directory.
+/// Installed, with no workspace around, they are looked for in `$PAGERD_BIN_DIR`, beside the
+/// running program, then on `PATH`.
+pub fn binary(name: &str) -> PathBuf {
+    if std::env::var_os("CARGO_MANIFEST_DIR").is_some() {
+        let dir = bin_dir();
+        build_once(&dir);
+        let path = dir.join(name);
+        assert!(path.exists(), "{} was not built", path.display());
+        return path;
+    }
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    std::env::var_os("PAGERD_BIN_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([bin_dir()])
+        .chain(path_dirs)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| {
+            panic!("`{name}` is not in $PAGERD_BIN_DIR, beside this program, or on PATH")
+        })
 }
 
 /// Checks `cond` every few milliseconds until it holds (`true`) or `deadline` passes
