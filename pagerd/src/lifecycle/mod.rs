@@ -31,8 +31,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proto::model::{
-    DeleteOutcome, EndReason, ForkCounts, ForkInfo, ForkListEntry, ForkState, ForkStatsReport,
-    FuseStatus, SnapshotInfo, StatsReport, StatusReport,
+    DeleteOutcome, EndReason, FileUserInfo, ForkCounts, ForkInfo, ForkListEntry, ForkState,
+    ForkStatsReport, FuseStatus, SnapshotInfo, StatsReport, StatusReport,
 };
 use proto::Id;
 use serde::Serialize;
@@ -398,14 +398,7 @@ impl Lifecycle {
                 id: id.clone(),
             });
         };
-        let scan = self.store.scan_forks()?;
-        let forks = scan
-            .referencing(id)
-            .ok_or_else(|| LifecycleError::CountsUnknown {
-                snapshot: id.clone(),
-                records: scan.unreadable.iter().map(|u| u.path.clone()).collect(),
-            })?;
-        let file_users = self.file_users.referencing(id);
+        let (forks, file_users) = self.references_of(id)?;
         if forks.is_empty() && file_users.is_empty() {
             self.remove_snapshot_now(&mut catalog, id)?;
             return Ok(DeleteOutcome {
@@ -439,13 +432,9 @@ impl Lifecycle {
         })
     }
 
-    /// A forced delete of a damaged snapshot: refused while forks or file users reference it
-    /// (or while they cannot be counted).
-    fn delete_damaged(
-        &self,
-        catalog: &mut Catalog,
-        id: &Id,
-    ) -> Result<DeleteOutcome, LifecycleError> {
+    /// The forks (read off their records) and the processes holding its memory file that
+    /// reference snapshot `id`; fails closed when some fork record cannot be read.
+    fn references_of(&self, id: &Id) -> Result<(Vec<Id>, Vec<FileUserInfo>), LifecycleError> {
         let scan = self.store.scan_forks()?;
         let forks = scan
             .referencing(id)
@@ -453,7 +442,17 @@ impl Lifecycle {
                 snapshot: id.clone(),
                 records: scan.unreadable.iter().map(|u| u.path.clone()).collect(),
             })?;
-        let file_users = self.file_users.referencing(id);
+        Ok((forks, self.file_users.referencing(id)))
+    }
+
+    /// A forced delete of a damaged snapshot: refused while forks or file users reference it
+    /// (or while they cannot be counted).
+    fn delete_damaged(
+        &self,
+        catalog: &mut Catalog,
+        id: &Id,
+    ) -> Result<DeleteOutcome, LifecycleError> {
+        let (forks, file_users) = self.references_of(id)?;
         if !forks.is_empty() || !file_users.is_empty() {
             return Err(LifecycleError::InUse {
                 snapshot: id.clone(),

@@ -5,8 +5,10 @@
 //!   `synthetic-vmm` binary.
 //! - [`kvm`]: a tiny KVM VMM whose CPL3 guest checksums its pagerd-served memory (the
 //!   `kvm-vmm` binary).
-//! - [`events`]: the JSON event lines both binaries print.
+//! - [`events`]: the JSON event lines the binaries print; [`sizes`]: sizes on their command
+//!   lines.
 
 pub mod events;
 pub mod kvm;
+pub mod sizes;
 pub mod synthetic;

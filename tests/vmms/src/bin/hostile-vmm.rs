@@ -30,6 +30,7 @@ use clap::Parser;
 use proto::handoff::{GuestRegionUffdMapping, PAGE_SIZE_2M, PAGE_SIZE_4K};
 use serde_json::json;
 use test_vmms::events::{emit, exit_status};
+use test_vmms::sizes::{parse_range, parse_size};
 use userfaultfd_sys as raw;
 
 mod ioctl {
@@ -85,22 +86,6 @@ struct Args {
     undeclared_tail: u64,
     /// The steps.
     steps: Vec<String>,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (digits, mult) = match s.as_bytes().last() {
-        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
-        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let n = if let Some(hex) = digits.strip_prefix("0x") {
-        u64::from_str_radix(hex, 16)
-    } else {
-        digits.parse()
-    };
-    n.map(|n| n * mult)
-        .map_err(|e| format!("bad size `{s}`: {e}"))
 }
 
 type Error = Box<dyn std::error::Error>;
@@ -244,11 +229,6 @@ fn register(uffd: &OwnedFd, addr: usize, len: u64, modes: &str) -> Result<(), Er
         ioctl::register(uffd.as_raw_fd(), &mut reg)
     })?;
     Ok(())
-}
-
-fn parse_range(rest: &str) -> Result<(u64, u64), Error> {
-    let (off, len) = rest.split_once(':').ok_or("a range is OFF:LEN")?;
-    Ok((parse_size(off)?, parse_size(len)?))
 }
 
 fn run(args: Args) -> Result<(), Error> {

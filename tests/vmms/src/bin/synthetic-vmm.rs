@@ -20,6 +20,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use test_vmms::events::{emit, exit_status};
+use test_vmms::sizes::{parse_range, parse_size};
 use test_vmms::synthetic::{
     monotonic_ns, AccessOrder, AccessPath, AccessPlan, GuestMemory, RegionSpec,
 };
@@ -100,33 +101,12 @@ fn parse_step(step: &str) -> Result<Step, String> {
     })
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (digits, mult) = match s.as_bytes().last() {
-        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
-        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let n = if let Some(hex) = digits.strip_prefix("0x") {
-        u64::from_str_radix(hex, 16)
-    } else {
-        digits.parse()
-    };
-    n.map(|n| n * mult)
-        .map_err(|e| format!("bad size `{s}`: {e}"))
-}
-
 fn parse_region(s: &str) -> Result<RegionSpec, String> {
     let (size, offset) = s.split_once('@').ok_or("a region is SIZE@FILE_OFFSET")?;
     Ok(RegionSpec {
         size: parse_size(size)?,
         file_offset: parse_size(offset)?,
     })
-}
-
-fn parse_range(rest: &str) -> Result<(u64, u64), String> {
-    let (off, len) = rest.split_once(':').ok_or("a range is OFF:LEN")?;
-    Ok((parse_size(off)?, parse_size(len)?))
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
