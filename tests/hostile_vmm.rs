@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use proto::control::{ErrorCode, Request};
 use proto::handoff::HandoffReply;
-use proto::model::{EndReason, ForkState, RefusalReason};
+use proto::model::{EndReason, ForkInfo, ForkState, RefusalReason};
 use serde_json::{json, Value};
 use testkit::{
     borrow_all, dev_null, id, new_uffd, raw_handoff, refused, wait_until, write_snapshot, Daemon,
@@ -98,6 +98,23 @@ fn hostile(socket: &Path, args: &[&str]) -> Vmm {
     Vmm::spawn_binary("hostile-vmm", &all)
 }
 
+/// Creates fork `fork` of `base` and starts a hostile VMM on it with `args`, whose handoff
+/// pagerd accepts.
+fn attach_hostile(daemon: &Daemon, fork: &str, args: &[&str]) -> Vmm {
+    let socket = daemon.create_fork("base", fork);
+    let mut vmm = hostile(&socket, args);
+    let reply = reply(&mut vmm);
+    assert!(reply.ok, "{fork}: {reply:?}");
+    vmm
+}
+
+/// Waits for fork `fork`'s session to end, checks it ended for `reason`, and returns it.
+fn ended(daemon: &Daemon, fork: &str, reason: EndReason) -> ForkInfo {
+    let record = daemon.wait_fork(fork, ForkState::Ended);
+    assert_eq!(record.end_reason, Some(reason), "{record:?}");
+    record
+}
+
 /// The reply pagerd gave the hostile VMM's handoff.
 fn reply(vmm: &mut Vmm) -> HandoffReply {
     serde_json::from_value(vmm.expect("reply")["reply"].clone()).expect("a handoff reply")
@@ -107,11 +124,11 @@ fn reply(vmm: &mut Vmm) -> HandoffReply {
 fn a_vmm_that_clears_o_nonblock_on_its_uffd_is_cut_off_and_the_worker_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let (daemon, mut victim, _) = setup(dir.path(), 4 * MIB, &[]);
-    let socket = daemon.create_fork("base", "hostile");
     // Clearing O_NONBLOCK on its copy clears it on pagerd's too (one open file description);
     // the next fault then wakes the worker, and a plain read() would block it for good.
-    let mut vmm = hostile(
-        &socket,
+    let mut vmm = attach_hostile(
+        &daemon,
+        "hostile",
         &[
             "--size",
             "1M",
@@ -121,15 +138,9 @@ fn a_vmm_that_clears_o_nonblock_on_its_uffd_is_cut_off_and_the_worker_keeps_serv
             "hold",
         ],
     );
-    assert!(reply(&mut vmm).ok);
     vmm.expect("nonblock_cleared");
     vmm.expect("accessing");
-    let record = daemon.wait_fork("hostile", ForkState::Ended);
-    assert_eq!(
-        record.end_reason,
-        Some(EndReason::UffdTampered),
-        "{record:?}"
-    );
+    ended(&daemon, "hostile", EndReason::UffdTampered);
     victim.progress(&daemon);
     victim.progress(&daemon);
 
@@ -253,9 +264,9 @@ fn write_protect_and_minor_faults_end_their_session_as_unservable() {
 
     // Registered MISSING|WP: the first touch is served; a write to the page once it is
     // write-protected is a WP fault, which no copy can resolve (EEXIST, wake, fault again).
-    let socket = daemon.create_fork("base", "wp");
-    let mut vmm = hostile(
-        &socket,
+    let mut vmm = attach_hostile(
+        &daemon,
+        "wp",
         &[
             "--size",
             "1M",
@@ -269,26 +280,20 @@ fn write_protect_and_minor_faults_end_their_session_as_unservable() {
             "hold",
         ],
     );
-    assert!(reply(&mut vmm).ok);
     vmm.expect("read");
     vmm.expect("waiting");
     victim.progress(&daemon);
     vmm.resume();
     vmm.expect("protected");
-    let record = daemon.wait_fork("wp", ForkState::Ended);
-    assert_eq!(
-        record.end_reason,
-        Some(EndReason::UnservableFault),
-        "{record:?}"
-    );
+    ended(&daemon, "wp", EndReason::UnservableFault);
     victim.progress(&daemon);
     vmm.kill();
 
     // Registered MINOR over shared memory whose pages are in the page cache: a minor fault,
     // which only UFFDIO_CONTINUE resolves.
-    let socket = daemon.create_fork("base", "minor");
-    let mut vmm = hostile(
-        &socket,
+    let vmm = attach_hostile(
+        &daemon,
+        "minor",
         &[
             "--size",
             "1M",
@@ -300,13 +305,7 @@ fn write_protect_and_minor_faults_end_their_session_as_unservable() {
             "hold",
         ],
     );
-    assert!(reply(&mut vmm).ok);
-    let record = daemon.wait_fork("minor", ForkState::Ended);
-    assert_eq!(
-        record.end_reason,
-        Some(EndReason::UnservableFault),
-        "{record:?}"
-    );
+    let record = ended(&daemon, "minor", EndReason::UnservableFault);
     assert_eq!(record.stats.faults, 1, "{record:?}");
     victim.progress(&daemon);
     vmm.kill();
@@ -320,9 +319,9 @@ fn a_fault_that_keeps_coming_back_for_a_present_page_is_ended_as_a_livelock() {
     // The handoff declares one 2 MiB page over plain 4 KiB memory whose first page is already
     // there: every fault in it is answered with a 2 MiB copy that fails with EEXIST at once,
     // the wake sends the thread back to the same missing page, forever.
-    let socket = daemon.create_fork("base", "loop");
-    let mut vmm = hostile(
-        &socket,
+    let mut vmm = attach_hostile(
+        &daemon,
+        "loop",
         &[
             "--size",
             "2M",
@@ -335,11 +334,9 @@ fn a_fault_that_keeps_coming_back_for_a_present_page_is_ended_as_a_livelock() {
             "hold",
         ],
     );
-    assert!(reply(&mut vmm).ok);
     vmm.expect("accessing");
     victim.progress(&daemon);
-    let record = daemon.wait_fork("loop", ForkState::Ended);
-    assert_eq!(record.end_reason, Some(EndReason::Livelock), "{record:?}");
+    let record = ended(&daemon, "loop", EndReason::Livelock);
     assert!(record.stats.already_present >= 4096, "{record:?}");
     victim.progress(&daemon);
     vmm.kill();
@@ -433,9 +430,9 @@ fn expect_sigbus(vmm: Vmm) {
 fn a_fault_outside_every_declared_region_gets_sigbus_not_a_hang() {
     let dir = tempfile::tempdir().unwrap();
     let (daemon, mut victim, _) = setup(dir.path(), 4 * MIB, &[]);
-    let socket = daemon.create_fork("base", "sly");
-    let mut vmm = hostile(
-        &socket,
+    let mut vmm = attach_hostile(
+        &daemon,
+        "sly",
         &[
             "--size",
             "1M",
@@ -448,14 +445,12 @@ fn a_fault_outside_every_declared_region_gets_sigbus_not_a_hang() {
             "hold",
         ],
     );
-    assert!(reply(&mut vmm).ok);
     vmm.expect("read");
     vmm.expect("waiting");
     victim.progress(&daemon);
     vmm.resume();
     expect_sigbus(vmm);
-    let record = daemon.wait_fork("sly", ForkState::Ended);
-    assert_eq!(record.end_reason, Some(EndReason::VmmExited), "{record:?}");
+    let record = ended(&daemon, "sly", EndReason::VmmExited);
     assert_eq!(record.stats.outside_faults, 1, "{record:?}");
     assert_eq!(record.stats.poisoned_pages, 1, "{record:?}");
     victim.progress(&daemon);
@@ -465,14 +460,13 @@ fn a_fault_outside_every_declared_region_gets_sigbus_not_a_hang() {
 fn a_page_that_can_no_longer_be_read_from_the_snapshot_is_poisoned() {
     let dir = tempfile::tempdir().unwrap();
     let (daemon, mut victim, _) = setup(dir.path(), 4 * MIB, &[]);
-    let socket = daemon.create_fork("base", "shrunk");
-    let mut vmm = hostile(
-        &socket,
+    let mut vmm = attach_hostile(
+        &daemon,
+        "shrunk",
         &[
             "--size", "4M", "handoff", "read:0", "wait", "touch:3M", "hold",
         ],
     );
-    assert!(reply(&mut vmm).ok);
     vmm.expect("read");
     vmm.expect("waiting");
     // Nothing should ever change a registered memory file, but if it shrinks, copies from the
@@ -500,9 +494,9 @@ fn a_fault_that_can_be_neither_filled_nor_poisoned_ends_the_session() {
     let _pages = HugePages::reserve(1);
     // 2 MiB hugetlbfs memory declared as 4 KiB pages: neither a 4 KiB copy nor a 4 KiB poison
     // fits a huge page (EINVAL), so nothing can answer the fault.
-    let socket = daemon.create_fork("base", "misfit");
-    let mut vmm = hostile(
-        &socket,
+    let vmm = attach_hostile(
+        &daemon,
+        "misfit",
         &[
             "--size",
             "2M",
@@ -514,13 +508,7 @@ fn a_fault_that_can_be_neither_filled_nor_poisoned_ends_the_session() {
             "hold",
         ],
     );
-    assert!(reply(&mut vmm).ok);
-    let record = daemon.wait_fork("misfit", ForkState::Ended);
-    assert_eq!(
-        record.end_reason,
-        Some(EndReason::UnservableFault),
-        "{record:?}"
-    );
+    let record = ended(&daemon, "misfit", EndReason::UnservableFault);
     assert_eq!(record.stats.poisoned_pages, 0, "{record:?}");
     victim.progress(&daemon);
     vmm.kill();
