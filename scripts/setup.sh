@@ -5,6 +5,7 @@ set -euo pipefail
 
 packages=(
   libclang-dev # userfaultfd-sys generates its bindings with bindgen, which needs libclang
+  systemd      # systemd-analyze checks the shipped unit (systemd need not be running)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -23,6 +23,7 @@ use crate::config::{Config, LogFormat};
 use crate::control::{ControlServer, Dispatcher};
 use crate::fuse::FuseView;
 use crate::lifecycle::{Lifecycle, LifecycleError, MemoryFiles};
+use crate::notify;
 use crate::registry::Registry;
 use crate::serve::session::ServeOptions;
 use crate::serve::Server;
@@ -151,6 +152,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
                     if Instant::now() >= next_pass {
                         lifecycle.recheck_file_users();
                         lifecycle.check_snapshot_files();
+                        notify::status(&lifecycle.summary());
                         next_pass = Instant::now() + JANITOR_PERIOD;
                     }
                 }
@@ -158,6 +160,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
             .map_err(DaemonError::Serve)?
     };
 
+    notify::status("reconciling the state directory");
     lifecycle.reconcile().map_err(DaemonError::Reconcile)?;
     for (id, path) in &config.snapshots {
         if lifecycle.snapshot(id).is_err() {
@@ -204,9 +207,11 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     let _ = writeln!(stdout, "pagerd ready control={}", control_path.display());
     let _ = stdout.flush();
     drop(stdout);
+    notify::ready(&lifecycle.summary());
 
     let signal = signals.wait().map_err(DaemonError::Signals)?;
     tracing::info!(signal = ?signal, "shutting down; fork records are kept for the next start");
+    notify::stopping();
     control.stop();
     if let Some(fuse) = fuse {
         fuse.unmount();

@@ -700,6 +700,33 @@ impl Lifecycle {
         Ok(self.registry.fork(id)?.info())
     }
 
+    /// Forks by state.
+    pub fn fork_counts(&self) -> ForkCounts {
+        let mut forks = ForkCounts::default();
+        for fork in self.registry.forks() {
+            match fork.status().state {
+                ForkState::Waiting => forks.waiting += 1,
+                ForkState::Serving => forks.serving += 1,
+                ForkState::Ended => forks.ended += 1,
+                ForkState::Detached => forks.detached += 1,
+            }
+        }
+        forks
+    }
+
+    /// One line on what the daemon serves, for a service manager's status.
+    pub fn summary(&self) -> String {
+        let forks = self.fork_counts();
+        format!(
+            "serving {} forks ({} waiting, {} detached) of {} snapshots; {} processes hold memory files",
+            forks.serving,
+            forks.waiting,
+            forks.detached,
+            self.registry.snapshots().len(),
+            self.file_users.list().len()
+        )
+    }
+
     /// Health, version and counts.
     pub fn status(&self) -> Result<StatusReport, LifecycleError> {
         let (damaged, unreadable) = {
@@ -713,15 +740,7 @@ impl Lifecycle {
                     .collect::<Vec<_>>(),
             )
         };
-        let mut forks = ForkCounts::default();
-        for fork in self.registry.forks() {
-            match fork.status().state {
-                ForkState::Waiting => forks.waiting += 1,
-                ForkState::Serving => forks.serving += 1,
-                ForkState::Ended => forks.ended += 1,
-                ForkState::Detached => forks.detached += 1,
-            }
-        }
+        let forks = self.fork_counts();
         Ok(StatusReport {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
