@@ -73,6 +73,10 @@ pub struct Config {
     /// 0 keeps the kernel's default.
     #[arg(long, default_value_t = 1024)]
     pub fuse_readahead_kib: u32,
+    /// Serve Prometheus metrics at this address: HOST:PORT (loopback recommended, e.g.
+    /// 127.0.0.1:9464) or unix:/PATH. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<crate::metrics::MetricsAddr>,
     /// Log filter (tracing's env-filter syntax, e.g. `info,pagerd=debug`); `RUST_LOG`
     /// overrides it.
     #[arg(long, default_value = "info")]

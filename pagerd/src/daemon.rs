@@ -23,6 +23,7 @@ use crate::config::{Config, LogFormat};
 use crate::control::{ControlServer, Dispatcher};
 use crate::fuse::FuseView;
 use crate::lifecycle::{Lifecycle, LifecycleError, MemoryFiles};
+use crate::metrics::MetricsServer;
 use crate::notify;
 use crate::registry::Registry;
 use crate::serve::session::ServeOptions;
@@ -69,6 +70,9 @@ pub(crate) enum DaemonError {
     /// The current directory is needed to make a relative path absolute, and is gone.
     #[error("cannot make the configured paths absolute")]
     Paths(#[source] std::io::Error),
+    /// The metrics address could not be bound.
+    #[error("cannot serve metrics at {0}")]
+    Metrics(String, #[source] std::io::Error),
     /// Signals could not be set up.
     #[error("cannot set up signal handling")]
     Signals(#[source] nix::Error),
@@ -202,6 +206,14 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         path: control_path.clone(),
         source,
     })?;
+    let _metrics = config
+        .metrics_addr
+        .as_ref()
+        .map(|addr| {
+            MetricsServer::start(addr, lifecycle.clone())
+                .map_err(|source| DaemonError::Metrics(addr.to_string(), source))
+        })
+        .transpose()?;
     tracing::info!(control = %control_path.display(), workers = config.worker_count(), "pagerd ready");
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "pagerd ready control={}", control_path.display());

@@ -28,6 +28,7 @@ mod extents;
 mod file_users;
 mod fuse;
 mod lifecycle;
+pub mod metrics;
 mod notify;
 mod ratelimit;
 mod registry;

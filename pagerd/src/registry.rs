@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use proto::model::{EndReason, ForkInfo, ForkState, HandoffErrorInfo};
+use proto::model::{EndReason, ForkInfo, ForkState, ForkStatsReport, HandoffErrorInfo};
 use proto::Id;
 
 use crate::snapshot::Snapshot;
@@ -137,6 +137,9 @@ pub enum RegistryError {
 pub struct Registry {
     snapshots: Mutex<BTreeMap<Id, Arc<Snapshot>>>,
     forks: Mutex<BTreeMap<Id, Arc<Fork>>>,
+    /// The summed counters of every fork forgotten since the daemon started, so that totals
+    /// never go down.
+    retired: Mutex<ForkStatsReport>,
     changed: Condvar,
     /// Paired with `changed`; holds nothing.
     change_lock: Mutex<()>,
@@ -237,8 +240,23 @@ impl Registry {
             .remove(id)
             .ok_or_else(|| RegistryError::NoFork(id.clone()))?;
         drop(map);
+        *self.retired.lock().unwrap_or_else(|p| p.into_inner()) += &fork.stats.report();
         self.notify();
         Ok(fork)
+    }
+
+    /// Counters summed over every fork since the daemon started: the forks it knows and those
+    /// it forgot.
+    pub fn totals(&self) -> ForkStatsReport {
+        let mut total = self
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for fork in self.forks() {
+            total += &fork.stats.report();
+        }
+        total
     }
 
     /// Changes a fork's status and wakes every waiter.

@@ -7,11 +7,16 @@
 //! ([`LatencyHistogram`], about 4 KiB) that is only allocated on a fork's first recorded fault
 //! and written once per batch of events (one uncontended lock), so an idle fork costs a few
 //! hundred bytes and a daemon with thousands of forks stays small.
+//!
+//! [`DAEMON`] and [`FAULT_LATENCY`] count for the whole daemon what no fork keeps: handoffs
+//! refused and sessions ended by reason, and every fault's latency, for the metrics.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 
-use proto::model::{ForkStatsReport, LatencyReport};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use proto::model::{EndReason, ForkStatsReport, LatencyReport, RefusalReason};
 
 /// The largest latency the histogram tells apart (60 s); longer ones count as 60 s.
 const MAX_LATENCY_NS: u64 = 60_000_000_000;
@@ -147,6 +152,7 @@ impl ForkStats {
         let hist = hist.get_or_insert_with(LatencyHistogram::default);
         for &ns in samples_ns {
             hist.record(ns);
+            FAULT_LATENCY.observe(ns as f64 / 1e9);
         }
     }
 
@@ -175,6 +181,58 @@ impl ForkStats {
         }
     }
 }
+
+/// Counters of the whole daemon since it started, for metrics: what no single fork keeps.
+#[derive(Debug, Default)]
+pub(crate) struct DaemonCounters {
+    refusals: Mutex<BTreeMap<RefusalReason, u64>>,
+    endings: Mutex<BTreeMap<EndReason, u64>>,
+}
+
+impl DaemonCounters {
+    /// A handoff was refused.
+    pub fn refused(&self, reason: RefusalReason) {
+        *self
+            .refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// A session ended.
+    pub fn ended(&self, reason: EndReason) {
+        *self
+            .endings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Handoffs refused, by reason.
+    pub fn refusals(&self) -> BTreeMap<RefusalReason, u64> {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sessions ended, by reason.
+    pub fn endings(&self) -> BTreeMap<EndReason, u64> {
+        self.endings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The daemon's counters.
+pub(crate) static DAEMON: LazyLock<DaemonCounters> = LazyLock::new(DaemonCounters::default);
+
+/// Every fault latency the daemon measured, for the metrics' histogram (seconds).
+pub(crate) static FAULT_LATENCY: LazyLock<Histogram> =
+    LazyLock::new(|| Histogram::new(exponential_buckets(1e-6, 2.0, 22)));
 
 #[cfg(test)]
 mod tests {

@@ -64,7 +64,7 @@ impl std::str::FromStr for ForkState {
 }
 
 /// Why serving a fork ended (or, for `detached`, why nobody serves it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndReason {
     /// The VMM process exited (its pidfd fired, or the kernel answered `ESRCH`).
@@ -115,7 +115,7 @@ impl std::fmt::Display for EndReason {
 }
 
 /// Why a handoff was refused: sent to the VMM on its connection and kept on the fork.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefusalReason {
     /// No file descriptor came with the message.

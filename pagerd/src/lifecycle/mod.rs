@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proto::model::{
     DeleteOutcome, EndReason, FileUserInfo, ForkCounts, ForkInfo, ForkListEntry, ForkState,
-    ForkStatsReport, FuseStatus, SnapshotInfo, StatsReport, StatusReport,
+    FuseStatus, SnapshotInfo, StatsReport, StatusReport,
 };
 use proto::Id;
 use serde::Serialize;
@@ -672,16 +672,11 @@ impl Lifecycle {
         Ok(self.registry.wait_for_state(id, state, timeout)?.info())
     }
 
-    /// Summed counters of every fork the daemon knows.
+    /// Counters summed over every fork since the daemon started (closed ones included).
     pub fn stats(&self) -> StatsReport {
-        let forks = self.registry.forks();
-        let mut totals = ForkStatsReport::default();
-        for fork in &forks {
-            totals += &fork.stats.report();
-        }
         StatsReport {
-            forks: forks.len(),
-            totals,
+            forks: self.registry.forks().len(),
+            totals: self.registry.totals(),
         }
     }
 

@@ -393,6 +393,7 @@ impl Acceptor {
             reason: error.reason(),
             message: error_chain(&error),
         };
+        crate::stats::DAEMON.refused(refusal.reason);
         tracing::warn!(fork = %p.fork.id(), peer_pid = p.peer_pid, reason = ?refusal.reason,
             error = %refusal.message, "handoff refused");
         // Record first: whoever reads the reply may look at the fork next.

@@ -320,6 +320,7 @@ impl Worker {
         drop(session);
         self.load.fetch_sub(1, Relaxed);
         let stats = fork.stats.report();
+        crate::stats::DAEMON.ended(reason);
         tracing::info!(fork = %fork.id(), reason = reason.as_str(), faults = stats.faults,
             pages_copied = stats.pages_copied, zero_pages = stats.zero_pages, "session ended");
         self.registry.update(&fork, |s| {
