@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use proto::client::{Client, ClientError};
 use proto::control::ErrorCode;
 use proto::model::ForkState;
@@ -62,6 +62,17 @@ enum Command {
     /// Forks.
     #[command(subcommand)]
     Fork(ForkCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual page pagerctl.1 into a directory (used by packaging).
+    #[command(hide = true)]
+    Man {
+        /// The directory.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,6 +163,24 @@ fn done<T: Serialize>(result: &T, text: String) -> Outcome {
     }
 }
 
+/// Writes the manual page or a completion script; these need no daemon.
+fn local(command: &Command) -> Option<std::io::Result<()>> {
+    match command {
+        Command::Completions { shell } => {
+            let mut cli = Cli::command();
+            clap_complete::generate(*shell, &mut cli, "pagerctl", &mut std::io::stdout());
+            Some(Ok(()))
+        }
+        Command::Man { dir } => Some((|| {
+            std::fs::create_dir_all(dir)?;
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+            std::fs::write(dir.join("pagerctl.1"), page)
+        })()),
+        _ => None,
+    }
+}
+
 fn run(cli: &Cli) -> Result<Outcome, ClientError> {
     let socket = cli
         .socket
@@ -212,6 +241,9 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
             let r = client.close_fork(id)?;
             done(&r, format!("closed {}\n", r.id))
         }
+        Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("answered without the daemon")
+        }
     })
 }
 
@@ -260,6 +292,15 @@ fn chain(e: &dyn std::error::Error) -> Vec<String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(result) = local(&cli.command) {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pagerctl: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&cli) {
         Ok(outcome) => {
             if cli.json {

@@ -81,6 +81,10 @@ pub struct Config {
     /// overrides it.
     #[arg(long, default_value = "info")]
     pub log: String,
+    /// Write the manual page and shell completions into this directory, then exit (used by
+    /// packaging).
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub write_docs: Option<PathBuf>,
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -28,6 +28,7 @@ mod extents;
 mod file_users;
 mod fuse;
 mod lifecycle;
+mod manual;
 pub mod metrics;
 mod notify;
 mod ratelimit;
@@ -41,6 +42,9 @@ mod sys;
 /// Sets up logging and runs the daemon until SIGTERM or SIGINT. On failure, the error and its
 /// causes, as one line.
 pub fn run(config: config::Config) -> Result<(), String> {
+    if let Some(dir) = &config.write_docs {
+        return manual::write(dir).map_err(|e| format!("cannot write the manual: {e}"));
+    }
     daemon::init_logging(&config.log, config.log_format);
     daemon::run(config).map_err(|e| errors::error_chain(&e))
 }
