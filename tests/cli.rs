@@ -238,3 +238,37 @@ fn logs_follow_rust_log_and_come_as_json_on_request() {
         "RUST_LOG overrides --log: {chatty:?}"
     );
 }
+
+#[test]
+fn pagerctl_top_shows_each_fork_and_its_fault_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 75, 1, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    let socket = daemon.create_fork("base", "busy");
+    let mut busy = Vmm::attach(&mem, &socket, &["churn"]);
+    busy.expect("churning");
+    daemon.create_fork("base", "idle");
+    let run = daemon.pagerctl(&["top", "--iterations", "3", "--interval-ms", "200"]);
+    assert!(run.success(), "{run:?}");
+    let frames: Vec<&str> = run.stdout.split("\npagerd ").collect();
+    assert_eq!(frames.len(), 3, "{}", run.stdout);
+    let last = frames[2];
+    assert!(last.contains("1 serving, 1 waiting"), "{last}");
+    let row = |id: &str| {
+        last.lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("no row for {id}: {last}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let (busy_row, idle_row) = (row("busy"), row("idle"));
+    let rate = |row: &[String]| row[4].parse::<f64>().unwrap();
+    assert!(
+        rate(&busy_row) > 0.0,
+        "a churning fork faults: {busy_row:?}"
+    );
+    assert_eq!(rate(&idle_row), 0.0, "{idle_row:?}");
+    assert_eq!(busy_row[2], "serving");
+    busy.kill();
+}

@@ -9,6 +9,7 @@
 
 mod render;
 mod table;
+mod top;
 mod units;
 
 use std::path::PathBuf;
@@ -62,6 +63,15 @@ enum Command {
     /// Forks.
     #[command(subcommand)]
     Fork(ForkCommand),
+    /// A live view of forks and their fault rates, redrawn in place.
+    Top {
+        /// How often to refresh, in ms.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Stop after this many frames [default: run until interrupted].
+        #[arg(long)]
+        iterations: Option<u64>,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -241,6 +251,17 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
             let r = client.close_fork(id)?;
             done(&r, format!("closed {}\n", r.id))
         }
+        Command::Top {
+            interval_ms,
+            iterations,
+        } => {
+            top::run(&client, Duration::from_millis(*interval_ms), *iterations)?;
+            Outcome {
+                json: Value::Null,
+                text: String::new(),
+                exit: 0,
+            }
+        }
         Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("answered without the daemon")
         }
@@ -303,7 +324,7 @@ fn main() -> ExitCode {
     }
     match run(&cli) {
         Ok(outcome) => {
-            if cli.json {
+            if cli.json && !outcome.json.is_null() {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&outcome.json).unwrap_or_default()
