@@ -228,6 +228,13 @@ fn logs_follow_rust_log_and_come_as_json_on_request() {
         !quiet.iter().any(|l| l.contains("pagerd ready")),
         "RUST_LOG=warn hides info lines: {quiet:?}"
     );
+    let debug = log_lines(&dir.path().join("d"), &[], &[("RUST_LOG", "pagerd=debug")]);
+    assert!(
+        debug
+            .iter()
+            .any(|l| l.contains("control request") && l.contains("op=\"status\"")),
+        "debug shows each control request: {debug:?}"
+    );
     let chatty = log_lines(
         &dir.path().join("c"),
         &["--log", "warn"],

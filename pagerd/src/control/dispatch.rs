@@ -78,6 +78,33 @@ impl Handler for Dispatcher {
         request: Request,
         context: &mut RequestContext,
     ) -> Result<Value, ControlError> {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return self.dispatch(request, context);
+        }
+        let op = serde_json::to_value(&request)
+            .ok()
+            .and_then(|v| v.get("op").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_default();
+        let started = std::time::Instant::now();
+        let outcome = self.dispatch(request, context);
+        tracing::debug!(
+            op,
+            peer_uid = context.peer().map(|p| p.uid),
+            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            error = outcome.as_ref().err().map(|e| e.code.as_str()),
+            "control request"
+        );
+        outcome
+    }
+}
+
+impl Dispatcher {
+    /// The one `match` from a request to the lifecycle.
+    fn dispatch(
+        &self,
+        request: Request,
+        context: &mut RequestContext,
+    ) -> Result<Value, ControlError> {
         let lc = &self.lifecycle;
         match request {
             Request::Status {} => to_value(lc.status()?),

@@ -329,6 +329,7 @@ impl Acceptor {
             };
             let fork = l.fork.clone();
             let peer_pid = fdpass::peer_pid(&stream).ok().flatten();
+            tracing::debug!(fork = %fork.id(), peer_pid, "handoff connection accepted");
             let entry = self.pending.vacant_entry();
             let pkey = entry.key();
             if let Err(e) =
@@ -453,6 +454,9 @@ impl Acceptor {
         handoff::validate(&handoff.regions, snapshot.size())?;
         let uffd = Userfaultfd::new(handoff.uffd).map_err(AttachError::Setup)?;
         let features = uffd.features().ok_or(AttachError::FeaturesUnknown)?;
+        tracing::debug!(fork = %p.fork.id(), peer_pid = p.peer_pid, regions = handoff.regions.len(),
+            bytes = handoff.regions.iter().map(|r| r.size).sum::<u64>(),
+            features = format_args!("{features:#x}"), "handoff received");
         let unsupported = uffd::unsupported_features(features);
         if unsupported != 0 {
             return Err(AttachError::UnsupportedFeatures {
