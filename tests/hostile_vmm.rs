@@ -13,8 +13,8 @@ use proto::handoff::HandoffReply;
 use proto::model::{EndReason, ForkInfo, ForkState, RefusalReason};
 use serde_json::{json, Value};
 use testkit::{
-    borrow_all, dev_null, id, new_uffd, raw_handoff, refused, wait_until, write_snapshot, Daemon,
-    HugePages, Vmm, DEADLINE,
+    borrow_all, dev_null, id, new_uffd, raw_handoff, refused, write_snapshot, Daemon, HugePages,
+    Vmm, DEADLINE,
 };
 
 const MIB: u64 = 1 << 20;
@@ -46,15 +46,8 @@ impl Victim {
         assert_eq!(record.state, ForkState::Serving, "{record:?}");
         let faults = record.stats.faults;
         assert!(faults > 0);
-        // The lifecycle thread records the VMM in the fork's record off the serving path; let
-        // it finish, so descriptor counts taken next are settled.
-        let path = daemon.state_dir().join("forks/victim.json");
-        wait_until("the victim's record to name its VMM", DEADLINE, || {
-            std::fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                .is_some_and(|r| r["vmm"].is_object())
-        });
+        // Descriptor counts taken next are settled once the VMM is in the fork's record.
+        daemon.wait_for_recorded_vmm("victim");
         Self {
             vmm,
             socket,

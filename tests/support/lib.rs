@@ -565,7 +565,25 @@ impl Daemon {
             self.wait_fork(fork, ForkState::Serving).state,
             ForkState::Serving
         );
+        self.wait_for_recorded_vmm(fork);
         vmm
+    }
+
+    /// Waits until the lifecycle thread has written the VMM's identity into fork `fork`'s
+    /// record (it does so off the serving path, just after the fork starts serving), so that
+    /// a restart from here on knows the fork's VMM.
+    pub fn wait_for_recorded_vmm(&self, fork: &str) {
+        let path = self.state.join("forks").join(format!("{fork}.json"));
+        wait_until(
+            &format!("fork {fork}'s record to name its VMM"),
+            DEADLINE,
+            || {
+                std::fs::read(&path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                    .is_some_and(|r| r["vmm"].is_object())
+            },
+        );
     }
 
     /// A fork's record.
