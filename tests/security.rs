@@ -89,6 +89,8 @@ fn register_by_path(snapshot: &str, path: &Path) -> Request {
         path: Some(path.to_owned()),
         fd: false,
         link: false,
+        vmstate: None,
+        vmm: None,
     }
 }
 

@@ -73,6 +73,14 @@ pub struct Config {
     /// 0 keeps the kernel's default.
     #[arg(long, default_value_t = 1024)]
     pub fuse_readahead_kib: u32,
+    /// The Firecracker binary `vm.start` launches [default: $FIRECRACKER, else `firecracker`
+    /// on PATH].
+    #[arg(long, value_name = "PATH")]
+    pub firecracker: Option<PathBuf>,
+    /// A launched VM's console log is rotated (copied to console.log.1 and truncated) once it
+    /// is larger than this, in KiB.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub console_log_max_kib: u64,
     /// Log filter (tracing's env-filter syntax, e.g. `info,pagerd=debug`); `RUST_LOG`
     /// overrides it.
     #[arg(long, default_value = "info")]
@@ -101,6 +109,9 @@ impl Config {
         }
         if let Some(mount) = &mut self.fuse_mount {
             *mount = std::path::absolute(&*mount)?;
+        }
+        if let Some(binary) = &mut self.firecracker {
+            *binary = std::path::absolute(&*binary)?;
         }
         Ok(())
     }

@@ -28,6 +28,7 @@ use crate::serve::session::ServeOptions;
 use crate::serve::Server;
 use crate::store::import::ImportMode;
 use crate::store::{Store, StoreError};
+use crate::vms::{VmOptions, Vms};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,9 @@ pub(crate) enum DaemonError {
     /// The current directory is needed to make a relative path absolute, and is gone.
     #[error("cannot make the configured paths absolute")]
     Paths(#[source] std::io::Error),
+    /// The launched VMs could not be taken up.
+    #[error("cannot take up the launched VMs")]
+    Vms(#[source] crate::vms::VmError),
     /// Signals could not be set up.
     #[error("cannot set up signal handling")]
     Signals(#[source] nix::Error),
@@ -132,7 +136,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         config.handoff_timeout(),
     )
     .map_err(DaemonError::Serve)?;
-    let lifecycle = Arc::new(Lifecycle::new(store, registry.clone(), server));
+    let lifecycle = Arc::new(Lifecycle::new(store.clone(), registry.clone(), server));
     let stopping = Arc::new(AtomicBool::new(false));
     let janitor = {
         let (lifecycle, stopping) = (lifecycle.clone(), stopping.clone());
@@ -162,7 +166,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     for (id, path) in &config.snapshots {
         if lifecycle.snapshot(id).is_err() {
             lifecycle
-                .register_snapshot_path(id.clone(), path, ImportMode::Copy)
+                .register_snapshot_path(id.clone(), path, ImportMode::Copy, None)
                 .map_err(|source| DaemonError::CommandLine {
                     id: id.clone(),
                     source,
@@ -188,10 +192,19 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    let vms = Vms::new(
+        lifecycle.clone(),
+        store,
+        VmOptions {
+            firecracker: config.firecracker.clone(),
+            console_cap: config.console_log_max_kib.saturating_mul(1024),
+        },
+    );
+    vms.reconcile().map_err(DaemonError::Vms)?;
     let control_path = config.control_socket();
     let mut control = ControlServer::start(
         &control_path,
-        Arc::new(Dispatcher::new(lifecycle.clone())),
+        Arc::new(Dispatcher::new(lifecycle.clone(), vms)),
         Duration::from_millis(config.control_idle_timeout_ms),
         group,
     )

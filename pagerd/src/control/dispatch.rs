@@ -13,6 +13,7 @@ use crate::errors::error_chain;
 use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::registry::RegistryError;
 use crate::serve::ServeError;
+use crate::vms::{StartRequest, VmError, Vms, DEFAULT_STOP_TIMEOUT};
 
 /// The longest `fork.wait` allowed.
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -50,21 +51,52 @@ impl From<LifecycleError> for ControlError {
     }
 }
 
+impl From<VmError> for ControlError {
+    fn from(e: VmError) -> Self {
+        let code = match &e {
+            VmError::NotFound(_) => ErrorCode::NotFound,
+            VmError::Exists(_) | VmError::WrongState { .. } => ErrorCode::Conflict,
+            VmError::NoVmState(_) | VmError::Unsupported(_) => ErrorCode::InvalidArgument,
+            VmError::NoFuse | VmError::NoBinary(_) | VmError::WaitTimedOut { .. } => {
+                ErrorCode::Unavailable
+            }
+            VmError::Lifecycle(_) => {
+                let VmError::Lifecycle(inner) = e else {
+                    unreachable!()
+                };
+                return inner.into();
+            }
+            VmError::StartFailed { .. }
+            | VmError::Api { .. }
+            | VmError::Io { .. }
+            | VmError::Store(_) => ErrorCode::Internal,
+        };
+        ControlError::new(code, error_chain(&e))
+    }
+}
+
 fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ControlError> {
     serde_json::to_value(v).map_err(|e| ControlError::new(ErrorCode::Internal, e.to_string()))
 }
 
-/// Answers requests from the lifecycle.
+/// Answers requests from the lifecycle and the launched VMs.
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
     lifecycle: Arc<Lifecycle>,
+    vms: Arc<Vms>,
 }
 
 impl Dispatcher {
-    /// A dispatcher over `lifecycle`.
-    pub fn new(lifecycle: Arc<Lifecycle>) -> Self {
-        Self { lifecycle }
+    /// A dispatcher over `lifecycle` and `vms`.
+    pub fn new(lifecycle: Arc<Lifecycle>, vms: Arc<Vms>) -> Self {
+        Self { lifecycle, vms }
     }
+}
+
+fn wait_timeout(timeout_ms: Option<u64>) -> Duration {
+    timeout_ms
+        .map_or(DEFAULT_WAIT, Duration::from_millis)
+        .min(MAX_WAIT)
 }
 
 impl Handler for Dispatcher {
@@ -87,12 +119,16 @@ impl Handler for Dispatcher {
                 path,
                 fd,
                 link,
+                vmstate,
+                vmm,
             } => {
                 let request = RegisterRequest {
                     snapshot,
                     path,
                     fd,
                     link,
+                    vmstate,
+                    vmm,
                 };
                 to_value(registration::register(lc, request, context)?)
             }
@@ -110,13 +146,39 @@ impl Handler for Dispatcher {
                 fork,
                 state,
                 timeout_ms,
-            } => {
-                let timeout = timeout_ms
-                    .map_or(DEFAULT_WAIT, Duration::from_millis)
-                    .min(MAX_WAIT);
-                to_value(lc.wait_fork(&fork, state, timeout)?)
-            }
+            } => to_value(lc.wait_fork(&fork, state, wait_timeout(timeout_ms))?),
             Request::ForkClose { fork } => to_value(lc.close_fork(&fork)?),
+            Request::VmStart {
+                snapshot,
+                vm,
+                backend,
+                network_overrides,
+                vsock,
+            } => to_value(self.vms.start(StartRequest {
+                snapshot,
+                vm,
+                backend,
+                network_overrides,
+                vsock,
+            })?),
+            Request::VmList {} => to_value(self.vms.list()),
+            Request::VmGet { vm } => to_value(self.vms.get(&vm)?),
+            Request::VmStop { vm, timeout_ms } => {
+                let timeout = timeout_ms
+                    .map_or(DEFAULT_STOP_TIMEOUT, Duration::from_millis)
+                    .min(MAX_WAIT);
+                to_value(self.vms.stop(&vm, timeout)?)
+            }
+            Request::VmWait {
+                vm,
+                state,
+                timeout_ms,
+            } => to_value(self.vms.wait(&vm, state, wait_timeout(timeout_ms))?),
+            Request::VmSnapshot {
+                vm,
+                snapshot,
+                resume,
+            } => to_value(self.vms.snapshot(&vm, snapshot, resume)?),
         }
     }
 }
