@@ -3,7 +3,10 @@
 //! 8 MiB it filled before the snapshot and reports `OK` on its console (COM1, Firecracker's
 //! stdout, which pagerd keeps in the VM's console log); a `BAD` line would mean wrong memory.
 //!
-//! Skipped (and counted as such) where Firecracker, `/dev/kvm` or `cc` is missing.
+//! QEMU clones (TCG) map the FUSE memory file privately and take their device state from a
+//! migration stream saved with `x-ignore-shared`.
+//!
+//! Skipped (and counted as such) where Firecracker, `/dev/kvm`, QEMU >= 8.2 or `cc` is missing.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -11,6 +14,7 @@ use std::time::Duration;
 
 use proto::model::{ForkState, SnapshotInfo, VmBackend, VmInfo, VmState, VmmKind};
 use testkit::firecracker::{self, count, Fixture, VmReaper};
+use testkit::qemu;
 use testkit::{skip, wait_until, Daemon, DEADLINE};
 
 /// The guests are busy loops: one test at a time keeps a 2-core machine usable.
@@ -98,8 +102,9 @@ fn console(log: &Path) -> String {
 }
 
 fn stop(daemon: &Daemon, id: &str) -> VmInfo {
-    let vm: VmInfo = ctl_json(daemon, &["vm", "stop", id, "--timeout-ms", "500"]);
+    let vm: VmInfo = ctl_json(daemon, &["vm", "stop", id, "--timeout-ms", "5000"]);
     assert_eq!(vm.state, VmState::Exited, "{vm:?}");
+    assert_ne!(vm.exit_signal, Some(9), "SIGTERM stops it: {vm:?}");
     vm
 }
 
@@ -246,5 +251,55 @@ fn vms_outlive_a_pagerd_restart_and_are_still_listed() {
     }
     wait_until("the snapshot to be free", Duration::from_secs(30), || {
         daemon.pagerctl(&["snapshot", "rm", "base"]).success()
+    });
+}
+
+#[test]
+fn qemu_clones_map_the_fuse_file_and_resume_from_a_migration_stream() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let test = "qemu_clones_map_the_fuse_file_and_resume_from_a_migration_stream";
+    let fixture = match qemu::fixture() {
+        Ok(fixture) => fixture,
+        Err(why) => return skip(test, &why),
+    };
+    let binary = qemu::available().expect("the fixture was made with it");
+    let daemon = Daemon::start(&[], &["--qemu", &binary.display().to_string()]);
+    let _reaper = VmReaper::new(&daemon.state_dir());
+    let info: SnapshotInfo = ctl_json(
+        &daemon,
+        &[
+            "snapshot",
+            "add",
+            "q",
+            &fixture.memory.display().to_string(),
+            "--vmstate",
+            &fixture.vmstate.display().to_string(),
+            "--vmm",
+            "qemu",
+        ],
+    );
+    assert_eq!(info.vmstate.map(|v| v.vmm), Some(VmmKind::Qemu));
+    let refused = daemon.pagerctl(&["vm", "start", "q", "--id", "q-uffd"]);
+    assert_eq!(
+        refused.code,
+        Some(5),
+        "QEMU clones use the file backend: {refused:?}"
+    );
+    let vms: Vec<VmInfo> = (0..4)
+        .map(|i| start_vm(&daemon, "q", &format!("q-{i}"), VmBackend::File))
+        .collect();
+    for vm in &vms {
+        assert_eq!(vm.vmm, VmmKind::Qemu);
+        wait_ok(vm, 1);
+    }
+    let refused = daemon.pagerctl(&["snapshot", "rm", "q"]);
+    assert_eq!(refused.code, Some(4), "{refused:?}");
+    let refused = daemon.pagerctl(&["vm", "snapshot", "q-0", "--id", "q2"]);
+    assert_eq!(refused.code, Some(5), "not for QEMU yet: {refused:?}");
+    for vm in &vms {
+        stop(&daemon, vm.id.as_str());
+    }
+    wait_until("the clones to let go of the snapshot", DEADLINE, || {
+        daemon.pagerctl(&["snapshot", "rm", "q"]).success()
     });
 }

@@ -77,6 +77,10 @@ pub struct Config {
     /// on PATH].
     #[arg(long, value_name = "PATH")]
     pub firecracker: Option<PathBuf>,
+    /// The QEMU binary `vm.start` launches for `qemu` bundles [default: $QEMU, else
+    /// `qemu-system-x86_64` on PATH].
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
     /// A launched VM's console log is rotated (copied to console.log.1 and truncated) once it
     /// is larger than this, in KiB.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
@@ -110,7 +114,10 @@ impl Config {
         if let Some(mount) = &mut self.fuse_mount {
             *mount = std::path::absolute(&*mount)?;
         }
-        if let Some(binary) = &mut self.firecracker {
+        for binary in [&mut self.firecracker, &mut self.qemu]
+            .into_iter()
+            .flatten()
+        {
             *binary = std::path::absolute(&*binary)?;
         }
         Ok(())

@@ -197,6 +197,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         store,
         VmOptions {
             firecracker: config.firecracker.clone(),
+            qemu: config.qemu.clone(),
             console_cap: config.console_log_max_kib.saturating_mul(1024),
         },
     );

@@ -56,7 +56,7 @@ impl From<VmError> for ControlError {
         let code = match &e {
             VmError::NotFound(_) => ErrorCode::NotFound,
             VmError::Exists(_) | VmError::WrongState { .. } => ErrorCode::Conflict,
-            VmError::NoVmState(_) | VmError::Unsupported(_) => ErrorCode::InvalidArgument,
+            VmError::NoVmState(_) | VmError::Unsupported { .. } => ErrorCode::InvalidArgument,
             VmError::NoFuse | VmError::NoBinary(_) | VmError::WaitTimedOut { .. } => {
                 ErrorCode::Unavailable
             }
@@ -68,6 +68,7 @@ impl From<VmError> for ControlError {
             }
             VmError::StartFailed { .. }
             | VmError::Api { .. }
+            | VmError::Qmp { .. }
             | VmError::Io { .. }
             | VmError::Store(_) => ErrorCode::Internal,
         };

@@ -3,6 +3,7 @@
 use proto::model::{VmState, VmmKind};
 use proto::Id;
 use vmm_glue::firecracker::FirecrackerError;
+use vmm_glue::qemu::QemuError;
 
 use crate::lifecycle::LifecycleError;
 use crate::store::StoreError;
@@ -19,15 +20,20 @@ pub(crate) enum VmError {
     /// The snapshot has no hypervisor state to start from.
     #[error("snapshot `{0}` has no saved hypervisor state; register it with --vmstate")]
     NoVmState(Id),
-    /// That hypervisor cannot be launched yet.
-    #[error("launching {0} VMs is not supported")]
-    Unsupported(VmmKind),
+    /// That hypervisor cannot do this (yet).
+    #[error("{operation} is not supported for {vmm} VMs")]
+    Unsupported {
+        /// The hypervisor.
+        vmm: VmmKind,
+        /// What was asked.
+        operation: &'static str,
+    },
     /// The file backend needs the FUSE view.
     #[error("the file backend needs pagerd's FUSE view, which is off")]
     NoFuse,
     /// No hypervisor binary.
-    #[error("cannot launch")]
-    NoBinary(#[source] FirecrackerError),
+    #[error("cannot launch: {0}")]
+    NoBinary(String),
     /// The VM is not in a state that allows it.
     #[error("VM `{vm}` is {state}")]
     WrongState {
@@ -52,6 +58,15 @@ pub(crate) enum VmError {
         /// What failed.
         #[source]
         source: FirecrackerError,
+    },
+    /// QEMU's QMP refused or failed.
+    #[error("VM `{vm}`")]
+    Qmp {
+        /// The VM.
+        vm: Id,
+        /// What failed.
+        #[source]
+        source: QemuError,
     },
     /// Waiting ran out.
     #[error("VM `{vm}` did not reach {state} within {timeout_ms} ms")]

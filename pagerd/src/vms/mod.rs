@@ -38,6 +38,7 @@ use proto::model::{NetworkOverride, SnapshotInfo, VmBackend, VmInfo, VmState, Vm
 use proto::Id;
 use rustix::process::Signal;
 use vmm_glue::firecracker::{self, Api, LoadRequest};
+use vmm_glue::qemu::{self, Qmp};
 
 pub(crate) use error::VmError;
 pub(crate) use host::VmHost;
@@ -62,6 +63,8 @@ const CONSOLE_CHECK_PERIOD: Duration = Duration::from_secs(1);
 pub(crate) struct VmOptions {
     /// The Firecracker binary, if given (else `$FIRECRACKER`, else `PATH`).
     pub firecracker: Option<PathBuf>,
+    /// The QEMU binary, if given (else `$QEMU`, else `qemu-system-x86_64` on `PATH`).
+    pub qemu: Option<PathBuf>,
     /// The most bytes a console log grows to before it is rotated.
     pub console_cap: u64,
 }
@@ -288,11 +291,26 @@ impl Vms {
             .vmstate
             .clone()
             .ok_or_else(|| VmError::NoVmState(request.snapshot.clone()))?;
-        if vmstate.vmm != VmmKind::Firecracker {
-            return Err(VmError::Unsupported(vmstate.vmm));
-        }
-        let binary = firecracker::find_binary(self.options.firecracker.as_deref())
-            .map_err(VmError::NoBinary)?;
+        let unsupported = |operation| VmError::Unsupported {
+            vmm: vmstate.vmm,
+            operation,
+        };
+        let binary = match vmstate.vmm {
+            VmmKind::Firecracker => firecracker::find_binary(self.options.firecracker.as_deref())
+                .map_err(|e| VmError::NoBinary(e.to_string()))?,
+            VmmKind::Qemu => {
+                // QEMU takes its memory from the FUSE view only; no per-clone devices yet.
+                if request.backend != VmBackend::File {
+                    return Err(unsupported("the uffd backend (use --backend file)"));
+                }
+                if !request.network_overrides.is_empty() || request.vsock.is_some() {
+                    return Err(unsupported("tap and vsock overrides"));
+                }
+                qemu::find_binary(self.options.qemu.as_deref())
+                    .map_err(|e| VmError::NoBinary(e.to_string()))?
+            }
+        };
+        let memory_size = snapshot.size.unwrap_or(0);
         let memory_file = match request.backend {
             VmBackend::File => Some(snapshot.fuse_file.clone().ok_or(VmError::NoFuse)?),
             VmBackend::Uffd => None,
@@ -323,7 +341,7 @@ impl Vms {
                 pid: None,
                 fork: None,
                 memory_file: memory_file.clone(),
-                api_socket: dir.join("api.sock"),
+                api_socket: dir.join(api_socket_name(vmstate.vmm)),
                 console_log: dir.join("console.log"),
                 network_overrides: request.network_overrides.clone(),
                 vsock: request.vsock.clone(),
@@ -343,15 +361,13 @@ impl Vms {
             },
         );
         let mut started = None;
-        let launched = self.launch(
-            &id,
-            &dir,
-            &binary,
-            &vmstate.path,
-            memory_file,
-            &request,
-            &mut started,
-        );
+        let target = Target {
+            vmm: vmstate.vmm,
+            binary,
+            vmstate: vmstate.path.clone(),
+            memory_size,
+        };
+        let launched = self.launch(&id, &dir, &target, memory_file, &request, &mut started);
         match (launched, started) {
             (Ok(()), Some(process)) => {
                 let pidfd = Arc::new(process.pidfd);
@@ -388,17 +404,16 @@ impl Vms {
 
     /// The steps of a start that can fail; the process, once spawned, is left in `started`
     /// for the caller to keep or kill.
-    #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
         id: &Id,
         dir: &Path,
-        binary: &Path,
-        vmstate: &Path,
+        target: &Target,
         memory_file: Option<PathBuf>,
         request: &StartRequest,
         started: &mut Option<Process>,
     ) -> Result<(), VmError> {
+        let binary = &target.binary;
         let memory = match memory_file {
             Some(file) => file,
             None => {
@@ -407,19 +422,28 @@ impl Vms {
                 fork.handoff_socket
             }
         };
-        let api_socket = dir.join("api.sock");
+        let api_socket = dir.join(api_socket_name(target.vmm));
         let console_path = dir.join("console.log");
-        let log_path = dir.join("firecracker.log");
         let console =
             console::open(&console_path).map_err(io(format!("open {}", console_path.display())))?;
-        console::open(&log_path).map_err(io(format!("create {}", log_path.display())))?;
         match std::fs::remove_file(&api_socket) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(io(format!("remove {}", api_socket.display()))(e))
             }
             _ => {}
         }
-        let command = firecracker::command(binary, id.as_str(), &api_socket, &log_path);
+        let command = match target.vmm {
+            VmmKind::Firecracker => {
+                let log_path = dir.join("firecracker.log");
+                console::open(&log_path).map_err(io(format!("create {}", log_path.display())))?;
+                firecracker::command(binary, id.as_str(), &api_socket, &log_path)
+            }
+            VmmKind::Qemu => {
+                let mut command = std::process::Command::new(binary);
+                command.args(qemu::clone_args(&memory, target.memory_size, &api_socket));
+                command
+            }
+        };
         let process =
             process::spawn(command, &console).map_err(io(format!("start {}", binary.display())))?;
         let identity = process.identity;
@@ -429,17 +453,25 @@ impl Vms {
             slot.record.info.pid = Some(identity.pid);
             slot.record.start_time = Some(identity.start_time);
         })?;
+        let alive = || !process::wait_exit(&pidfd, Some(Duration::ZERO));
+        if target.vmm == VmmKind::Qemu {
+            wait_socket(&api_socket, alive).map_err(io("reach QEMU's QMP socket"))?;
+            let qmp_error = |source| VmError::Qmp {
+                vm: id.clone(),
+                source,
+            };
+            let mut qmp = Qmp::connect(&api_socket).map_err(qmp_error)?;
+            return qmp.restore(&target.vmstate).map_err(qmp_error);
+        }
         let api = Api::new(&api_socket);
         let api_error = |source| VmError::Api {
             vm: id.clone(),
             source,
         };
-        api.wait_ready(API_READY_TIMEOUT, || {
-            !process::wait_exit(&pidfd, Some(Duration::ZERO))
-        })
-        .map_err(api_error)?;
+        api.wait_ready(API_READY_TIMEOUT, alive)
+            .map_err(api_error)?;
         let load = LoadRequest::new(
-            vmstate,
+            &target.vmstate,
             request.backend,
             &memory,
             &request.network_overrides,
@@ -566,7 +598,10 @@ impl Vms {
             });
         }
         if info.vmm != VmmKind::Firecracker {
-            return Err(VmError::Unsupported(info.vmm));
+            return Err(VmError::Unsupported {
+                vmm: info.vmm,
+                operation: "vm.snapshot",
+            });
         }
         if self.host.snapshot(&new).is_ok() {
             return Err(VmError::Lifecycle(LifecycleError::Exists {
@@ -604,6 +639,35 @@ impl Vms {
             tracing::info!(vm = %id, snapshot = %snapshot.id, resumed = resume, "VM snapshotted");
         }
         result
+    }
+}
+
+/// What a VM is started from.
+#[derive(Debug)]
+struct Target {
+    vmm: VmmKind,
+    binary: PathBuf,
+    vmstate: PathBuf,
+    memory_size: u64,
+}
+
+/// The name of the hypervisor's control socket in the VM's directory.
+fn api_socket_name(vmm: VmmKind) -> &'static str {
+    match vmm {
+        VmmKind::Firecracker => "api.sock",
+        VmmKind::Qemu => "qmp.sock",
+    }
+}
+
+/// Waits until `socket` accepts a connection, while `alive` says the process lives.
+fn wait_socket(socket: &Path, mut alive: impl FnMut() -> bool) -> std::io::Result<()> {
+    let end = Instant::now() + API_READY_TIMEOUT;
+    loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= end || !alive() => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
     }
 }
 

@@ -31,11 +31,17 @@ pub(crate) fn spawn(mut command: Command, console: &File) -> io::Result<Process>
         .stdin(Stdio::null())
         .stdout(console.try_clone()?)
         .stderr(console.try_clone()?);
-    // SAFETY: the closure runs in the child between fork and exec and calls only setsid(2),
-    // which is async-signal-safe and touches no memory of the parent.
+    // SAFETY: the closure runs in the child between fork and exec and calls only setsid(2)
+    // and sigprocmask(2) (through pthread_sigmask), which are async-signal-safe, allocate
+    // nothing and touch no lock of the parent.
     unsafe {
         command.pre_exec(|| {
             rustix::process::setsid()?;
+            // The daemon blocks SIGTERM and SIGINT in every thread (it waits for them with
+            // sigwait); a blocked mask survives exec, and the hypervisor must see them.
+            nix::sys::signal::SigSet::empty()
+                .thread_set_mask()
+                .map_err(io::Error::from)?;
             Ok(())
         });
     }
