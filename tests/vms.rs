@@ -183,9 +183,44 @@ fn a_snapshot_of_a_running_clone_is_a_new_parent() {
     }
     let refused = daemon.pagerctl(&["snapshot", "rm", "child"]);
     assert_eq!(refused.code, Some(4), "{refused:?}");
+    // Without --resume the VM stays paused (Firecracker says so on its API).
+    let _: SnapshotInfo = ctl_json(&daemon, &["vm", "snapshot", "parent", "--id", "child2"]);
+    let state = vmm_glue::http::request(
+        &parent.api_socket,
+        "GET",
+        "/",
+        None,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(state.body.contains("\"Paused\""), "{state:?}");
+    let refused = daemon.pagerctl(&["vm", "snapshot", "parent", "--id", "child2"]);
+    assert_eq!(refused.code, Some(4), "the id is taken: {refused:?}");
     for id in ["child-uffd", "child-file", "parent"] {
         stop(&daemon, id);
     }
+}
+
+#[test]
+fn snapshots_without_vmm_state_are_not_started_and_unreadable_vm_records_fail_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = testkit::write_snapshot(&dir.path().join("mem"), 1 << 20, 3, 0, 0);
+    let daemon = Daemon::start(&[("plain", &mem)], &[]);
+    assert!(daemon.snapshot("plain").vmstate.is_none());
+    let refused = daemon.pagerctl(&["vm", "start", "plain"]);
+    assert_eq!(refused.code, Some(5), "{refused:?}");
+    assert!(refused.stderr.contains("--vmstate"), "{refused:?}");
+    let missing = daemon.pagerctl(&["vm", "get", "nope"]);
+    assert_eq!(missing.code, Some(3), "{missing:?}");
+    let broken = daemon.state_dir().join("vms/broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(broken.join("vm.json"), b"{\"id\":").unwrap();
+    let refused = daemon.pagerctl(&["snapshot", "rm", "plain"]);
+    assert_eq!(refused.code, Some(7), "counting fails closed: {refused:?}");
+    assert!(refused.stderr.contains("vms/broken/vm.json"), "{refused:?}");
+    std::fs::remove_dir_all(&broken).unwrap();
+    let rm = daemon.pagerctl(&["snapshot", "rm", "plain"]);
+    assert!(rm.success(), "{rm:?}");
 }
 
 #[test]

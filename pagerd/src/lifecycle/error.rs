@@ -49,7 +49,7 @@ pub(crate) enum LifecycleError {
     #[error("snapshot `{0}` is pending deletion; no new forks of it are allowed")]
     DeletePending(Id),
     /// Some fork record cannot be read, so no reference count can be trusted.
-    #[error("cannot count the forks of snapshot `{snapshot}`: unreadable fork record(s) {}; repair or remove them", paths(records))]
+    #[error("cannot count the forks and VMs of snapshot `{snapshot}`: unreadable record(s) {}; repair or remove them", paths(records))]
     CountsUnknown {
         /// The snapshot.
         snapshot: Id,

@@ -371,21 +371,33 @@ impl Lifecycle {
         }
     }
 
-    /// The launched VMs whose records say they may still run on `snapshot` (references too;
-    /// unreadable VM records are logged and not counted).
+    /// The launched VMs whose records say they may still run on `snapshot` (references too),
+    /// as far as they can be read (for reports).
     fn live_vms(&self, snapshot: &Id) -> Vec<Id> {
-        match self.store.scan_vms() {
-            Ok(scan) => {
-                for (path, error) in &scan.unreadable {
-                    tracing::warn!(record = %path.display(), %error, "unreadable VM record");
-                }
-                scan.live_on(snapshot)
+        self.counted_vms(snapshot).unwrap_or_else(|e| match e {
+            LifecycleError::CountsUnknown { .. } => self
+                .store
+                .scan_vms()
+                .map(|scan| scan.live_on(snapshot))
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        })
+    }
+
+    /// The launched VMs running on `snapshot`, or, if some VM record cannot be read, a
+    /// refusal naming it: counting fails closed, as with fork records.
+    fn counted_vms(&self, snapshot: &Id) -> Result<Vec<Id>, LifecycleError> {
+        let scan = self.store.scan_vms()?;
+        if !scan.unreadable.is_empty() {
+            for (path, error) in &scan.unreadable {
+                tracing::warn!(record = %path.display(), %error, "unreadable VM record");
             }
-            Err(e) => {
-                tracing::warn!(error = %crate::errors::error_chain(&e), "cannot read the VM records");
-                Vec::new()
-            }
+            return Err(LifecycleError::CountsUnknown {
+                snapshot: snapshot.clone(),
+                records: scan.unreadable.into_iter().map(|(path, _)| path).collect(),
+            });
         }
+        Ok(scan.live_on(snapshot))
     }
 
     /// Called when a launched VM stops using `snapshot`: finishes a deferred delete that
@@ -459,7 +471,7 @@ impl Lifecycle {
                 records: scan.unreadable.iter().map(|u| u.path.clone()).collect(),
             })?;
         let file_users = self.file_users.referencing(id);
-        let vms = self.live_vms(id);
+        let vms = self.counted_vms(id)?;
         if forks.is_empty() && file_users.is_empty() && vms.is_empty() {
             self.remove_snapshot_now(&mut catalog, id)?;
             return Ok(DeleteOutcome {
@@ -509,7 +521,7 @@ impl Lifecycle {
                 records: scan.unreadable.iter().map(|u| u.path.clone()).collect(),
             })?;
         let file_users = self.file_users.referencing(id);
-        let vms = self.live_vms(id);
+        let vms = self.counted_vms(id)?;
         if !forks.is_empty() || !file_users.is_empty() || !vms.is_empty() {
             return Err(LifecycleError::InUse {
                 snapshot: id.clone(),
@@ -580,7 +592,9 @@ impl Lifecycle {
         if !catalog.metas.get(id).is_some_and(|m| m.delete_pending) {
             return Ok(false);
         }
-        if !self.file_users.referencing(id).is_empty() || !self.live_vms(id).is_empty() {
+        if !self.file_users.referencing(id).is_empty()
+            || !self.counted_vms(id).is_ok_and(|vms| vms.is_empty())
+        {
             return Ok(false);
         }
         let scan = self.store.scan_forks()?;
