@@ -112,6 +112,17 @@ impl Handler for Dispatcher {
         context: &mut RequestContext,
     ) -> Result<Value, ControlError> {
         let lc = &self.lifecycle;
+        let launches = matches!(
+            request,
+            Request::VmStart { .. } | Request::VmStop { .. } | Request::VmSnapshot { .. }
+        );
+        if launches && !registration::may_register_by_path(context.peer()) {
+            // The hypervisor runs as the daemon's user and opens the paths it is given.
+            return Err(ControlError::new(
+                ErrorCode::InvalidArgument,
+                "only root and pagerd's own user may start, stop or snapshot VMs",
+            ));
+        }
         match request {
             Request::Status {} => to_value(lc.status()?),
             Request::Stats {} => to_value(lc.stats()),
