@@ -147,6 +147,7 @@ fn eight_clones_of_one_snapshot_check_their_memory_on_each_backend() {
             "the conflict names the VMs: {refused:?}"
         );
         assert_eq!(daemon.snapshot("base").vms.len(), 8);
+        assert_eq!(daemon.status().vms.running, 8);
         for vm in &vms {
             stop(&daemon, vm.id.as_str());
         }

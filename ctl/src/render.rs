@@ -43,7 +43,7 @@ pub fn status(s: &StatusReport) -> String {
         },
     );
     format!(
-        "pagerd {} (pid {}), up {}, {}\nstate dir: {}\nworkers: {} (sessions {:?})\nsnapshots: {}\nforks: {} waiting, {} serving, {} detached, {} ended\nfuse: {fuse}\n",
+        "pagerd {} (pid {}), up {}, {}\nstate dir: {}\nworkers: {} (sessions {:?})\nsnapshots: {}\nforks: {} waiting, {} serving, {} detached, {} ended\nvms: {} starting, {} running, {} exited, {} failed\nfuse: {fuse}\n",
         s.version,
         s.pid,
         units::uptime(s.uptime_ms),
@@ -56,6 +56,10 @@ pub fn status(s: &StatusReport) -> String {
         s.forks.serving,
         s.forks.detached,
         s.forks.ended,
+        s.vms.starting,
+        s.vms.running,
+        s.vms.exited,
+        s.vms.failed,
     )
 }
 

@@ -428,6 +428,19 @@ pub struct ForkCounts {
     pub detached: usize,
 }
 
+/// Launched VMs by state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmCounts {
+    /// Being restored.
+    pub starting: usize,
+    /// Running.
+    pub running: usize,
+    /// Exited.
+    pub exited: usize,
+    /// Failed to start.
+    pub failed: usize,
+}
+
 /// The FUSE view, as `status` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FuseStatus {
@@ -460,6 +473,9 @@ pub struct StatusReport {
     pub snapshots: usize,
     /// Forks by state.
     pub forks: ForkCounts,
+    /// Launched VMs by state.
+    #[serde(default)]
+    pub vms: VmCounts,
     /// Snapshots kept but not served.
     pub damaged_snapshots: Vec<Id>,
     /// Fork records that cannot be read (deletes are refused while they exist).

@@ -124,7 +124,11 @@ impl Handler for Dispatcher {
             ));
         }
         match request {
-            Request::Status {} => to_value(lc.status()?),
+            Request::Status {} => {
+                let mut status = lc.status()?;
+                status.vms = self.vms.counts();
+                to_value(status)
+            }
             Request::Stats {} => to_value(lc.stats()),
             Request::SnapshotRegister {
                 snapshot,

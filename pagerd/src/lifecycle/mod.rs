@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proto::model::{
     DeleteOutcome, EndReason, ForkCounts, ForkInfo, ForkListEntry, ForkState, ForkStatsReport,
-    FuseStatus, SnapshotInfo, StatsReport, StatusReport, VmStateInfo, VmmKind,
+    FuseStatus, SnapshotInfo, StatsReport, StatusReport, VmCounts, VmStateInfo, VmmKind,
 };
 use proto::Id;
 use serde::Serialize;
@@ -804,6 +804,7 @@ impl Lifecycle {
             worker_sessions: self.server.worker_loads(),
             snapshots: self.registry.snapshots().len(),
             forks,
+            vms: VmCounts::default(),
             damaged_snapshots: damaged,
             unreadable_fork_records: unreadable,
             open_fds: crate::sys::open_fd_count().ok(),

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use proto::model::{NetworkOverride, SnapshotInfo, VmBackend, VmInfo, VmState, VmmKind};
+use proto::model::{NetworkOverride, SnapshotInfo, VmBackend, VmCounts, VmInfo, VmState, VmmKind};
 use proto::Id;
 use rustix::process::Signal;
 use vmm_glue::firecracker::{self, Api, LoadRequest};
@@ -263,6 +263,20 @@ impl Vms {
             .values()
             .map(|s| s.record.info.clone())
             .collect()
+    }
+
+    /// VMs by state.
+    pub fn counts(&self) -> VmCounts {
+        let mut counts = VmCounts::default();
+        for slot in self.lock().values() {
+            match slot.record.info.state {
+                VmState::Starting => counts.starting += 1,
+                VmState::Running => counts.running += 1,
+                VmState::Exited => counts.exited += 1,
+                VmState::Failed => counts.failed += 1,
+            }
+        }
+        counts
     }
 
     /// One VM.
