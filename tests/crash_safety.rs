@@ -44,6 +44,8 @@ fn script(r: usize, mem: &Path) -> Vec<(Request, Vec<Expect>)> {
         path: Some(mem.to_owned()),
         fd: false,
         link: false,
+        vmstate: None,
+        vmm: None,
     };
     let delete = |snapshot: &proto::Id, defer: bool| Request::SnapshotDelete {
         snapshot: snapshot.clone(),

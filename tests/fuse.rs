@@ -509,6 +509,8 @@ fn registering_a_file_from_the_mount_itself_is_refused() {
         path: Some(looped),
         fd: false,
         link: false,
+        vmstate: None,
+        vmm: None,
     });
     assert_eq!(err.code, ErrorCode::InvalidArgument, "{err:?}");
     assert!(err.message.contains("FUSE"), "{}", err.message);

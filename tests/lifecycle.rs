@@ -41,6 +41,8 @@ fn register(snapshot: &str, path: impl Into<PathBuf>) -> Request {
         path: Some(path.into()),
         fd: false,
         link: false,
+        vmstate: None,
+        vmm: None,
     }
 }
 

@@ -55,6 +55,7 @@ fn metrics_move_while_forks_run_and_agree_with_pagerctl_stats() {
     assert_eq!(before["pagerd_snapshots"], 1.0);
     assert_eq!(before["pagerd_healthy"], 1.0);
     assert_eq!(before[r#"pagerd_forks{state="serving"}"#], 0.0);
+    assert_eq!(before[r#"pagerd_vms{state="running"}"#], 0.0);
 
     let mut vmms = Vec::new();
     for fork in ["a", "b"] {

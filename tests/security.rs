@@ -89,6 +89,8 @@ fn register_by_path(snapshot: &str, path: &Path) -> Request {
         path: Some(path.to_owned()),
         fd: false,
         link: false,
+        vmstate: None,
+        vmm: None,
     }
 }
 
@@ -457,4 +459,28 @@ fn registration_leaves_the_source_mode_alone_and_refuses_symlinks() {
         run.stderr.contains("already linked as snapshot `link`"),
         "{run:?}"
     );
+}
+
+#[test]
+fn a_group_member_lists_vms_but_cannot_start_stop_or_snapshot_them() {
+    let group = NOBODY.to_string();
+    let daemon = Daemon::start(&[], &["--group", &group]);
+    open_up(daemon.scratch());
+    let ask = |line: &str| -> Response {
+        let out = connect_as(NOBODY, NOBODY, daemon.control_socket(), Some(line));
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    for line in [
+        r#"{"v":1,"op":"vm.start","snapshot":"base","vsock":"/etc/owned"}"#,
+        r#"{"v":1,"op":"vm.stop","vm":"a"}"#,
+        r#"{"v":1,"op":"vm.snapshot","vm":"a","snapshot":"b"}"#,
+    ] {
+        let error = ask(line).error.expect("refused");
+        assert_eq!(error.code, ErrorCode::InvalidArgument, "{line}: {error:?}");
+        assert!(error.message.contains("only root"), "{error:?}");
+    }
+    let listed = ask(r#"{"v":1,"op":"vm.list"}"#);
+    assert!(listed.ok, "{listed:?}");
+    assert!(!Path::new("/etc/owned").exists());
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use proto::client::{Client, ClientError};
 use proto::control::ErrorCode;
-use proto::model::ForkState;
+use proto::model::{ForkState, NetworkOverride, VmBackend, VmState, VmmKind};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -83,6 +83,81 @@ enum Command {
         /// The directory.
         dir: PathBuf,
     },
+    /// VMs pagerd launches from snapshots and supervises.
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// Start a hypervisor restored from a snapshot saved with its device state (--vmstate),
+    /// its memory served by pagerd.
+    Start {
+        /// Snapshot id.
+        snapshot: String,
+        /// VM id [default: generated].
+        #[arg(long)]
+        id: Option<String>,
+        /// Where guest memory comes from: `uffd` (a fork pagerd serves page by page) or
+        /// `file` (pagerd's FUSE memory file, mapped privately).
+        #[arg(long, default_value = "uffd")]
+        backend: VmBackend,
+        /// Give the snapshot's network interface IFACE the host tap device TAPDEV in this
+        /// clone. Repeatable.
+        #[arg(long = "tap", value_name = "IFACE=TAPDEV", value_parser = parse_tap)]
+        taps: Vec<NetworkOverride>,
+        /// The vsock Unix socket path for this clone.
+        #[arg(long)]
+        vsock: Option<PathBuf>,
+    },
+    /// List VMs.
+    Ls,
+    /// Show one VM: state, hypervisor pid, fork, backend, API socket and console log.
+    Get {
+        /// VM id.
+        id: String,
+    },
+    /// Stop a VM: SIGTERM, then SIGKILL after the timeout.
+    Stop {
+        /// VM id.
+        id: String,
+        /// How long to wait after SIGTERM before SIGKILL, in ms.
+        #[arg(long, default_value_t = 5_000)]
+        timeout_ms: u64,
+    },
+    /// Wait until a VM reaches a state (or a later one).
+    Wait {
+        /// VM id.
+        id: String,
+        /// starting, running, exited or failed.
+        state: VmState,
+        /// How long to wait at most, in ms.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Save a running VM as a new snapshot (pause, full snapshot, register), then leave it
+    /// paused unless --resume.
+    Snapshot {
+        /// VM id.
+        id: String,
+        /// The new snapshot's id.
+        #[arg(long = "id", value_name = "NEW")]
+        new: String,
+        /// Resume the VM afterwards.
+        #[arg(long)]
+        resume: bool,
+    },
+}
+
+fn parse_tap(s: &str) -> Result<NetworkOverride, String> {
+    let (iface, tap) = s.split_once('=').ok_or("expected IFACE=TAPDEV")?;
+    if iface.is_empty() || tap.is_empty() {
+        return Err("expected IFACE=TAPDEV".into());
+    }
+    Ok(NetworkOverride {
+        iface_id: iface.into(),
+        host_dev_name: tap.into(),
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,6 +178,13 @@ enum SnapshotCommand {
         /// names included) marks the snapshot damaged and no new forks of it are made.
         #[arg(long)]
         link: bool,
+        /// The hypervisor's device state saved with the memory (copied in, mode as the
+        /// memory's), so `pagerctl vm start` can restore it. Needs --vmm.
+        #[arg(long, requires = "vmm")]
+        vmstate: Option<PathBuf>,
+        /// The hypervisor --vmstate is for: firecracker or qemu.
+        #[arg(long, requires = "vmstate")]
+        vmm: Option<VmmKind>,
     },
     /// Delete a snapshot; refused while forks reference it, unless deferred.
     Rm {
@@ -210,9 +292,21 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
             let r = client.stats()?;
             done(&r, render::stats(&r))
         }
-        Command::Snapshot(SnapshotCommand::Add { id, path, link }) => {
+        Command::Snapshot(SnapshotCommand::Add {
+            id,
+            path,
+            link,
+            vmstate,
+            vmm,
+        }) => {
             let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-            let r = client.register_snapshot(id, &path, *link)?;
+            let r = match vmstate.as_ref().zip(*vmm) {
+                Some((vmstate, vmm)) => {
+                    let vmstate = std::path::absolute(vmstate).unwrap_or_else(|_| vmstate.clone());
+                    client.register_bundle(id, &path, &vmstate, vmm, *link)?
+                }
+                None => client.register_snapshot(id, &path, *link)?,
+            };
             done(&r, render::snapshot_table(std::slice::from_ref(&r)))
         }
         Command::Snapshot(SnapshotCommand::Rm { id, defer, force }) => {
@@ -264,6 +358,43 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
         }
         Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("answered without the daemon")
+        }
+        Command::Vm(VmCommand::Start {
+            snapshot,
+            id,
+            backend,
+            taps,
+            vsock,
+        }) => {
+            let vsock = vsock
+                .as_ref()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+            let r = client.start_vm(snapshot, id.as_deref(), *backend, taps.clone(), vsock)?;
+            done(&r, render::vm(&r))
+        }
+        Command::Vm(VmCommand::Ls) => {
+            let r = client.vms()?;
+            done(&r, render::vm_table(&r))
+        }
+        Command::Vm(VmCommand::Get { id }) => {
+            let r = client.vm(id)?;
+            done(&r, render::vm(&r))
+        }
+        Command::Vm(VmCommand::Stop { id, timeout_ms }) => {
+            let r = client.stop_vm(id, Some(Duration::from_millis(*timeout_ms)))?;
+            done(&r, render::vm(&r))
+        }
+        Command::Vm(VmCommand::Wait {
+            id,
+            state,
+            timeout_ms,
+        }) => {
+            let r = client.wait_vm(id, *state, Duration::from_millis(*timeout_ms))?;
+            done(&r, render::vm(&r))
+        }
+        Command::Vm(VmCommand::Snapshot { id, new, resume }) => {
+            let r = client.snapshot_vm(id, new, *resume)?;
+            done(&r, render::snapshot_table(std::slice::from_ref(&r)))
         }
     })
 }

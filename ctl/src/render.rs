@@ -1,7 +1,7 @@
 //! How each answer reads for a person: tables of forks and snapshots, and short summaries.
 
 use proto::model::{
-    DeleteOutcome, ForkInfo, ForkListEntry, SnapshotInfo, StatsReport, StatusReport,
+    DeleteOutcome, ForkInfo, ForkListEntry, SnapshotInfo, StatsReport, StatusReport, VmInfo,
 };
 
 use crate::table;
@@ -43,7 +43,7 @@ pub fn status(s: &StatusReport) -> String {
         },
     );
     format!(
-        "pagerd {} (pid {}), up {}, {}\nstate dir: {}\nworkers: {} (sessions {:?})\nsnapshots: {}\nforks: {} waiting, {} serving, {} detached, {} ended\nfuse: {fuse}\n",
+        "pagerd {} (pid {}), up {}, {}\nstate dir: {}\nworkers: {} (sessions {:?})\nsnapshots: {}\nforks: {} waiting, {} serving, {} detached, {} ended\nvms: {} starting, {} running, {} exited, {} failed\nfuse: {fuse}\n",
         s.version,
         s.pid,
         units::uptime(s.uptime_ms),
@@ -56,6 +56,10 @@ pub fn status(s: &StatusReport) -> String {
         s.forks.serving,
         s.forks.detached,
         s.forks.ended,
+        s.vms.starting,
+        s.vms.running,
+        s.vms.exited,
+        s.vms.failed,
     )
 }
 
@@ -198,4 +202,65 @@ pub fn deleted(d: &DeleteOutcome) -> String {
         forks.join(", "),
         users.join(", ")
     )
+}
+
+/// VMs, one per row.
+pub fn vm_table(vms: &[VmInfo]) -> String {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            vec![
+                v.id.to_string(),
+                v.snapshot.to_string(),
+                v.vmm.to_string(),
+                v.backend.to_string(),
+                v.state.to_string(),
+                or_dash(v.pid),
+                or_dash(v.fork.as_ref()),
+            ]
+        })
+        .collect();
+    table::render(
+        &["ID", "SNAPSHOT", "VMM", "BACKEND", "STATE", "PID", "FORK"],
+        &rows,
+    )
+}
+
+/// One VM, a field per line.
+pub fn vm(v: &VmInfo) -> String {
+    let mut out = format!(
+        "id: {}\nsnapshot: {}\nvmm: {}\nbackend: {}\nstate: {}\npid: {}\nfork: {}\n",
+        v.id,
+        v.snapshot,
+        v.vmm,
+        v.backend,
+        v.state,
+        or_dash(v.pid),
+        or_dash(v.fork.as_ref()),
+    );
+    if let Some(file) = &v.memory_file {
+        out += &format!("memory file: {}\n", file.display());
+    }
+    out += &format!(
+        "api socket: {}\nconsole log: {}\n",
+        v.api_socket.display(),
+        v.console_log.display()
+    );
+    for tap in &v.network_overrides {
+        out += &format!("tap: {}={}\n", tap.iface_id, tap.host_dev_name);
+    }
+    if let Some(vsock) = &v.vsock {
+        out += &format!("vsock: {}\n", vsock.display());
+    }
+    if v.exit_code.is_some() || v.exit_signal.is_some() {
+        out += &format!(
+            "exit: code {}, signal {}\n",
+            or_dash(v.exit_code),
+            or_dash(v.exit_signal)
+        );
+    }
+    if let Some(reason) = &v.reason {
+        out += &format!("reason: {reason}\n");
+    }
+    out
 }

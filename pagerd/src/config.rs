@@ -77,6 +77,18 @@ pub struct Config {
     /// 127.0.0.1:9464) or unix:/PATH. Off by default.
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<crate::metrics::MetricsAddr>,
+    /// The Firecracker binary `vm.start` launches [default: $FIRECRACKER, else `firecracker`
+    /// on PATH].
+    #[arg(long, value_name = "PATH")]
+    pub firecracker: Option<PathBuf>,
+    /// The QEMU binary `vm.start` launches for `qemu` bundles [default: $QEMU, else
+    /// `qemu-system-x86_64` on PATH].
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
+    /// A launched VM's console log is rotated (copied to console.log.1 and truncated) once it
+    /// is larger than this, in KiB.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub console_log_max_kib: u64,
     /// Log filter (tracing's env-filter syntax, e.g. `info,pagerd=debug`); `RUST_LOG`
     /// overrides it.
     #[arg(long, default_value = "info")]
@@ -109,6 +121,12 @@ impl Config {
         }
         if let Some(mount) = &mut self.fuse_mount {
             *mount = std::path::absolute(&*mount)?;
+        }
+        for binary in [&mut self.firecracker, &mut self.qemu]
+            .into_iter()
+            .flatten()
+        {
+            *binary = std::path::absolute(&*binary)?;
         }
         Ok(())
     }

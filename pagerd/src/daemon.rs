@@ -30,6 +30,7 @@ use crate::serve::session::ServeOptions;
 use crate::serve::Server;
 use crate::store::import::ImportMode;
 use crate::store::{Store, StoreError};
+use crate::vms::{VmOptions, Vms};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +74,9 @@ pub(crate) enum DaemonError {
     /// The metrics address could not be bound.
     #[error("cannot serve metrics at {0}")]
     Metrics(String, #[source] std::io::Error),
+    /// The launched VMs could not be taken up.
+    #[error("cannot take up the launched VMs")]
+    Vms(#[source] crate::vms::VmError),
     /// Signals could not be set up.
     #[error("cannot set up signal handling")]
     Signals(#[source] nix::Error),
@@ -137,7 +141,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         config.handoff_timeout(),
     )
     .map_err(DaemonError::Serve)?;
-    let lifecycle = Arc::new(Lifecycle::new(store, registry.clone(), server));
+    let lifecycle = Arc::new(Lifecycle::new(store.clone(), registry.clone(), server));
     let stopping = Arc::new(AtomicBool::new(false));
     let janitor = {
         let (lifecycle, stopping) = (lifecycle.clone(), stopping.clone());
@@ -169,7 +173,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     for (id, path) in &config.snapshots {
         if lifecycle.snapshot(id).is_err() {
             lifecycle
-                .register_snapshot_path(id.clone(), path, ImportMode::Copy)
+                .register_snapshot_path(id.clone(), path, ImportMode::Copy, None)
                 .map_err(|source| DaemonError::CommandLine {
                     id: id.clone(),
                     source,
@@ -195,10 +199,20 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    let vms = Vms::new(
+        lifecycle.clone(),
+        store,
+        VmOptions {
+            firecracker: config.firecracker.clone(),
+            qemu: config.qemu.clone(),
+            console_cap: config.console_log_max_kib.saturating_mul(1024),
+        },
+    );
+    vms.reconcile().map_err(DaemonError::Vms)?;
     let control_path = config.control_socket();
     let mut control = ControlServer::start(
         &control_path,
-        Arc::new(Dispatcher::new(lifecycle.clone())),
+        Arc::new(Dispatcher::new(lifecycle.clone(), vms)),
         Duration::from_millis(config.control_idle_timeout_ms),
         group,
     )

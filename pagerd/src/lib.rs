@@ -17,6 +17,7 @@
 //! - [`control`]: the JSON control socket; [`daemon`] answers it and runs everything;
 //!   [`registration`]: who may register which file (descriptors, not paths, from non-root).
 //! - [`access`]: who may read guest memory — the modes and group of everything pagerd makes.
+//! - [`vms`]: hypervisors launched from snapshots, wired to pagerd, and supervised.
 
 mod access;
 mod bitmap;
@@ -38,6 +39,7 @@ mod snapshot;
 mod stats;
 mod store;
 mod sys;
+mod vms;
 
 /// Sets up logging and runs the daemon until SIGTERM or SIGINT. On failure, the error and its
 /// causes, as one line.

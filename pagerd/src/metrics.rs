@@ -268,6 +268,17 @@ fn exposition(lifecycle: &Lifecycle) -> Result<String, Box<dyn std::error::Error
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
     registry.register("forks", "Forks by state", forks);
+    let vms: Family<Labels, Gauge> = Family::default();
+    for (state, n) in [
+        ("starting", status.vms.starting),
+        ("running", status.vms.running),
+        ("exited", status.vms.exited),
+        ("failed", status.vms.failed),
+    ] {
+        vms.get_or_create(&label("state", state))
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    registry.register("vms", "Launched VMs by state", vms);
     let sessions: Family<Labels, Gauge> = Family::default();
     for (worker, n) in status.worker_sessions.iter().enumerate() {
         sessions

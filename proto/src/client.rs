@@ -15,7 +15,8 @@ use serde_json::Value;
 use crate::control::{request_line, ControlError, ErrorCode, Request, Response};
 use crate::ids::Id;
 use crate::model::{
-    DeleteOutcome, ForkInfo, ForkListEntry, ForkState, SnapshotInfo, StatsReport, StatusReport,
+    DeleteOutcome, ForkInfo, ForkListEntry, ForkState, NetworkOverride, SnapshotInfo, StatsReport,
+    StatusReport, VmBackend, VmInfo, VmState, VmmKind,
 };
 
 /// How long a request may take before the client gives up (waits add their own timeout).
@@ -101,13 +102,26 @@ impl Client {
         request: &Request,
         fd: Option<BorrowedFd<'_>>,
     ) -> Result<Value, ClientError> {
+        self.call_value_with_fds(request, fd.as_slice())
+    }
+
+    /// Sends one request with descriptors attached to its line (`SCM_RIGHTS`) and returns
+    /// the daemon's result as JSON.
+    pub fn call_value_with_fds(
+        &self,
+        request: &Request,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Value, ClientError> {
         let stream = UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
             path: self.path.clone(),
             source,
         })?;
         let extra = match request {
-            Request::ForkWait { timeout_ms, .. } => {
+            Request::ForkWait { timeout_ms, .. } | Request::VmWait { timeout_ms, .. } => {
                 Duration::from_millis(timeout_ms.unwrap_or(10_000))
+            }
+            Request::VmStop { timeout_ms, .. } => {
+                Duration::from_millis(timeout_ms.unwrap_or(5_000))
             }
             _ => Duration::ZERO,
         };
@@ -115,8 +129,7 @@ impl Client {
             .set_read_timeout(Some(IO_TIMEOUT + extra))
             .map_err(ClientError::Io)?;
         let line = request_line(&Value::from(1), request) + "\n";
-        crate::fdpass::send_with_fds(&stream, line.as_bytes(), fd.as_slice())
-            .map_err(ClientError::Io)?;
+        crate::fdpass::send_with_fds(&stream, line.as_bytes(), fds).map_err(ClientError::Io)?;
         let mut line = String::new();
         BufReader::new(&stream)
             .read_line(&mut line)
@@ -168,6 +181,8 @@ impl Client {
             path: Some(name.to_owned()),
             fd: true,
             link,
+            vmstate: None,
+            vmm: None,
         };
         let value = self.call_value_with_fd(&request, Some(file))?;
         serde_json::from_value(value).map_err(|e| ClientError::Malformed(e.to_string()))
@@ -186,7 +201,34 @@ impl Client {
             path: Some(path.to_owned()),
             fd: false,
             link,
+            vmstate: None,
+            vmm: None,
         })
+    }
+
+    /// `snapshot.register` of a memory file with the hypervisor state saved beside it: both
+    /// opened here and passed as descriptors (memory first).
+    pub fn register_bundle(
+        &self,
+        id: &str,
+        memory: &Path,
+        vmstate: &Path,
+        vmm: VmmKind,
+        link: bool,
+    ) -> Result<SnapshotInfo, ClientError> {
+        let memory_file = open_memory_file(memory)?;
+        let state_file = open_memory_file(vmstate)?;
+        let request = Request::SnapshotRegister {
+            snapshot: parse_id(id)?,
+            path: Some(memory.to_owned()),
+            fd: true,
+            link,
+            vmstate: Some(vmstate.to_owned()),
+            vmm: Some(vmm),
+        };
+        let value =
+            self.call_value_with_fds(&request, &[memory_file.as_fd(), state_file.as_fd()])?;
+        serde_json::from_value(value).map_err(|e| ClientError::Malformed(e.to_string()))
     }
 
     /// `snapshot.delete`; `force` removes a damaged snapshot.
@@ -253,6 +295,70 @@ impl Client {
     pub fn close_fork(&self, id: &str) -> Result<ForkInfo, ClientError> {
         self.call(&Request::ForkClose {
             fork: parse_id(id)?,
+        })
+    }
+
+    /// `vm.start`.
+    pub fn start_vm(
+        &self,
+        snapshot: &str,
+        vm: Option<&str>,
+        backend: VmBackend,
+        network_overrides: Vec<NetworkOverride>,
+        vsock: Option<PathBuf>,
+    ) -> Result<VmInfo, ClientError> {
+        self.call(&Request::VmStart {
+            snapshot: parse_id(snapshot)?,
+            vm: vm.map(parse_id).transpose()?,
+            backend,
+            network_overrides,
+            vsock,
+        })
+    }
+
+    /// `vm.list`.
+    pub fn vms(&self) -> Result<Vec<VmInfo>, ClientError> {
+        self.call(&Request::VmList {})
+    }
+
+    /// `vm.get`.
+    pub fn vm(&self, id: &str) -> Result<VmInfo, ClientError> {
+        self.call(&Request::VmGet { vm: parse_id(id)? })
+    }
+
+    /// `vm.stop`.
+    pub fn stop_vm(&self, id: &str, timeout: Option<Duration>) -> Result<VmInfo, ClientError> {
+        self.call(&Request::VmStop {
+            vm: parse_id(id)?,
+            timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        })
+    }
+
+    /// `vm.wait`.
+    pub fn wait_vm(
+        &self,
+        id: &str,
+        state: VmState,
+        timeout: Duration,
+    ) -> Result<VmInfo, ClientError> {
+        self.call(&Request::VmWait {
+            vm: parse_id(id)?,
+            state,
+            timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+        })
+    }
+
+    /// `vm.snapshot`: a new snapshot `snapshot` of VM `id`.
+    pub fn snapshot_vm(
+        &self,
+        id: &str,
+        snapshot: &str,
+        resume: bool,
+    ) -> Result<SnapshotInfo, ClientError> {
+        self.call(&Request::VmSnapshot {
+            vm: parse_id(id)?,
+            snapshot: parse_id(snapshot)?,
+            resume,
         })
     }
 }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::ids::Id;
-use crate::model::ForkState;
+use crate::model::{ForkState, NetworkOverride, VmBackend, VmState, VmmKind};
 
 /// The protocol version this daemon speaks.
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -52,6 +52,13 @@ pub enum Request {
         /// the snapshot damaged.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         link: bool,
+        /// The hypervisor's device state saved with the memory (always copied, mode as the
+        /// memory's); with `fd`, it is the second descriptor and this only its recorded name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vmstate: Option<std::path::PathBuf>,
+        /// Which hypervisor `vmstate` is for (required with it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vmm: Option<VmmKind>,
     },
     /// Deletes a snapshot no fork references.
     #[serde(rename = "snapshot.delete")]
@@ -108,6 +115,67 @@ pub enum Request {
     ForkClose {
         /// Its id.
         fork: Id,
+    },
+    /// Starts a hypervisor restored from a snapshot with saved device state, its memory
+    /// served by pagerd.
+    #[serde(rename = "vm.start")]
+    VmStart {
+        /// The snapshot to restore.
+        snapshot: Id,
+        /// The VM's id; generated when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vm: Option<Id>,
+        /// How it gets its memory (default `uffd`).
+        #[serde(default)]
+        backend: VmBackend,
+        /// Host tap devices for the snapshot's network interfaces.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        network_overrides: Vec<NetworkOverride>,
+        /// The vsock Unix socket path for this clone.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vsock: Option<std::path::PathBuf>,
+    },
+    /// Every launched VM.
+    #[serde(rename = "vm.list")]
+    VmList {},
+    /// One launched VM.
+    #[serde(rename = "vm.get")]
+    VmGet {
+        /// Its id.
+        vm: Id,
+    },
+    /// Stops a VM: SIGTERM, then SIGKILL after the timeout.
+    #[serde(rename = "vm.stop")]
+    VmStop {
+        /// Its id.
+        vm: Id,
+        /// How long to wait after SIGTERM before SIGKILL, in ms (default 5000).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+    /// Waits until a VM reaches a state (`running` is also satisfied by `exited` and
+    /// `failed`, `exited` by `failed`).
+    #[serde(rename = "vm.wait")]
+    VmWait {
+        /// Its id.
+        vm: Id,
+        /// The state to wait for.
+        state: VmState,
+        /// How long to wait at most, in ms (default 10000, at most 600000).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+    /// Pauses a running VM, saves its device state and memory as a new snapshot (a new
+    /// fan-out parent), then resumes it or leaves it paused.
+    #[serde(rename = "vm.snapshot")]
+    VmSnapshot {
+        /// The VM.
+        vm: Id,
+        /// The new snapshot's id.
+        snapshot: Id,
+        /// Resume the VM afterwards (otherwise it stays paused).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resume: bool,
     },
 }
 
@@ -330,6 +398,23 @@ mod tests {
                 path: Some("/m".into()),
                 fd: true,
                 link: true,
+                vmstate: Some("/v".into()),
+                vmm: Some(VmmKind::Firecracker),
+            },
+            Request::VmStart {
+                snapshot: "s1".parse().unwrap(),
+                vm: Some("vm1".parse().unwrap()),
+                backend: VmBackend::File,
+                network_overrides: vec![NetworkOverride {
+                    iface_id: "eth0".into(),
+                    host_dev_name: "tap1".into(),
+                }],
+                vsock: Some("/v.sock".into()),
+            },
+            Request::VmSnapshot {
+                vm: "vm1".parse().unwrap(),
+                snapshot: "s2".parse().unwrap(),
+                resume: true,
             },
             Request::ForkWait {
                 fork: "f".parse().unwrap(),

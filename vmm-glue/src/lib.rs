@@ -1,9 +1,17 @@
 //! The hypervisor-facing side of pagerd: what a VMM (or whatever starts one) does to have
-//! pagerd serve its guest memory.
+//! pagerd serve its guest memory, and how hypervisors are started wired to it.
 //!
 //! - [`hand_off`]: the Firecracker uffd handoff, as a VMM performs it: connect to a fork's
 //!   handoff socket and send the guest regions with the userfaultfd. The wire format itself
 //!   lives in [`proto::handoff`] and [`proto::fdpass`], shared with the daemon.
+//! - [`firecracker`]: finding the binary, its command line, and its API (snapshot load and
+//!   create, pause and resume), over [`http`], a minimal HTTP/1.1 client on a Unix socket.
+//! - [`qemu`]: the QEMU machine bundles are made with and restored into (RAM the FUSE memory
+//!   file, mapped privately), and the QMP calls that save and restore device state.
+
+pub mod firecracker;
+pub mod http;
+pub mod qemu;
 
 use std::io;
 use std::os::fd::BorrowedFd;

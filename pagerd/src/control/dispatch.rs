@@ -13,6 +13,7 @@ use crate::errors::error_chain;
 use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::registry::RegistryError;
 use crate::serve::ServeError;
+use crate::vms::{StartRequest, VmError, Vms, DEFAULT_STOP_TIMEOUT};
 
 /// The longest `fork.wait` allowed.
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -50,21 +51,53 @@ impl From<LifecycleError> for ControlError {
     }
 }
 
+impl From<VmError> for ControlError {
+    fn from(e: VmError) -> Self {
+        let code = match &e {
+            VmError::NotFound(_) => ErrorCode::NotFound,
+            VmError::Exists(_) | VmError::WrongState { .. } => ErrorCode::Conflict,
+            VmError::NoVmState(_) | VmError::Unsupported { .. } => ErrorCode::InvalidArgument,
+            VmError::NoFuse | VmError::NoBinary(_) | VmError::WaitTimedOut { .. } => {
+                ErrorCode::Unavailable
+            }
+            VmError::Lifecycle(_) => {
+                let VmError::Lifecycle(inner) = e else {
+                    unreachable!()
+                };
+                return inner.into();
+            }
+            VmError::StartFailed { .. }
+            | VmError::Api { .. }
+            | VmError::Qmp { .. }
+            | VmError::Io { .. }
+            | VmError::Store(_) => ErrorCode::Internal,
+        };
+        ControlError::new(code, error_chain(&e))
+    }
+}
+
 fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ControlError> {
     serde_json::to_value(v).map_err(|e| ControlError::new(ErrorCode::Internal, e.to_string()))
 }
 
-/// Answers requests from the lifecycle.
+/// Answers requests from the lifecycle and the launched VMs.
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
     lifecycle: Arc<Lifecycle>,
+    vms: Arc<Vms>,
 }
 
 impl Dispatcher {
-    /// A dispatcher over `lifecycle`.
-    pub fn new(lifecycle: Arc<Lifecycle>) -> Self {
-        Self { lifecycle }
+    /// A dispatcher over `lifecycle` and `vms`.
+    pub fn new(lifecycle: Arc<Lifecycle>, vms: Arc<Vms>) -> Self {
+        Self { lifecycle, vms }
     }
+}
+
+fn wait_timeout(timeout_ms: Option<u64>) -> Duration {
+    timeout_ms
+        .map_or(DEFAULT_WAIT, Duration::from_millis)
+        .min(MAX_WAIT)
 }
 
 impl Handler for Dispatcher {
@@ -106,20 +139,39 @@ impl Dispatcher {
         context: &mut RequestContext,
     ) -> Result<Value, ControlError> {
         let lc = &self.lifecycle;
+        let launches = matches!(
+            request,
+            Request::VmStart { .. } | Request::VmStop { .. } | Request::VmSnapshot { .. }
+        );
+        if launches && !registration::may_register_by_path(context.peer()) {
+            // The hypervisor runs as the daemon's user and opens the paths it is given.
+            return Err(ControlError::new(
+                ErrorCode::InvalidArgument,
+                "only root and pagerd's own user may start, stop or snapshot VMs",
+            ));
+        }
         match request {
-            Request::Status {} => to_value(lc.status()?),
+            Request::Status {} => {
+                let mut status = lc.status()?;
+                status.vms = self.vms.counts();
+                to_value(status)
+            }
             Request::Stats {} => to_value(lc.stats()),
             Request::SnapshotRegister {
                 snapshot,
                 path,
                 fd,
                 link,
+                vmstate,
+                vmm,
             } => {
                 let request = RegisterRequest {
                     snapshot,
                     path,
                     fd,
                     link,
+                    vmstate,
+                    vmm,
                 };
                 to_value(registration::register(lc, request, context)?)
             }
@@ -137,13 +189,39 @@ impl Dispatcher {
                 fork,
                 state,
                 timeout_ms,
-            } => {
-                let timeout = timeout_ms
-                    .map_or(DEFAULT_WAIT, Duration::from_millis)
-                    .min(MAX_WAIT);
-                to_value(lc.wait_fork(&fork, state, timeout)?)
-            }
+            } => to_value(lc.wait_fork(&fork, state, wait_timeout(timeout_ms))?),
             Request::ForkClose { fork } => to_value(lc.close_fork(&fork)?),
+            Request::VmStart {
+                snapshot,
+                vm,
+                backend,
+                network_overrides,
+                vsock,
+            } => to_value(self.vms.start(StartRequest {
+                snapshot,
+                vm,
+                backend,
+                network_overrides,
+                vsock,
+            })?),
+            Request::VmList {} => to_value(self.vms.list()),
+            Request::VmGet { vm } => to_value(self.vms.get(&vm)?),
+            Request::VmStop { vm, timeout_ms } => {
+                let timeout = timeout_ms
+                    .map_or(DEFAULT_STOP_TIMEOUT, Duration::from_millis)
+                    .min(MAX_WAIT);
+                to_value(self.vms.stop(&vm, timeout)?)
+            }
+            Request::VmWait {
+                vm,
+                state,
+                timeout_ms,
+            } => to_value(self.vms.wait(&vm, state, wait_timeout(timeout_ms))?),
+            Request::VmSnapshot {
+                vm,
+                snapshot,
+                resume,
+            } => to_value(self.vms.snapshot(&vm, snapshot, resume)?),
         }
     }
 }

@@ -38,6 +38,10 @@ pub struct RegisterRequest {
     pub fd: bool,
     /// Link instead of copy ([`ImportMode::Link`]).
     pub link: bool,
+    /// The hypervisor state's path (with `fd`: its name; the second descriptor).
+    pub vmstate: Option<PathBuf>,
+    /// The hypervisor it is for.
+    pub vmm: Option<proto::model::VmmKind>,
 }
 
 /// The message refusing a path-only registration from someone who is not root.
@@ -62,6 +66,12 @@ pub fn register(
         ImportMode::Copy
     };
     let invalid = |message: &str| ControlError::new(ErrorCode::InvalidArgument, message);
+    let vmm = match (&request.vmstate, request.vmm) {
+        (Some(_), Some(vmm)) => Some(vmm),
+        (None, None) => None,
+        (Some(_), None) => return Err(invalid("\"vmstate\" needs \"vmm\" (firecracker or qemu)")),
+        (None, Some(_)) => return Err(invalid("\"vmm\" names the hypervisor of \"vmstate\"")),
+    };
     if request.fd {
         let fd = context.take_fd().ok_or_else(|| {
             invalid("\"fd\" is true but no descriptor came with the request line")
@@ -76,7 +86,23 @@ pub fn register(
                 why: crate::errors::error_chain(&e),
             })
         })?;
-        return Ok(lifecycle.register_snapshot(request.snapshot, source, mode)?);
+        let vmstate = match vmm {
+            Some(vmm) => {
+                let fd = context.take_fd().ok_or_else(|| {
+                    invalid("\"vmstate\" with \"fd\" needs a second descriptor (the state file)")
+                })?;
+                let name = request.vmstate.clone();
+                let state = Source::from_fd(fd, name).map_err(|e| {
+                    ControlError::from(LifecycleError::BadPath {
+                        path: request.vmstate.clone().unwrap_or_default(),
+                        why: crate::errors::error_chain(&e),
+                    })
+                })?;
+                Some((state, vmm))
+            }
+            None => None,
+        };
+        return Ok(lifecycle.register_snapshot(request.snapshot, source, mode, vmstate)?);
     }
     let path = request.path.ok_or_else(|| {
         invalid("a registration needs \"path\", or \"fd\": true and a descriptor")
@@ -84,7 +110,8 @@ pub fn register(
     if !may_register_by_path(context.peer()) {
         return Err(invalid(PASS_A_DESCRIPTOR));
     }
-    Ok(lifecycle.register_snapshot_path(request.snapshot, &path, mode)?)
+    let vmstate = request.vmstate.as_deref().zip(vmm);
+    Ok(lifecycle.register_snapshot_path(request.snapshot, &path, mode, vmstate)?)
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ pub(crate) enum LifecycleError {
     /// Live forks, or processes holding its memory file, reference the snapshot.
     #[error(
         "snapshot `{snapshot}` is referenced by {}; close them first, or delete with defer",
-        references(forks, file_users)
+        references(forks, file_users, vms)
     )]
     InUse {
         /// The snapshot.
@@ -42,12 +42,14 @@ pub(crate) enum LifecycleError {
         forks: Vec<Id>,
         /// The processes holding its memory file on the FUSE mount.
         file_users: Vec<FileUserInfo>,
+        /// The launched VMs running on it.
+        vms: Vec<Id>,
     },
     /// The snapshot is being deleted; no new forks.
     #[error("snapshot `{0}` is pending deletion; no new forks of it are allowed")]
     DeletePending(Id),
     /// Some fork record cannot be read, so no reference count can be trusted.
-    #[error("cannot count the forks of snapshot `{snapshot}`: unreadable fork record(s) {}; repair or remove them", paths(records))]
+    #[error("cannot count the forks and VMs of snapshot `{snapshot}`: unreadable record(s) {}; repair or remove them", paths(records))]
     CountsUnknown {
         /// The snapshot.
         snapshot: Id,
@@ -88,8 +90,11 @@ fn list(ids: &[Id]) -> String {
     ids.iter().map(Id::as_str).collect::<Vec<_>>().join(", ")
 }
 
-pub(super) fn references(forks: &[Id], file_users: &[FileUserInfo]) -> String {
+pub(super) fn references(forks: &[Id], file_users: &[FileUserInfo], vms: &[Id]) -> String {
     let mut parts = Vec::new();
+    if !vms.is_empty() {
+        parts.push(format!("{} VM(s): {}", vms.len(), list(vms)));
+    }
     if !forks.is_empty() {
         parts.push(format!("{} fork(s): {}", forks.len(), list(forks)));
     }

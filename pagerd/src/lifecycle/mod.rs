@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proto::model::{
     DeleteOutcome, EndReason, FileUserInfo, ForkCounts, ForkInfo, ForkListEntry, ForkState,
-    FuseStatus, SnapshotInfo, StatsReport, StatusReport,
+    FuseStatus, SnapshotInfo, StatsReport, StatusReport, VmCounts, VmStateInfo, VmmKind,
 };
 use proto::Id;
 use serde::Serialize;
@@ -45,7 +45,7 @@ use crate::file_users::FileUsers;
 use crate::registry::{unix_ms, Fork, Registry};
 use crate::serve::{ForkEvent, Server};
 use crate::snapshot::{Snapshot, ZERO_MAP_PAGE};
-use crate::store::{ForkRecord, ForkScan, SnapshotMeta, Store, VmmIdentity};
+use crate::store::{ForkRecord, ForkScan, SnapshotMeta, Store, VmStateSource, VmmIdentity};
 use error::references;
 
 /// What reconciliation did at start.
@@ -234,27 +234,36 @@ impl Lifecycle {
         id: Id,
         path: &Path,
         mode: ImportMode,
+        vmstate: Option<(&Path, VmmKind)>,
     ) -> Result<SnapshotInfo, LifecycleError> {
-        if !path.is_absolute() {
+        if !path.is_absolute() || vmstate.is_some_and(|(p, _)| !p.is_absolute()) {
             return Err(LifecycleError::BadPath {
                 path: path.to_owned(),
                 why: "the path must be absolute".into(),
             });
         }
-        let source = Source::open(path).map_err(|e| LifecycleError::BadPath {
-            path: path.to_owned(),
-            why: crate::errors::error_chain(&e),
-        })?;
-        self.register_snapshot(id, source, mode)
+        let open = |path: &Path| {
+            Source::open(path).map_err(|e| LifecycleError::BadPath {
+                path: path.to_owned(),
+                why: crate::errors::error_chain(&e),
+            })
+        };
+        let source = open(path)?;
+        let vmstate = vmstate
+            .map(|(p, vmm)| open(p).map(|s| (s, vmm)))
+            .transpose()?;
+        self.register_snapshot(id, source, mode, vmstate)
     }
 
     /// Registers an open memory file as snapshot `id`, copied (or cloned) into the state
-    /// directory, or linked ([`ImportMode::Link`]: the caller promises never to write it).
+    /// directory, or linked ([`ImportMode::Link`]: the caller promises never to write it);
+    /// with `vmstate`, the hypervisor's device state saved with it (always copied).
     pub fn register_snapshot(
         &self,
         id: Id,
         source: Source,
         mode: ImportMode,
+        vmstate: Option<(Source, VmmKind)>,
     ) -> Result<SnapshotInfo, LifecycleError> {
         let bad = |why: String| LifecycleError::BadPath {
             path: source.name.clone(),
@@ -296,9 +305,20 @@ impl Lifecycle {
                 )));
             }
         }
-        let stored =
-            self.store
-                .add_snapshot(&id, &source.file, &source.name, size, mode, now_ms())?;
+        let state = vmstate.as_ref().map(|(state, vmm)| VmStateSource {
+            file: &state.file,
+            size: state.meta.len(),
+            vmm: *vmm,
+        });
+        let stored = self.store.add_snapshot(
+            &id,
+            &source.file,
+            &source.name,
+            size,
+            mode,
+            now_ms(),
+            state,
+        )?;
         let opened = Snapshot::open(id.clone(), &self.store.memory_path(&id))
             .map_err(LifecycleError::from)
             .and_then(|snapshot| match stored.file_changed(snapshot.file()) {
@@ -323,6 +343,7 @@ impl Lifecycle {
 
     fn snapshot_info(&self, catalog: &Catalog, id: &Id, scan: &ForkScan) -> SnapshotInfo {
         let forks = scan.referencing(id);
+        let vms = self.live_vms(id);
         let file_users = self.file_users.referencing(id);
         let meta = catalog.metas.get(id);
         SnapshotInfo {
@@ -341,6 +362,50 @@ impl Lifecycle {
             fuse_file: self.fuse.get().map(|m| m.memory_file(id)),
             unreadable_fork_records: scan.unreadable.iter().map(|u| u.path.clone()).collect(),
             error: catalog.damaged.get(id).cloned(),
+            vmstate: meta.and_then(|m| m.vmstate).map(|v| VmStateInfo {
+                vmm: v.vmm,
+                path: self.store.vmstate_path(id),
+                size: v.size,
+            }),
+            vms,
+        }
+    }
+
+    /// The launched VMs whose records say they may still run on `snapshot` (references too),
+    /// as far as they can be read (for reports).
+    fn live_vms(&self, snapshot: &Id) -> Vec<Id> {
+        self.counted_vms(snapshot).unwrap_or_else(|e| match e {
+            LifecycleError::CountsUnknown { .. } => self
+                .store
+                .scan_vms()
+                .map(|scan| scan.live_on(snapshot))
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        })
+    }
+
+    /// The launched VMs running on `snapshot`, or, if some VM record cannot be read, a
+    /// refusal naming it: counting fails closed, as with fork records.
+    fn counted_vms(&self, snapshot: &Id) -> Result<Vec<Id>, LifecycleError> {
+        let scan = self.store.scan_vms()?;
+        if !scan.unreadable.is_empty() {
+            for (path, error) in &scan.unreadable {
+                tracing::warn!(record = %path.display(), %error, "unreadable VM record");
+            }
+            return Err(LifecycleError::CountsUnknown {
+                snapshot: snapshot.clone(),
+                records: scan.unreadable.into_iter().map(|(path, _)| path).collect(),
+            });
+        }
+        Ok(scan.live_on(snapshot))
+    }
+
+    /// Called when a launched VM stops using `snapshot`: finishes a deferred delete that
+    /// waited for it.
+    pub fn vm_released(&self, snapshot: &Id) {
+        let mut catalog = self.lock();
+        if let Err(e) = self.finish_pending_delete(&mut catalog, snapshot) {
+            tracing::error!(snapshot = %snapshot, error = %crate::errors::error_chain(&e), "cannot finish a deferred delete");
         }
     }
 
@@ -399,7 +464,8 @@ impl Lifecycle {
             });
         };
         let (forks, file_users) = self.references_of(id)?;
-        if forks.is_empty() && file_users.is_empty() {
+        let vms = self.counted_vms(id)?;
+        if forks.is_empty() && file_users.is_empty() && vms.is_empty() {
             self.remove_snapshot_now(&mut catalog, id)?;
             return Ok(DeleteOutcome {
                 id: id.clone(),
@@ -414,6 +480,7 @@ impl Lifecycle {
                 snapshot: id.clone(),
                 forks,
                 file_users,
+                vms,
             });
         }
         let pending = SnapshotMeta {
@@ -422,7 +489,7 @@ impl Lifecycle {
         };
         self.store.write_snapshot_meta(&pending)?;
         catalog.metas.insert(id.clone(), pending);
-        tracing::info!(snapshot = %id, references = %references(&forks, &file_users), "snapshot will be deleted when its last reference ends");
+        tracing::info!(snapshot = %id, references = %references(&forks, &file_users, &vms), "snapshot will be deleted when its last reference ends");
         Ok(DeleteOutcome {
             id: id.clone(),
             deleted: false,
@@ -453,11 +520,13 @@ impl Lifecycle {
         id: &Id,
     ) -> Result<DeleteOutcome, LifecycleError> {
         let (forks, file_users) = self.references_of(id)?;
-        if !forks.is_empty() || !file_users.is_empty() {
+        let vms = self.counted_vms(id)?;
+        if !forks.is_empty() || !file_users.is_empty() || !vms.is_empty() {
             return Err(LifecycleError::InUse {
                 snapshot: id.clone(),
                 forks,
                 file_users,
+                vms,
             });
         }
         self.remove_snapshot_now(catalog, id)?;
@@ -522,7 +591,9 @@ impl Lifecycle {
         if !catalog.metas.get(id).is_some_and(|m| m.delete_pending) {
             return Ok(false);
         }
-        if !self.file_users.referencing(id).is_empty() {
+        if !self.file_users.referencing(id).is_empty()
+            || !self.counted_vms(id).is_ok_and(|vms| vms.is_empty())
+        {
             return Ok(false);
         }
         let scan = self.store.scan_forks()?;
@@ -746,6 +817,7 @@ impl Lifecycle {
             worker_sessions: self.server.worker_loads(),
             snapshots: self.registry.snapshots().len(),
             forks,
+            vms: VmCounts::default(),
             damaged_snapshots: damaged,
             unreadable_fork_records: unreadable,
             open_fds: crate::sys::open_fd_count().ok(),

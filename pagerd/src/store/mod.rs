@@ -8,8 +8,12 @@
 //!   snapshots/<id>/memory        the memory file: pagerd's copy (0400, 0440 root:GROUP), or
 //!                                with ImportMode::Link the caller's inode, modes untouched
 //!   snapshots/<id>/snapshot.json SnapshotMeta, with the memory file's FileIdentity
+//!   snapshots/<id>/vmstate       the hypervisor's device state, when saved with it (a copy,
+//!                                mode as a copied memory file)
 //!   forks/<id>.json              ForkRecord: the fork names its snapshot
 //!   sockets/<id>.sock            handoff sockets of waiting forks
+//!   vms/<id>/                    a launched VM (see [`vms`]): vm.json, api.sock,
+//!                                console.log, firecracker.log
 //! ```
 //!
 //! A fork record exists exactly while the fork holds a reference on its snapshot (waiting for
@@ -29,6 +33,7 @@
 pub mod atomic;
 pub mod identity;
 pub mod import;
+pub mod vms;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -45,6 +50,29 @@ const TRASH_PREFIX: &str = ".trash-";
 const META_FILE: &str = "snapshot.json";
 /// The name of a snapshot's memory file (in the state directory and on the FUSE mount).
 pub const MEMORY_FILE: &str = "memory";
+/// The name of a snapshot's hypervisor state file.
+pub const VMSTATE_FILE: &str = "vmstate";
+
+/// A snapshot's hypervisor state, as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStateMeta {
+    /// The hypervisor it is for.
+    pub vmm: proto::model::VmmKind,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// A hypervisor state file to bring in with a snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct VmStateSource<'a> {
+    /// The open file.
+    pub file: &'a std::fs::File,
+    /// Its size.
+    pub size: u64,
+    /// The hypervisor it is for.
+    pub vmm: proto::model::VmmKind,
+}
 
 /// What is recorded about a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +97,9 @@ pub struct SnapshotMeta {
     /// metadata written before pagerd recorded it; recorded at the next start).
     #[serde(default)]
     pub file: Option<FileIdentity>,
+    /// The hypervisor state saved with the memory (`vmstate` beside it), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmstate: Option<VmStateMeta>,
 }
 
 impl SnapshotMeta {
@@ -243,6 +274,7 @@ impl Store {
             store.snapshots_dir(),
             store.forks_dir(),
             store.sockets_dir(),
+            store.vms_dir(),
         ] {
             std::fs::create_dir_all(&dir).map_err(at("cannot create", &dir))?;
             access
@@ -313,10 +345,16 @@ impl Store {
         self.snapshots_dir().join(id.as_str()).join(MEMORY_FILE)
     }
 
+    /// The hypervisor state file of a snapshot (present when its metadata says so).
+    pub fn vmstate_path(&self, id: &Id) -> PathBuf {
+        self.snapshots_dir().join(id.as_str()).join(VMSTATE_FILE)
+    }
+
     /// Brings `source` (a checked, open source of `size` bytes, named `source_name` in the
-    /// record) in as snapshot `id`: a temp directory with the memory file and its metadata,
-    /// renamed into place in one step. The metadata records the memory file's identity as it
-    /// is once in place.
+    /// record) in as snapshot `id`: a temp directory with the memory file, the hypervisor
+    /// state if given (always copied) and the metadata, renamed into place in one step. The
+    /// metadata records the memory file's identity as it is once in place.
+    #[allow(clippy::too_many_arguments)]
     pub fn add_snapshot(
         &self,
         id: &Id,
@@ -325,6 +363,7 @@ impl Store {
         size: u64,
         mode: ImportMode,
         created_unix_ms: u64,
+        vmstate: Option<VmStateSource<'_>>,
     ) -> Result<SnapshotMeta, StoreError> {
         let dir = self.snapshots_dir();
         let final_dir = dir.join(id.as_str());
@@ -347,6 +386,24 @@ impl Store {
             let file = std::fs::metadata(&memory)
                 .map(|m| FileIdentity::from_metadata(&m))
                 .map_err(at("cannot inspect", &memory))?;
+            let vmstate = match vmstate {
+                Some(state) => {
+                    let path = temp.join(VMSTATE_FILE);
+                    import::import(
+                        state.file,
+                        &path,
+                        state.size,
+                        ImportMode::Copy,
+                        &self.access,
+                    )
+                    .map_err(at("cannot bring in the hypervisor state as", &path))?;
+                    Some(VmStateMeta {
+                        vmm: state.vmm,
+                        size: state.size,
+                    })
+                }
+                None => None,
+            };
             let meta = SnapshotMeta {
                 id: id.clone(),
                 size: file.size,
@@ -356,6 +413,7 @@ impl Store {
                 import,
                 delete_pending: false,
                 file: Some(file),
+                vmstate,
             };
             write_atomic(&temp, META_FILE, &to_json(&meta))
                 .map_err(at("cannot write", &temp.join(META_FILE)))?;
@@ -590,7 +648,7 @@ mod tests {
         let src = dir.path().join("mem");
         std::fs::write(&src, vec![1u8; 8192]).unwrap();
         let (file, _) = import::open_source(&src).unwrap();
-        let add = |id: &Id| store.add_snapshot(id, &file, &src, 8192, ImportMode::Copy, 5);
+        let add = |id: &Id| store.add_snapshot(id, &file, &src, 8192, ImportMode::Copy, 5, None);
         let meta = add(&id("s")).unwrap();
         assert_eq!(store.snapshots().unwrap()[0].meta.as_ref().unwrap(), &meta);
         assert!(add(&id("s")).is_err());

@@ -1,0 +1,702 @@
+//! Launched VMs: hypervisor processes pagerd starts from a snapshot, wired to its memory, and
+//! supervises.
+//!
+//! ```text
+//! vm.start:  snapshot has vmstate ─▶ STATE/vms/<id>/ + vm.json (starting)
+//!            ─▶ uffd: fork <id> (handoff socket) | file: the FUSE memory file
+//!            ─▶ spawn the hypervisor (setsid; stdout+stderr ─▶ console.log; pidfd)
+//!            ─▶ vm.json gets pid + start time ─▶ API up ─▶ PUT /snapshot/load
+//!            ─▶ running (a supervisor thread waits on the pidfd)   | failed (reason; killed)
+//! exit:      pidfd readable ─▶ exited (status when pagerd is the parent) ─▶ fork closed
+//!            ─▶ deferred delete of the snapshot finished if it waited for this VM
+//! vm.stop:   SIGTERM ─▶ (timeout) SIGKILL, through the pidfd
+//! snapshot:  PATCH /vm Paused ─▶ PUT /snapshot/create (Full) into VMDIR/.snapshot-<new>/
+//!            ─▶ registered (copied) as snapshot <new> with its vmstate ─▶ [resumed]
+//! restart:   vm.json running + same pid and start time ─▶ adopted (pidfd), still running;
+//!            gone ─▶ exited (no status); starting ─▶ killed, failed
+//! ```
+//!
+//! The lifecycle stays the one place that decides what exists: this module reaches it only
+//! through [`VmHost`]. A live VM record (`starting`, `running`) is itself a reference on its
+//! snapshot, read by the lifecycle from the store (`store::vms`).
+
+mod console;
+mod error;
+mod host;
+mod process;
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use proto::model::{NetworkOverride, SnapshotInfo, VmBackend, VmCounts, VmInfo, VmState, VmmKind};
+use proto::Id;
+use rustix::process::Signal;
+use vmm_glue::firecracker::{self, Api, LoadRequest};
+use vmm_glue::qemu::{self, Qmp};
+
+pub(crate) use error::VmError;
+pub(crate) use host::VmHost;
+
+use crate::lifecycle::LifecycleError;
+use crate::registry::unix_ms;
+use crate::store::vms::VmRecord;
+use crate::store::{Store, VmmIdentity};
+use process::Process;
+
+/// How long a hypervisor's API socket may take to come up.
+const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `vm.stop` waits after SIGTERM before SIGKILL, unless told.
+pub(crate) const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a SIGKILLed hypervisor may take to be gone.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often console logs are checked against their cap.
+const CONSOLE_CHECK_PERIOD: Duration = Duration::from_secs(1);
+
+/// How VMs are launched.
+#[derive(Debug, Clone)]
+pub(crate) struct VmOptions {
+    /// The Firecracker binary, if given (else `$FIRECRACKER`, else `PATH`).
+    pub firecracker: Option<PathBuf>,
+    /// The QEMU binary, if given (else `$QEMU`, else `qemu-system-x86_64` on `PATH`).
+    pub qemu: Option<PathBuf>,
+    /// The most bytes a console log grows to before it is rotated.
+    pub console_cap: u64,
+}
+
+/// A `vm.start` request.
+#[derive(Debug, Clone)]
+pub(crate) struct StartRequest {
+    /// The snapshot.
+    pub snapshot: Id,
+    /// The VM's id, or generated.
+    pub vm: Option<Id>,
+    /// Where its memory comes from.
+    pub backend: VmBackend,
+    /// Tap devices.
+    pub network_overrides: Vec<NetworkOverride>,
+    /// The vsock socket.
+    pub vsock: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    record: VmRecord,
+    pidfd: Option<Arc<OwnedFd>>,
+}
+
+/// Every launched VM.
+#[derive(Debug)]
+pub(crate) struct Vms {
+    host: Arc<dyn VmHost>,
+    store: Store,
+    options: VmOptions,
+    table: Mutex<BTreeMap<Id, Slot>>,
+    changed: Condvar,
+    next: AtomicU64,
+}
+
+/// What reconciliation found.
+#[derive(Debug, Default, serde::Serialize)]
+pub(crate) struct VmReconcileReport {
+    /// Still running: adopted.
+    pub running: Vec<Id>,
+    /// Gone while pagerd was away.
+    pub exited: Vec<Id>,
+    /// Caught half-started: killed.
+    pub failed: Vec<Id>,
+}
+
+fn rank(state: VmState) -> u8 {
+    match state {
+        VmState::Starting => 0,
+        VmState::Running => 1,
+        VmState::Exited => 2,
+        VmState::Failed => 3,
+    }
+}
+
+fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+    let action = action.into();
+    move |source| VmError::Io { action, source }
+}
+
+impl Vms {
+    /// VM supervision over `host`, keeping records in `store`.
+    pub fn new(host: Arc<dyn VmHost>, store: Store, options: VmOptions) -> Arc<Self> {
+        Arc::new(Self {
+            host,
+            store,
+            options,
+            table: Mutex::new(BTreeMap::new()),
+            changed: Condvar::new(),
+            next: AtomicU64::new(1),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<Id, Slot>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes a VM's record, writes it, and wakes waiters. Returns the new record.
+    fn update(&self, id: &Id, change: impl FnOnce(&mut Slot)) -> Result<VmInfo, VmError> {
+        let mut table = self.lock();
+        let slot = table
+            .get_mut(id)
+            .ok_or_else(|| VmError::NotFound(id.clone()))?;
+        change(slot);
+        let result = self.store.write_vm(&slot.record);
+        let info = slot.record.info.clone();
+        drop(table);
+        self.changed.notify_all();
+        result?;
+        Ok(info)
+    }
+
+    /// Takes up the VMs of the state directory after a start: live ones are adopted, gone ones
+    /// marked exited, half-started ones killed and failed. Starts the console-log janitor.
+    pub fn reconcile(self: &Arc<Self>) -> Result<VmReconcileReport, VmError> {
+        let scan = self.store.scan_vms()?;
+        for (path, error) in &scan.unreadable {
+            tracing::error!(record = %path.display(), %error, "unreadable VM record; it is not listed");
+        }
+        let mut report = VmReconcileReport::default();
+        for mut record in scan.records {
+            let id = record.info.id.clone();
+            remove_snapshot_leftovers(&self.store.vm_dir(&id));
+            let process = record
+                .info
+                .pid
+                .zip(record.start_time)
+                .map(|(pid, start_time)| VmmIdentity { pid, start_time })
+                .and_then(process::adopt);
+            let mut ended = false;
+            match (record.info.state, process) {
+                (VmState::Running, Some(process)) => {
+                    let pidfd = Arc::new(process.pidfd);
+                    self.lock().insert(
+                        id.clone(),
+                        Slot {
+                            record,
+                            pidfd: Some(pidfd.clone()),
+                        },
+                    );
+                    self.supervise(id.clone(), pidfd, None);
+                    report.running.push(id);
+                    continue;
+                }
+                (VmState::Starting, Some(process)) => {
+                    let _ = process::signal(&process.pidfd, Signal::KILL);
+                    process::wait_exit(&process.pidfd, Some(KILL_TIMEOUT));
+                    record.info.state = VmState::Failed;
+                    record.info.reason = Some("pagerd restarted while it was starting".into());
+                    report.failed.push(id.clone());
+                    ended = true;
+                }
+                (VmState::Starting, None) => {
+                    record.info.state = VmState::Failed;
+                    record.info.reason = Some("pagerd restarted while it was starting".into());
+                    report.failed.push(id.clone());
+                    ended = true;
+                }
+                (VmState::Running, None) => {
+                    record.info.state = VmState::Exited;
+                    report.exited.push(id.clone());
+                    ended = true;
+                }
+                (VmState::Exited | VmState::Failed, _) => {}
+            }
+            if ended {
+                self.store.write_vm(&record)?;
+            }
+            let (fork, snapshot) = (record.info.fork.clone(), record.info.snapshot.clone());
+            self.lock().insert(
+                id,
+                Slot {
+                    record,
+                    pidfd: None,
+                },
+            );
+            if ended {
+                self.release(fork.as_ref(), &snapshot);
+            }
+        }
+        tracing::info!(report = %serde_json::to_string(&report).unwrap_or_default(), "reconciled the VMs");
+        self.start_janitor();
+        Ok(report)
+    }
+
+    fn start_janitor(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("pagerd-consoles".into())
+            .spawn(move || loop {
+                std::thread::sleep(CONSOLE_CHECK_PERIOD);
+                let Some(vms) = weak.upgrade() else { return };
+                let logs: Vec<PathBuf> = vms
+                    .lock()
+                    .values()
+                    .filter(|s| s.record.info.state.is_live())
+                    .map(|s| s.record.info.console_log.clone())
+                    .collect();
+                for log in logs {
+                    if let Err(e) = console::cap(&log, vms.options.console_cap) {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            tracing::warn!(log = %log.display(), error = %e, "cannot cap a console log");
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the console-log janitor; console logs are not capped");
+        }
+    }
+
+    /// Every VM.
+    pub fn list(&self) -> Vec<VmInfo> {
+        self.lock()
+            .values()
+            .map(|s| s.record.info.clone())
+            .collect()
+    }
+
+    /// VMs by state.
+    pub fn counts(&self) -> VmCounts {
+        let mut counts = VmCounts::default();
+        for slot in self.lock().values() {
+            match slot.record.info.state {
+                VmState::Starting => counts.starting += 1,
+                VmState::Running => counts.running += 1,
+                VmState::Exited => counts.exited += 1,
+                VmState::Failed => counts.failed += 1,
+            }
+        }
+        counts
+    }
+
+    /// One VM.
+    pub fn get(&self, id: &Id) -> Result<VmInfo, VmError> {
+        self.lock()
+            .get(id)
+            .map(|s| s.record.info.clone())
+            .ok_or_else(|| VmError::NotFound(id.clone()))
+    }
+
+    fn generated_id(&self, table: &BTreeMap<Id, Slot>) -> Id {
+        loop {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let id: Id = format!("vm-{n}").parse().expect("generated ids are valid");
+            if !table.contains_key(&id) && !self.store.vm_dir(&id).exists() {
+                return id;
+            }
+        }
+    }
+
+    /// Starts a VM from a snapshot and returns it running, or the reason it failed (it is
+    /// then recorded as `failed`).
+    pub fn start(self: &Arc<Self>, request: StartRequest) -> Result<VmInfo, VmError> {
+        let snapshot = self.host.snapshot(&request.snapshot)?;
+        let vmstate = snapshot
+            .vmstate
+            .clone()
+            .ok_or_else(|| VmError::NoVmState(request.snapshot.clone()))?;
+        let unsupported = |operation| VmError::Unsupported {
+            vmm: vmstate.vmm,
+            operation,
+        };
+        let binary = match vmstate.vmm {
+            VmmKind::Firecracker => firecracker::find_binary(self.options.firecracker.as_deref())
+                .map_err(|e| VmError::NoBinary(e.to_string()))?,
+            VmmKind::Qemu => {
+                // QEMU takes its memory from the FUSE view only; no per-clone devices yet.
+                if request.backend != VmBackend::File {
+                    return Err(unsupported("the uffd backend (use --backend file)"));
+                }
+                if !request.network_overrides.is_empty() || request.vsock.is_some() {
+                    return Err(unsupported("tap and vsock overrides"));
+                }
+                qemu::find_binary(self.options.qemu.as_deref())
+                    .map_err(|e| VmError::NoBinary(e.to_string()))?
+            }
+        };
+        let memory_size = snapshot.size.unwrap_or(0);
+        let memory_file = match request.backend {
+            VmBackend::File => Some(snapshot.fuse_file.clone().ok_or(VmError::NoFuse)?),
+            VmBackend::Uffd => None,
+        };
+        let (id, dir) = {
+            let table = self.lock();
+            let id = match &request.vm {
+                Some(id) if table.contains_key(id) => return Err(VmError::Exists(id.clone())),
+                Some(id) => id.clone(),
+                None => self.generated_id(&table),
+            };
+            let dir = self.store.create_vm_dir(&id).map_err(|e| {
+                if e.source.kind() == std::io::ErrorKind::AlreadyExists {
+                    VmError::Exists(id.clone())
+                } else {
+                    e.into()
+                }
+            })?;
+            (id, dir)
+        };
+        let record = VmRecord {
+            info: VmInfo {
+                id: id.clone(),
+                snapshot: request.snapshot.clone(),
+                vmm: vmstate.vmm,
+                backend: request.backend,
+                state: VmState::Starting,
+                pid: None,
+                fork: None,
+                memory_file: memory_file.clone(),
+                api_socket: dir.join(api_socket_name(vmstate.vmm)),
+                console_log: dir.join("console.log"),
+                network_overrides: request.network_overrides.clone(),
+                vsock: request.vsock.clone(),
+                exit_code: None,
+                exit_signal: None,
+                reason: None,
+                created_unix_ms: unix_ms(SystemTime::now()),
+            },
+            start_time: None,
+        };
+        self.store.write_vm(&record)?;
+        self.lock().insert(
+            id.clone(),
+            Slot {
+                record,
+                pidfd: None,
+            },
+        );
+        let mut started = None;
+        let target = Target {
+            vmm: vmstate.vmm,
+            binary,
+            vmstate: vmstate.path.clone(),
+            memory_size,
+        };
+        let launched = self.launch(&id, &dir, &target, memory_file, &request, &mut started);
+        match (launched, started) {
+            (Ok(()), Some(process)) => {
+                let pidfd = Arc::new(process.pidfd);
+                let info = self.update(&id, |slot| {
+                    slot.record.info.state = VmState::Running;
+                    slot.pidfd = Some(pidfd.clone());
+                })?;
+                self.supervise(id.clone(), pidfd, process.child);
+                tracing::info!(vm = %id, snapshot = %info.snapshot, backend = %info.backend, pid = ?info.pid, "VM running");
+                Ok(info)
+            }
+            (result, process) => {
+                let reason = match result {
+                    Err(e) => crate::errors::error_chain(&e),
+                    Ok(()) => "the hypervisor was not started".into(),
+                };
+                if let Some(mut process) = process {
+                    let _ = process::signal(&process.pidfd, Signal::KILL);
+                    process::wait_exit(&process.pidfd, Some(KILL_TIMEOUT));
+                    if let Some(child) = process.child.as_mut() {
+                        let _ = child.wait();
+                    }
+                }
+                let info = self.update(&id, |slot| {
+                    slot.record.info.state = VmState::Failed;
+                    slot.record.info.reason = Some(reason.clone());
+                })?;
+                self.release(info.fork.as_ref(), &info.snapshot);
+                tracing::warn!(vm = %id, %reason, "VM failed to start");
+                Err(VmError::StartFailed { vm: id, reason })
+            }
+        }
+    }
+
+    /// The steps of a start that can fail; the process, once spawned, is left in `started`
+    /// for the caller to keep or kill.
+    fn launch(
+        &self,
+        id: &Id,
+        dir: &Path,
+        target: &Target,
+        memory_file: Option<PathBuf>,
+        request: &StartRequest,
+        started: &mut Option<Process>,
+    ) -> Result<(), VmError> {
+        let binary = &target.binary;
+        let memory = match memory_file {
+            Some(file) => file,
+            None => {
+                let fork = self.host.create_fork(id.clone(), &request.snapshot)?;
+                self.update(id, |slot| slot.record.info.fork = Some(fork.id.clone()))?;
+                fork.handoff_socket
+            }
+        };
+        let api_socket = dir.join(api_socket_name(target.vmm));
+        let console_path = dir.join("console.log");
+        let console =
+            console::open(&console_path).map_err(io(format!("open {}", console_path.display())))?;
+        match std::fs::remove_file(&api_socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io(format!("remove {}", api_socket.display()))(e))
+            }
+            _ => {}
+        }
+        let command = match target.vmm {
+            VmmKind::Firecracker => {
+                let log_path = dir.join("firecracker.log");
+                console::open(&log_path).map_err(io(format!("create {}", log_path.display())))?;
+                firecracker::command(binary, id.as_str(), &api_socket, &log_path)
+            }
+            VmmKind::Qemu => {
+                let mut command = std::process::Command::new(binary);
+                command.args(qemu::clone_args(&memory, target.memory_size, &api_socket));
+                command
+            }
+        };
+        let process =
+            process::spawn(command, &console).map_err(io(format!("start {}", binary.display())))?;
+        let identity = process.identity;
+        let pidfd = process.pidfd.try_clone().map_err(io("duplicate a pidfd"))?;
+        *started = Some(process);
+        self.update(id, |slot| {
+            slot.record.info.pid = Some(identity.pid);
+            slot.record.start_time = Some(identity.start_time);
+        })?;
+        let alive = || !process::wait_exit(&pidfd, Some(Duration::ZERO));
+        if target.vmm == VmmKind::Qemu {
+            wait_socket(&api_socket, alive).map_err(io("reach QEMU's QMP socket"))?;
+            let qmp_error = |source| VmError::Qmp {
+                vm: id.clone(),
+                source,
+            };
+            let mut qmp = Qmp::connect(&api_socket).map_err(qmp_error)?;
+            return qmp.restore(&target.vmstate).map_err(qmp_error);
+        }
+        let api = Api::new(&api_socket);
+        let api_error = |source| VmError::Api {
+            vm: id.clone(),
+            source,
+        };
+        api.wait_ready(API_READY_TIMEOUT, alive)
+            .map_err(api_error)?;
+        let load = LoadRequest::new(
+            &target.vmstate,
+            request.backend,
+            &memory,
+            &request.network_overrides,
+            request.vsock.as_deref(),
+        );
+        api.load(&load).map_err(api_error)
+    }
+
+    /// Follows a VM's hypervisor until it exits, on a thread of its own.
+    fn supervise(
+        self: &Arc<Self>,
+        id: Id,
+        pidfd: Arc<OwnedFd>,
+        child: Option<std::process::Child>,
+    ) {
+        let vms = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("vm-{id}"))
+            .spawn(move || {
+                process::wait_exit(&pidfd, None);
+                let status = child.and_then(|mut c| c.wait().ok());
+                vms.exited(&id, status);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a thread to follow a VM; its exit will be seen at the next start");
+        }
+    }
+
+    fn exited(&self, id: &Id, status: Option<ExitStatus>) {
+        let updated = self.update(id, |slot| {
+            slot.pidfd = None;
+            if slot.record.info.state.is_live() {
+                slot.record.info.state = VmState::Exited;
+            }
+            slot.record.info.exit_code = status.and_then(|s| s.code());
+            slot.record.info.exit_signal = status.and_then(|s| s.signal());
+        });
+        match updated {
+            Ok(info) => {
+                tracing::info!(vm = %id, code = ?info.exit_code, signal = ?info.exit_signal, "VM exited");
+                self.release(info.fork.as_ref(), &info.snapshot);
+            }
+            Err(e) => {
+                tracing::error!(vm = %id, error = %crate::errors::error_chain(&e), "cannot record a VM's exit")
+            }
+        }
+    }
+
+    /// A VM is gone: its fork ends and its snapshot may go.
+    fn release(&self, fork: Option<&Id>, snapshot: &Id) {
+        if let Some(fork) = fork {
+            match self.host.close_fork(fork) {
+                Ok(_) | Err(LifecycleError::NotFound { .. }) => {}
+                Err(LifecycleError::Registry(crate::registry::RegistryError::NoFork(_))) => {}
+                Err(e) => {
+                    tracing::error!(fork = %fork, error = %crate::errors::error_chain(&e), "cannot close a VM's fork")
+                }
+            }
+        }
+        self.host.released(snapshot);
+    }
+
+    /// Stops a VM: SIGTERM, then SIGKILL once `timeout` passes. Returns it exited.
+    pub fn stop(&self, id: &Id, timeout: Duration) -> Result<VmInfo, VmError> {
+        let (pidfd, state) = {
+            let table = self.lock();
+            let slot = table.get(id).ok_or_else(|| VmError::NotFound(id.clone()))?;
+            (slot.pidfd.clone(), slot.record.info.state)
+        };
+        let Some(pidfd) = pidfd else {
+            if state == VmState::Starting {
+                return Err(VmError::WrongState {
+                    vm: id.clone(),
+                    state,
+                });
+            }
+            return self.get(id);
+        };
+        if process::signal(&pidfd, Signal::TERM).is_ok()
+            && !process::wait_exit(&pidfd, Some(timeout))
+        {
+            tracing::info!(vm = %id, "VM ignored SIGTERM; killing it");
+            let _ = process::signal(&pidfd, Signal::KILL);
+            process::wait_exit(&pidfd, Some(KILL_TIMEOUT));
+        }
+        self.wait(id, VmState::Exited, KILL_TIMEOUT)
+    }
+
+    /// Waits until a VM reaches `state` or a later one.
+    pub fn wait(&self, id: &Id, state: VmState, timeout: Duration) -> Result<VmInfo, VmError> {
+        let end = Instant::now() + timeout;
+        let mut table = self.lock();
+        loop {
+            let slot = table.get(id).ok_or_else(|| VmError::NotFound(id.clone()))?;
+            let now = slot.record.info.state;
+            if now == state || rank(now) > rank(state) {
+                return Ok(slot.record.info.clone());
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(VmError::WaitTimedOut {
+                    vm: id.clone(),
+                    state,
+                    timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+            table = self
+                .changed
+                .wait_timeout(table, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Saves a running VM as snapshot `new`: paused, written by the hypervisor into the VM's
+    /// directory, registered (copied in) with its device state, then resumed if `resume`
+    /// (or if anything failed).
+    pub fn snapshot(&self, id: &Id, new: Id, resume: bool) -> Result<SnapshotInfo, VmError> {
+        let info = self.get(id)?;
+        if info.state != VmState::Running {
+            return Err(VmError::WrongState {
+                vm: id.clone(),
+                state: info.state,
+            });
+        }
+        if info.vmm != VmmKind::Firecracker {
+            return Err(VmError::Unsupported {
+                vmm: info.vmm,
+                operation: "vm.snapshot",
+            });
+        }
+        if self.host.snapshot(&new).is_ok() {
+            return Err(VmError::Lifecycle(LifecycleError::Exists {
+                kind: "snapshot",
+                id: new,
+            }));
+        }
+        let out = self.store.vm_dir(id).join(format!(".snapshot-{new}"));
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir(&out).map_err(io(format!("create {}", out.display())))?;
+        let api = Api::new(&info.api_socket);
+        let api_error = |source| VmError::Api {
+            vm: id.clone(),
+            source,
+        };
+        let (vmstate, memory) = (out.join("vmstate"), out.join("memory"));
+        let result = api.pause().map_err(api_error).and_then(|()| {
+            let saved = api
+                .create_snapshot(&vmstate, &memory)
+                .map_err(api_error)
+                .and_then(|()| {
+                    self.host
+                        .register(new.clone(), &memory, &vmstate, VmmKind::Firecracker)
+                        .map_err(VmError::from)
+                });
+            if resume || saved.is_err() {
+                if let Err(e) = api.resume() {
+                    tracing::error!(vm = %id, error = %crate::errors::error_chain(&e), "cannot resume the VM after a snapshot");
+                }
+            }
+            saved
+        });
+        let _ = std::fs::remove_dir_all(&out);
+        if let Ok(snapshot) = &result {
+            tracing::info!(vm = %id, snapshot = %snapshot.id, resumed = resume, "VM snapshotted");
+        }
+        result
+    }
+}
+
+/// What a VM is started from.
+#[derive(Debug)]
+struct Target {
+    vmm: VmmKind,
+    binary: PathBuf,
+    vmstate: PathBuf,
+    memory_size: u64,
+}
+
+/// The name of the hypervisor's control socket in the VM's directory.
+fn api_socket_name(vmm: VmmKind) -> &'static str {
+    match vmm {
+        VmmKind::Firecracker => "api.sock",
+        VmmKind::Qemu => "qmp.sock",
+    }
+}
+
+/// Waits until `socket` accepts a connection, while `alive` says the process lives.
+fn wait_socket(socket: &Path, mut alive: impl FnMut() -> bool) -> std::io::Result<()> {
+    let end = Instant::now() + API_READY_TIMEOUT;
+    loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= end || !alive() => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Removes `vm.snapshot` output a crash left in a VM's directory.
+fn remove_snapshot_leftovers(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".snapshot-")
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
