@@ -408,6 +408,15 @@ fn error_code(e: &ClientError) -> Option<ErrorCode> {
     }
 }
 
+/// Writes to stdout; a reader that went away early (`pagerctl … | grep -q`) is not an error.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
 /// The exit status for a failed call.
 fn exit_code(e: &ClientError) -> u8 {
     error_code(e).map_or(EXIT_UNREACHABLE, ErrorCode::exit_code)
@@ -423,7 +432,7 @@ fn report(e: &ClientError, json: bool) {
                 "message": chain(other).join(": "),
             }),
         };
-        println!("{}", serde_json::json!({ "error": error }));
+        emit(&format!("{}\n", serde_json::json!({ "error": error })));
         return;
     }
     eprintln!("pagerctl: error");
@@ -456,12 +465,10 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(outcome) => {
             if cli.json && !outcome.json.is_null() {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&outcome.json).unwrap_or_default()
-                );
+                let json = serde_json::to_string_pretty(&outcome.json).unwrap_or_default();
+                emit(&format!("{json}\n"));
             } else {
-                print!("{}", outcome.text);
+                emit(&outcome.text);
             }
             ExitCode::from(outcome.exit)
         }

@@ -34,12 +34,11 @@ pub fn status(s: &StatusReport) -> String {
         || "not mounted".to_owned(),
         |f| {
             format!(
-                "{} ({:?}, {} file users)",
+                "{} ({}, {} file users)",
                 f.mountpoint.display(),
-                f.read_path,
+                format!("{:?}", f.read_path).to_lowercase(),
                 f.file_users
             )
-            .to_lowercase()
         },
     );
     format!(
