@@ -62,6 +62,22 @@ enum Command {
     /// Forks.
     #[command(subcommand)]
     Fork(ForkCommand),
+    /// The daemon itself.
+    #[command(subcommand)]
+    Daemon(DaemonCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DaemonCommand {
+    /// Replace the daemon's program in place (same pid) without losing a fork: serving pauses
+    /// while the new program starts and takes every live VMM's uffd back. Control requests
+    /// fail (the socket is gone) for that moment.
+    Upgrade {
+        /// The new pagerd binary (absolute, or relative to the current directory)
+        /// [default: the binary the daemon was started from].
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -211,6 +227,21 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
         Command::Fork(ForkCommand::Close { id }) => {
             let r = client.close_fork(id)?;
             done(&r, format!("closed {}\n", r.id))
+        }
+        Command::Daemon(DaemonCommand::Upgrade { binary }) => {
+            let binary = binary
+                .as_ref()
+                .map(|b| std::path::absolute(b).unwrap_or_else(|_| b.clone()));
+            let r = client.upgrade(binary)?;
+            done(
+                &r,
+                format!(
+                    "pagerd {} (pid {}) is executing {}\n",
+                    r.version,
+                    r.pid,
+                    r.binary.display()
+                ),
+            )
         }
     })
 }

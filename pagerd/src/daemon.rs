@@ -2,7 +2,9 @@
 //! requests, and shuts down cleanly on SIGTERM or SIGINT.
 //!
 //! A shutdown stops serving but keeps every fork record: VMMs still running keep their
-//! references, and the next start reconciles them (detached if alive, reaped if gone).
+//! references, and the next start reconciles them (taken back and served if alive, reaped if
+//! gone). SIGUSR2 or `daemon.upgrade` stops the same way and then executes the new program in
+//! place ([`crate::upgrade`]).
 //!
 //! Before anything else the umask becomes 077 and the state directory is brought to the
 //! access policy (`--group`, [`crate::access`]). A lifecycle thread records what serving
@@ -22,12 +24,13 @@ use crate::access::{self, Access};
 use crate::config::{Config, LogFormat};
 use crate::control::{ControlServer, Dispatcher};
 use crate::fuse::FuseView;
-use crate::lifecycle::{Lifecycle, LifecycleError, MemoryFiles};
+use crate::lifecycle::{Lifecycle, LifecycleError, MemoryFiles, RecordJournal};
 use crate::registry::Registry;
 use crate::serve::session::ServeOptions;
 use crate::serve::Server;
 use crate::store::import::ImportMode;
 use crate::store::{Store, StoreError};
+use crate::upgrade::{self, Upgrade, UPGRADE_SIGNAL};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +74,9 @@ pub(crate) enum DaemonError {
     /// Signals could not be set up.
     #[error("cannot set up signal handling")]
     Signals(#[source] nix::Error),
+    /// Neither the new program nor the old one could be executed for an upgrade.
+    #[error("cannot execute the new program, nor the old one")]
+    Upgrade(#[source] std::io::Error),
 }
 
 /// Sets up logging to stderr: `RUST_LOG` overrides `default_filter`.
@@ -110,6 +116,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
+    signals.add(UPGRADE_SIGNAL);
     signals.thread_block().map_err(DaemonError::Signals)?;
 
     access::restrict_umask();
@@ -124,9 +131,11 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     };
     // Serving threads report attach and end here; disk writes happen off their threads.
     let (events, inbox) = mpsc::channel();
+    let journal = Arc::new(RecordJournal::new(store.clone()));
     let server = Server::start(
         registry.clone(),
         events,
+        journal,
         config.worker_count(),
         options,
         config.handoff_timeout(),
@@ -188,10 +197,11 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    let upgrade = Arc::new(Upgrade::default());
     let control_path = config.control_socket();
     let mut control = ControlServer::start(
         &control_path,
-        Arc::new(Dispatcher::new(lifecycle.clone())),
+        Arc::new(Dispatcher::new(lifecycle.clone(), upgrade.clone())),
         Duration::from_millis(config.control_idle_timeout_ms),
         group,
     )
@@ -205,8 +215,23 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     let _ = stdout.flush();
     drop(stdout);
 
-    let signal = signals.wait().map_err(DaemonError::Signals)?;
-    tracing::info!(signal = ?signal, "shutting down; fork records are kept for the next start");
+    let next = loop {
+        let signal = signals.wait().map_err(DaemonError::Signals)?;
+        if signal != UPGRADE_SIGNAL {
+            tracing::info!(signal = ?signal, "shutting down; fork records are kept for the next start");
+            break None;
+        }
+        match upgrade.binary() {
+            Ok(binary) => break Some(binary),
+            Err(e) => {
+                tracing::error!(error = %crate::errors::error_chain(&e), "upgrade refused; still running");
+                upgrade.clear();
+            }
+        }
+    };
+    if next.is_some() {
+        tracing::info!("upgrading: serving stops here and resumes in the new program");
+    }
     control.stop();
     if let Some(fuse) = fuse {
         fuse.unmount();
@@ -217,5 +242,8 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     stopping.store(true, Ordering::SeqCst);
     drop(janitor);
     lifecycle.shutdown();
+    if let Some(binary) = next {
+        return Err(DaemonError::Upgrade(upgrade::exec(&binary)));
+    }
     Ok(())
 }

@@ -17,6 +17,7 @@
 //! - [`control`]: the JSON control socket; [`daemon`] answers it and runs everything;
 //!   [`registration`]: who may register which file (descriptors, not paths, from non-root).
 //! - [`access`]: who may read guest memory — the modes and group of everything pagerd makes.
+//! - [`upgrade`]: replacing the daemon's program in place, keeping every fork served.
 
 mod access;
 mod bitmap;
@@ -35,6 +36,7 @@ mod snapshot;
 mod stats;
 mod store;
 mod sys;
+mod upgrade;
 
 /// Sets up logging and runs the daemon until SIGTERM or SIGINT. On failure, the error and its
 /// causes, as one line.

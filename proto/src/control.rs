@@ -109,6 +109,14 @@ pub enum Request {
         /// Its id.
         fork: Id,
     },
+    /// Replaces the daemon's program in place (same pid): every live fork is taken back and
+    /// served by the new program.
+    #[serde(rename = "daemon.upgrade")]
+    DaemonUpgrade {
+        /// The new program (absolute path); default: the one the daemon was started from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<std::path::PathBuf>,
+    },
 }
 
 /// Stable error codes.

@@ -13,6 +13,7 @@ use crate::errors::error_chain;
 use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::registry::RegistryError;
 use crate::serve::ServeError;
+use crate::upgrade::{Upgrade, UpgradeError};
 
 /// The longest `fork.wait` allowed.
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -58,12 +59,26 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ControlError> {
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
     lifecycle: Arc<Lifecycle>,
+    upgrade: Arc<Upgrade>,
 }
 
 impl Dispatcher {
-    /// A dispatcher over `lifecycle`.
-    pub fn new(lifecycle: Arc<Lifecycle>) -> Self {
-        Self { lifecycle }
+    /// A dispatcher over `lifecycle`; `daemon.upgrade` goes to `upgrade`.
+    pub fn new(lifecycle: Arc<Lifecycle>, upgrade: Arc<Upgrade>) -> Self {
+        Self { lifecycle, upgrade }
+    }
+}
+
+impl From<UpgradeError> for ControlError {
+    fn from(e: UpgradeError) -> Self {
+        let code = match &e {
+            UpgradeError::NotAbsolute(_)
+            | UpgradeError::NotExecutable(_)
+            | UpgradeError::NotPagerd { .. } => ErrorCode::InvalidArgument,
+            UpgradeError::InProgress => ErrorCode::Unavailable,
+            UpgradeError::Signal(_) => ErrorCode::Internal,
+        };
+        ControlError::new(code, error_chain(&e))
     }
 }
 
@@ -117,6 +132,14 @@ impl Handler for Dispatcher {
                 to_value(lc.wait_fork(&fork, state, timeout)?)
             }
             Request::ForkClose { fork } => to_value(lc.close_fork(&fork)?),
+            Request::DaemonUpgrade { binary } => {
+                let binary = self.upgrade.request(binary)?;
+                to_value(proto::model::UpgradeStarted {
+                    pid: std::process::id(),
+                    binary,
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                })
+            }
         }
     }
 }

@@ -4,13 +4,16 @@
 //! ```text
 //! register:   import file ─▶ snapshot.json ─▶ rename into place ─▶ map it ─▶ registry
 //! fork:       snapshot exists, not pending delete ─▶ fork record ─▶ registry ─▶ listen
-//! attached:   fork record gains the VMM's identity (pid + start time)
+//! attached:   fork record gains the VMM's identity (pid + start time) and its uffd's
+//!             (number in the VMM, inode, features, regions), before the VMM hears ok
 //! ended/close: stop serving ─▶ remove fork record ─▶ finish a pending delete if no refs left
 //! delete:     scan fork records (unreadable → refuse) ─▶ refs? conflict / mark pending
 //!             : trash the directory
 //! restart:    remove leftovers ─▶ map snapshots, check each memory file against its record
-//!             ─▶ each fork record: no VMM → listen again, VMM alive → detached,
-//!             VMM gone → reap ─▶ finish pending deletes
+//!             ─▶ each fork record: no VMM → listen again, VMM alive → take its uffd back
+//!             (pidfd_getfd) and serve again, or detached with the reason,
+//!             VMM gone → reap ─▶ processes still mapping memory files counted again
+//!             ─▶ finish pending deletes
 //! checks:     every second, before each fork and each FUSE open: the memory file's fstat
 //!             against its record; a change marks the snapshot damaged (no new forks; a forced
 //!             delete removes it once nothing references it)
@@ -23,6 +26,7 @@
 
 mod error;
 mod memory_files;
+mod recovery;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -40,12 +44,13 @@ use serde::Serialize;
 use crate::store::import::{ImportMethod, ImportMode, Source};
 pub(crate) use error::LifecycleError;
 pub(crate) use memory_files::{FuseMount, MemoryFiles, SNAPSHOTS_DIR};
+pub(crate) use recovery::RecordJournal;
 
 use crate::file_users::FileUsers;
 use crate::registry::{unix_ms, Fork, Registry};
 use crate::serve::{ForkEvent, Server};
 use crate::snapshot::{Snapshot, ZERO_MAP_PAGE};
-use crate::store::{ForkRecord, ForkScan, SnapshotMeta, Store, VmmIdentity};
+use crate::store::{ForkRecord, ForkScan, SnapshotMeta, Store};
 use error::references;
 
 /// What reconciliation did at start.
@@ -59,7 +64,9 @@ pub(crate) struct ReconcileReport {
     pub damaged_snapshots: Vec<Id>,
     /// Forks waiting for a VMM again.
     pub waiting: Vec<Id>,
-    /// Forks whose VMM outlived the previous daemon.
+    /// Forks whose VMM outlived the previous daemon and whose uffd was taken back: served.
+    pub recovered: Vec<Id>,
+    /// Forks whose VMM outlived the previous daemon but whose uffd could not be taken back.
     pub detached: Vec<Id>,
     /// Forks whose VMM is gone: their records were removed.
     pub reaped: Vec<Id>,
@@ -168,7 +175,7 @@ impl Lifecycle {
                     self.store.remove_fork(&record.id)?;
                     report.reaped.push(record.id.clone());
                 }
-                Some(_) => {
+                Some(vmm) => {
                     let fork = self.registry.add_fork(
                         record.id.clone(),
                         record.snapshot.clone(),
@@ -176,11 +183,20 @@ impl Lifecycle {
                         ForkState::Detached,
                         created,
                     )?;
-                    self.registry.update(&fork, |s| {
-                        s.vmm_pid = record.vmm.map(|v| v.pid);
-                        s.end_reason = Some(EndReason::DaemonRestarted);
-                    });
-                    report.detached.push(record.id.clone());
+                    self.registry.update(&fork, |s| s.vmm_pid = Some(vmm.pid));
+                    match recovery::recover_fork(&self.server, &fork, record, vmm) {
+                        Ok(()) => report.recovered.push(record.id.clone()),
+                        Err(e) => {
+                            tracing::error!(fork = %record.id, vmm_pid = vmm.pid, error = %crate::errors::error_chain(&e),
+                                "the VMM outlived the previous daemon but its uffd cannot be taken back; detached");
+                            self.registry.update(&fork, |s| {
+                                s.state = ForkState::Detached;
+                                s.end_reason = Some(EndReason::DaemonRestarted);
+                                s.detached_reason = Some(e.reason());
+                            });
+                            report.detached.push(record.id.clone());
+                        }
+                    }
                 }
                 None => {
                     let fork = self.registry.add_fork(
@@ -563,6 +579,7 @@ impl Lifecycle {
             snapshot: snapshot.clone(),
             created_unix_ms: created,
             vmm: None,
+            uffd: None,
         })?;
         let fork = self.registry.add_fork(
             id.clone(),
@@ -617,7 +634,6 @@ impl Lifecycle {
     /// Records what a serving thread reported.
     pub fn on_event(&self, event: ForkEvent) {
         let result = match &event {
-            ForkEvent::Attached(fork) => self.on_attached(fork),
             ForkEvent::Ended(fork) => self.on_ended(fork),
         };
         if let Err(e) = result {
@@ -629,28 +645,6 @@ impl Lifecycle {
         self.registry
             .fork(fork.id())
             .is_ok_and(|f| Arc::ptr_eq(&f, fork))
-    }
-
-    fn on_attached(&self, fork: &Arc<Fork>) -> Result<(), LifecycleError> {
-        let _catalog = self.lock();
-        if !self.is_current(fork) {
-            return Ok(());
-        }
-        let status = fork.status();
-        let Some(vmm) = status.vmm_pid.and_then(VmmIdentity::of) else {
-            return Ok(());
-        };
-        let record = ForkRecord {
-            id: fork.id().clone(),
-            snapshot: fork.snapshot().clone(),
-            created_unix_ms: unix_ms(fork.created()),
-            vmm: Some(vmm),
-        };
-        // A fork that already ended (its VMM died at once) has released its record.
-        if status.state == ForkState::Serving {
-            self.store.write_fork(&record)?;
-        }
-        Ok(())
     }
 
     fn on_ended(&self, fork: &Arc<Fork>) -> Result<(), LifecycleError> {

@@ -16,6 +16,7 @@
 //! (`setup_failed`), never a panic on a worker.
 
 use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -32,10 +33,11 @@ use slab::Slab;
 
 use crate::errors::error_chain;
 use crate::registry::{Fork, Registry};
+use crate::serve::recover::{self, ServedUffd};
 use crate::serve::session::{ServeOptions, Session, SetupError};
 use crate::serve::uffd::{self, Userfaultfd};
 use crate::serve::worker::{Command, WorkerHandle};
-use crate::serve::{ForkEvent, ForkEvents};
+use crate::serve::AttachJournal;
 use crate::sys;
 use proto::Id;
 
@@ -69,7 +71,7 @@ impl AcceptorHandle {
     /// Starts the acceptor.
     pub fn spawn(
         registry: Arc<Registry>,
-        events: ForkEvents,
+        journal: Arc<dyn AttachJournal>,
         workers: Arc<Vec<WorkerHandle>>,
         options: ServeOptions,
         handoff_timeout: Duration,
@@ -81,7 +83,7 @@ impl AcceptorHandle {
             poll,
             rx,
             registry,
-            events,
+            journal,
             workers,
             options,
             handoff_timeout,
@@ -134,7 +136,7 @@ struct Acceptor {
     poll: Poll,
     rx: Receiver<AcceptorCommand>,
     registry: Arc<Registry>,
-    events: ForkEvents,
+    journal: Arc<dyn AttachJournal>,
     workers: Arc<Vec<WorkerHandle>>,
     options: ServeOptions,
     handoff_timeout: Duration,
@@ -168,6 +170,8 @@ enum AttachError {
     SessionSetup(#[source] SetupError),
     #[error("no worker is running")]
     NoWorker,
+    #[error("cannot record the attached VMM")]
+    Record(#[source] io::Error),
 }
 
 impl AttachError {
@@ -177,7 +181,7 @@ impl AttachError {
             Self::AlreadyServing { .. } => RefusalReason::AlreadyServing,
             Self::SnapshotGone(_) => RefusalReason::SnapshotMissing,
             Self::UnsupportedFeatures { .. } => RefusalReason::UnsupportedFeatures,
-            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) => {
+            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) | Self::Record(_) => {
                 RefusalReason::SetupFailed
             }
             Self::NoWorker => RefusalReason::NoWorker,
@@ -189,7 +193,9 @@ impl AttachError {
             Self::Handoff(_) | Self::UnsupportedFeatures { .. } => ErrorCode::InvalidArgument,
             Self::AlreadyServing { .. } => ErrorCode::Conflict,
             Self::SnapshotGone(_) => ErrorCode::NotFound,
-            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) => ErrorCode::Internal,
+            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) | Self::Record(_) => {
+                ErrorCode::Internal
+            }
             Self::NoWorker => ErrorCode::Unavailable,
         }
     }
@@ -413,7 +419,16 @@ impl Acceptor {
     }
 
     fn attach(&mut self, p: Pending, handoff: ReceivedHandoff) {
-        match self.try_attach(&p, handoff) {
+        match self.try_attach(&p, handoff).and_then(|prepared| {
+            // Durable before the VMM hears "ok": from here on a restarted daemon takes the
+            // uffd back rather than leaving the VMM to freeze.
+            if let (Some(pid), Some(served)) = (prepared.peer_pid, &prepared.served) {
+                self.journal
+                    .attached(&p.fork, pid, served)
+                    .map_err(AttachError::Record)?;
+            }
+            Ok(prepared)
+        }) {
             Ok(prepared) => {
                 reply(
                     &p.stream,
@@ -467,6 +482,15 @@ impl Acceptor {
         let worker = (0..self.workers.len())
             .min_by_key(|&i| self.workers[i].load())
             .ok_or(AttachError::NoWorker)?;
+        let served = match recover::inode_of(uffd.as_fd()) {
+            Ok(ino) => Some(ServedUffd {
+                vmm_fd: p.peer_pid.and_then(|pid| recover::vmm_fd_of(pid, ino)),
+                ino,
+                features,
+                regions: handoff.regions.clone(),
+            }),
+            Err(e) => return Err(AttachError::Setup(e)),
+        };
         let session = Session::new(
             p.fork.clone(),
             snapshot,
@@ -481,6 +505,7 @@ impl Acceptor {
             features,
             worker,
             peer_pid: p.peer_pid,
+            served,
         })
     }
 
@@ -495,6 +520,7 @@ impl Acceptor {
             features,
             worker,
             peer_pid,
+            served: _,
         } = prepared;
         if features & uffd::FEATURE_EVENT_REMOVE == 0 {
             tracing::warn!(fork = %fork.id(), "the VMM did not negotiate UFFD_FEATURE_EVENT_REMOVE; \
@@ -507,7 +533,6 @@ impl Acceptor {
             s.uffd_features = Some(features);
             s.worker = Some(worker);
         });
-        let _ = self.events.send(ForkEvent::Attached(fork.clone()));
         // The fork's listener stays: later connections are told `already_serving`.
         if self.workers[worker]
             .send(Command::Attach(Box::new(session)))
@@ -527,6 +552,7 @@ struct PreparedSession {
     features: u64,
     worker: usize,
     peer_pid: Option<i32>,
+    served: Option<ServedUffd>,
 }
 
 /// Best effort: one JSON line to the VMM. Firecracker never reads it; synthetic VMMs and

@@ -127,6 +127,40 @@ pub struct ForkRecord {
     /// The VMM, once one has handed over its uffd.
     #[serde(default)]
     pub vmm: Option<VmmIdentity>,
+    /// What serving the VMM's uffd needs, so that a restarted daemon can take it back
+    /// (absent in records written before pagerd kept it: such forks can only be detached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uffd: Option<UffdRecord>,
+}
+
+/// A served VMM's uffd: how to find it again in the VMM, and the regions it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UffdRecord {
+    /// The uffd's number in the VMM's descriptor table at attach, if it was found there.
+    #[serde(default)]
+    pub vmm_fd: Option<i32>,
+    /// The uffd's inode (each userfaultfd has its own anonymous inode): the identity that
+    /// tells it apart from any other descriptor the VMM holds.
+    pub ino: u64,
+    /// The features the VMM negotiated.
+    pub features: u64,
+    /// The regions, as the handoff declared them.
+    pub regions: Vec<RegionRecord>,
+}
+
+/// One region of a [`UffdRecord`] (the handoff's `GuestRegionUffdMapping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionRecord {
+    /// Start in the VMM's address space.
+    pub base_host_virt_addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Start of its bytes in the memory file.
+    pub offset: u64,
+    /// Page size in bytes.
+    pub page_size: u64,
 }
 
 /// A fork record that could not be read.
@@ -601,11 +635,36 @@ mod tests {
                 snapshot: id("s"),
                 created_unix_ms: 1,
                 vmm: None,
+                uffd: None,
             };
             store.write_fork(&record).unwrap();
         }
         let scan = store.scan_forks().unwrap();
         assert_eq!(scan.referencing(&id("s")), Some(vec![id("a"), id("b")]));
+        // A record of a serving fork round-trips with its uffd.
+        let serving = ForkRecord {
+            id: id("a"),
+            snapshot: id("s"),
+            created_unix_ms: 1,
+            vmm: Some(VmmIdentity {
+                pid: 7,
+                start_time: 9,
+            }),
+            uffd: Some(UffdRecord {
+                vmm_fd: Some(12),
+                ino: 4321,
+                features: 0x8000_0008,
+                regions: vec![RegionRecord {
+                    base_host_virt_addr: 0x7f00_0000_0000,
+                    size: 8192,
+                    offset: 0,
+                    page_size: 4096,
+                }],
+            }),
+        };
+        store.write_fork(&serving).unwrap();
+        let scan = store.scan_forks().unwrap();
+        assert!(scan.records.contains(&serving));
 
         std::fs::write(store.forks_dir().join("c.json"), b"{\"id\":\"c\",\"snap").unwrap();
         let scan = store.scan_forks().unwrap();
@@ -614,6 +673,14 @@ mod tests {
 
         store.remove_snapshot(&id("s")).unwrap();
         assert!(store.snapshots().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_record_written_before_uffds_were_kept_still_loads() {
+        let old = r#"{"id":"f","snapshot":"s","created_unix_ms":3,"vmm":{"pid":5,"start_time":6}}"#;
+        let record: ForkRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.uffd, None);
+        assert_eq!(record.vmm.unwrap().pid, 5);
     }
 
     #[test]

@@ -1,0 +1,167 @@
+//! Planned upgrade in place: the daemon replaces its own program with `exec`, keeping its pid,
+//! and the new program takes every live fork back exactly as after a crash.
+//!
+//! ```text
+//!  daemon.upgrade {binary}  ─▶ binary checked (absolute, executable, `--version` says pagerd)
+//!    ─▶ answered {pid, binary} ─▶ SIGUSR2 to the daemon itself (or SIGUSR2 from outside,
+//!       e.g. systemd's ExecReload: the binary the daemon was started from)
+//!  main thread: control socket closed ─▶ FUSE view unmounted (detached while files are held)
+//!    ─▶ serving stopped (records kept, uffds closed on pagerd's side only)
+//!    ─▶ execve(binary, same arguments, same environment): same pid, so a supervisor keeps
+//!       tracking it ─▶ the new program reconciles: pidfd_getfd takes each uffd back, wakes
+//!       every region, serves (`serve::recover`) ─▶ FUSE mounted again ─▶ control socket
+//! ```
+//!
+//! Should the new program fail to start, `execve` returns and the daemon runs its own program
+//! again (`/proc/self/exe`, which works even if the file was replaced on disk): the forks are
+//! recovered by the old program instead, and the failure is logged.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use nix::sys::signal::Signal;
+
+/// The signal that asks the daemon to upgrade itself.
+pub(crate) const UPGRADE_SIGNAL: Signal = Signal::SIGUSR2;
+
+/// Why an upgrade was refused (the daemon keeps running as it is).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpgradeError {
+    /// The binary path is not absolute.
+    #[error("the binary path {0} must be absolute")]
+    NotAbsolute(PathBuf),
+    /// The binary is not an executable regular file.
+    #[error("{0} is not an executable file")]
+    NotExecutable(PathBuf),
+    /// Running `BINARY --version` failed or did not name pagerd.
+    #[error("{path} --version did not answer as pagerd does: {why}")]
+    NotPagerd {
+        /// The binary.
+        path: PathBuf,
+        /// What it did.
+        why: String,
+    },
+    /// An upgrade is already under way.
+    #[error("an upgrade is already under way")]
+    InProgress,
+    /// The daemon could not signal itself.
+    #[error("cannot signal the daemon's main thread")]
+    Signal(#[source] nix::Error),
+}
+
+/// An upgrade being asked for, shared by the control socket and the main thread.
+#[derive(Debug)]
+pub(crate) struct Upgrade {
+    requested: Mutex<Option<PathBuf>>,
+    default_binary: PathBuf,
+}
+
+/// The program this process runs, as a path (without the ` (deleted)` the kernel appends
+/// once the file was replaced on disk, which is what a package upgrade does).
+fn own_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+    let text = exe.as_os_str().to_string_lossy();
+    match text.strip_suffix(" (deleted)") {
+        Some(path) => PathBuf::from(path),
+        None => exe,
+    }
+}
+
+impl Default for Upgrade {
+    fn default() -> Self {
+        Self {
+            requested: Mutex::new(None),
+            default_binary: own_binary(),
+        }
+    }
+}
+
+impl Upgrade {
+    /// Checks `binary` (default: the one the daemon was started from) and asks the main thread
+    /// to upgrade to it; returns the binary.
+    pub fn request(&self, binary: Option<PathBuf>) -> Result<PathBuf, UpgradeError> {
+        let binary = binary.unwrap_or_else(|| self.default_binary.clone());
+        check_binary(&binary)?;
+        {
+            let mut requested = self.requested.lock().unwrap_or_else(|p| p.into_inner());
+            if requested.is_some() {
+                return Err(UpgradeError::InProgress);
+            }
+            *requested = Some(binary.clone());
+        }
+        nix::sys::signal::kill(nix::unistd::getpid(), UPGRADE_SIGNAL)
+            .map_err(UpgradeError::Signal)?;
+        Ok(binary)
+    }
+
+    /// The binary to run next: the one asked for, or (a bare signal from outside) the
+    /// daemon's own, checked.
+    pub fn binary(&self) -> Result<PathBuf, UpgradeError> {
+        let requested = self
+            .requested
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match requested {
+            Some(binary) => Ok(binary),
+            None => {
+                check_binary(&self.default_binary)?;
+                Ok(self.default_binary.clone())
+            }
+        }
+    }
+
+    /// Forgets a request that could not be carried out.
+    pub fn clear(&self) {
+        *self.requested.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// Whether `binary` looks like a pagerd that runs: absolute, executable, and its
+/// `--version` starts with `pagerd`.
+fn check_binary(binary: &Path) -> Result<(), UpgradeError> {
+    if !binary.is_absolute() {
+        return Err(UpgradeError::NotAbsolute(binary.to_owned()));
+    }
+    let executable =
+        std::fs::metadata(binary).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if !executable {
+        return Err(UpgradeError::NotExecutable(binary.to_owned()));
+    }
+    let not_pagerd = |why: String| UpgradeError::NotPagerd {
+        path: binary.to_owned(),
+        why,
+    };
+    let output = std::process::Command::new(binary)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| not_pagerd(e.to_string()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() || !stdout.starts_with("pagerd") {
+        return Err(not_pagerd(format!(
+            "exit {}, printed {:?}",
+            output.status,
+            stdout.trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Replaces this process with `binary`, given the daemon's own arguments. Returns only if
+/// neither `binary` nor, failing that, the daemon's own program could be executed.
+pub(crate) fn exec(binary: &Path) -> io::Error {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    tracing::info!(binary = %binary.display(), "upgrading: executing the new program in place");
+    let error = std::process::Command::new(binary).args(&args).exec();
+    tracing::error!(binary = %binary.display(), error = %error,
+        "cannot execute the new program; running the old one again");
+    std::process::Command::new("/proc/self/exe")
+        .arg0(std::env::args_os().next().unwrap_or_default())
+        .args(&args)
+        .exec()
+}

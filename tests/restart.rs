@@ -1,0 +1,211 @@
+//! No VM freezes when pagerd crashes, restarts or is upgraded: forks keep faulting (paced
+//! random reads, every byte checked) while the daemon is SIGKILLed and restarted, or upgraded,
+//! many times; each takes its VMM's uffd back and serves again. Processes mapping a memory
+//! file through the FUSE view are counted again after a restart.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use proto::model::{ForkListEntry, ForkState};
+use serde_json::Value;
+use testkit::{write_snapshot, Daemon, Vmm};
+
+/// Forks faulting at once.
+const FORKS: usize = 32;
+/// Daemon deaths (or upgrades) per test.
+const ROUNDS: usize = 20;
+/// 4 KiB pages per fork's memory: 1024 pages, read in random order, ~6 ms apart (each VMM
+/// keeps faulting for over 6 s, longer than the restarts take).
+const MEMORY: u64 = 4 << 20;
+const PACE_US: &str = "6000";
+/// Every VMM must have finished this long after the last restart.
+const FINISH_DEADLINE: Duration = Duration::from_secs(90);
+
+/// A small xorshift generator: random moments, reproducible from the printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
+        eprintln!("restart moments seeded with {seed}");
+        Self(seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Starts `FORKS` paced VMMs reading every page of `mem` in random order, each checking every
+/// byte, and waits until every one is served.
+fn start_forks(daemon: &Daemon, mem: &Path) -> Vec<Vmm> {
+    (0..FORKS)
+        .map(|i| {
+            let fork = format!("vm{i}");
+            let socket = daemon.create_fork("base", &fork);
+            let seed = (i as u64 + 1).to_string();
+            let mut vmm = Vmm::attach(
+                mem,
+                &socket,
+                &[
+                    "--order",
+                    "random",
+                    "--seed",
+                    &seed,
+                    "--pace-us",
+                    PACE_US,
+                    "verify",
+                ],
+            );
+            vmm.expect("ready");
+            vmm
+        })
+        .collect()
+}
+
+/// Waits for every VMM to exit, each having verified every byte.
+fn finish_all(vmms: Vec<Vmm>, daemon: &Daemon) {
+    let end = Instant::now() + FINISH_DEADLINE;
+    for (i, mut vmm) in vmms.into_iter().enumerate() {
+        let left = end.saturating_duration_since(Instant::now());
+        let verified = vmm.expect_within("verified", left);
+        assert_eq!(
+            verified["report"]["pages"],
+            Value::from(MEMORY / 4096),
+            "fork vm{i}: {verified}\n{}",
+            daemon.log()
+        );
+        let (status, events) = vmm.wait_exit();
+        assert!(status.success(), "fork vm{i} failed: {events:?}");
+    }
+}
+
+#[test]
+fn thirty_two_forks_keep_faulting_through_twenty_sigkills() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), MEMORY, 77, 5, 0);
+    let mut daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    let vmms = start_forks(&daemon, &mem);
+    let mut rng = Rng::seeded();
+    for round in 0..ROUNDS {
+        std::thread::sleep(Duration::from_millis(20 + rng.below(150)));
+        daemon.sigkill();
+        // Faults raised while no daemon lives stay queued (or asleep) until it is back.
+        std::thread::sleep(Duration::from_millis(rng.below(30)));
+        daemon.respawn();
+        let status = daemon.status();
+        assert_eq!(
+            status.forks.detached,
+            0,
+            "round {round}: a fork was left detached\n{}",
+            daemon.log()
+        );
+    }
+    // Forks still running were taken back at the last start.
+    let recovered = daemon
+        .forks()
+        .iter()
+        .filter(|f| matches!(f, ForkListEntry::Uffd(info) if info.recovered > 0))
+        .count();
+    let serving = daemon.status().forks.serving;
+    assert_eq!(recovered, serving, "every fork served now was recovered");
+    assert!(
+        serving >= FORKS / 2,
+        "the forks should still be faulting after the last restart ({serving} are)"
+    );
+    finish_all(vmms, &daemon);
+    // Each VMM's exit ended its fork (or a restart reaped it): nothing is left.
+    testkit::wait_until("every fork to end", testkit::DEADLINE, || {
+        daemon.forks().iter().all(|f| match f {
+            ForkListEntry::Uffd(info) => info.state == ForkState::Ended,
+            ForkListEntry::File(_) => true,
+        })
+    });
+}
+
+#[test]
+fn thirty_two_forks_keep_faulting_through_twenty_upgrades() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), MEMORY, 79, 5, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    let pid = daemon.pid();
+    let vmms = start_forks(&daemon, &mem);
+    let mut rng = Rng::seeded();
+    let mut longest = Duration::ZERO;
+    for round in 0..ROUNDS {
+        std::thread::sleep(Duration::from_millis(20 + rng.below(150)));
+        longest = longest.max(daemon.upgrade(None));
+        let status = daemon.status();
+        assert_eq!(status.pid, pid, "the daemon keeps its pid");
+        assert_eq!(
+            status.forks.detached,
+            0,
+            "round {round}: a fork was left detached\n{}",
+            daemon.log()
+        );
+    }
+    eprintln!("longest control-socket gap during an upgrade: {longest:?}");
+    let serving = daemon.status().forks.serving;
+    assert!(
+        serving >= FORKS / 2,
+        "the forks should still be faulting after the last upgrade ({serving} are)"
+    );
+    finish_all(vmms, &daemon);
+}
+
+#[test]
+fn an_upgrade_to_something_that_is_not_pagerd_is_refused_and_nothing_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 1 << 20, 80, 0, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    let vmm = daemon.attach_holding_vmm("base", "vm", &mem);
+    let refusal = testkit::refused(
+        daemon
+            .client()
+            .upgrade(Some(std::path::PathBuf::from("/bin/true"))),
+    );
+    assert_eq!(
+        refusal.code,
+        proto::control::ErrorCode::InvalidArgument,
+        "{refusal:?}"
+    );
+    let refusal = testkit::refused(daemon.client().upgrade(Some("relative/pagerd".into())));
+    assert_eq!(
+        refusal.code,
+        proto::control::ErrorCode::InvalidArgument,
+        "{refusal:?}"
+    );
+    assert_eq!(daemon.fork("vm").state, ForkState::Serving);
+    assert_eq!(daemon.fork("vm").recovered, 0);
+    vmm.finish();
+}
+
+#[test]
+fn a_fork_recorded_before_uffds_were_kept_is_detached_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 1 << 20, 78, 0, 0);
+    let mut daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    let vmm = daemon.attach_holding_vmm("base", "old", &mem);
+    daemon.sigkill();
+    // What an older pagerd wrote: the VMM, but nothing about its uffd.
+    let path = daemon.state_dir().join("forks/old.json");
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(record["uffd"]["ino"].is_u64(), "{record}");
+    record.as_object_mut().unwrap().remove("uffd");
+    std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+    daemon.respawn();
+    let fork = daemon.fork("old");
+    assert_eq!(fork.state, ForkState::Detached, "{fork:?}");
+    assert_eq!(
+        fork.detached_reason,
+        Some(proto::model::DetachedReason::RecordTooOld)
+    );
+    assert_eq!(daemon.ref_count("base"), Some(1));
+    vmm.kill();
+}
