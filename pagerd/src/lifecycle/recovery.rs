@@ -36,8 +36,10 @@ impl RecordJournal {
 
 impl AttachJournal for RecordJournal {
     fn attached(&self, fork: &Fork, vmm_pid: i32, uffd: &ServedUffd) -> io::Result<()> {
-        let vmm = VmmIdentity::of(vmm_pid)
-            .ok_or_else(|| io::Error::other(format!("the VMM (pid {vmm_pid}) has exited")))?;
+        let Some(vmm) = VmmIdentity::of(vmm_pid) else {
+            // The VMM already exited: its session ends at once, and its record with it.
+            return Ok(());
+        };
         let record = ForkRecord {
             id: fork.id().clone(),
             snapshot: fork.snapshot().clone(),
