@@ -209,3 +209,51 @@ fn a_fork_recorded_before_uffds_were_kept_is_detached_with_the_reason() {
     assert_eq!(daemon.ref_count("base"), Some(1));
     vmm.kill();
 }
+
+#[test]
+fn a_deferred_delete_across_restarts_waits_for_a_process_that_still_maps_the_memory_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 2 << 20, 81, 4, 0);
+    let mut daemon = Daemon::start(&[("base", &mem)], &["--fuse", "passthrough"]);
+    let read_path = daemon.status().fuse.map(|f| f.read_path);
+    if read_path != Some(proto::model::ReadPath::Passthrough) {
+        testkit::skip(
+            "a_deferred_delete_across_restarts_waits_for_a_process_that_still_maps_the_memory_file",
+            &format!("FUSE passthrough is not available here (read path {read_path:?})"),
+        );
+        return;
+    }
+    let file = daemon.fuse_file("base");
+    let mut user = Vmm::spawn(&[
+        "--snapshot".to_owned(),
+        mem.display().to_string(),
+        "--memory-file".to_owned(),
+        file.display().to_string(),
+        "verify".to_owned(),
+        "hold".to_owned(),
+    ]);
+    user.expect("holding");
+    let outcome = daemon.delete_snapshot("base", true);
+    assert!(outcome.pending, "{outcome:?}");
+    let user_pid = i32::try_from(user.pid()).unwrap();
+    // A crash (the mount is left dead), a second one (the mount was detached meanwhile), and an
+    // upgrade: each time the process that still maps the file is counted again.
+    for round in 0..3 {
+        if round < 2 {
+            daemon.sigkill();
+            daemon.respawn();
+        } else {
+            daemon.upgrade(None);
+        }
+        let info = daemon.snapshot("base");
+        assert!(info.delete_pending, "round {round}: {info:?}");
+        assert_eq!(info.ref_count, Some(1), "round {round}: {info:?}");
+        assert_eq!(info.file_users[0].pid, user_pid, "round {round}: {info:?}");
+        assert!(daemon.state_dir().join("snapshots/base/memory").exists());
+    }
+    // The process still reads the snapshot's bytes, then lets go: the delete finishes.
+    user.finish();
+    testkit::wait_until("the deferred delete to finish", testkit::DEADLINE, || {
+        !daemon.state_dir().join("snapshots/base").exists()
+    });
+}

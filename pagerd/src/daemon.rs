@@ -167,7 +167,9 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
             .map_err(DaemonError::Serve)?
     };
 
-    lifecycle.reconcile().map_err(DaemonError::Reconcile)?;
+    lifecycle
+        .reconcile(&config.fuse_mountpoint())
+        .map_err(DaemonError::Reconcile)?;
     for (id, path) in &config.snapshots {
         if lifecycle.snapshot(id).is_err() {
             lifecycle

@@ -70,6 +70,8 @@ pub(crate) struct ReconcileReport {
     pub detached: Vec<Id>,
     /// Forks whose VMM is gone: their records were removed.
     pub reaped: Vec<Id>,
+    /// Processes found still mapping a memory file (counted again as file users).
+    pub file_users: usize,
     /// Deferred deletes finished.
     pub deleted: Vec<Id>,
     /// Unreadable fork records (kept; deletes are refused while they exist).
@@ -139,8 +141,10 @@ impl Lifecycle {
         self.store.sockets_dir().join(format!("{fork}.sock"))
     }
 
-    /// Rebuilds everything from the state directory after a start or a crash.
-    pub fn reconcile(&self) -> Result<ReconcileReport, LifecycleError> {
+    /// Rebuilds everything from the state directory after a start or a crash. `fuse_mount` is
+    /// where memory files were (or are to be) shown: processes still mapping them from an
+    /// earlier daemon are counted again before any deferred delete is finished.
+    pub fn reconcile(&self, fuse_mount: &Path) -> Result<ReconcileReport, LifecycleError> {
         let mut catalog = self.lock();
         let mut report = ReconcileReport {
             removed_leftovers: self.store.remove_leftovers()?,
@@ -212,6 +216,22 @@ impl Lifecycle {
                     report.waiting.push(record.id.clone());
                 }
             }
+        }
+        let roots = [
+            fuse_mount.to_owned(),
+            self.store.root().to_owned(),
+            PathBuf::from("/"),
+        ];
+        let snapshots: BTreeSet<Id> = catalog
+            .metas
+            .keys()
+            .chain(catalog.damaged.keys())
+            .cloned()
+            .collect();
+        for mapper in crate::file_users::find_mappers(&roots, &snapshots) {
+            tracing::info!(snapshot = %mapper.snapshot, pid = mapper.pid, "a process still maps a memory file from before the restart");
+            self.file_users.adopt(mapper);
+            report.file_users += 1;
         }
         let pending: Vec<Id> = catalog
             .metas
