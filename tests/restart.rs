@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use proto::model::{ForkListEntry, ForkState};
 use serde_json::Value;
+use testkit::firecracker::Firecracker;
 use testkit::{write_snapshot, Daemon, Vmm};
 
 /// Forks faulting at once.
@@ -20,6 +21,9 @@ const MEMORY: u64 = 4 << 20;
 const PACE_US: &str = "6000";
 /// Every VMM must have finished this long after the last restart.
 const FINISH_DEADLINE: Duration = Duration::from_secs(90);
+
+/// How long a Firecracker guest (emulated at CPL0 here, ~100x slower) may take per step.
+const GUEST_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A small xorshift generator: random moments, reproducible from the printed seed.
 struct Rng(u64);
@@ -256,4 +260,93 @@ fn a_deferred_delete_across_restarts_waits_for_a_process_that_still_maps_the_mem
     testkit::wait_until("the deferred delete to finish", testkit::DEADLINE, || {
         !daemon.state_dir().join("snapshots/base").exists()
     });
+}
+
+#[test]
+fn a_firecracker_guest_keeps_running_across_a_pagerd_sigkill() {
+    const TEST: &str = "a_firecracker_guest_keeps_running_across_a_pagerd_sigkill";
+    let Some(firecracker) = testkit::firecracker::binary() else {
+        testkit::skip(
+            TEST,
+            "no firecracker binary ($FIRECRACKER, PATH, shared/vendor)",
+        );
+        return;
+    };
+    if !Path::new("/dev/kvm").exists() {
+        testkit::skip(TEST, "no /dev/kvm");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let guest = match testkit::firecracker::build_guest(dir.path()) {
+        Ok(guest) => guest,
+        Err(why) => {
+            testkit::skip(TEST, &format!("cannot build the guest: {why}"));
+            return;
+        }
+    };
+    let (vmstate, mem) = (dir.path().join("vmstate"), dir.path().join("mem"));
+    // Boot, let the guest run a few passes, snapshot it.
+    {
+        let mut vm = Firecracker::spawn(&firecracker, &dir.path().join("boot.sock"));
+        let boot = format!(r#"{{"kernel_image_path":"{}"}}"#, guest.display());
+        vm.ok("PUT", "/boot-source", &boot);
+        vm.ok(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":128}"#,
+        );
+        vm.ok("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+        let booted = vm.line_within(GUEST_DEADLINE, |l| l.starts_with("pass 3"));
+        assert!(booted.is_some(), "the guest did not run: {:?}", vm.seen);
+        vm.ok("PATCH", "/vm", r#"{"state":"Paused"}"#);
+        let create = format!(
+            r#"{{"snapshot_type":"Full","snapshot_path":"{}","mem_file_path":"{}"}}"#,
+            vmstate.display(),
+            mem.display()
+        );
+        vm.ok("PUT", "/snapshot/create", &create);
+    }
+    // Restore it from pagerd (Uffd backend).
+    let mut daemon = Daemon::start(&[("vm", &mem)], &["--fuse", "off"]);
+    let socket = daemon.create_fork("vm", "fc");
+    let mut vm = Firecracker::spawn(&firecracker, &dir.path().join("restore.sock"));
+    let load = format!(
+        r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"Uffd","backend_path":"{}"}},"resume_vm":true}}"#,
+        vmstate.display(),
+        socket.display()
+    );
+    vm.ok("PUT", "/snapshot/load", &load);
+    let mut last = 0;
+    for _ in 0..5 {
+        let (n, ok) = vm
+            .next_pass(GUEST_DEADLINE)
+            .unwrap_or_else(|| panic!("the restored guest stopped: {:?}", vm.seen));
+        assert!(ok, "the guest read wrong memory: {:?}", vm.seen);
+        last = n;
+    }
+    assert_eq!(daemon.fork("fc").state, ForkState::Serving);
+    // pagerd dies; the guest soon waits on a fresh page; a new pagerd takes the uffd back.
+    for kill in 0..3 {
+        daemon.sigkill();
+        std::thread::sleep(Duration::from_millis(200));
+        daemon.respawn();
+        let fork = daemon.fork("fc");
+        assert_eq!(fork.state, ForkState::Serving, "kill {kill}: {fork:?}");
+        assert_eq!(fork.recovered, 1, "{fork:?}");
+        // New passes, each touching pages never touched before.
+        let target = last + 5;
+        while last < target {
+            let (n, ok) = vm.next_pass(GUEST_DEADLINE).unwrap_or_else(|| {
+                panic!(
+                    "kill {kill}: the guest froze after pass {last}: {:?}\n{}",
+                    &vm.seen[vm.seen.len().saturating_sub(5)..],
+                    daemon.log()
+                )
+            });
+            assert!(ok, "the guest read wrong memory: {:?}", vm.seen);
+            last = n;
+        }
+    }
+    assert!(daemon.fork("fc").stats.faults > 0);
+    drop(vm);
 }

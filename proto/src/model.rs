@@ -325,7 +325,8 @@ pub struct ForkInfo {
     /// Why a `detached` fork's uffd could not be taken back after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detached_reason: Option<DetachedReason>,
-    /// How many times a restarted daemon took this fork's uffd back from its live VMM.
+    /// 1 when this daemon took the fork's uffd back from its live VMM at start (after a
+    /// crash, restart or upgrade), 0 when it attached the VMM itself.
     #[serde(default)]
     pub recovered: u32,
     /// The last refused handoff.

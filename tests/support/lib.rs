@@ -12,6 +12,9 @@
 //!   it prints.
 //! - [`raw_handoff`] sends arbitrary (hostile) handoff messages and reads pagerd's
 //!   [`HandoffReply`]; [`HugePages`] reserves and gives back 2 MiB pages.
+//! - [`firecracker`] finds and drives a real Firecracker, and builds its tiny test guest.
+
+pub mod firecracker;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
