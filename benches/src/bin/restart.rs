@@ -148,6 +148,7 @@ fn run_phase(phase: Phase, args: &Args, mem: &std::path::Path) -> Value {
         "longest_stall_ns": max_read,
         "stall_over_normal": if normal > 0 { max_read as f64 / normal as f64 } else { 0.0 },
         "longest_control_outage_ms": longest_outage.as_millis() as u64,
+        "control_outages_ms": outages.iter().map(|d| d.as_millis() as u64).collect::<Vec<_>>(),
         "faults_lost": hung,
         "vmms_failed": failed,
     })
