@@ -84,8 +84,17 @@ fn is_userfaultfd(fd: BorrowedFd<'_>) -> bool {
         .is_ok_and(|link| link.as_os_str() == UFFD_LINK)
 }
 
+/// The `ino:` line of `/proc/PID/fdinfo/FD` (kernels since 5.14 print it).
+fn fdinfo_ino(pid: i32, fd: i32) -> Option<u64> {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("ino:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// The descriptors of process `pid` that are the file with inode `ino`: those whose
-/// `/proc/PID/fd` link is a userfaultfd and whose target has that inode.
+/// `/proc/PID/fd` link is a userfaultfd whose target has that inode (and whose `fdinfo` says
+/// the same inode, where it says one).
 fn fds_with_inode(pid: i32, ino: u64) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
@@ -96,6 +105,7 @@ fn fds_with_inode(pid: i32, ino: u64) -> Vec<i32> {
                 && std::fs::metadata(entry.path()).is_ok_and(|m| m.ino() == ino)
         })
         .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fdinfo_ino(pid, fd).is_none_or(|i| i == ino))
         .collect()
 }
 
@@ -166,6 +176,7 @@ mod tests {
         );
         let me = i32::try_from(std::process::id()).unwrap();
         assert_eq!(vmm_fd_of(me, ino), Some(b.as_raw_fd()));
+        assert_eq!(fdinfo_ino(me, b.as_raw_fd()), Some(ino));
         let pidfd = crate::sys::pidfd_open(me).unwrap();
         // A wrong recorded number (a's) falls back to the inode scan.
         let copy = reclaim_uffd(pidfd.as_fd(), me, Some(a.as_raw_fd()), ino).unwrap();
