@@ -140,6 +140,23 @@ fn thirty_two_forks_keep_faulting_through_twenty_upgrades() {
     let daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
     let pid = daemon.pid();
     let vmms = start_forks(&daemon, &mem);
+    // A control client asking all along: the control socket keeps listening across an
+    // upgrade, so no request fails, some are only answered a little later.
+    let asking = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let client = {
+        let (asking, control) = (asking.clone(), daemon.control_socket().to_owned());
+        std::thread::spawn(move || {
+            let client = proto::client::Client::new(&control);
+            let (mut answered, mut failed) = (0, Vec::new());
+            while asking.load(std::sync::atomic::Ordering::SeqCst) {
+                match client.status() {
+                    Ok(_) => answered += 1,
+                    Err(e) => failed.push(format!("{e:?}")),
+                }
+            }
+            (answered, failed)
+        })
+    };
     let mut rng = Rng::seeded();
     let mut longest = Duration::ZERO;
     for round in 0..ROUNDS {
@@ -154,7 +171,16 @@ fn thirty_two_forks_keep_faulting_through_twenty_upgrades() {
             daemon.log()
         );
     }
-    eprintln!("longest control-socket gap during an upgrade: {longest:?}");
+    eprintln!("longest upgrade, request to the new program answering: {longest:?}");
+    asking.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (answered, failed) = client.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} control requests failed during upgrades: {:?}",
+        failed.len(),
+        answered + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
     let serving = daemon.status().forks.serving;
     assert!(
         serving >= FORKS / 2,

@@ -98,6 +98,9 @@ pub(crate) fn init_logging(default_filter: &str, format: LogFormat) {
 /// go, and memory files for having changed.
 const JANITOR_PERIOD: Duration = Duration::from_secs(1);
 
+/// How long an upgrade waits for control requests under way to be answered.
+const CONTROL_GRACE: Duration = Duration::from_millis(500);
+
 fn group_id(name: &str) -> Result<u32, DaemonError> {
     if let Ok(gid) = name.parse::<u32>() {
         return Ok(gid);
@@ -111,6 +114,8 @@ fn group_id(name: &str) -> Result<u32, DaemonError> {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     config.make_paths_absolute().map_err(DaemonError::Paths)?;
+    // Before any thread starts: it edits the environment.
+    let inherited_control = upgrade::inherited_control(&config.control_socket());
     // Block the shutdown signals before any thread starts, so every thread inherits the mask
     // and only the main thread's `sigwait` sees them.
     let mut signals = SigSet::empty();
@@ -201,13 +206,16 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     };
     let upgrade = Arc::new(Upgrade::default());
     let control_path = config.control_socket();
-    let mut control = ControlServer::start(
-        &control_path,
-        Arc::new(Dispatcher::new(lifecycle.clone(), upgrade.clone())),
-        Duration::from_millis(config.control_idle_timeout_ms),
-        group,
-    )
-    .map_err(|source| DaemonError::Control {
+    let handler = Arc::new(Dispatcher::new(lifecycle.clone(), upgrade.clone()));
+    let idle = Duration::from_millis(config.control_idle_timeout_ms);
+    let started = match inherited_control {
+        Some(listener) => {
+            tracing::info!(control = %control_path.display(), "answering on the control socket the previous program handed over");
+            ControlServer::adopt(listener, &control_path, handler, idle, group)
+        }
+        None => ControlServer::start(&control_path, handler, idle, group),
+    };
+    let mut control = started.map_err(|source| DaemonError::Control {
         path: control_path.clone(),
         source,
     })?;
@@ -231,10 +239,21 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
             }
         }
     };
-    if next.is_some() {
-        tracing::info!("upgrading: serving stops here and resumes in the new program");
-    }
-    control.stop();
+    // At an upgrade the control socket keeps listening: requests made meanwhile wait in its
+    // backlog for the new program.
+    let handed_over = match next {
+        Some(_) => {
+            tracing::info!("upgrading: serving stops here and resumes in the new program");
+            control
+                .hand_over(CONTROL_GRACE)
+                .map_err(|e| tracing::warn!(error = %e, "cannot keep the control socket for the new program"))
+                .ok()
+        }
+        None => {
+            control.stop();
+            None
+        }
+    };
     if let Some(fuse) = fuse {
         fuse.unmount();
     }
@@ -245,7 +264,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     drop(janitor);
     lifecycle.shutdown();
     if let Some(binary) = next {
-        return Err(DaemonError::Upgrade(upgrade::exec(&binary)));
+        return Err(DaemonError::Upgrade(upgrade::exec(&binary, handed_over)));
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  daemon.upgrade {binary}  ─▶ binary checked (absolute, executable, `--version` says pagerd)
-//!    ─▶ answered {pid, binary} ─▶ SIGUSR2 to the daemon itself (or SIGUSR2 from outside,
+//!    ─▶ answered {pid, binary} ─▶ (once the answer is written) SIGUSR2 to the daemon itself (or SIGUSR2 from outside,
 //!       e.g. systemd's ExecReload: the binary the daemon was started from)
 //!  main thread: control socket closed ─▶ FUSE view unmounted (detached while files are held)
 //!    ─▶ serving stopped (records kept, uffds closed on pagerd's side only)
@@ -18,12 +18,18 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use nix::sys::signal::Signal;
+
+/// Names, for the program an upgrade executes, the descriptor of the still-listening control
+/// socket (connections waiting in its backlog are answered by the new program).
+const CONTROL_FD_ENV: &str = "PAGERD_CONTROL_FD";
 
 /// The signal that asks the daemon to upgrade itself.
 pub(crate) const UPGRADE_SIGNAL: Signal = Signal::SIGUSR2;
@@ -48,9 +54,6 @@ pub(crate) enum UpgradeError {
     /// An upgrade is already under way.
     #[error("an upgrade is already under way")]
     InProgress,
-    /// The daemon could not signal itself.
-    #[error("cannot signal the daemon's main thread")]
-    Signal(#[source] nix::Error),
 }
 
 /// An upgrade being asked for, shared by the control socket and the main thread.
@@ -81,21 +84,26 @@ impl Default for Upgrade {
 }
 
 impl Upgrade {
-    /// Checks `binary` (default: the one the daemon was started from) and asks the main thread
-    /// to upgrade to it; returns the binary.
+    /// Checks `binary` (default: the one the daemon was started from) and records it as the
+    /// program to run next; returns it. [`start`](Self::start) then sets the upgrade off.
     pub fn request(&self, binary: Option<PathBuf>) -> Result<PathBuf, UpgradeError> {
         let binary = binary.unwrap_or_else(|| self.default_binary.clone());
         check_binary(&binary)?;
-        {
-            let mut requested = self.requested.lock().unwrap_or_else(|p| p.into_inner());
-            if requested.is_some() {
-                return Err(UpgradeError::InProgress);
-            }
-            *requested = Some(binary.clone());
+        let mut requested = self.requested.lock().unwrap_or_else(|p| p.into_inner());
+        if requested.is_some() {
+            return Err(UpgradeError::InProgress);
         }
-        nix::sys::signal::kill(nix::unistd::getpid(), UPGRADE_SIGNAL)
-            .map_err(UpgradeError::Signal)?;
+        *requested = Some(binary.clone());
         Ok(binary)
+    }
+
+    /// Asks the main thread to carry out the requested upgrade (a signal to the daemon
+    /// itself); called once the requester has its answer.
+    pub fn start(&self) {
+        if let Err(e) = nix::sys::signal::kill(nix::unistd::getpid(), UPGRADE_SIGNAL) {
+            tracing::error!(error = %e, "cannot signal the daemon to upgrade");
+            self.clear();
+        }
     }
 
     /// The binary to run next: the one asked for, or (a bare signal from outside) the
@@ -152,16 +160,74 @@ fn check_binary(binary: &Path) -> Result<(), UpgradeError> {
     Ok(())
 }
 
-/// Replaces this process with `binary`, given the daemon's own arguments. Returns only if
-/// neither `binary` nor, failing that, the daemon's own program could be executed.
-pub(crate) fn exec(binary: &Path) -> io::Error {
+/// Replaces this process with `binary`, given the daemon's own arguments and, when there is
+/// one, the listening control socket. Returns only if neither `binary` nor, failing that, the
+/// daemon's own program could be executed.
+pub(crate) fn exec(binary: &Path, control: Option<UnixListener>) -> io::Error {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let control_fd = control.and_then(|listener| {
+        let fd = OwnedFd::from(listener);
+        // The one descriptor that must survive execve.
+        match nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())) {
+            Ok(_) => Some(fd.into_raw_fd()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand the control socket over; the next program binds it again");
+                None
+            }
+        }
+    });
+    let command = |program: &Path| {
+        let mut command = std::process::Command::new(program);
+        command.args(&args);
+        if let Some(fd) = control_fd {
+            command.env(CONTROL_FD_ENV, fd.to_string());
+        }
+        command
+    };
     tracing::info!(binary = %binary.display(), "upgrading: executing the new program in place");
-    let error = std::process::Command::new(binary).args(&args).exec();
+    let error = command(binary).exec();
     tracing::error!(binary = %binary.display(), error = %error,
         "cannot execute the new program; running the old one again");
-    std::process::Command::new("/proc/self/exe")
+    command(Path::new("/proc/self/exe"))
         .arg0(std::env::args_os().next().unwrap_or_default())
-        .args(&args)
         .exec()
+}
+
+/// The control socket the program this one replaced handed over, if the environment names
+/// one and it is a socket listening at `path`. Call before any thread starts (it removes the
+/// variable from the environment, so that no child inherits it).
+pub(crate) fn inherited_control(path: &Path) -> Option<UnixListener> {
+    let value = std::env::var_os(CONTROL_FD_ENV)?;
+    std::env::remove_var(CONTROL_FD_ENV);
+    let fd: RawFd = value.to_str()?.parse().ok().filter(|&fd| fd > 2)?;
+    // SAFETY: F_GETFD only reads the descriptor table entry of `fd`, open or not.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    let listening = |fd: std::os::fd::BorrowedFd<'_>| {
+        let bound = nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+        )
+        .ok()
+        .and_then(|addr| addr.path().map(Path::to_owned));
+        bound.as_deref() == Some(path)
+            && nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn)
+                .unwrap_or(false)
+    };
+    // SAFETY: `fd` is open (checked above) and borrowed only for these two queries.
+    if !listening(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }) {
+        tracing::warn!(
+            fd,
+            "the inherited control socket is not listening at the control path; binding afresh"
+        );
+        return None;
+    }
+    // SAFETY: the previous program handed this descriptor to this process alone, naming it in
+    // the environment variable just removed; nothing else in this process knows or owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let _ = nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    Some(UnixListener::from(owned))
 }

@@ -76,7 +76,6 @@ impl From<UpgradeError> for ControlError {
             | UpgradeError::NotExecutable(_)
             | UpgradeError::NotPagerd { .. } => ErrorCode::InvalidArgument,
             UpgradeError::InProgress => ErrorCode::Unavailable,
-            UpgradeError::Signal(_) => ErrorCode::Internal,
         };
         ControlError::new(code, error_chain(&e))
     }
@@ -85,7 +84,12 @@ impl From<UpgradeError> for ControlError {
 impl Handler for Dispatcher {
     /// Without a context the peer is unknown: registration by path is refused.
     fn handle(&self, request: Request) -> Result<Value, ControlError> {
-        self.handle_with(request, &mut RequestContext::default())
+        let mut context = RequestContext::default();
+        let answer = self.handle_with(request, &mut context);
+        if let Some(then) = context.take_after_reply() {
+            then();
+        }
+        answer
     }
 
     fn handle_with(
@@ -134,6 +138,9 @@ impl Handler for Dispatcher {
             Request::ForkClose { fork } => to_value(lc.close_fork(&fork)?),
             Request::DaemonUpgrade { binary } => {
                 let binary = self.upgrade.request(binary)?;
+                // The caller hears "ok" before the control socket goes away.
+                let upgrade = self.upgrade.clone();
+                context.after_reply(move || upgrade.start());
                 to_value(proto::model::UpgradeStarted {
                     pid: std::process::id(),
                     binary,
