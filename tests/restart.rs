@@ -190,7 +190,7 @@ fn thirty_two_forks_keep_faulting_through_twenty_upgrades() {
 }
 
 #[test]
-fn an_upgrade_to_something_that_is_not_pagerd_is_refused_and_nothing_changes() {
+fn an_upgrade_to_something_that_is_not_pagerd_is_refused_and_pagerctl_upgrades_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 1 << 20, 80, 0, 0);
     let daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
@@ -211,8 +211,21 @@ fn an_upgrade_to_something_that_is_not_pagerd_is_refused_and_nothing_changes() {
         proto::control::ErrorCode::InvalidArgument,
         "{refusal:?}"
     );
+    let run = daemon.pagerctl(&["daemon", "upgrade", "--binary", "/bin/true"]);
+    assert_eq!(run.code, Some(5), "invalid_argument: {run:?}");
     assert_eq!(daemon.fork("vm").state, ForkState::Serving);
     assert_eq!(daemon.fork("vm").recovered, 0);
+    // The same through pagerctl, to the daemon's own binary: done, and the fork recovered.
+    let asked = Instant::now();
+    let run = daemon.pagerctl(&["daemon", "upgrade"]);
+    assert!(run.success(), "{run:?}");
+    assert!(run.stdout.contains("is executing"), "{run:?}");
+    testkit::wait_until("the upgraded daemon", testkit::DEADLINE, || {
+        daemon.client().status().is_ok_and(|s| {
+            u128::from(s.uptime_ms) <= asked.elapsed().as_millis() && s.forks.serving == 1
+        })
+    });
+    assert_eq!(daemon.fork("vm").recovered, 1);
     vmm.finish();
 }
 
