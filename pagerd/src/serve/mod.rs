@@ -181,17 +181,14 @@ impl Server {
                 "the uffd negotiated features {features:#x} that pagerd does not serve"
             )));
         }
-        for region in &served.regions {
-            // Threads asleep on a fault the dead daemon read fault again, into this uffd.
-            match uffd.wake(region.base_host_virt_addr, region.size) {
-                Ok(()) => {}
-                Err(nix::errno::Errno::ESRCH) => return Err(RecoverError::VmmGone),
-                Err(e) => return Err(RecoverError::Setup(format!("UFFDIO_WAKE: {e}"))),
-            }
-        }
         let worker = (0..self.workers.len())
             .min_by_key(|&i| self.workers[i].load())
             .ok_or_else(|| RecoverError::Setup("no worker is running".into()))?;
+        let ranges: Vec<(u64, u64)> = served
+            .regions
+            .iter()
+            .map(|r| (r.base_host_virt_addr, r.size))
+            .collect();
         let session = Session::new(
             fork.clone(),
             snapshot,
@@ -201,6 +198,15 @@ impl Server {
             self.options,
         )
         .map_err(|e| RecoverError::Setup(crate::errors::error_chain(&e)))?;
+        // Threads asleep on a fault the dead daemon read fault again, into this uffd; the
+        // worker drains whatever is queued as soon as it has the session.
+        for (start, len) in ranges {
+            match session.uffd().wake(start, len) {
+                Ok(()) => {}
+                Err(nix::errno::Errno::ESRCH) => return Err(RecoverError::VmmGone),
+                Err(e) => return Err(RecoverError::Setup(format!("UFFDIO_WAKE: {e}"))),
+            }
+        }
         self.registry.update(fork, |s| {
             s.state = ForkState::Serving;
             s.vmm_pid = Some(vmm_pid);
