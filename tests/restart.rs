@@ -190,6 +190,36 @@ fn thirty_two_forks_keep_faulting_through_twenty_upgrades() {
 }
 
 #[test]
+fn vmms_handing_off_during_upgrades_are_served_by_the_new_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 1 << 20, 82, 3, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    for round in 0..5 {
+        let fork = format!("late{round}");
+        let socket = daemon.create_fork("base", &fork);
+        let asked = Instant::now();
+        daemon.client().upgrade(None).expect("daemon.upgrade");
+        // Connects while the old program goes away or the new one starts: the socket keeps
+        // listening throughout, and the new program reads the handoff from its backlog.
+        let mut vmm = Vmm::attach(&mem, &socket, &["verify"]);
+        let verified = vmm.expect("verified");
+        assert_eq!(verified["report"]["pages"], Value::from(256), "{verified}");
+        let (status, events) = vmm.wait_exit();
+        assert!(
+            status.success(),
+            "round {round}: {events:?}\n{}",
+            daemon.log()
+        );
+        testkit::wait_until("the upgraded daemon", testkit::DEADLINE, || {
+            daemon
+                .client()
+                .status()
+                .is_ok_and(|s| u128::from(s.uptime_ms) <= asked.elapsed().as_millis())
+        });
+    }
+}
+
+#[test]
 fn an_upgrade_to_something_that_is_not_pagerd_is_refused_and_pagerctl_upgrades_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 1 << 20, 80, 0, 0);

@@ -116,6 +116,8 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     config.make_paths_absolute().map_err(DaemonError::Paths)?;
     // Before any thread starts: it edits the environment.
     let inherited_control = upgrade::inherited_control(&config.control_socket());
+    let inherited_handoffs =
+        upgrade::inherited_handoffs(&config.state_dir.join(crate::store::SOCKETS_DIR));
     // Block the shutdown signals before any thread starts, so every thread inherits the mask
     // and only the main thread's `sigwait` sees them.
     let mut signals = SigSet::empty();
@@ -173,7 +175,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     };
 
     lifecycle
-        .reconcile(&config.fuse_mountpoint())
+        .reconcile(&config.fuse_mountpoint(), inherited_handoffs)
         .map_err(DaemonError::Reconcile)?;
     for (id, path) in &config.snapshots {
         if lifecycle.snapshot(id).is_err() {
@@ -241,9 +243,13 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     };
     // At an upgrade the control socket keeps listening: requests made meanwhile wait in its
     // backlog for the new program.
+    let mut handoffs = Vec::new();
     let handed_over = match next {
         Some(_) => {
             tracing::info!("upgrading: serving stops here and resumes in the new program");
+            // The handoff sockets keep listening too: VMMs connecting from now on are served
+            // by the new program.
+            handoffs = lifecycle.hand_over_listeners();
             control
                 .hand_over(CONTROL_GRACE)
                 .map_err(|e| tracing::warn!(error = %e, "cannot keep the control socket for the new program"))
@@ -262,9 +268,13 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     // asleep for up to a recheck period, and whatever it writes is atomic.
     stopping.store(true, Ordering::SeqCst);
     drop(janitor);
-    lifecycle.shutdown();
+    lifecycle.shutdown(next.is_some());
     if let Some(binary) = next {
-        return Err(DaemonError::Upgrade(upgrade::exec(&binary, handed_over)));
+        return Err(DaemonError::Upgrade(upgrade::exec(
+            &binary,
+            handed_over,
+            handoffs,
+        )));
     }
     Ok(())
 }

@@ -31,6 +31,10 @@ use nix::sys::signal::Signal;
 /// socket (connections waiting in its backlog are answered by the new program).
 const CONTROL_FD_ENV: &str = "PAGERD_CONTROL_FD";
 
+/// Names, for the program an upgrade executes, the forks' handoff sockets, still listening:
+/// `ID=FD,ID=FD…`.
+const HANDOFF_FDS_ENV: &str = "PAGERD_HANDOFF_FDS";
+
 /// The signal that asks the daemon to upgrade itself.
 pub(crate) const UPGRADE_SIGNAL: Signal = Signal::SIGUSR2;
 
@@ -163,24 +167,25 @@ fn check_binary(binary: &Path) -> Result<(), UpgradeError> {
 /// Replaces this process with `binary`, given the daemon's own arguments and, when there is
 /// one, the listening control socket. Returns only if neither `binary` nor, failing that, the
 /// daemon's own program could be executed.
-pub(crate) fn exec(binary: &Path, control: Option<UnixListener>) -> io::Error {
+pub(crate) fn exec(
+    binary: &Path,
+    control: Option<UnixListener>,
+    handoffs: Vec<(proto::Id, UnixListener)>,
+) -> io::Error {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let control_fd = control.and_then(|listener| {
-        let fd = OwnedFd::from(listener);
-        // The one descriptor that must survive execve.
-        match nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())) {
-            Ok(_) => Some(fd.into_raw_fd()),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot hand the control socket over; the next program binds it again");
-                None
-            }
-        }
-    });
+    let control_fd = control.and_then(keep_across_exec);
+    let handoff_fds: Vec<String> = handoffs
+        .into_iter()
+        .filter_map(|(id, listener)| keep_across_exec(listener).map(|fd| format!("{id}={fd}")))
+        .collect();
     let command = |program: &Path| {
         let mut command = std::process::Command::new(program);
         command.args(&args);
         if let Some(fd) = control_fd {
             command.env(CONTROL_FD_ENV, fd.to_string());
+        }
+        if !handoff_fds.is_empty() {
+            command.env(HANDOFF_FDS_ENV, handoff_fds.join(","));
         }
         command
     };
@@ -193,13 +198,28 @@ pub(crate) fn exec(binary: &Path, control: Option<UnixListener>) -> io::Error {
         .exec()
 }
 
-/// The control socket the program this one replaced handed over, if the environment names
-/// one and it is a socket listening at `path`. Call before any thread starts (it removes the
-/// variable from the environment, so that no child inherits it).
-pub(crate) fn inherited_control(path: &Path) -> Option<UnixListener> {
-    let value = std::env::var_os(CONTROL_FD_ENV)?;
-    std::env::remove_var(CONTROL_FD_ENV);
-    let fd: RawFd = value.to_str()?.parse().ok().filter(|&fd| fd > 2)?;
+/// Lets a listening socket survive `execve` (clears `FD_CLOEXEC`); its number, or `None`
+/// (the socket is closed, and the next program binds it afresh).
+fn keep_across_exec(listener: UnixListener) -> Option<RawFd> {
+    let fd = OwnedFd::from(listener);
+    match nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    ) {
+        Ok(_) => Some(fd.into_raw_fd()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot hand a socket over; the next program binds it again");
+            None
+        }
+    }
+}
+
+/// Takes ownership of descriptor `fd`, named in the environment by the program this one
+/// replaced, if it is a socket listening at `path`.
+fn adopt_listener(fd: RawFd, path: &Path) -> Option<UnixListener> {
+    if fd <= 2 {
+        return None;
+    }
     // SAFETY: F_GETFD only reads the descriptor table entry of `fd`, open or not.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return None;
@@ -216,18 +236,48 @@ pub(crate) fn inherited_control(path: &Path) -> Option<UnixListener> {
     };
     // SAFETY: `fd` is open (checked above) and borrowed only for these two queries.
     if !listening(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }) {
-        tracing::warn!(
-            fd,
-            "the inherited control socket is not listening at the control path; binding afresh"
-        );
+        tracing::warn!(fd, path = %path.display(), "an inherited descriptor is not a socket listening there; ignored");
         return None;
     }
     // SAFETY: the previous program handed this descriptor to this process alone, naming it in
-    // the environment variable just removed; nothing else in this process knows or owns it.
+    // an environment variable that the caller removed; nothing else here knows or owns it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     let _ = nix::fcntl::fcntl(
         &owned,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     );
     Some(UnixListener::from(owned))
+}
+
+/// The forks' handoff sockets the program this one replaced handed over, each checked to be
+/// listening at `sockets_dir/ID.sock`. Call before any thread starts (it edits the
+/// environment).
+pub(crate) fn inherited_handoffs(
+    sockets_dir: &Path,
+) -> std::collections::BTreeMap<proto::Id, UnixListener> {
+    let Some(value) = std::env::var_os(HANDOFF_FDS_ENV) else {
+        return Default::default();
+    };
+    std::env::remove_var(HANDOFF_FDS_ENV);
+    value
+        .to_str()
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|entry| {
+            let (id, fd) = entry.split_once('=')?;
+            let id: proto::Id = id.parse().ok()?;
+            let fd: RawFd = fd.parse().ok()?;
+            let listener = adopt_listener(fd, &sockets_dir.join(format!("{id}.sock")))?;
+            Some((id, listener))
+        })
+        .collect()
+}
+
+/// The control socket the program this one replaced handed over, if the environment names
+/// one and it is a socket listening at `path`. Call before any thread starts (it removes the
+/// variable from the environment, so that no child inherits it).
+pub(crate) fn inherited_control(path: &Path) -> Option<UnixListener> {
+    let value = std::env::var_os(CONTROL_FD_ENV)?;
+    std::env::remove_var(CONTROL_FD_ENV);
+    adopt_listener(value.to_str()?.parse().ok()?, path)
 }

@@ -144,10 +144,19 @@ impl Lifecycle {
     /// Rebuilds everything from the state directory after a start or a crash. `fuse_mount` is
     /// where memory files were (or are to be) shown: processes still mapping them from an
     /// earlier daemon are counted again before any deferred delete is finished.
-    pub fn reconcile(&self, fuse_mount: &Path) -> Result<ReconcileReport, LifecycleError> {
+    ///
+    /// `handoffs` are the forks' handoff sockets the program an upgrade replaced handed over,
+    /// still listening: their forks listen on them (VMMs that connected meanwhile are served),
+    /// and the sockets of forks that no longer exist are closed and removed.
+    pub fn reconcile(
+        &self,
+        fuse_mount: &Path,
+        mut handoffs: BTreeMap<Id, std::os::unix::net::UnixListener>,
+    ) -> Result<ReconcileReport, LifecycleError> {
         let mut catalog = self.lock();
+        let keep: Vec<PathBuf> = handoffs.keys().map(|id| self.socket_path(id)).collect();
         let mut report = ReconcileReport {
-            removed_leftovers: self.store.remove_leftovers()?,
+            removed_leftovers: self.store.remove_leftovers(&keep)?,
             ..ReconcileReport::default()
         };
         for stored in self.store.snapshots()? {
@@ -188,7 +197,8 @@ impl Lifecycle {
                         created,
                     )?;
                     self.registry.update(&fork, |s| s.vmm_pid = Some(vmm.pid));
-                    match recovery::recover_fork(&self.server, &fork, record, vmm) {
+                    let inherited = handoffs.remove(&record.id);
+                    match recovery::recover_fork(&self.server, &fork, record, vmm, inherited) {
                         Ok(()) => report.recovered.push(record.id.clone()),
                         Err(e) => {
                             tracing::error!(fork = %record.id, vmm_pid = vmm.pid, error = %crate::errors::error_chain(&e),
@@ -210,12 +220,17 @@ impl Lifecycle {
                         ForkState::Waiting,
                         created,
                     )?;
-                    if let Err(e) = self.server.listen(fork) {
+                    let inherited = handoffs.remove(&record.id);
+                    if let Err(e) = self.server.listen(fork, inherited) {
                         tracing::error!(fork = %record.id, error = %e, "cannot listen for the fork's VMM");
                     }
                     report.waiting.push(record.id.clone());
                 }
             }
+        }
+        for (id, listener) in std::mem::take(&mut handoffs) {
+            drop(listener);
+            let _ = std::fs::remove_file(self.socket_path(&id));
         }
         let roots = [
             fuse_mount.to_owned(),
@@ -608,7 +623,7 @@ impl Lifecycle {
             ForkState::Waiting,
             time_of(created),
         )?;
-        if let Err(e) = self.server.listen(fork.clone()) {
+        if let Err(e) = self.server.listen(fork.clone(), None) {
             let _ = self.registry.remove_fork(&id);
             let _ = self.store.remove_fork(&id);
             return Err(e.into());
@@ -758,9 +773,19 @@ impl Lifecycle {
         })
     }
 
-    /// Stops serving every fork (at shutdown; their records stay for the next start).
-    pub fn shutdown(&self) {
+    /// Stops accepting handoffs and returns every fork's handoff socket, still listening, for
+    /// the program an upgrade executes.
+    pub fn hand_over_listeners(&self) -> Vec<(Id, std::os::unix::net::UnixListener)> {
+        self.server.hand_over_listeners()
+    }
+
+    /// Stops serving every fork (at shutdown; their records stay for the next start). At an
+    /// upgrade (`keep_sockets`) the handoff socket files stay: the new program listens on them.
+    pub fn shutdown(&self, keep_sockets: bool) {
         self.server.shutdown();
+        if keep_sockets {
+            return;
+        }
         for fork in self.registry.forks() {
             let _ = std::fs::remove_file(fork.handoff_socket());
         }

@@ -103,6 +103,7 @@ pub(crate) fn recover_fork(
     fork: &std::sync::Arc<Fork>,
     record: &ForkRecord,
     vmm: VmmIdentity,
+    inherited: Option<std::os::unix::net::UnixListener>,
 ) -> Result<(), RecoveryError> {
     let uffd = record.uffd.as_ref().ok_or(RecoveryError::RecordTooOld)?;
     let pidfd = crate::sys::pidfd_open(vmm.pid).map_err(|_| RecoverError::VmmGone)?;
@@ -117,6 +118,6 @@ pub(crate) fn recover_fork(
         features: uffd.features,
         regions: uffd.regions.iter().map(region_mapping).collect(),
     };
-    server.recover(fork, vmm.pid, pidfd, fd, served)?;
+    server.recover(fork, vmm.pid, pidfd, fd, served, inherited)?;
     Ok(())
 }

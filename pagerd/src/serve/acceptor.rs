@@ -42,6 +42,9 @@ use crate::sys;
 use proto::Id;
 
 const WAKER: Token = Token(usize::MAX);
+/// How long handing the sockets over (at an upgrade) waits for handoffs already accepted to
+/// complete.
+const HAND_OVER_GRACE: Duration = Duration::from_millis(500);
 
 /// What the acceptor can be asked to do.
 #[derive(Debug)]
@@ -54,6 +57,12 @@ pub enum AcceptorCommand {
         fork: Id,
         /// Signalled when done.
         done: Sender<()>,
+    },
+    /// Stop accepting on every fork's handoff socket and return them, still listening (their
+    /// backlogs and files intact), for the program an upgrade executes.
+    HandOver {
+        /// Receives the listeners.
+        done: Sender<Vec<(Id, std::os::unix::net::UnixListener)>>,
     },
     /// Close everything and exit.
     Shutdown,
@@ -250,6 +259,9 @@ impl Acceptor {
                     self.forget(&fork);
                     let _ = done.send(());
                 }
+                AcceptorCommand::HandOver { done } => {
+                    let _ = done.send(self.hand_over());
+                }
                 AcceptorCommand::Shutdown => return false,
             }
         }
@@ -293,6 +305,32 @@ impl Acceptor {
         for key in keys {
             self.drop_pending(key);
         }
+    }
+
+    fn hand_over(&mut self) -> Vec<(Id, std::os::unix::net::UnixListener)> {
+        // Accept no more (connections wait in the backlogs, for the next program), and finish
+        // the handoffs already accepted: a VMM that connected just now must not be cut off.
+        let registry = self.poll.registry();
+        for (_, l) in self.listeners.iter_mut() {
+            let _ = registry.deregister(&mut l.listener);
+        }
+        let end = Instant::now() + HAND_OVER_GRACE;
+        while !self.pending.is_empty() && Instant::now() < end {
+            let keys: Vec<usize> = self.pending.iter().map(|(k, _)| k).collect();
+            for key in keys {
+                self.read_pending(key);
+            }
+            if !self.pending.is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let keys: Vec<usize> = self.listeners.iter().map(|(k, _)| k).collect();
+        keys.into_iter()
+            .filter_map(|key| {
+                let l = self.listeners.try_remove(key)?;
+                Some((l.fork.id().clone(), l.listener.into()))
+            })
+            .collect()
     }
 
     fn close_listener(&mut self, key: usize) {

@@ -143,17 +143,38 @@ impl Server {
         self.workers.iter().map(WorkerHandle::load).collect()
     }
 
-    /// Starts listening on the fork's handoff socket (replacing a stale socket there).
-    pub fn listen(&self, fork: Arc<Fork>) -> Result<(), ServeError> {
-        let path = fork.handoff_socket().clone();
-        if path.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(ServeError::SocketPathTooLong(path));
-        }
-        let listener = bind_fresh(&path).map_err(|source| ServeError::Bind { path, source })?;
+    /// Starts listening on the fork's handoff socket (replacing a stale socket there), or on
+    /// `inherited`, the fork's socket still listening as the program an upgrade replaced
+    /// left it.
+    pub fn listen(
+        &self,
+        fork: Arc<Fork>,
+        inherited: Option<std::os::unix::net::UnixListener>,
+    ) -> Result<(), ServeError> {
+        let listener = match inherited {
+            Some(listener) => listener,
+            None => {
+                let path = fork.handoff_socket().clone();
+                if path.as_os_str().len() > MAX_SOCKET_PATH {
+                    return Err(ServeError::SocketPathTooLong(path));
+                }
+                bind_fresh(&path).map_err(|source| ServeError::Bind { path, source })?
+            }
+        };
         if !self.acceptor.send(AcceptorCommand::Listen(fork, listener)) {
             return Err(ServeError::Stopped);
         }
         Ok(())
+    }
+
+    /// Stops accepting handoffs and returns every fork's handoff socket, still listening, for
+    /// the program an upgrade executes.
+    pub fn hand_over_listeners(&self) -> Vec<(proto::Id, std::os::unix::net::UnixListener)> {
+        let (done, wait) = mpsc::channel();
+        if !self.acceptor.send(AcceptorCommand::HandOver { done }) {
+            return Vec::new();
+        }
+        wait.recv_timeout(CLOSE_TIMEOUT).unwrap_or_default()
     }
 
     /// Serves again a fork whose VMM outlived the previous daemon, on `uffd` taken back from
@@ -167,6 +188,7 @@ impl Server {
         pidfd: OwnedFd,
         uffd: OwnedFd,
         served: ServedUffd,
+        inherited: Option<std::os::unix::net::UnixListener>,
     ) -> Result<(), RecoverError> {
         let snapshot = self
             .registry
@@ -223,12 +245,8 @@ impl Server {
             return Err(RecoverError::Setup("the worker has exited".into()));
         }
         // A recovered fork listens too: a VMM connecting is told `already_serving`.
-        let path = fork.handoff_socket().clone();
-        if path.as_os_str().len() <= MAX_SOCKET_PATH {
-            if let Ok(listener) = bind_fresh(&path) {
-                self.acceptor
-                    .send(AcceptorCommand::Listen(fork.clone(), listener));
-            }
+        if let Err(e) = self.listen(fork.clone(), inherited) {
+            tracing::warn!(fork = %fork.id(), error = %e, "cannot listen on a recovered fork's handoff socket");
         }
         Ok(())
     }

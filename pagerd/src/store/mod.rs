@@ -43,6 +43,8 @@ use proto::Id;
 
 const TRASH_PREFIX: &str = ".trash-";
 const META_FILE: &str = "snapshot.json";
+/// The directory of the forks' handoff sockets, in the state directory.
+pub const SOCKETS_DIR: &str = "sockets";
 /// The name of a snapshot's memory file (in the state directory and on the FUSE mount).
 pub const MEMORY_FILE: &str = "memory";
 
@@ -339,7 +341,7 @@ impl Store {
 
     /// Where handoff sockets live.
     pub fn sockets_dir(&self) -> PathBuf {
-        self.root.join("sockets")
+        self.root.join(SOCKETS_DIR)
     }
 
     /// The memory file of a snapshot.
@@ -542,7 +544,9 @@ impl Store {
     /// Removes what a crash can leave behind: half-written temp files and directories,
     /// snapshots half-way to deletion, and every socket (they are bound afresh). Returns what
     /// it removed.
-    pub fn remove_leftovers(&self) -> Result<Vec<PathBuf>, StoreError> {
+    /// The sockets in `keep` stay: handed over, still listening, by the program an upgrade
+    /// replaced.
+    pub fn remove_leftovers(&self, keep: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
         let mut removed = Vec::new();
         for dir in [self.snapshots_dir(), self.forks_dir(), self.sockets_dir()] {
             let is_sockets = dir == self.sockets_dir();
@@ -554,6 +558,9 @@ impl Store {
                     continue;
                 }
                 let path = entry.path();
+                if is_sockets && keep.contains(&path) {
+                    continue;
+                }
                 let result = if entry.file_type().is_ok_and(|t| t.is_dir()) {
                     std::fs::remove_dir_all(&path)
                 } else {
@@ -696,7 +703,7 @@ mod tests {
         std::fs::create_dir(&snapshot).unwrap();
         std::fs::write(snapshot.join("snapshot.json"), b"{}").unwrap();
         std::fs::write(snapshot.join(".tmp-snapshot.json-1-5"), b"{").unwrap();
-        assert_eq!(store.remove_leftovers().unwrap().len(), 5);
+        assert_eq!(store.remove_leftovers(&[]).unwrap().len(), 5);
         assert!(store.forks_dir().join("kept.json").exists());
         assert!(snapshot.join("snapshot.json").exists());
         assert!(!snapshot.join(".tmp-snapshot.json-1-5").exists());
