@@ -2,14 +2,17 @@
 //! and the new program takes every live fork back exactly as after a crash.
 //!
 //! ```text
-//!  daemon.upgrade {binary}  ─▶ binary checked (absolute, executable, `--version` says pagerd)
-//!    ─▶ answered {pid, binary} ─▶ (once the answer is written) SIGUSR2 to the daemon itself (or SIGUSR2 from outside,
-//!       e.g. systemd's ExecReload: the binary the daemon was started from)
-//!  main thread: control socket closed ─▶ FUSE view unmounted (detached while files are held)
-//!    ─▶ serving stopped (records kept, uffds closed on pagerd's side only)
-//!    ─▶ execve(binary, same arguments, same environment): same pid, so a supervisor keeps
-//!       tracking it ─▶ the new program reconciles: pidfd_getfd takes each uffd back, wakes
-//!       every region, serves (`serve::recover`) ─▶ FUSE mounted again ─▶ control socket
+//!  daemon.upgrade {binary} ─▶ binary checked (absolute, executable, `--version` says pagerd)
+//!    ─▶ answered {pid, binary} ─▶ once the answer is written: SIGUSR2 to the daemon itself
+//!       (a SIGUSR2 from outside, e.g. systemd's ExecReload, upgrades to the daemon's own file)
+//!  main thread: handoff sockets and control socket stop being accepted on, but keep
+//!    listening ─▶ FUSE view unmounted (detached while files are held) ─▶ serving stopped
+//!    (records kept; uffds closed on pagerd's side only) ─▶ FD_CLOEXEC cleared on the sockets
+//!    ─▶ execve(binary, same arguments, environment + PAGERD_CONTROL_FD, PAGERD_HANDOFF_FDS):
+//!       same pid, so a supervisor keeps tracking it
+//!  new program: inherited sockets adopted (each checked to listen at its path) ─▶ reconcile:
+//!    pidfd_getfd takes each uffd back, wakes every region, serves (`serve::recover`) ─▶ FUSE
+//!    mounted again ─▶ answers what waited in the sockets' backlogs
 //! ```
 //!
 //! Should the new program fail to start, `execve` returns and the daemon runs its own program
