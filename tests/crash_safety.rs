@@ -174,7 +174,8 @@ fn check_invariants(daemon: &Daemon, round: usize) {
             .collect();
         assert_eq!(forks, expected, "{}", ctx(id));
     }
-    // Every recorded fork is known, and exactly the waiting ones have sockets.
+    // Every recorded fork is known, and exactly the waiting and served ones have sockets (a
+    // served fork's socket answers `already_serving`).
     let forks = daemon.forks();
     let known: BTreeSet<String> = forks
         .iter()
@@ -192,7 +193,9 @@ fn check_invariants(daemon: &Daemon, round: usize) {
     let waiting: BTreeSet<String> = forks
         .iter()
         .filter_map(|f| match f {
-            ForkListEntry::Uffd(fork) if fork.state == ForkState::Waiting => {
+            ForkListEntry::Uffd(fork)
+                if matches!(fork.state, ForkState::Waiting | ForkState::Serving) =>
+            {
                 Some(format!("{}.sock", fork.id))
             }
             _ => None,
@@ -211,7 +214,8 @@ fn two_hundred_kills_leave_records_files_and_counts_consistent() {
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 64 * 1024, 31, 3, 0);
     let mut daemon = Daemon::start(&[("anchor", &mem)], &[]);
-    // A fork whose VMM lives through every restart: detached, never reaped, always counted.
+    // A fork whose VMM lives through every restart: taken back and served again each time,
+    // never reaped, always counted.
     let anchor_vmm = daemon.attach_holding_vmm("anchor", "anchored", &mem);
 
     let mut kills = 0;
@@ -243,7 +247,9 @@ fn two_hundred_kills_leave_records_files_and_counts_consistent() {
         kill_points.len() >= 12,
         "kills landed at only {kill_points:?}"
     );
-    assert_eq!(daemon.fork("anchored").state, ForkState::Detached);
+    let anchored = daemon.fork("anchored");
+    assert_eq!(anchored.state, ForkState::Serving, "{anchored:?}");
+    assert_eq!(anchored.recovered, 1, "{anchored:?}");
     assert_eq!(
         daemon.error_code(&Request::SnapshotDelete {
             snapshot: id("anchor"),

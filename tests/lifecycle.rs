@@ -235,10 +235,12 @@ fn deferred_delete_finishes_at_restart_when_the_vmm_died_meanwhile() {
         ErrorCode::NotFound
     );
     assert!(!daemon.state_dir().join("forks/gone.json").exists());
-    // Its VMM outlived the daemon: detached, still a reference.
-    let detached = daemon.fork("alive");
-    assert_eq!(detached.state, ForkState::Detached);
-    assert_eq!(detached.vmm_pid, Some(i32::try_from(alive.pid()).unwrap()));
+    // Its VMM outlived the daemon: its uffd was taken back, it is served again and still a
+    // reference.
+    let recovered = daemon.fork("alive");
+    assert_eq!(recovered.state, ForkState::Serving, "{recovered:?}");
+    assert_eq!(recovered.recovered, 1);
+    assert_eq!(recovered.vmm_pid, Some(i32::try_from(alive.pid()).unwrap()));
     // It never had a VMM: waiting again, on a fresh socket.
     let idle = daemon.fork("idle");
     assert_eq!(idle.state, ForkState::Waiting);

@@ -86,6 +86,9 @@ enum Command {
     /// VMs pagerd launches from snapshots and supervises.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// The daemon itself.
+    #[command(subcommand)]
+    Daemon(DaemonCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,6 +161,19 @@ fn parse_tap(s: &str) -> Result<NetworkOverride, String> {
         iface_id: iface.into(),
         host_dev_name: tap.into(),
     })
+}
+
+#[derive(Debug, Subcommand)]
+enum DaemonCommand {
+    /// Replace the daemon's program in place (same pid) without losing a fork: serving pauses
+    /// while the new program starts and takes every live VMM's uffd back. Control requests
+    /// fail (the socket is gone) for that moment.
+    Upgrade {
+        /// The new pagerd binary (absolute, or relative to the current directory)
+        /// [default: the binary the daemon was started from].
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -395,6 +411,21 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
         Command::Vm(VmCommand::Snapshot { id, new, resume }) => {
             let r = client.snapshot_vm(id, new, *resume)?;
             done(&r, render::snapshot_table(std::slice::from_ref(&r)))
+        }
+        Command::Daemon(DaemonCommand::Upgrade { binary }) => {
+            let binary = binary
+                .as_ref()
+                .map(|b| std::path::absolute(b).unwrap_or_else(|_| b.clone()));
+            let r = client.upgrade(binary)?;
+            done(
+                &r,
+                format!(
+                    "pagerd {} (pid {}) is executing {}\n",
+                    r.version,
+                    r.pid,
+                    r.binary.display()
+                ),
+            )
         }
     })
 }

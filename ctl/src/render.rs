@@ -133,11 +133,13 @@ pub fn fork(f: &ForkInfo) -> String {
         )
     });
     format!(
-        "fork {}\n  snapshot: {}\n  state: {}\n  end reason: {}\n  handoff socket: {}\n  vmm pid: {}\n  worker: {}\n  last handoff error: {}\n  faults: {} ({} already present, {} outside regions, {} retried)\n  copied: {} pages ({})\n  zero pages: {}\n  removes: {}\n  poisoned pages: {}\n  errors: {}\n  latency: p50 {}, p99 {}, max {} over {} faults\n",
+        "fork {}\n  snapshot: {}\n  state: {}\n  end reason: {}\n  detached reason: {}\n  recovered after restarts: {}\n  handoff socket: {}\n  vmm pid: {}\n  worker: {}\n  last handoff error: {}\n  faults: {} ({} already present, {} outside regions, {} retried)\n  copied: {} pages ({})\n  zero pages: {}\n  removes: {}\n  poisoned pages: {}\n  errors: {}\n  latency: p50 {}, p99 {}, max {} over {} faults\n",
         f.id,
         f.snapshot,
         f.state,
         or_dash(f.end_reason),
+        or_dash(f.detached_reason),
+        f.recovered,
         f.handoff_socket.display(),
         or_dash(f.vmm_pid),
         or_dash(f.worker),

@@ -144,13 +144,17 @@ impl Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
+    /// Where the FUSE view is (or would be) mounted.
+    pub(crate) fn fuse_mountpoint(&self) -> PathBuf {
+        self.fuse_mount
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("fuse"))
+    }
+
     /// How to mount the FUSE view, unless it is off; its modes follow `access`.
     pub(crate) fn fuse_options(&self, access: Access) -> Option<FuseOptions> {
         (self.fuse != FuseMode::Off).then(|| FuseOptions {
-            mountpoint: self
-                .fuse_mount
-                .clone()
-                .unwrap_or_else(|| self.state_dir.join("fuse")),
+            mountpoint: self.fuse_mountpoint(),
             mode: self.fuse,
             threads: self.fuse_threads.unwrap_or_else(|| 2 * self.worker_count()),
             readahead_kib: self.fuse_readahead_kib,

@@ -2,7 +2,9 @@
 //! requests, and shuts down cleanly on SIGTERM or SIGINT.
 //!
 //! A shutdown stops serving but keeps every fork record: VMMs still running keep their
-//! references, and the next start reconciles them (detached if alive, reaped if gone).
+//! references, and the next start reconciles them (taken back and served if alive, reaped if
+//! gone). SIGUSR2 or `daemon.upgrade` stops the same way and then executes the new program in
+//! place ([`crate::upgrade`]).
 //!
 //! Before anything else the umask becomes 077 and the state directory is brought to the
 //! access policy (`--group`, [`crate::access`]). A lifecycle thread records what serving
@@ -22,7 +24,7 @@ use crate::access::{self, Access};
 use crate::config::{Config, LogFormat};
 use crate::control::{ControlServer, Dispatcher};
 use crate::fuse::FuseView;
-use crate::lifecycle::{Lifecycle, LifecycleError, MemoryFiles};
+use crate::lifecycle::{Lifecycle, LifecycleError, MemoryFiles, RecordJournal};
 use crate::metrics::MetricsServer;
 use crate::notify;
 use crate::registry::Registry;
@@ -30,6 +32,7 @@ use crate::serve::session::ServeOptions;
 use crate::serve::Server;
 use crate::store::import::ImportMode;
 use crate::store::{Store, StoreError};
+use crate::upgrade::{self, Upgrade, UPGRADE_SIGNAL};
 use crate::vms::{VmOptions, Vms};
 
 /// Why the daemon could not start.
@@ -80,6 +83,9 @@ pub(crate) enum DaemonError {
     /// Signals could not be set up.
     #[error("cannot set up signal handling")]
     Signals(#[source] nix::Error),
+    /// Neither the new program nor the old one could be executed for an upgrade.
+    #[error("cannot execute the new program, nor the old one")]
+    Upgrade(#[source] std::io::Error),
 }
 
 /// Sets up logging to stderr: `RUST_LOG` overrides `default_filter`.
@@ -101,6 +107,9 @@ pub(crate) fn init_logging(default_filter: &str, format: LogFormat) {
 /// go, and memory files for having changed.
 const JANITOR_PERIOD: Duration = Duration::from_secs(1);
 
+/// How long an upgrade waits for control requests under way to be answered.
+const CONTROL_GRACE: Duration = Duration::from_millis(500);
+
 fn group_id(name: &str) -> Result<u32, DaemonError> {
     if let Ok(gid) = name.parse::<u32>() {
         return Ok(gid);
@@ -114,11 +123,16 @@ fn group_id(name: &str) -> Result<u32, DaemonError> {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     config.make_paths_absolute().map_err(DaemonError::Paths)?;
+    // Before any thread starts: it edits the environment.
+    let inherited_control = upgrade::inherited_control(&config.control_socket());
+    let inherited_handoffs =
+        upgrade::inherited_handoffs(&config.state_dir.join(crate::store::SOCKETS_DIR));
     // Block the shutdown signals before any thread starts, so every thread inherits the mask
     // and only the main thread's `sigwait` sees them.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
+    signals.add(UPGRADE_SIGNAL);
     signals.thread_block().map_err(DaemonError::Signals)?;
 
     access::restrict_umask();
@@ -133,9 +147,11 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     };
     // Serving threads report attach and end here; disk writes happen off their threads.
     let (events, inbox) = mpsc::channel();
+    let journal = Arc::new(RecordJournal::new(store.clone()));
     let server = Server::start(
         registry.clone(),
         events,
+        journal,
         config.worker_count(),
         options,
         config.handoff_timeout(),
@@ -169,7 +185,9 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     };
 
     notify::status("reconciling the state directory");
-    lifecycle.reconcile().map_err(DaemonError::Reconcile)?;
+    lifecycle
+        .reconcile(&config.fuse_mountpoint(), inherited_handoffs)
+        .map_err(DaemonError::Reconcile)?;
     for (id, path) in &config.snapshots {
         if lifecycle.snapshot(id).is_err() {
             lifecycle
@@ -209,14 +227,18 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         },
     );
     vms.reconcile().map_err(DaemonError::Vms)?;
+    let upgrade = Arc::new(Upgrade::default());
     let control_path = config.control_socket();
-    let mut control = ControlServer::start(
-        &control_path,
-        Arc::new(Dispatcher::new(lifecycle.clone(), vms)),
-        Duration::from_millis(config.control_idle_timeout_ms),
-        group,
-    )
-    .map_err(|source| DaemonError::Control {
+    let handler = Arc::new(Dispatcher::new(lifecycle.clone(), vms, upgrade.clone()));
+    let idle = Duration::from_millis(config.control_idle_timeout_ms);
+    let started = match inherited_control {
+        Some(listener) => {
+            tracing::info!(control = %control_path.display(), "answering on the control socket the previous program handed over");
+            ControlServer::adopt(listener, &control_path, handler, idle, group)
+        }
+        None => ControlServer::start(&control_path, handler, idle, group),
+    };
+    let mut control = started.map_err(|source| DaemonError::Control {
         path: control_path.clone(),
         source,
     })?;
@@ -235,10 +257,41 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     drop(stdout);
     notify::ready(&lifecycle.summary());
 
-    let signal = signals.wait().map_err(DaemonError::Signals)?;
-    tracing::info!(signal = ?signal, "shutting down; fork records are kept for the next start");
-    notify::stopping();
-    control.stop();
+    let next = loop {
+        let signal = signals.wait().map_err(DaemonError::Signals)?;
+        if signal != UPGRADE_SIGNAL {
+            tracing::info!(signal = ?signal, "shutting down; fork records are kept for the next start");
+            notify::stopping();
+            break None;
+        }
+        match upgrade.binary() {
+            Ok(binary) => break Some(binary),
+            Err(e) => {
+                tracing::error!(error = %crate::errors::error_chain(&e), "upgrade refused; still running");
+                upgrade.clear();
+            }
+        }
+    };
+    // At an upgrade the control socket keeps listening: requests made meanwhile wait in its
+    // backlog for the new program.
+    let mut handoffs = Vec::new();
+    let handed_over = match next {
+        Some(_) => {
+            tracing::info!("upgrading: serving stops here and resumes in the new program");
+            notify::status("upgrading: the new program takes over every fork");
+            // The handoff sockets keep listening too: VMMs connecting from now on are served
+            // by the new program.
+            handoffs = lifecycle.hand_over_listeners();
+            control
+                .hand_over(CONTROL_GRACE)
+                .map_err(|e| tracing::warn!(error = %e, "cannot keep the control socket for the new program"))
+                .ok()
+        }
+        None => {
+            control.stop();
+            None
+        }
+    };
     if let Some(fuse) = fuse {
         fuse.unmount();
     }
@@ -247,6 +300,13 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     // asleep for up to a recheck period, and whatever it writes is atomic.
     stopping.store(true, Ordering::SeqCst);
     drop(janitor);
-    lifecycle.shutdown();
+    lifecycle.shutdown(next.is_some());
+    if let Some(binary) = next {
+        return Err(DaemonError::Upgrade(upgrade::exec(
+            &binary,
+            handed_over,
+            handoffs,
+        )));
+    }
     Ok(())
 }

@@ -13,8 +13,16 @@
 //! That is checked every time references are counted, and the daemon prunes users that let go
 //! every second (finishing deletes that waited for them). Counting fails closed: a process
 //! whose maps cannot be read is still counted.
+//!
+//! A restarted daemon has no handles, but processes may still map memory files opened from
+//! an earlier daemon's mount (passthrough mappings outlive it). At start, [`find_mappers`]
+//! reads every `/proc/<pid>/maps` for mappings named like a memory file — on the mount
+//! (`MOUNT/snapshots/<id>/memory`), on a mount detached since (`/snapshots/<id>/memory`), or
+//! in the state directory itself — and each such process is counted again as `mapped`
+//! ([`FileUsers::adopt`]), keyed by the device and inode its maps show.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -51,6 +59,90 @@ impl FileKey {
             && u64::from_str_radix(minor, 16) == Ok(self.minor)
             && inode.parse() == Ok(self.inode)
     }
+}
+
+/// One line of `/proc/<pid>/maps`: the mapped file's key and path, if it maps a file.
+fn parse_maps_line(line: &str) -> Option<(FileKey, &str)> {
+    // start-end perms offset major:minor inode [path]
+    let mut rest = line;
+    let mut fields = [""; 5];
+    for field in &mut fields {
+        rest = rest.trim_start();
+        let end = rest.find(' ').unwrap_or(rest.len());
+        *field = &rest[..end];
+        rest = &rest[end..];
+    }
+    let (major, minor) = fields[3].split_once(':')?;
+    let key = FileKey {
+        major: u64::from_str_radix(major, 16).ok()?,
+        minor: u64::from_str_radix(minor, 16).ok()?,
+        inode: fields[4].parse().ok()?,
+    };
+    let path = rest.trim_start();
+    (key.inode != 0 && !path.is_empty()).then_some((key, path))
+}
+
+/// A process found mapping a memory file at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapper {
+    /// The snapshot whose memory file it maps.
+    pub snapshot: Id,
+    /// The process.
+    pub pid: i32,
+    /// The mapped file as its maps show it.
+    pub file: FileKey,
+}
+
+/// Which snapshot a mapped path is the memory file of, given where memory files live
+/// (`roots`: the mount point, the state directory, and `/` for a detached mount).
+fn snapshot_of_path(path: &str, roots: &[PathBuf], snapshots: &BTreeSet<Id>) -> Option<Id> {
+    let path = Path::new(path.strip_suffix(" (deleted)").unwrap_or(path));
+    roots.iter().find_map(|root| {
+        let rel = path.strip_prefix(root.join("snapshots")).ok()?;
+        let mut parts = rel.components();
+        let id: Id = parts.next()?.as_os_str().to_str()?.parse().ok()?;
+        let file = parts.next()?.as_os_str();
+        (file == crate::store::MEMORY_FILE && parts.next().is_none() && snapshots.contains(&id))
+            .then_some(id)
+    })
+}
+
+/// Every process (other than this one) that maps the memory file of one of `snapshots` under
+/// `roots`, once per process and snapshot.
+pub fn find_mappers(roots: &[PathBuf], snapshots: &BTreeSet<Id>) -> Vec<Mapper> {
+    let me = std::process::id();
+    let Ok(proc) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in proc.filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if u32::try_from(pid) == Ok(me) {
+            continue;
+        }
+        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            continue;
+        };
+        let mut seen = BTreeSet::new();
+        for (file, path) in maps.lines().filter_map(parse_maps_line) {
+            if let Some(snapshot) = snapshot_of_path(path, roots, snapshots) {
+                if seen.insert(snapshot.clone()) {
+                    found.push(Mapper {
+                        snapshot,
+                        pid,
+                        file,
+                    });
+                }
+            }
+        }
+    }
+    found
 }
 
 /// Whether process `pid` maps the file `key`. `None` when its maps cannot be read.
@@ -105,6 +197,22 @@ impl FileUsers {
             process: VmmIdentity::of(pid),
             file,
             state: FileUserState::Open,
+            opened: SystemTime::now(),
+        };
+        self.lock().insert(handle, user);
+        handle
+    }
+
+    /// Counts again a process that maps a memory file opened before this daemon started (it
+    /// has no handle: it stays `mapped` until it lets go). Returns the handle.
+    pub fn adopt(&self, mapper: Mapper) -> u64 {
+        let handle = self.handles.fetch_add(1, Ordering::Relaxed) + 1;
+        let user = FileUser {
+            snapshot: mapper.snapshot,
+            pid: mapper.pid,
+            process: VmmIdentity::of(mapper.pid),
+            file: Some(mapper.file),
+            state: FileUserState::Mapped,
             opened: SystemTime::now(),
         };
         self.lock().insert(handle, user);
@@ -185,6 +293,43 @@ mod tests {
         assert!(!key.matches_maps_line("7f00-7f10 r--p 00000000 fd:00 12345 /x"));
         assert!(!key.matches_maps_line("7f00-7f10 rw-p 00000000 00:00 0"));
         assert!(!key.matches_maps_line("garbage"));
+    }
+
+    #[test]
+    fn memory_files_are_recognised_on_the_mount_a_detached_mount_and_the_state_directory() {
+        let line = "7f7c8199a000-7f7c81a9a000 rw-p 00000000 00:27 17                         /tmp/s/fuse/snapshots/base/memory";
+        let (key, path) = parse_maps_line(line).unwrap();
+        assert_eq!((key.major, key.minor, key.inode), (0, 0x27, 17));
+        let roots = [
+            PathBuf::from("/tmp/s/fuse"),
+            PathBuf::from("/tmp/s"),
+            PathBuf::from("/"),
+        ];
+        let snapshots: BTreeSet<Id> = ["base".parse().unwrap()].into();
+        let base = Some("base".parse().unwrap());
+        assert_eq!(snapshot_of_path(path, &roots, &snapshots), base);
+        assert_eq!(
+            snapshot_of_path("/snapshots/base/memory", &roots, &snapshots),
+            base
+        );
+        assert_eq!(
+            snapshot_of_path("/tmp/s/snapshots/base/memory (deleted)", &roots, &snapshots),
+            base
+        );
+        assert_eq!(
+            snapshot_of_path("/snapshots/other/memory", &roots, &snapshots),
+            None
+        );
+        assert_eq!(
+            snapshot_of_path("/snapshots/base/memoryx", &roots, &snapshots),
+            None
+        );
+        assert_eq!(
+            snapshot_of_path("/usr/lib/libc.so.6", &roots, &snapshots),
+            None
+        );
+        assert!(parse_maps_line("7f00-7f10 rw-p 00000000 00:00 0").is_none());
+        assert!(parse_maps_line("7f00-7f10 rw-p 00000000 00:00 0    [heap]").is_none());
     }
 
     #[test]

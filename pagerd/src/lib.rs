@@ -18,6 +18,7 @@
 //!   [`registration`]: who may register which file (descriptors, not paths, from non-root).
 //! - [`access`]: who may read guest memory — the modes and group of everything pagerd makes.
 //! - [`vms`]: hypervisors launched from snapshots, wired to pagerd, and supervised.
+//! - [`upgrade`]: replacing the daemon's program in place, keeping every fork served.
 
 mod access;
 mod bitmap;
@@ -39,6 +40,7 @@ mod snapshot;
 mod stats;
 mod store;
 mod sys;
+mod upgrade;
 mod vms;
 
 /// Sets up logging and runs the daemon until SIGTERM or SIGINT. On failure, the error and its

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use proto::model::{EndReason, ForkInfo, ForkState, ForkStatsReport, HandoffErrorInfo};
+use proto::model::{
+    DetachedReason, EndReason, ForkInfo, ForkState, ForkStatsReport, HandoffErrorInfo,
+};
 use proto::Id;
 
 use crate::snapshot::Snapshot;
@@ -31,6 +33,10 @@ pub struct ForkStatus {
     pub last_handoff_error: Option<HandoffErrorInfo>,
     /// Which worker serves the fork.
     pub worker: Option<usize>,
+    /// Why a detached fork's uffd could not be taken back.
+    pub detached_reason: Option<DetachedReason>,
+    /// Times this daemon took the fork's uffd back from its live VMM (0 or 1).
+    pub recovered: u32,
 }
 
 /// One fork of a snapshot.
@@ -87,6 +93,8 @@ impl Fork {
             uffd_features: st.uffd_features,
             worker: st.worker,
             end_reason: st.end_reason,
+            detached_reason: st.detached_reason,
+            recovered: st.recovered,
             last_handoff_error: st.last_handoff_error,
             created_unix_ms: unix_ms(self.created),
             stats: self.stats.report(),
@@ -210,6 +218,8 @@ impl Registry {
                 end_reason: None,
                 last_handoff_error: None,
                 worker: None,
+                detached_reason: None,
+                recovered: 0,
             }),
             stats: ForkStats::default(),
         });

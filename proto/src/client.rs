@@ -361,6 +361,14 @@ impl Client {
             resume,
         })
     }
+
+    /// Asks the daemon to replace its program in place (`daemon.upgrade`).
+    pub fn upgrade(
+        &self,
+        binary: Option<std::path::PathBuf>,
+    ) -> Result<crate::model::UpgradeStarted, ClientError> {
+        self.call(&Request::DaemonUpgrade { binary })
+    }
 }
 
 /// Opens a memory file to pass to pagerd, refusing a symlink as pagerd does.

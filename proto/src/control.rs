@@ -177,6 +177,14 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         resume: bool,
     },
+    /// Replaces the daemon's program in place (same pid): every live fork is taken back and
+    /// served by the new program.
+    #[serde(rename = "daemon.upgrade")]
+    DaemonUpgrade {
+        /// The new program (absolute path); default: the one the daemon was started from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<std::path::PathBuf>,
+    },
 }
 
 /// Stable error codes.

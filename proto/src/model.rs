@@ -114,6 +114,43 @@ impl std::fmt::Display for EndReason {
     }
 }
 
+/// Why a fork whose VMM outlived a daemon restart is `detached`: its uffd could not be taken
+/// back, so nothing serves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DetachedReason {
+    /// The record predates pagerd keeping what recovery needs (regions, the uffd's identity).
+    RecordTooOld,
+    /// No descriptor of the VMM is that uffd any more.
+    UffdNotFound,
+    /// The daemon may not take descriptors out of the VMM (`pidfd_getfd` needs ptrace rights:
+    /// root or `CAP_SYS_PTRACE`).
+    NotPermitted,
+    /// The recorded regions no longer fit the snapshot, or the snapshot is not served.
+    InvalidRecord,
+    /// Serving could not be set up again.
+    SetupFailed,
+}
+
+impl DetachedReason {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RecordTooOld => "record_too_old",
+            Self::UffdNotFound => "uffd_not_found",
+            Self::NotPermitted => "not_permitted",
+            Self::InvalidRecord => "invalid_record",
+            Self::SetupFailed => "setup_failed",
+        }
+    }
+}
+
+impl std::fmt::Display for DetachedReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why a handoff was refused: sent to the VMM on its connection and kept on the fork.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -285,6 +322,13 @@ pub struct ForkInfo {
     pub worker: Option<usize>,
     /// Why serving ended.
     pub end_reason: Option<EndReason>,
+    /// Why a `detached` fork's uffd could not be taken back after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached_reason: Option<DetachedReason>,
+    /// 1 when this daemon took the fork's uffd back from its live VMM at start (after a
+    /// crash, restart or upgrade), 0 when it attached the VMM itself.
+    #[serde(default)]
+    pub recovered: u32,
     /// The last refused handoff.
     pub last_handoff_error: Option<HandoffErrorInfo>,
     /// Creation time, ms since the Unix epoch.
@@ -450,6 +494,17 @@ pub struct FuseStatus {
     pub read_path: ReadPath,
     /// Processes holding memory files.
     pub file_users: usize,
+}
+
+/// The answer to `daemon.upgrade`: the daemon is about to run `binary` in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeStarted {
+    /// The daemon's pid, which the new program keeps.
+    pub pid: u32,
+    /// The program it will run.
+    pub binary: std::path::PathBuf,
+    /// The version answering (the old one).
+    pub version: String,
 }
 
 /// Daemon health, version and counts.

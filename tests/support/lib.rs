@@ -15,9 +15,12 @@
 //!   same for QEMU (a PVH guest and a bundle saved with `x-ignore-shared`).
 //! - [`raw_handoff`] sends arbitrary (hostile) handoff messages and reads pagerd's
 //!   [`HandoffReply`]; [`HugePages`] reserves and gives back 2 MiB pages.
+//! - [`restore_guest`]: a Firecracker guest that keeps touching new memory, for restarts.
 
 pub mod firecracker;
+
 pub mod qemu;
+pub mod restore_guest;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -390,6 +393,25 @@ impl Daemon {
             self.terminate();
         }
         self.child = Self::spawn_ready(&self.dir, &self.args);
+    }
+
+    /// Asks the daemon to upgrade itself in place (`daemon.upgrade`, to `binary` or its own
+    /// program) and waits until the new program answers; returns how long control requests
+    /// went unanswered.
+    pub fn upgrade(&self, binary: Option<&Path>) -> Duration {
+        let asked = Instant::now();
+        let started = self
+            .client
+            .upgrade(binary.map(Path::to_owned))
+            .unwrap_or_else(|e| panic!("daemon.upgrade refused: {e:?}\n{}", self.log()));
+        assert_eq!(started.pid, self.pid(), "the daemon keeps its pid");
+        // The new program is the one whose uptime began after the request.
+        wait_until("the upgraded daemon to answer", DEADLINE, || {
+            self.client.status().is_ok_and(|s| {
+                u128::from(s.uptime_ms) <= asked.elapsed().as_millis() && s.pid == self.pid()
+            })
+        });
+        asked.elapsed()
     }
 
     /// The state directory.

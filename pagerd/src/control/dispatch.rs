@@ -13,6 +13,7 @@ use crate::errors::error_chain;
 use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::registry::RegistryError;
 use crate::serve::ServeError;
+use crate::upgrade::{Upgrade, UpgradeError};
 use crate::vms::{StartRequest, VmError, Vms, DEFAULT_STOP_TIMEOUT};
 
 /// The longest `fork.wait` allowed.
@@ -85,12 +86,29 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ControlError> {
 pub(crate) struct Dispatcher {
     lifecycle: Arc<Lifecycle>,
     vms: Arc<Vms>,
+    upgrade: Arc<Upgrade>,
 }
 
 impl Dispatcher {
-    /// A dispatcher over `lifecycle` and `vms`.
-    pub fn new(lifecycle: Arc<Lifecycle>, vms: Arc<Vms>) -> Self {
-        Self { lifecycle, vms }
+    /// A dispatcher over `lifecycle` and `vms`; `daemon.upgrade` goes to `upgrade`.
+    pub fn new(lifecycle: Arc<Lifecycle>, vms: Arc<Vms>, upgrade: Arc<Upgrade>) -> Self {
+        Self {
+            lifecycle,
+            vms,
+            upgrade,
+        }
+    }
+}
+
+impl From<UpgradeError> for ControlError {
+    fn from(e: UpgradeError) -> Self {
+        let code = match &e {
+            UpgradeError::NotAbsolute(_)
+            | UpgradeError::NotExecutable(_)
+            | UpgradeError::NotPagerd { .. } => ErrorCode::InvalidArgument,
+            UpgradeError::InProgress => ErrorCode::Unavailable,
+        };
+        ControlError::new(code, error_chain(&e))
     }
 }
 
@@ -103,7 +121,12 @@ fn wait_timeout(timeout_ms: Option<u64>) -> Duration {
 impl Handler for Dispatcher {
     /// Without a context the peer is unknown: registration by path is refused.
     fn handle(&self, request: Request) -> Result<Value, ControlError> {
-        self.handle_with(request, &mut RequestContext::default())
+        let mut context = RequestContext::default();
+        let answer = self.handle_with(request, &mut context);
+        if let Some(then) = context.take_after_reply() {
+            then();
+        }
+        answer
     }
 
     fn handle_with(
@@ -222,6 +245,17 @@ impl Dispatcher {
                 snapshot,
                 resume,
             } => to_value(self.vms.snapshot(&vm, snapshot, resume)?),
+            Request::DaemonUpgrade { binary } => {
+                let binary = self.upgrade.request(binary)?;
+                // The caller hears "ok" before the control socket goes away.
+                let upgrade = self.upgrade.clone();
+                context.after_reply(move || upgrade.start());
+                to_value(proto::model::UpgradeStarted {
+                    pid: std::process::id(),
+                    binary,
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                })
+            }
         }
     }
 }

@@ -78,10 +78,21 @@ impl From<UnixCredentials> for Peer {
 
 /// What came with a request besides its line: who sent it, and the descriptors passed with
 /// it, in the order they were sent.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct RequestContext {
     peer: Option<Peer>,
     fds: VecDeque<OwnedFd>,
+    after_reply: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for RequestContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestContext")
+            .field("peer", &self.peer)
+            .field("fds", &self.fds)
+            .field("after_reply", &self.after_reply.is_some())
+            .finish()
+    }
 }
 
 impl RequestContext {
@@ -91,7 +102,19 @@ impl RequestContext {
         Self {
             peer,
             fds: fds.into(),
+            after_reply: None,
         }
+    }
+
+    /// Runs `then` once the answer has been written to the client (or writing it failed),
+    /// e.g. an upgrade that must not start before its caller heard it was accepted.
+    pub fn after_reply(&mut self, then: impl FnOnce() + Send + 'static) {
+        self.after_reply = Some(Box::new(then));
+    }
+
+    /// The action to run once the answer is written, taken out of the context.
+    fn take_after_reply(&mut self) -> Option<Box<dyn FnOnce() + Send>> {
+        self.after_reply.take()
     }
 
     /// The peer, when known.
@@ -135,6 +158,12 @@ pub struct ControlServer {
     path: PathBuf,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Writing a byte wakes the accept loop, which then returns without accepting, so that
+    /// connections waiting in the backlog stay there (for the program an upgrade executes).
+    wake: OwnedFd,
+    /// The listening socket (the accept loop has a duplicate): handed over at an upgrade.
+    listener: UnixListener,
+    active: Arc<AtomicUsize>,
 }
 
 impl ControlServer {
@@ -158,43 +187,128 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path)?;
         Access::new(group).apply_socket(path)?;
+        Self::serve(listener, path, handler, idle_timeout, group)
+    }
+
+    /// Serves `handler` on a socket already listening at `path` (handed over by the program
+    /// an upgrade replaced; connections waiting in its backlog are answered here).
+    pub fn adopt(
+        listener: UnixListener,
+        path: &Path,
+        handler: Arc<dyn Handler>,
+        idle_timeout: Duration,
+        group: Option<u32>,
+    ) -> io::Result<Self> {
+        Self::serve(listener, path, handler, idle_timeout, group)
+    }
+
+    fn serve(
+        listener: UnixListener,
+        path: &Path,
+        handler: Arc<dyn Handler>,
+        idle_timeout: Duration,
+        group: Option<u32>,
+    ) -> io::Result<Self> {
         let stopping = Arc::new(AtomicBool::new(false));
-        let stop = stopping.clone();
+        let active = Arc::new(AtomicUsize::new(0));
+        let (wake_rx, wake) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let accepting = listener.try_clone()?;
+        let (stop, active2) = (stopping.clone(), active.clone());
         let thread = std::thread::Builder::new()
             .name("pagerd-control".into())
-            .spawn(move || accept_loop(listener, handler, idle_timeout, group, stop))?;
+            .spawn(move || {
+                accept_loop(
+                    accepting,
+                    wake_rx,
+                    handler,
+                    idle_timeout,
+                    group,
+                    stop,
+                    active2,
+                )
+            })?;
         Ok(Self {
             path: path.to_owned(),
             stopping,
             thread: Some(thread),
+            wake,
+            listener,
+            active,
         })
+    }
+
+    fn stop_accepting(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = nix::unistd::write(&self.wake, &[1]);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 
     /// Stops accepting and removes the socket.
     pub fn stop(&mut self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        // Wake the accept loop with a connection of our own.
-        let _ = UnixStream::connect(&self.path);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop_accepting();
         let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// Stops accepting, waits (at most `grace`) for requests under way to be answered, and
+    /// returns the still-listening socket, its backlog intact, for the next program.
+    pub fn hand_over(mut self, grace: Duration) -> io::Result<UnixListener> {
+        self.stop_accepting();
+        let end = std::time::Instant::now() + grace;
+        while self.active.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.listener.try_clone()
+    }
+}
+
+/// Waits until `listener` has a connection (`true`) or `wake` is written (`false`).
+fn wait_for_connection(listener: &UnixListener, wake: &OwnedFd) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    loop {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+        ];
+        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {
+                let woken = fds[1].revents().is_some_and(|r| !r.is_empty());
+                let ready = fds[0].revents().is_some_and(|r| !r.is_empty());
+                if woken {
+                    return false;
+                }
+                if ready {
+                    return true;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "control socket poll failed");
+                return false;
+            }
+        }
     }
 }
 
 fn accept_loop(
     listener: UnixListener,
+    wake: OwnedFd,
     handler: Arc<dyn Handler>,
     idle: Duration,
     group: Option<u32>,
     stopping: Arc<AtomicBool>,
+    active: Arc<AtomicUsize>,
 ) {
-    let active = Arc::new(AtomicUsize::new(0));
     let owner = nix::unistd::geteuid().as_raw();
-    for conn in listener.incoming() {
-        if stopping.load(Ordering::SeqCst) {
+    loop {
+        // Never accept once stopping: a connection left in the backlog is answered by the
+        // program an upgrade executes.
+        if !wait_for_connection(&listener, &wake) || stopping.load(Ordering::SeqCst) {
             return;
         }
+        let conn = listener.accept().map(|(stream, _)| stream);
         let mut stream = match conn {
             Ok(s) => s,
             Err(e) => {
@@ -430,9 +544,14 @@ fn serve_connection(
         let outcome = parsed
             .request
             .and_then(|request| handler.handle_with(request, &mut context));
+        let after_reply = context.take_after_reply();
         drop(context);
-        writeln!(writer, "{}", response(parsed.id, outcome))?;
-        writer.flush()?;
+        let written =
+            writeln!(writer, "{}", response(parsed.id, outcome)).and_then(|()| writer.flush());
+        if let Some(then) = after_reply {
+            then();
+        }
+        written?;
     }
 }
 

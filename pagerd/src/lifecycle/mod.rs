@@ -4,13 +4,16 @@
 //! ```text
 //! register:   import file ─▶ snapshot.json ─▶ rename into place ─▶ map it ─▶ registry
 //! fork:       snapshot exists, not pending delete ─▶ fork record ─▶ registry ─▶ listen
-//! attached:   fork record gains the VMM's identity (pid + start time)
+//! attached:   fork record gains the VMM's identity (pid + start time) and its uffd's
+//!             (number in the VMM, inode, features, regions), before the VMM hears ok
 //! ended/close: stop serving ─▶ remove fork record ─▶ finish a pending delete if no refs left
 //! delete:     scan fork records (unreadable → refuse) ─▶ refs? conflict / mark pending
 //!             : trash the directory
 //! restart:    remove leftovers ─▶ map snapshots, check each memory file against its record
-//!             ─▶ each fork record: no VMM → listen again, VMM alive → detached,
-//!             VMM gone → reap ─▶ finish pending deletes
+//!             ─▶ each fork record: no VMM → listen again, VMM alive → take its uffd back
+//!             (pidfd_getfd) and serve again, or detached with the reason,
+//!             VMM gone → reap ─▶ processes still mapping memory files counted again
+//!             ─▶ finish pending deletes
 //! checks:     every second, before each fork and each FUSE open: the memory file's fstat
 //!             against its record; a change marks the snapshot damaged (no new forks; a forced
 //!             delete removes it once nothing references it)
@@ -23,6 +26,7 @@
 
 mod error;
 mod memory_files;
+mod recovery;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -40,12 +44,13 @@ use serde::Serialize;
 use crate::store::import::{ImportMethod, ImportMode, Source};
 pub(crate) use error::LifecycleError;
 pub(crate) use memory_files::{FuseMount, MemoryFiles, SNAPSHOTS_DIR};
+pub(crate) use recovery::RecordJournal;
 
 use crate::file_users::FileUsers;
 use crate::registry::{unix_ms, Fork, Registry};
 use crate::serve::{ForkEvent, Server};
 use crate::snapshot::{Snapshot, ZERO_MAP_PAGE};
-use crate::store::{ForkRecord, ForkScan, SnapshotMeta, Store, VmStateSource, VmmIdentity};
+use crate::store::{ForkRecord, ForkScan, SnapshotMeta, Store, VmStateSource};
 use error::references;
 
 /// What reconciliation did at start.
@@ -59,10 +64,14 @@ pub(crate) struct ReconcileReport {
     pub damaged_snapshots: Vec<Id>,
     /// Forks waiting for a VMM again.
     pub waiting: Vec<Id>,
-    /// Forks whose VMM outlived the previous daemon.
+    /// Forks whose VMM outlived the previous daemon and whose uffd was taken back: served.
+    pub recovered: Vec<Id>,
+    /// Forks whose VMM outlived the previous daemon but whose uffd could not be taken back.
     pub detached: Vec<Id>,
     /// Forks whose VMM is gone: their records were removed.
     pub reaped: Vec<Id>,
+    /// Processes found still mapping a memory file (counted again as file users).
+    pub file_users: usize,
     /// Deferred deletes finished.
     pub deleted: Vec<Id>,
     /// Unreadable fork records (kept; deletes are refused while they exist).
@@ -132,11 +141,22 @@ impl Lifecycle {
         self.store.sockets_dir().join(format!("{fork}.sock"))
     }
 
-    /// Rebuilds everything from the state directory after a start or a crash.
-    pub fn reconcile(&self) -> Result<ReconcileReport, LifecycleError> {
+    /// Rebuilds everything from the state directory after a start or a crash. `fuse_mount` is
+    /// where memory files were (or are to be) shown: processes still mapping them from an
+    /// earlier daemon are counted again before any deferred delete is finished.
+    ///
+    /// `handoffs` are the forks' handoff sockets the program an upgrade replaced handed over,
+    /// still listening: their forks listen on them (VMMs that connected meanwhile are served),
+    /// and the sockets of forks that no longer exist are closed and removed.
+    pub fn reconcile(
+        &self,
+        fuse_mount: &Path,
+        mut handoffs: BTreeMap<Id, std::os::unix::net::UnixListener>,
+    ) -> Result<ReconcileReport, LifecycleError> {
         let mut catalog = self.lock();
+        let keep: Vec<PathBuf> = handoffs.keys().map(|id| self.socket_path(id)).collect();
         let mut report = ReconcileReport {
-            removed_leftovers: self.store.remove_leftovers()?,
+            removed_leftovers: self.store.remove_leftovers(&keep)?,
             ..ReconcileReport::default()
         };
         for stored in self.store.snapshots()? {
@@ -168,7 +188,7 @@ impl Lifecycle {
                     self.store.remove_fork(&record.id)?;
                     report.reaped.push(record.id.clone());
                 }
-                Some(_) => {
+                Some(vmm) => {
                     let fork = self.registry.add_fork(
                         record.id.clone(),
                         record.snapshot.clone(),
@@ -176,11 +196,21 @@ impl Lifecycle {
                         ForkState::Detached,
                         created,
                     )?;
-                    self.registry.update(&fork, |s| {
-                        s.vmm_pid = record.vmm.map(|v| v.pid);
-                        s.end_reason = Some(EndReason::DaemonRestarted);
-                    });
-                    report.detached.push(record.id.clone());
+                    self.registry.update(&fork, |s| s.vmm_pid = Some(vmm.pid));
+                    let inherited = handoffs.remove(&record.id);
+                    match recovery::recover_fork(&self.server, &fork, record, vmm, inherited) {
+                        Ok(()) => report.recovered.push(record.id.clone()),
+                        Err(e) => {
+                            tracing::error!(fork = %record.id, vmm_pid = vmm.pid, error = %crate::errors::error_chain(&e),
+                                "the VMM outlived the previous daemon but its uffd cannot be taken back; detached");
+                            self.registry.update(&fork, |s| {
+                                s.state = ForkState::Detached;
+                                s.end_reason = Some(EndReason::DaemonRestarted);
+                                s.detached_reason = Some(e.reason());
+                            });
+                            report.detached.push(record.id.clone());
+                        }
+                    }
                 }
                 None => {
                     let fork = self.registry.add_fork(
@@ -190,12 +220,33 @@ impl Lifecycle {
                         ForkState::Waiting,
                         created,
                     )?;
-                    if let Err(e) = self.server.listen(fork) {
+                    let inherited = handoffs.remove(&record.id);
+                    if let Err(e) = self.server.listen(fork, inherited) {
                         tracing::error!(fork = %record.id, error = %e, "cannot listen for the fork's VMM");
                     }
                     report.waiting.push(record.id.clone());
                 }
             }
+        }
+        for (id, listener) in std::mem::take(&mut handoffs) {
+            drop(listener);
+            let _ = std::fs::remove_file(self.socket_path(&id));
+        }
+        let roots = [
+            fuse_mount.to_owned(),
+            self.store.root().to_owned(),
+            PathBuf::from("/"),
+        ];
+        let snapshots: BTreeSet<Id> = catalog
+            .metas
+            .keys()
+            .chain(catalog.damaged.keys())
+            .cloned()
+            .collect();
+        for mapper in crate::file_users::find_mappers(&roots, &snapshots) {
+            tracing::info!(snapshot = %mapper.snapshot, pid = mapper.pid, "a process still maps a memory file from before the restart");
+            self.file_users.adopt(mapper);
+            report.file_users += 1;
         }
         let pending: Vec<Id> = catalog
             .metas
@@ -633,6 +684,7 @@ impl Lifecycle {
             snapshot: snapshot.clone(),
             created_unix_ms: created,
             vmm: None,
+            uffd: None,
         })?;
         let fork = self.registry.add_fork(
             id.clone(),
@@ -641,7 +693,7 @@ impl Lifecycle {
             ForkState::Waiting,
             time_of(created),
         )?;
-        if let Err(e) = self.server.listen(fork.clone()) {
+        if let Err(e) = self.server.listen(fork.clone(), None) {
             let _ = self.registry.remove_fork(&id);
             let _ = self.store.remove_fork(&id);
             return Err(e.into());
@@ -687,7 +739,6 @@ impl Lifecycle {
     /// Records what a serving thread reported.
     pub fn on_event(&self, event: ForkEvent) {
         let result = match &event {
-            ForkEvent::Attached(fork) => self.on_attached(fork),
             ForkEvent::Ended(fork) => self.on_ended(fork),
         };
         if let Err(e) = result {
@@ -699,28 +750,6 @@ impl Lifecycle {
         self.registry
             .fork(fork.id())
             .is_ok_and(|f| Arc::ptr_eq(&f, fork))
-    }
-
-    fn on_attached(&self, fork: &Arc<Fork>) -> Result<(), LifecycleError> {
-        let _catalog = self.lock();
-        if !self.is_current(fork) {
-            return Ok(());
-        }
-        let status = fork.status();
-        let Some(vmm) = status.vmm_pid.and_then(VmmIdentity::of) else {
-            return Ok(());
-        };
-        let record = ForkRecord {
-            id: fork.id().clone(),
-            snapshot: fork.snapshot().clone(),
-            created_unix_ms: unix_ms(fork.created()),
-            vmm: Some(vmm),
-        };
-        // A fork that already ended (its VMM died at once) has released its record.
-        if status.state == ForkState::Serving {
-            self.store.write_fork(&record)?;
-        }
-        Ok(())
     }
 
     fn on_ended(&self, fork: &Arc<Fork>) -> Result<(), LifecycleError> {
@@ -829,9 +858,19 @@ impl Lifecycle {
         })
     }
 
-    /// Stops serving every fork (at shutdown; their records stay for the next start).
-    pub fn shutdown(&self) {
+    /// Stops accepting handoffs and returns every fork's handoff socket, still listening, for
+    /// the program an upgrade executes.
+    pub fn hand_over_listeners(&self) -> Vec<(Id, std::os::unix::net::UnixListener)> {
+        self.server.hand_over_listeners()
+    }
+
+    /// Stops serving every fork (at shutdown; their records stay for the next start). At an
+    /// upgrade (`keep_sockets`) the handoff socket files stay: the new program listens on them.
+    pub fn shutdown(&self, keep_sockets: bool) {
         self.server.shutdown();
+        if keep_sockets {
+            return;
+        }
         for fork in self.registry.forks() {
             let _ = std::fs::remove_file(fork.handoff_socket());
         }

@@ -16,6 +16,7 @@
 //! (`setup_failed`), never a panic on a worker.
 
 use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -32,14 +33,18 @@ use slab::Slab;
 
 use crate::errors::error_chain;
 use crate::registry::{Fork, Registry};
+use crate::serve::recover::{self, ServedUffd};
 use crate::serve::session::{ServeOptions, Session, SetupError};
 use crate::serve::uffd::{self, Userfaultfd};
 use crate::serve::worker::{Command, WorkerHandle};
-use crate::serve::{ForkEvent, ForkEvents};
+use crate::serve::AttachJournal;
 use crate::sys;
 use proto::Id;
 
 const WAKER: Token = Token(usize::MAX);
+/// How long handing the sockets over (at an upgrade) waits for handoffs already accepted to
+/// complete.
+const HAND_OVER_GRACE: Duration = Duration::from_millis(500);
 
 /// What the acceptor can be asked to do.
 #[derive(Debug)]
@@ -52,6 +57,12 @@ pub enum AcceptorCommand {
         fork: Id,
         /// Signalled when done.
         done: Sender<()>,
+    },
+    /// Stop accepting on every fork's handoff socket and return them, still listening (their
+    /// backlogs and files intact), for the program an upgrade executes.
+    HandOver {
+        /// Receives the listeners.
+        done: Sender<Vec<(Id, std::os::unix::net::UnixListener)>>,
     },
     /// Close everything and exit.
     Shutdown,
@@ -69,7 +80,7 @@ impl AcceptorHandle {
     /// Starts the acceptor.
     pub fn spawn(
         registry: Arc<Registry>,
-        events: ForkEvents,
+        journal: Arc<dyn AttachJournal>,
         workers: Arc<Vec<WorkerHandle>>,
         options: ServeOptions,
         handoff_timeout: Duration,
@@ -81,7 +92,7 @@ impl AcceptorHandle {
             poll,
             rx,
             registry,
-            events,
+            journal,
             workers,
             options,
             handoff_timeout,
@@ -134,7 +145,7 @@ struct Acceptor {
     poll: Poll,
     rx: Receiver<AcceptorCommand>,
     registry: Arc<Registry>,
-    events: ForkEvents,
+    journal: Arc<dyn AttachJournal>,
     workers: Arc<Vec<WorkerHandle>>,
     options: ServeOptions,
     handoff_timeout: Duration,
@@ -168,6 +179,8 @@ enum AttachError {
     SessionSetup(#[source] SetupError),
     #[error("no worker is running")]
     NoWorker,
+    #[error("cannot record the attached VMM")]
+    Record(#[source] io::Error),
 }
 
 impl AttachError {
@@ -177,7 +190,7 @@ impl AttachError {
             Self::AlreadyServing { .. } => RefusalReason::AlreadyServing,
             Self::SnapshotGone(_) => RefusalReason::SnapshotMissing,
             Self::UnsupportedFeatures { .. } => RefusalReason::UnsupportedFeatures,
-            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) => {
+            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) | Self::Record(_) => {
                 RefusalReason::SetupFailed
             }
             Self::NoWorker => RefusalReason::NoWorker,
@@ -189,7 +202,9 @@ impl AttachError {
             Self::Handoff(_) | Self::UnsupportedFeatures { .. } => ErrorCode::InvalidArgument,
             Self::AlreadyServing { .. } => ErrorCode::Conflict,
             Self::SnapshotGone(_) => ErrorCode::NotFound,
-            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) => ErrorCode::Internal,
+            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) | Self::Record(_) => {
+                ErrorCode::Internal
+            }
             Self::NoWorker => ErrorCode::Unavailable,
         }
     }
@@ -244,6 +259,9 @@ impl Acceptor {
                     self.forget(&fork);
                     let _ = done.send(());
                 }
+                AcceptorCommand::HandOver { done } => {
+                    let _ = done.send(self.hand_over());
+                }
                 AcceptorCommand::Shutdown => return false,
             }
         }
@@ -287,6 +305,32 @@ impl Acceptor {
         for key in keys {
             self.drop_pending(key);
         }
+    }
+
+    fn hand_over(&mut self) -> Vec<(Id, std::os::unix::net::UnixListener)> {
+        // Accept no more (connections wait in the backlogs, for the next program), and finish
+        // the handoffs already accepted: a VMM that connected just now must not be cut off.
+        let registry = self.poll.registry();
+        for (_, l) in self.listeners.iter_mut() {
+            let _ = registry.deregister(&mut l.listener);
+        }
+        let end = Instant::now() + HAND_OVER_GRACE;
+        while !self.pending.is_empty() && Instant::now() < end {
+            let keys: Vec<usize> = self.pending.iter().map(|(k, _)| k).collect();
+            for key in keys {
+                self.read_pending(key);
+            }
+            if !self.pending.is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let keys: Vec<usize> = self.listeners.iter().map(|(k, _)| k).collect();
+        keys.into_iter()
+            .filter_map(|key| {
+                let l = self.listeners.try_remove(key)?;
+                Some((l.fork.id().clone(), l.listener.into()))
+            })
+            .collect()
     }
 
     fn close_listener(&mut self, key: usize) {
@@ -415,7 +459,16 @@ impl Acceptor {
     }
 
     fn attach(&mut self, p: Pending, handoff: ReceivedHandoff) {
-        match self.try_attach(&p, handoff) {
+        match self.try_attach(&p, handoff).and_then(|prepared| {
+            // Durable before the VMM hears "ok": from here on a restarted daemon takes the
+            // uffd back rather than leaving the VMM to freeze.
+            if let (Some(pid), Some(served)) = (prepared.peer_pid, &prepared.served) {
+                self.journal
+                    .attached(&p.fork, pid, served)
+                    .map_err(AttachError::Record)?;
+            }
+            Ok(prepared)
+        }) {
             Ok(prepared) => {
                 reply(
                     &p.stream,
@@ -472,6 +525,15 @@ impl Acceptor {
         let worker = (0..self.workers.len())
             .min_by_key(|&i| self.workers[i].load())
             .ok_or(AttachError::NoWorker)?;
+        let served = match recover::inode_of(uffd.as_fd()) {
+            Ok(ino) => Some(ServedUffd {
+                vmm_fd: p.peer_pid.and_then(|pid| recover::vmm_fd_of(pid, ino)),
+                ino,
+                features,
+                regions: handoff.regions.clone(),
+            }),
+            Err(e) => return Err(AttachError::Setup(e)),
+        };
         let session = Session::new(
             p.fork.clone(),
             snapshot,
@@ -486,6 +548,7 @@ impl Acceptor {
             features,
             worker,
             peer_pid: p.peer_pid,
+            served,
         })
     }
 
@@ -500,6 +563,7 @@ impl Acceptor {
             features,
             worker,
             peer_pid,
+            served: _,
         } = prepared;
         if features & uffd::FEATURE_EVENT_REMOVE == 0 {
             tracing::warn!(fork = %fork.id(), "the VMM did not negotiate UFFD_FEATURE_EVENT_REMOVE; \
@@ -512,7 +576,6 @@ impl Acceptor {
             s.uffd_features = Some(features);
             s.worker = Some(worker);
         });
-        let _ = self.events.send(ForkEvent::Attached(fork.clone()));
         // The fork's listener stays: later connections are told `already_serving`.
         if self.workers[worker]
             .send(Command::Attach(Box::new(session)))
@@ -532,6 +595,7 @@ struct PreparedSession {
     features: u64,
     worker: usize,
     peer_pid: Option<i32>,
+    served: Option<ServedUffd>,
 }
 
 /// Best effort: one JSON line to the VMM. Firecracker never reads it; synthetic VMMs and

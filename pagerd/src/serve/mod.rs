@@ -4,13 +4,19 @@
 //! for a fork binds its handoff socket; when a VMM hands over its uffd there, the acceptor
 //! validates the regions against the snapshot and gives the new [`session`] to the least
 //! loaded worker, which serves its faults until the VMM exits or the fork is closed.
+//!
+//! Before the VMM hears "ok", the acceptor has the fork's record rewritten with what serving
+//! needs ([`AttachJournal`]): a daemon that dies at any moment after that finds the record and
+//! takes the uffd back from the live VMM at its next start ([`Server::recover`], [`recover`]).
 
 pub mod acceptor;
+pub mod recover;
 pub mod session;
 pub mod uffd;
 pub mod worker;
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
@@ -20,7 +26,11 @@ use acceptor::{AcceptorCommand, AcceptorHandle};
 use session::ServeOptions;
 use worker::{Command, WorkerHandle};
 
+use proto::handoff;
 use proto::model::ForkState;
+use recover::{RecoverError, ServedUffd};
+use session::Session;
+use uffd::Userfaultfd;
 
 use crate::registry::{Fork, Registry};
 
@@ -59,10 +69,15 @@ pub enum ServeError {
 /// the serving threads: recording writes to disk).
 #[derive(Debug)]
 pub(crate) enum ForkEvent {
-    /// A VMM handed over its uffd.
-    Attached(Arc<Fork>),
     /// Serving ended.
     Ended(Arc<Fork>),
+}
+
+/// Where the acceptor makes an attached VMM durable (its identity, its uffd's and its
+/// regions) before the VMM is told its handoff was accepted; a failure refuses the handoff.
+pub(crate) trait AttachJournal: Send + Sync + std::fmt::Debug {
+    /// Records that `vmm_pid` now serves `fork` through `uffd`.
+    fn attached(&self, fork: &Fork, vmm_pid: i32, uffd: &ServedUffd) -> io::Result<()>;
 }
 
 /// Where serving threads report [`ForkEvent`]s. Events sent after the receiver is gone (at
@@ -75,7 +90,7 @@ pub struct Server {
     workers: Arc<Vec<WorkerHandle>>,
     acceptor: AcceptorHandle,
     registry: Arc<Registry>,
-    max_forks: usize,
+    options: ServeOptions,
 }
 
 impl Server {
@@ -83,6 +98,7 @@ impl Server {
     pub fn start(
         registry: Arc<Registry>,
         events: ForkEvents,
+        journal: Arc<dyn AttachJournal>,
         workers: usize,
         options: ServeOptions,
         handoff_timeout: Duration,
@@ -93,7 +109,7 @@ impl Server {
         let workers = Arc::new(workers);
         let acceptor = AcceptorHandle::spawn(
             registry.clone(),
-            events,
+            journal,
             workers.clone(),
             options,
             handoff_timeout,
@@ -102,16 +118,16 @@ impl Server {
             workers,
             acceptor,
             registry,
-            max_forks: options.max_forks,
+            options,
         })
     }
 
     /// Whether one more fork may be created: the daemon keeps at most `max_forks` (each costs
     /// a listening socket and its record, and a session's page maps once served).
     pub fn admit_fork(&self) -> Result<(), ServeError> {
-        if self.registry.forks().len() >= self.max_forks {
+        if self.registry.forks().len() >= self.options.max_forks {
             return Err(ServeError::TooManyForks {
-                max: self.max_forks,
+                max: self.options.max_forks,
             });
         }
         Ok(())
@@ -127,15 +143,110 @@ impl Server {
         self.workers.iter().map(WorkerHandle::load).collect()
     }
 
-    /// Starts listening on the fork's handoff socket (replacing a stale socket there).
-    pub fn listen(&self, fork: Arc<Fork>) -> Result<(), ServeError> {
-        let path = fork.handoff_socket().clone();
-        if path.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(ServeError::SocketPathTooLong(path));
-        }
-        let listener = bind_fresh(&path).map_err(|source| ServeError::Bind { path, source })?;
+    /// Starts listening on the fork's handoff socket (replacing a stale socket there), or on
+    /// `inherited`, the fork's socket still listening as the program an upgrade replaced
+    /// left it.
+    pub fn listen(
+        &self,
+        fork: Arc<Fork>,
+        inherited: Option<std::os::unix::net::UnixListener>,
+    ) -> Result<(), ServeError> {
+        let listener = match inherited {
+            Some(listener) => listener,
+            None => {
+                let path = fork.handoff_socket().clone();
+                if path.as_os_str().len() > MAX_SOCKET_PATH {
+                    return Err(ServeError::SocketPathTooLong(path));
+                }
+                bind_fresh(&path).map_err(|source| ServeError::Bind { path, source })?
+            }
+        };
         if !self.acceptor.send(AcceptorCommand::Listen(fork, listener)) {
             return Err(ServeError::Stopped);
+        }
+        Ok(())
+    }
+
+    /// Stops accepting handoffs and returns every fork's handoff socket, still listening, for
+    /// the program an upgrade executes.
+    pub fn hand_over_listeners(&self) -> Vec<(proto::Id, std::os::unix::net::UnixListener)> {
+        let (done, wait) = mpsc::channel();
+        if !self.acceptor.send(AcceptorCommand::HandOver { done }) {
+            return Vec::new();
+        }
+        wait.recv_timeout(CLOSE_TIMEOUT).unwrap_or_default()
+    }
+
+    /// Serves again a fork whose VMM outlived the previous daemon, on `uffd` taken back from
+    /// it (see [`recover`]): the recorded regions are validated against the snapshot again,
+    /// every region is woken (faults the dead daemon read and never answered are raised
+    /// again), and a worker serves it. The VMM's death is watched through `pidfd`.
+    pub fn recover(
+        &self,
+        fork: &Arc<Fork>,
+        vmm_pid: i32,
+        pidfd: OwnedFd,
+        uffd: OwnedFd,
+        served: ServedUffd,
+        inherited: Option<std::os::unix::net::UnixListener>,
+    ) -> Result<(), RecoverError> {
+        let snapshot = self
+            .registry
+            .snapshot(fork.snapshot())
+            .map_err(|e| RecoverError::Invalid(e.to_string()))?;
+        handoff::validate(&served.regions, snapshot.size())
+            .map_err(|e| RecoverError::Invalid(e.to_string()))?;
+        let uffd = Userfaultfd::new(uffd).map_err(|e| RecoverError::Setup(e.to_string()))?;
+        let features = uffd.features().unwrap_or(served.features);
+        if uffd::unsupported_features(features) != 0 {
+            return Err(RecoverError::Invalid(format!(
+                "the uffd negotiated features {features:#x} that pagerd does not serve"
+            )));
+        }
+        let worker = (0..self.workers.len())
+            .min_by_key(|&i| self.workers[i].load())
+            .ok_or_else(|| RecoverError::Setup("no worker is running".into()))?;
+        let ranges: Vec<(u64, u64)> = served
+            .regions
+            .iter()
+            .map(|r| (r.base_host_virt_addr, r.size))
+            .collect();
+        let session = Session::new(
+            fork.clone(),
+            snapshot,
+            uffd,
+            Some(pidfd),
+            served.regions,
+            self.options,
+        )
+        .map_err(|e| RecoverError::Setup(crate::errors::error_chain(&e)))?;
+        // Threads asleep on a fault the dead daemon read fault again, into this uffd; the
+        // worker drains whatever is queued as soon as it has the session.
+        for (start, len) in ranges {
+            match session.uffd().wake(start, len) {
+                Ok(()) => {}
+                Err(nix::errno::Errno::ESRCH) => return Err(RecoverError::VmmGone),
+                Err(e) => return Err(RecoverError::Setup(format!("UFFDIO_WAKE: {e}"))),
+            }
+        }
+        self.registry.update(fork, |s| {
+            s.state = ForkState::Serving;
+            s.vmm_pid = Some(vmm_pid);
+            s.uffd_features = Some(features);
+            s.worker = Some(worker);
+            s.end_reason = None;
+            s.detached_reason = None;
+            s.recovered += 1;
+        });
+        if self.workers[worker]
+            .send(Command::Attach(Box::new(session)))
+            .is_err()
+        {
+            return Err(RecoverError::Setup("the worker has exited".into()));
+        }
+        // A recovered fork listens too: a VMM connecting is told `already_serving`.
+        if let Err(e) = self.listen(fork.clone(), inherited) {
+            tracing::warn!(fork = %fork.id(), error = %e, "cannot listen on a recovered fork's handoff socket");
         }
         Ok(())
     }

@@ -48,6 +48,8 @@ use proto::Id;
 
 const TRASH_PREFIX: &str = ".trash-";
 const META_FILE: &str = "snapshot.json";
+/// The directory of the forks' handoff sockets, in the state directory.
+pub const SOCKETS_DIR: &str = "sockets";
 /// The name of a snapshot's memory file (in the state directory and on the FUSE mount).
 pub const MEMORY_FILE: &str = "memory";
 /// The name of a snapshot's hypervisor state file.
@@ -158,6 +160,40 @@ pub struct ForkRecord {
     /// The VMM, once one has handed over its uffd.
     #[serde(default)]
     pub vmm: Option<VmmIdentity>,
+    /// What serving the VMM's uffd needs, so that a restarted daemon can take it back
+    /// (absent in records written before pagerd kept it: such forks can only be detached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uffd: Option<UffdRecord>,
+}
+
+/// A served VMM's uffd: how to find it again in the VMM, and the regions it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UffdRecord {
+    /// The uffd's number in the VMM's descriptor table at attach, if it was found there.
+    #[serde(default)]
+    pub vmm_fd: Option<i32>,
+    /// The uffd's inode (each userfaultfd has its own anonymous inode): the identity that
+    /// tells it apart from any other descriptor the VMM holds.
+    pub ino: u64,
+    /// The features the VMM negotiated.
+    pub features: u64,
+    /// The regions, as the handoff declared them.
+    pub regions: Vec<RegionRecord>,
+}
+
+/// One region of a [`UffdRecord`] (the handoff's `GuestRegionUffdMapping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionRecord {
+    /// Start in the VMM's address space.
+    pub base_host_virt_addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Start of its bytes in the memory file.
+    pub offset: u64,
+    /// Page size in bytes.
+    pub page_size: u64,
 }
 
 /// A fork record that could not be read.
@@ -337,7 +373,7 @@ impl Store {
 
     /// Where handoff sockets live.
     pub fn sockets_dir(&self) -> PathBuf {
-        self.root.join("sockets")
+        self.root.join(SOCKETS_DIR)
     }
 
     /// The memory file of a snapshot.
@@ -566,7 +602,9 @@ impl Store {
     /// Removes what a crash can leave behind: half-written temp files and directories,
     /// snapshots half-way to deletion, and every socket (they are bound afresh). Returns what
     /// it removed.
-    pub fn remove_leftovers(&self) -> Result<Vec<PathBuf>, StoreError> {
+    /// The sockets in `keep` stay: handed over, still listening, by the program an upgrade
+    /// replaced.
+    pub fn remove_leftovers(&self, keep: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
         let mut removed = Vec::new();
         for dir in [self.snapshots_dir(), self.forks_dir(), self.sockets_dir()] {
             let is_sockets = dir == self.sockets_dir();
@@ -578,6 +616,9 @@ impl Store {
                     continue;
                 }
                 let path = entry.path();
+                if is_sockets && keep.contains(&path) {
+                    continue;
+                }
                 let result = if entry.file_type().is_ok_and(|t| t.is_dir()) {
                     std::fs::remove_dir_all(&path)
                 } else {
@@ -659,11 +700,36 @@ mod tests {
                 snapshot: id("s"),
                 created_unix_ms: 1,
                 vmm: None,
+                uffd: None,
             };
             store.write_fork(&record).unwrap();
         }
         let scan = store.scan_forks().unwrap();
         assert_eq!(scan.referencing(&id("s")), Some(vec![id("a"), id("b")]));
+        // A record of a serving fork round-trips with its uffd.
+        let serving = ForkRecord {
+            id: id("a"),
+            snapshot: id("s"),
+            created_unix_ms: 1,
+            vmm: Some(VmmIdentity {
+                pid: 7,
+                start_time: 9,
+            }),
+            uffd: Some(UffdRecord {
+                vmm_fd: Some(12),
+                ino: 4321,
+                features: 0x8000_0008,
+                regions: vec![RegionRecord {
+                    base_host_virt_addr: 0x7f00_0000_0000,
+                    size: 8192,
+                    offset: 0,
+                    page_size: 4096,
+                }],
+            }),
+        };
+        store.write_fork(&serving).unwrap();
+        let scan = store.scan_forks().unwrap();
+        assert!(scan.records.contains(&serving));
 
         std::fs::write(store.forks_dir().join("c.json"), b"{\"id\":\"c\",\"snap").unwrap();
         let scan = store.scan_forks().unwrap();
@@ -672,6 +738,14 @@ mod tests {
 
         store.remove_snapshot(&id("s")).unwrap();
         assert!(store.snapshots().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_record_written_before_uffds_were_kept_still_loads() {
+        let old = r#"{"id":"f","snapshot":"s","created_unix_ms":3,"vmm":{"pid":5,"start_time":6}}"#;
+        let record: ForkRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.uffd, None);
+        assert_eq!(record.vmm.unwrap().pid, 5);
     }
 
     #[test]
@@ -687,7 +761,7 @@ mod tests {
         std::fs::create_dir(&snapshot).unwrap();
         std::fs::write(snapshot.join("snapshot.json"), b"{}").unwrap();
         std::fs::write(snapshot.join(".tmp-snapshot.json-1-5"), b"{").unwrap();
-        assert_eq!(store.remove_leftovers().unwrap().len(), 5);
+        assert_eq!(store.remove_leftovers(&[]).unwrap().len(), 5);
         assert!(store.forks_dir().join("kept.json").exists());
         assert!(snapshot.join("snapshot.json").exists());
         assert!(!snapshot.join(".tmp-snapshot.json-1-5").exists());

@@ -63,6 +63,10 @@ struct Args {
     /// Register this many bytes past the last region without declaring them.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     undeclared_tail: u64,
+    /// Sleep this many microseconds before each page `verify` reads (a paced guest that
+    /// keeps faulting for a while; the sleeps are not counted in the read latencies).
+    #[arg(long, default_value_t = 0)]
+    pace_us: u64,
     /// The steps to run, in order (all are checked before memory is mapped or handed off).
     #[arg(value_parser = parse_step)]
     steps: Vec<Step>,
@@ -140,6 +144,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         memory = GuestMemory::map_file(&args.snapshot, file, &layout)?;
         _connection = None;
     }
+    memory.set_pace(std::time::Duration::from_micros(args.pace_us));
     emit(serde_json::json!({"event": "ready", "started_ns": started_ns, "t_ns": monotonic_ns()}));
     let plan = AccessPlan {
         order: args.order,
