@@ -20,7 +20,7 @@ use proto::Id;
 
 use crate::access::{self, Access};
 use crate::config::{Config, LogFormat};
-use crate::control::{ControlServer, Dispatcher};
+use crate::control::{ControlOptions, ControlServer, Dispatcher};
 use crate::fuse::FuseView;
 use crate::lifecycle::{Lifecycle, LifecycleError, MemoryFiles};
 use crate::registry::Registry;
@@ -191,8 +191,11 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     let mut control = ControlServer::start(
         &control_path,
         Arc::new(Dispatcher::new(lifecycle.clone())),
-        Duration::from_millis(config.control_idle_timeout_ms),
-        group,
+        ControlOptions {
+            idle_timeout: Duration::from_millis(config.control_idle_timeout_ms),
+            group,
+            max_connections_per_uid: config.max_connections_per_uid,
+        },
     )
     .map_err(|source| DaemonError::Control {
         path: control_path.clone(),
