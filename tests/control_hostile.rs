@@ -343,3 +343,39 @@ fn group_members_hit_their_connection_limits_and_root_is_still_answered() {
     assert_eq!(again.held(), 1, "{}", again.summary);
     again.release();
 }
+
+#[test]
+fn a_client_that_reads_its_answers_late_gets_them_all() {
+    // Found by the end-to-end fuzzer: answers were written one JSON token per write, so a
+    // single large answer filled the socket with hundreds of tiny packets. A client still
+    // sending (it reads its answers once it is done, as pipelining clients do) then blocked
+    // the daemon's write, the daemon stopped reading, and both waited for the idle timeout.
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), MIB, 5, 0, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &["--control-idle-timeout-ms", "60000"]);
+    for i in 0..20 {
+        daemon.create_fork("base", &format!("vm-{i}"));
+    }
+    let stream = UnixStream::connect(daemon.control_socket()).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    // Far less than the idle timeout: a send stalled behind unread answers fails here.
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let list = request_line(&Value::from(1), &Request::ForkList {}) + "\n";
+    let mut batch = list.repeat(4);
+    // Blank lines get no answer; they only make the batch larger than the socket's buffer.
+    batch.push_str(&" \n".repeat(200_000));
+    (&stream)
+        .write_all(batch.as_bytes())
+        .expect("the whole batch is read while its answers wait");
+    let mut answers = BufReader::new(&stream);
+    for _ in 0..4 {
+        let mut line = String::new();
+        answers.read_line(&mut line).expect("an answer");
+        let reply: Response = serde_json::from_str(&line).unwrap();
+        assert!(reply.ok, "{reply:?}");
+        let forks = reply.result.unwrap();
+        assert_eq!(forks.as_array().map(Vec::len), Some(20));
+    }
+}

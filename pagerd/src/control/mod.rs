@@ -262,8 +262,8 @@ fn accept_loop(
 fn refuse(stream: UnixStream, message: &str) {
     let busy = ControlError::new(ErrorCode::Unavailable, message);
     if stream.set_nonblocking(true).is_ok() {
-        let line = format!("{}\n", response(Value::Null, Err(busy)));
-        let _ = (&stream).write(line.as_bytes());
+        // One short line into an empty socket: it fits, or the client is gone.
+        let _ = answer(&stream, Value::Null, Err(busy));
     }
 }
 
@@ -425,6 +425,19 @@ impl<'a> LineReader<'a> {
     }
 }
 
+/// Writes one response line in a single write. (Formatting it straight into the socket would
+/// write once per JSON token: hundreds of packets for one answer, enough to fill the socket
+/// and stall the connection while its client is still sending.)
+fn answer(
+    mut stream: &UnixStream,
+    id: Value,
+    outcome: Result<Value, ControlError>,
+) -> io::Result<()> {
+    let mut line = response(id, outcome).to_string().into_bytes();
+    line.push(b'\n');
+    stream.write_all(&line)
+}
+
 fn serve_connection(
     stream: UnixStream,
     handler: &dyn Handler,
@@ -434,7 +447,6 @@ fn serve_connection(
     stream.set_read_timeout(Some(idle))?;
     stream.set_write_timeout(Some(idle))?;
     let mut reader = LineReader::new(&stream);
-    let mut writer = &stream;
     loop {
         let line = match reader.next()? {
             Next::Line(line) => line,
@@ -444,7 +456,7 @@ fn serve_connection(
                     ErrorCode::InvalidArgument,
                     format!("{error}; closing the connection"),
                 );
-                writeln!(writer, "{}", response(Value::Null, Err(err)))?;
+                answer(&stream, Value::Null, Err(err))?;
                 return Ok(());
             }
             Next::TooManyFds => {
@@ -455,7 +467,7 @@ fn serve_connection(
                          to take them; closing the connection"
                     ),
                 );
-                writeln!(writer, "{}", response(Value::Null, Err(err)))?;
+                answer(&stream, Value::Null, Err(err))?;
                 return Ok(());
             }
         };
@@ -469,8 +481,7 @@ fn serve_connection(
             .request
             .and_then(|request| handler.handle_with(request, &mut context));
         drop(context);
-        writeln!(writer, "{}", response(parsed.id, outcome))?;
-        writer.flush()?;
+        answer(&stream, parsed.id, outcome)?;
     }
 }
 
