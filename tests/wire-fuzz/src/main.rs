@@ -456,8 +456,10 @@ impl<'a> Fuzz<'a> {
             lossy(&h.body)
         ));
         self.hanging.settle_due(HANDOFF_TIMEOUT)?;
+        let sent = Instant::now();
         let handled =
             handoff::exchange(&self.handoff_fork.1, &h, self.file_size, &mut self.hanging)?;
+        self.counts.slowest_handoff = self.counts.slowest_handoff.max(sent.elapsed());
         match handled {
             Handled::Accepted => {
                 self.counts.accepted += 1;
