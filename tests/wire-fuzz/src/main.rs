@@ -345,10 +345,14 @@ impl<'a> Fuzz<'a> {
             }
             if step % (total / 10).max(1) == 0 {
                 eprintln!(
-                    "wire-fuzz: {step}/{total} ({} control inputs, {} handoffs) after {:.0?}",
+                    "wire-fuzz: {step}/{total} ({} control inputs, {} handoffs) after {:.0?}: \
+                     pagerd rss {} KiB, {} descriptors (this fuzzer's connections included)",
                     self.counts.control_inputs,
                     self.counts.handoffs,
-                    started.elapsed()
+                    started.elapsed(),
+                    self.daemon.status_kb("VmRSS"),
+                    std::fs::read_dir(format!("/proc/{}/fd", self.daemon.pid()))
+                        .map_or(0, Iterator::count),
                 );
             }
         }
