@@ -33,6 +33,16 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1 \
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     -t bookworm-backports qemu-system-x86 >/dev/null
 fi
+# cargo-fuzz runs the libFuzzer targets (fuzz/); it needs the nightly toolchain, and building
+# it takes about two minutes once.
+if cargo +nightly --version >/dev/null 2>&1; then
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-fuzz"
+    cargo install cargo-fuzz --locked --quiet
+  fi
+else
+  echo "setup: warning: no nightly toolchain; the libFuzzer targets (fuzz/) will be skipped" >&2
+fi
 for dev in /dev/userfaultfd /dev/kvm /dev/fuse; do
   [ -e "$dev" ] || echo "setup: warning: $dev is missing; tests that need it will fail" >&2
 done

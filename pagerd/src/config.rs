@@ -59,6 +59,11 @@ pub struct Config {
     /// How long an idle control connection is kept, in ms.
     #[arg(long, default_value_t = 60_000)]
     pub control_idle_timeout_ms: u64,
+    /// The most control connections one uid may hold at once, root and the daemon's own user
+    /// excepted (they may use all 256, the last 16 of which are kept for them alone).
+    #[arg(long, default_value_t = crate::control::DEFAULT_MAX_CONNECTIONS_PER_UID,
+          value_parser = parse_per_uid)]
+    pub max_connections_per_uid: usize,
     /// The FUSE view of memory files for VMMs that can only map a file: `auto` offers
     /// passthrough where the kernel has it, else `cached`; `off` mounts nothing.
     #[arg(long, value_enum, default_value = "auto")]
@@ -165,6 +170,15 @@ impl Config {
     /// The handoff timeout.
     pub fn handoff_timeout(&self) -> Duration {
         Duration::from_millis(self.handoff_timeout_ms)
+    }
+}
+
+fn parse_per_uid(s: &str) -> Result<usize, String> {
+    use crate::control::{MAX_CONNECTIONS, RESERVED_CONNECTIONS};
+    let most = MAX_CONNECTIONS - RESERVED_CONNECTIONS;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=most).contains(&n) => Ok(n),
+        _ => Err(format!("expected a number from 1 to {most}")),
     }
 }
 

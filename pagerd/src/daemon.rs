@@ -22,7 +22,7 @@ use proto::Id;
 
 use crate::access::{self, Access};
 use crate::config::{Config, LogFormat};
-use crate::control::{ControlServer, Dispatcher};
+use crate::control::{ControlOptions, ControlServer, Dispatcher};
 use crate::fuse::FuseView;
 use crate::lifecycle::{Lifecycle, LifecycleError, MemoryFiles, RecordJournal};
 use crate::metrics::MetricsServer;
@@ -230,13 +230,17 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     let upgrade = Arc::new(Upgrade::default());
     let control_path = config.control_socket();
     let handler = Arc::new(Dispatcher::new(lifecycle.clone(), vms, upgrade.clone()));
-    let idle = Duration::from_millis(config.control_idle_timeout_ms);
+    let options = ControlOptions {
+        idle_timeout: Duration::from_millis(config.control_idle_timeout_ms),
+        group,
+        max_connections_per_uid: config.max_connections_per_uid,
+    };
     let started = match inherited_control {
         Some(listener) => {
             tracing::info!(control = %control_path.display(), "answering on the control socket the previous program handed over");
-            ControlServer::adopt(listener, &control_path, handler, idle, group)
+            ControlServer::adopt(listener, &control_path, handler, options)
         }
-        None => ControlServer::start(&control_path, handler, idle, group),
+        None => ControlServer::start(&control_path, handler, options),
     };
     let mut control = started.map_err(|source| DaemonError::Control {
         path: control_path.clone(),

@@ -439,6 +439,26 @@ mod tests {
     }
 
     #[test]
+    fn ids_are_echoed_exactly_floats_included() {
+        // Found by fuzzing: parsed with serde_json's default (fast, not always nearest)
+        // float parsing, this id came back one unit in the last place off.
+        for id in [
+            "18446000000000138365696",
+            "1.8446000000000139e22",
+            "0.1",
+            "-2.5e-308",
+        ] {
+            let line = format!("{{\"v\":1,\"id\":[{id}],\"op\":\"status\"}}");
+            let parsed = parse_line(line.as_bytes());
+            let echoed = response(parsed.id.clone(), Ok(Value::Null)).to_string();
+            let read: Response = serde_json::from_str(&echoed).unwrap();
+            assert_eq!(read.id, parsed.id, "{line} → {echoed}");
+            let again = parse_line(request_line(&parsed.id, &Request::Status {}).as_bytes());
+            assert_eq!(again.id, parsed.id, "{line}");
+        }
+    }
+
+    #[test]
     fn exit_codes_are_distinct() {
         let mut codes: Vec<u8> = ErrorCode::ALL.iter().map(|c| c.exit_code()).collect();
         codes.sort_unstable();

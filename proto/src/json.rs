@@ -21,30 +21,55 @@ pub fn parse_strict(bytes: &[u8]) -> Result<Value, serde_json::Error> {
 /// Whether the bytes of a line received so far already nest arrays and objects deeper than
 /// `limit`, so the line can be refused before it ends. Brackets inside strings do not count.
 pub fn nesting_exceeds(partial: &[u8], limit: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in partial {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
+    let mut scanner = NestingScanner::new();
+    scanner.feed(partial);
+    scanner.max_depth() > limit
+}
+
+/// [`nesting_exceeds`] one piece at a time: the nesting of the bytes fed so far, for a reader
+/// that gets a line in pieces and must not rescan what it already has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NestingScanner {
+    depth: usize,
+    max_depth: usize,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl NestingScanner {
+    /// A scanner at the start of a line.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Scans more bytes of the line.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'[' | b'{' => {
+                    self.depth += 1;
+                    self.max_depth = self.max_depth.max(self.depth);
+                }
+                b']' | b'}' => self.depth = self.depth.saturating_sub(1),
                 _ => {}
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > limit {
-                    return true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
         }
     }
-    false
+
+    /// The deepest nesting seen so far (0: no array or object opened).
+    pub fn max_depth(&self) -> usize {
+        self.max_depth
+    }
 }
 
 struct StrictValue;
@@ -159,5 +184,19 @@ mod tests {
         assert!(!nesting_exceeds(shallow.as_bytes(), MAX_DEPTH));
         assert!(!nesting_exceeds(b"[[[]]][[[]]]", 3));
         assert!(nesting_exceeds(b"[[[[", 3));
+    }
+
+    #[test]
+    fn the_scanner_fed_in_pieces_agrees_with_one_scan() {
+        let line = br#"{"a":[{"s":"\"[[[\\"},[[1]]],"b":{"c":[[[]]]}}"#;
+        let mut whole = NestingScanner::new();
+        whole.feed(line);
+        assert_eq!(whole.max_depth(), 5);
+        for split in 0..line.len() {
+            let mut pieces = NestingScanner::new();
+            pieces.feed(&line[..split]);
+            pieces.feed(&line[split..]);
+            assert_eq!(pieces, whole, "split at {split}");
+        }
     }
 }

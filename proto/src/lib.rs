@@ -13,6 +13,8 @@
 //! - [`defaults`]: where the state directory and control socket are when nobody says.
 //! - [`ids`]: snapshot and fork names, safe to use in file names.
 //! - [`json`]: strict parsing of request lines (no duplicate keys, bounded nesting).
+//! - [`framing`]: a connection's bytes split into request lines, over-long and over-deep
+//!   lines refused as soon as they show it.
 //! - [`handoff`]: the message a VMM sends with its userfaultfd, its parsing and validation;
 //!   [`fdpass`]: sending and receiving it with the fd over a Unix socket.
 
@@ -20,6 +22,7 @@ pub mod client;
 pub mod control;
 pub mod defaults;
 pub mod fdpass;
+pub mod framing;
 pub mod handoff;
 pub mod ids;
 pub mod json;

@@ -1,10 +1,16 @@
 //! The control socket: a Unix stream socket speaking newline-delimited JSON (`proto::control`).
 //!
 //! One thread accepts; each connection gets a thread of its own that reads request lines
-//! (at most [`MAX_REQUEST_BYTES`] each), hands them to the [`Handler`] and writes one
-//! response line per request. A connection idle for longer than the idle timeout is closed, as
-//! is one that sends an over-long line; at most [`MAX_CONNECTIONS`] are served at once and the
-//! rest are told the daemon is busy.
+//! (framed by [`proto::framing::LineBuffer`]: at most [`proto::control::MAX_REQUEST_BYTES`]
+//! each, nesting at most [`proto::json::MAX_DEPTH`] deep), hands them to the [`Handler`] and
+//! writes one response line per request. A connection idle for longer than the idle timeout is closed, as
+//! is one whose line grows too long or too deep (answered `invalid_argument` as soon as the
+//! bytes show it, not when the line ends).
+//!
+//! How many connections are served at once, and for whom, is [`limits`]: at most
+//! [`MAX_CONNECTIONS`], the last [`RESERVED_CONNECTIONS`] of them for root and the daemon's own
+//! user, and at most `--max-connections-per-uid` for each other uid. A connection beyond that
+//! gets one `unavailable` line and is closed.
 //!
 //! Who may connect: the socket is 0600, or 0660 with the configured group
 //! ([`crate::access`]), and the peer's `SO_PEERCRED` must be the socket owner's uid, root, or
@@ -25,6 +31,7 @@
 //! answer; at most [`MAX_FDS_PER_CONNECTION`] descriptors may wait for their line.
 
 mod dispatch;
+pub mod limits;
 mod registration;
 
 use std::collections::VecDeque;
@@ -38,15 +45,15 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
-use proto::control::{parse_line, response, ControlError, ErrorCode, Request, MAX_REQUEST_BYTES};
+use proto::control::{parse_line, response, ControlError, ErrorCode, Request};
+use proto::framing::{Frame, FrameError, LineBuffer};
 use serde_json::Value;
 
 pub(crate) use dispatch::Dispatcher;
+pub use limits::{DEFAULT_MAX_CONNECTIONS_PER_UID, MAX_CONNECTIONS, RESERVED_CONNECTIONS};
 
 use crate::access::Access;
-
-/// The most connections served at once.
-pub const MAX_CONNECTIONS: usize = 256;
+use limits::{Admission, Permit};
 /// The most passed descriptors one connection may hold that no answered request has taken
 /// yet; more close the connection.
 pub const MAX_FDS_PER_CONNECTION: usize = 16;
@@ -152,6 +159,17 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
+/// How the control socket serves its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlOptions {
+    /// How long a connection may stay silent before it is closed.
+    pub idle_timeout: Duration,
+    /// The group whose members may connect (besides root and the daemon's own user).
+    pub group: Option<u32>,
+    /// The most connections one uid other than root and the daemon's own may hold at once.
+    pub max_connections_per_uid: usize,
+}
+
 /// The listening control socket and its accept thread.
 #[derive(Debug)]
 pub struct ControlServer {
@@ -168,12 +186,11 @@ pub struct ControlServer {
 
 impl ControlServer {
     /// Binds `path` (replacing a stale socket) and starts serving `handler`. Members of
-    /// `group` may connect too.
+    /// `options.group` may connect too.
     pub fn start(
         path: &Path,
         handler: Arc<dyn Handler>,
-        idle_timeout: Duration,
-        group: Option<u32>,
+        options: ControlOptions,
     ) -> io::Result<Self> {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
@@ -186,8 +203,8 @@ impl ControlServer {
             std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;
-        Access::new(group).apply_socket(path)?;
-        Self::serve(listener, path, handler, idle_timeout, group)
+        Access::new(options.group).apply_socket(path)?;
+        Self::serve(listener, path, handler, options)
     }
 
     /// Serves `handler` on a socket already listening at `path` (handed over by the program
@@ -196,18 +213,16 @@ impl ControlServer {
         listener: UnixListener,
         path: &Path,
         handler: Arc<dyn Handler>,
-        idle_timeout: Duration,
-        group: Option<u32>,
+        options: ControlOptions,
     ) -> io::Result<Self> {
-        Self::serve(listener, path, handler, idle_timeout, group)
+        Self::serve(listener, path, handler, options)
     }
 
     fn serve(
         listener: UnixListener,
         path: &Path,
         handler: Arc<dyn Handler>,
-        idle_timeout: Duration,
-        group: Option<u32>,
+        options: ControlOptions,
     ) -> io::Result<Self> {
         let stopping = Arc::new(AtomicBool::new(false));
         let active = Arc::new(AtomicUsize::new(0));
@@ -216,17 +231,7 @@ impl ControlServer {
         let (stop, active2) = (stopping.clone(), active.clone());
         let thread = std::thread::Builder::new()
             .name("pagerd-control".into())
-            .spawn(move || {
-                accept_loop(
-                    accepting,
-                    wake_rx,
-                    handler,
-                    idle_timeout,
-                    group,
-                    stop,
-                    active2,
-                )
-            })?;
+            .spawn(move || accept_loop(accepting, wake_rx, handler, options, stop, active2))?;
         Ok(Self {
             path: path.to_owned(),
             stopping,
@@ -296,12 +301,17 @@ fn accept_loop(
     listener: UnixListener,
     wake: OwnedFd,
     handler: Arc<dyn Handler>,
-    idle: Duration,
-    group: Option<u32>,
+    options: ControlOptions,
     stopping: Arc<AtomicBool>,
     active: Arc<AtomicUsize>,
 ) {
     let owner = nix::unistd::geteuid().as_raw();
+    let admission = Admission::new(
+        MAX_CONNECTIONS,
+        RESERVED_CONNECTIONS,
+        options.max_connections_per_uid,
+        owner,
+    );
     loop {
         // Never accept once stopping: a connection left in the backlog is answered by the
         // program an upgrade executes.
@@ -309,7 +319,7 @@ fn accept_loop(
             return;
         }
         let conn = listener.accept().map(|(stream, _)| stream);
-        let mut stream = match conn {
+        let stream = match conn {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "control accept failed");
@@ -320,33 +330,46 @@ fn accept_loop(
             &stream,
             nix::sys::socket::sockopt::PeerCredentials,
         ) {
-            Ok(c) if may_connect(c.into(), owner, group) => Peer::from(c),
+            Ok(c) if may_connect(c.into(), owner, options.group) => Peer::from(c),
             other => {
                 tracing::warn!(creds = ?other.map(|c| c.uid()), "control connection from another user refused");
                 continue;
             }
         };
-        if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-            let busy = ControlError::new(
-                ErrorCode::Unavailable,
-                "too many control connections; try again",
-            );
-            let _ = writeln!(stream, "{}", response(Value::Null, Err(busy)));
-            continue;
-        }
+        let permit = match admission.admit(peer.uid) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                tracing::debug!(uid = peer.uid, pid = peer.pid, %refusal, "control connection refused");
+                refuse(stream, &refusal.to_string());
+                continue;
+            }
+        };
+        let (handler, serving) = (handler.clone(), active.clone());
         active.fetch_add(1, Ordering::SeqCst);
-        let (handler, active2) = (handler.clone(), active.clone());
         let spawned = std::thread::Builder::new()
             .name("pagerd-control-conn".into())
             .spawn(move || {
-                if let Err(e) = serve_connection(stream, &*handler, idle, peer) {
+                let _permit: Permit = permit;
+                if let Err(e) = serve_connection(stream, &*handler, options.idle_timeout, peer) {
                     tracing::debug!(error = %e, "control connection ended");
                 }
-                active2.fetch_sub(1, Ordering::SeqCst);
+                serving.fetch_sub(1, Ordering::SeqCst);
             });
-        if spawned.is_err() {
+        if let Err(e) = spawned {
             active.fetch_sub(1, Ordering::SeqCst);
+            // The closure, with the stream and the permit, is dropped: the connection closes.
+            tracing::warn!(error = %e, "no thread for a control connection");
         }
+    }
+}
+
+/// Answers a connection that is not served with one `unavailable` line, never waiting for
+/// the peer to read it, and closes it.
+fn refuse(stream: UnixStream, message: &str) {
+    let busy = ControlError::new(ErrorCode::Unavailable, message);
+    if stream.set_nonblocking(true).is_ok() {
+        // One short line into an empty socket: it fits, or the client is gone.
+        let _ = answer(&stream, Value::Null, Err(busy));
     }
 }
 
@@ -387,17 +410,21 @@ struct Line {
 #[derive(Debug)]
 enum Next {
     Line(Line),
-    TooLong,
+    /// The line being received broke a limit ([`LineBuffer`]): answer and close.
+    Refused(FrameError),
     TooManyFds,
     Closed,
 }
 
-/// Splits what a connection sends into lines, each with the descriptors sent with it.
+/// Splits what a connection sends into lines ([`LineBuffer`]), each with the descriptors sent
+/// with it.
 struct LineReader<'a> {
     stream: &'a UnixStream,
-    /// Bytes of the line not complete yet, and the descriptors that came with them.
-    partial: Line,
-    complete: VecDeque<Line>,
+    framing: LineBuffer,
+    /// The descriptors that came with the bytes of the line still arriving.
+    partial_fds: Vec<OwnedFd>,
+    /// Complete lines, and at most one refusal last, in the order they arrived.
+    ready: VecDeque<Next>,
     chunk: Vec<u8>,
     cmsg: Vec<u8>,
     closed: bool,
@@ -407,8 +434,9 @@ impl<'a> LineReader<'a> {
     fn new(stream: &'a UnixStream) -> Self {
         Self {
             stream,
-            partial: Line::default(),
-            complete: VecDeque::new(),
+            framing: LineBuffer::for_requests(),
+            partial_fds: Vec::new(),
+            ready: VecDeque::new(),
             chunk: vec![0; CHUNK_BYTES],
             cmsg: nix::cmsg_space!([RawFd; SCM_MAX_FD]),
             closed: false,
@@ -416,29 +444,24 @@ impl<'a> LineReader<'a> {
     }
 
     fn held_fds(&self) -> usize {
-        self.partial.fds.len() + self.complete.iter().map(|l| l.fds.len()).sum::<usize>()
+        let ready: usize = self
+            .ready
+            .iter()
+            .map(|next| match next {
+                Next::Line(line) => line.fds.len(),
+                _ => 0,
+            })
+            .sum();
+        self.partial_fds.len() + ready
     }
 
     fn next(&mut self) -> io::Result<Next> {
         loop {
-            if let Some(line) = self.complete.pop_front() {
-                return Ok(if line.bytes.len() > MAX_REQUEST_BYTES + 1 {
-                    Next::TooLong
-                } else {
-                    Next::Line(line)
-                });
-            }
-            if self.partial.bytes.len() > MAX_REQUEST_BYTES {
-                return Ok(Next::TooLong);
+            if let Some(next) = self.ready.pop_front() {
+                return Ok(next);
             }
             if self.closed {
-                // A last line without its newline still counts, as it always has.
-                let rest = std::mem::take(&mut self.partial);
-                return Ok(if rest.bytes.is_empty() {
-                    Next::Closed
-                } else {
-                    Next::Line(rest)
-                });
+                return Ok(Next::Closed);
             }
             self.receive()?;
             if self.held_fds() > MAX_FDS_PER_CONNECTION {
@@ -478,25 +501,47 @@ impl<'a> LineReader<'a> {
         }
         let len = msg.bytes;
         if len == 0 {
+            // A last line without its newline still counts, as it always has.
             self.closed = true;
-            self.partial.fds.extend(fds);
+            self.partial_fds.extend(fds);
+            if let Some(Frame::Line(bytes)) = self.framing.finish() {
+                let fds = std::mem::take(&mut self.partial_fds);
+                self.ready.push_back(Next::Line(Line { bytes, fds }));
+            }
             return Ok(());
         }
         let data = &self.chunk[..len];
-        let mut rest = data;
-        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
-            self.partial.bytes.extend_from_slice(&rest[..=pos]);
-            self.complete.push_back(std::mem::take(&mut self.partial));
-            rest = &rest[pos + 1..];
+        for frame in self.framing.push(data) {
+            self.ready.push_back(match frame {
+                Frame::Line(bytes) => Next::Line(Line {
+                    bytes,
+                    fds: std::mem::take(&mut self.partial_fds),
+                }),
+                Frame::Error(error) => Next::Refused(error),
+            });
         }
-        self.partial.bytes.extend_from_slice(rest);
-        let owner = match self.complete.back_mut() {
-            Some(last) if rest.is_empty() => last,
-            _ => &mut self.partial,
-        };
-        owner.fds.extend(fds);
+        match self.ready.back_mut() {
+            // The last byte ended a line: the descriptors are that line's.
+            Some(Next::Line(last)) if data.ends_with(b"\n") => last.fds.extend(fds),
+            // Else they wait with the line still arriving (or, after a refusal, are closed
+            // with the connection).
+            _ => self.partial_fds.extend(fds),
+        }
         Ok(())
     }
+}
+
+/// Writes one response line in a single write. (Formatting it straight into the socket would
+/// write once per JSON token: hundreds of packets for one answer, enough to fill the socket
+/// and stall the connection while its client is still sending.)
+fn answer(
+    mut stream: &UnixStream,
+    id: Value,
+    outcome: Result<Value, ControlError>,
+) -> io::Result<()> {
+    let mut line = response(id, outcome).to_string().into_bytes();
+    line.push(b'\n');
+    stream.write_all(&line)
 }
 
 fn serve_connection(
@@ -508,19 +553,16 @@ fn serve_connection(
     stream.set_read_timeout(Some(idle))?;
     stream.set_write_timeout(Some(idle))?;
     let mut reader = LineReader::new(&stream);
-    let mut writer = &stream;
     loop {
         let line = match reader.next()? {
             Next::Line(line) => line,
             Next::Closed => return Ok(()),
-            Next::TooLong => {
+            Next::Refused(error) => {
                 let err = ControlError::new(
                     ErrorCode::InvalidArgument,
-                    format!(
-                        "request line longer than {MAX_REQUEST_BYTES} bytes; closing the connection"
-                    ),
+                    format!("{error}; closing the connection"),
                 );
-                writeln!(writer, "{}", response(Value::Null, Err(err)))?;
+                answer(&stream, Value::Null, Err(err))?;
                 return Ok(());
             }
             Next::TooManyFds => {
@@ -531,7 +573,7 @@ fn serve_connection(
                          to take them; closing the connection"
                     ),
                 );
-                writeln!(writer, "{}", response(Value::Null, Err(err)))?;
+                answer(&stream, Value::Null, Err(err))?;
                 return Ok(());
             }
         };
@@ -546,8 +588,7 @@ fn serve_connection(
             .and_then(|request| handler.handle_with(request, &mut context));
         let after_reply = context.take_after_reply();
         drop(context);
-        let written =
-            writeln!(writer, "{}", response(parsed.id, outcome)).and_then(|()| writer.flush());
+        let written = answer(&stream, parsed.id, outcome);
         if let Some(then) = after_reply {
             then();
         }
@@ -587,6 +628,18 @@ mod tests {
         }
     }
 
+    fn options() -> ControlOptions {
+        idle_after(Duration::from_secs(10))
+    }
+
+    fn idle_after(idle_timeout: Duration) -> ControlOptions {
+        ControlOptions {
+            idle_timeout,
+            group: None,
+            max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
+        }
+    }
+
     fn send(stream: &UnixStream, line: &str, fds: &[std::os::fd::BorrowedFd<'_>]) -> Value {
         proto::fdpass::send_with_fds(stream, line.as_bytes(), fds).unwrap();
         let mut answer = String::new();
@@ -602,8 +655,7 @@ mod tests {
             take: 1,
             taken: Default::default(),
         });
-        let mut server =
-            ControlServer::start(&path, handler.clone(), Duration::from_secs(10), None).unwrap();
+        let mut server = ControlServer::start(&path, handler.clone(), options()).unwrap();
         let stream = UnixStream::connect(&path).unwrap();
         // Three pipes: their write ends are passed; a read end sees EOF once every copy of
         // its write end is closed.
@@ -646,13 +698,59 @@ mod tests {
             take: 0,
             taken: Default::default(),
         });
-        let mut server =
-            ControlServer::start(&path, handler, Duration::from_secs(10), None).unwrap();
+        let mut server = ControlServer::start(&path, handler, options()).unwrap();
         let stream = UnixStream::connect(&path).unwrap();
         let null = std::fs::File::open("/dev/null").unwrap();
         let many = vec![null.as_fd(); MAX_FDS_PER_CONNECTION + 1];
         let r = send(&stream, "{\"v\":1,", &many);
         assert_eq!(r["error"]["code"], "invalid_argument", "{r}");
+        server.stop();
+    }
+
+    #[test]
+    fn a_line_nesting_too_deep_is_refused_before_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let handler = Arc::new(CountFds {
+            take: 0,
+            taken: Default::default(),
+        });
+        // An idle timeout far longer than the read below waits: an answer at all proves the
+        // daemon did not wait for the line to end.
+        let mut server =
+            ControlServer::start(&path, handler, idle_after(Duration::from_secs(600))).unwrap();
+        let stream = UnixStream::connect(&path).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let status = send(&stream, "{\"v\":1,\"op\":\"status\"}\n", &[]);
+        assert_eq!(status["ok"], true, "{status}");
+        let r = send(&stream, &"[".repeat(1000), &[]);
+        assert_eq!(r["error"]["code"], "invalid_argument", "{r}");
+        assert!(
+            r["error"]["message"].as_str().unwrap().contains("deeper"),
+            "{r}"
+        );
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut &stream, &mut rest).unwrap();
+        assert!(rest.is_empty(), "then the connection is closed");
+        server.stop();
+    }
+
+    #[test]
+    fn a_line_sent_in_pieces_is_one_request_with_its_descriptors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let handler = Arc::new(CountFds {
+            take: 0,
+            taken: Default::default(),
+        });
+        let mut server = ControlServer::start(&path, handler, options()).unwrap();
+        let stream = UnixStream::connect(&path).unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        proto::fdpass::send_with_fds(&stream, b"{\"v\":1,", &[null.as_fd()]).unwrap();
+        let r = send(&stream, "\"op\":\"status\"}\n", &[null.as_fd()]);
+        assert_eq!(r["result"]["fds"], 2, "{r}");
         server.stop();
     }
 }
