@@ -115,7 +115,8 @@ impl Generator {
         Self { file_size, max_fds }
     }
 
-    /// Up to four non-overlapping regions inside the file.
+    /// Up to four regions inside the file, overlapping neither in the VMM's address space nor
+    /// in the file.
     fn valid_regions(&self, rng: &mut Rng) -> Vec<GuestRegionUffdMapping> {
         let page = if rng.chance(15) {
             PAGE_SIZE_2M
@@ -125,9 +126,14 @@ impl Generator {
         let pages = self.file_size / page;
         let mut regions = Vec::new();
         let mut base = page * rng.range(1, 1 << 20);
+        let mut next_offset = rng.below((pages / 2).max(1));
         for _ in 0..rng.range(1, 4) {
-            let offset = rng.below(pages);
+            let offset = next_offset + rng.below((pages - next_offset).min(8).max(1));
+            if offset >= pages {
+                break;
+            }
             let size = rng.range(1, (pages - offset).min(64));
+            next_offset = offset + size;
             regions.push(GuestRegionUffdMapping {
                 base_host_virt_addr: base,
                 size: size * page,
