@@ -128,7 +128,7 @@ impl Generator {
         let mut base = page * rng.range(1, 1 << 20);
         let mut next_offset = rng.below((pages / 2).max(1));
         for _ in 0..rng.range(1, 4) {
-            let offset = next_offset + rng.below((pages - next_offset).min(8).max(1));
+            let offset = next_offset + rng.below((pages - next_offset).clamp(1, 8));
             if offset >= pages {
                 break;
             }
