@@ -90,11 +90,12 @@ pub fn available() -> Result<PathBuf, String> {
 
 /// Builds the guest ELF into `dir`.
 pub fn build_guest(dir: &Path) -> Result<PathBuf, String> {
-    let source = dir.join("guest.S");
-    let elf = dir.join("guest.elf");
-    std::fs::write(&source, GUEST_ASM).map_err(|e| e.to_string())?;
-    let out = Command::new("cc")
-        .args([
+    crate::compile_guest(
+        dir,
+        "guest.S",
+        GUEST_ASM,
+        "guest.elf",
+        &[
             "-nostdlib",
             "-static",
             "-no-pie",
@@ -102,19 +103,8 @@ pub fn build_guest(dir: &Path) -> Result<PathBuf, String> {
             "-Wl,-Ttext=0x200000",
             "-Wl,-e,_start",
             "-Wl,--build-id=none",
-            "-o",
-        ])
-        .arg(&elf)
-        .arg(&source)
-        .output()
-        .map_err(|e| format!("cannot run cc: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "cc failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(elf)
+        ],
+    )
 }
 
 /// A Firecracker snapshot of the guest: its device state and memory.

@@ -182,6 +182,33 @@ fn line_channel(out: impl Read + Send + 'static) -> Receiver<String> {
     rx
 }
 
+/// Compiles a freestanding test guest: writes `source` as `dir/name` and links it with the
+/// system `cc`, with `flags` before the output, into `dir/elf`; `Err` says why it could not.
+pub fn compile_guest(
+    dir: &Path,
+    name: &str,
+    source: &str,
+    elf: &str,
+    flags: &[&str],
+) -> Result<PathBuf, String> {
+    let (source_path, elf) = (dir.join(name), dir.join(elf));
+    std::fs::write(&source_path, source).map_err(|e| e.to_string())?;
+    let out = Command::new("cc")
+        .args(flags)
+        .arg("-o")
+        .arg(&elf)
+        .arg(&source_path)
+        .output()
+        .map_err(|e| format!("cannot run cc: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cc {flags:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(elf)
+}
+
 /// A snapshot or fork id (panics if `text` is not a valid one), for building [`Request`]s.
 pub fn id(text: &str) -> Id {
     text.parse()

@@ -118,11 +118,12 @@ pub fn fixture() -> Result<Fixture, String> {
 }
 
 fn build_guest(dir: &Path) -> Result<PathBuf, String> {
-    let source = dir.join("guest32.S");
-    let elf = dir.join("guest32.elf");
-    std::fs::write(&source, GUEST_ASM).map_err(|e| e.to_string())?;
-    let out = Command::new("cc")
-        .args([
+    crate::compile_guest(
+        dir,
+        "guest32.S",
+        GUEST_ASM,
+        "guest32.elf",
+        &[
             "-m32",
             "-nostdlib",
             "-static",
@@ -130,19 +131,8 @@ fn build_guest(dir: &Path) -> Result<PathBuf, String> {
             "-Wl,-Ttext=0x200000",
             "-Wl,-e,_start",
             "-Wl,--build-id=none",
-            "-o",
-        ])
-        .arg(&elf)
-        .arg(&source)
-        .output()
-        .map_err(|e| format!("cannot run cc: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "cc -m32 failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(elf)
+        ],
+    )
 }
 
 fn make_fixture(binary: &Path, dir: &Path) -> Result<Fixture, String> {

@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 
 /// Builds the guest ELF into `dir` with the system C compiler; `Err` says why not.
 pub fn build_guest(dir: &Path) -> Result<PathBuf, String> {
-    let source = dir.join("guest.c");
-    std::fs::write(&source, include_str!("guest.c")).map_err(|e| e.to_string())?;
-    let elf = dir.join("guest");
-    let output = Command::new("cc")
-        .args([
+    crate::compile_guest(
+        dir,
+        "guest.c",
+        include_str!("guest.c"),
+        "guest",
+        &[
             "-O1",
             "-DDELAY=20000",
             "-ffreestanding",
@@ -32,19 +33,8 @@ pub fn build_guest(dir: &Path) -> Result<PathBuf, String> {
             "-fno-stack-protector",
             "-Wl,-Ttext=0x200000",
             "-Wl,--build-id=none",
-            "-o",
-        ])
-        .arg(&elf)
-        .arg(&source)
-        .output()
-        .map_err(|e| format!("cannot run cc: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "cc failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    Ok(elf)
+        ],
+    )
 }
 
 /// A running Firecracker process.
