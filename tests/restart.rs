@@ -18,7 +18,7 @@ const ROUNDS: usize = 20;
 /// 4 KiB pages per fork's memory: 1024 pages, read in random order, ~6 ms apart (each VMM
 /// keeps faulting for over 6 s, longer than the restarts take).
 const MEMORY: u64 = 4 << 20;
-const PACE_US: &str = "6000";
+const PACE_US: u64 = 6000;
 /// Every VMM must have finished this long after the last restart.
 const FINISH_DEADLINE: Duration = Duration::from_secs(90);
 
@@ -49,28 +49,7 @@ impl Rng {
 /// Starts `FORKS` paced VMMs reading every page of `mem` in random order, each checking every
 /// byte, and waits until every one is served.
 fn start_forks(daemon: &Daemon, mem: &Path) -> Vec<Vmm> {
-    (0..FORKS)
-        .map(|i| {
-            let fork = format!("vm{i}");
-            let socket = daemon.create_fork("base", &fork);
-            let seed = (i as u64 + 1).to_string();
-            let mut vmm = Vmm::attach(
-                mem,
-                &socket,
-                &[
-                    "--order",
-                    "random",
-                    "--seed",
-                    &seed,
-                    "--pace-us",
-                    PACE_US,
-                    "verify",
-                ],
-            );
-            vmm.expect("ready");
-            vmm
-        })
-        .collect()
+    daemon.paced_readers(FORKS, mem, PACE_US)
 }
 
 /// Waits for every VMM to exit, each having verified every byte.

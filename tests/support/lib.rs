@@ -641,6 +641,33 @@ impl Daemon {
         );
     }
 
+    /// Creates forks `vm0`… of `base` and on each a synthetic VMM that reads every page of
+    /// `mem` once, in its own random order, `pace_us` apart, checking every byte (the restart
+    /// tests and benchmark); returns once every VMM is up.
+    pub fn paced_readers(&self, count: usize, mem: &Path, pace_us: u64) -> Vec<Vmm> {
+        (0..count)
+            .map(|i| {
+                let socket = self.create_fork("base", &format!("vm{i}"));
+                let (seed, pace) = ((i + 1).to_string(), pace_us.to_string());
+                let mut vmm = Vmm::attach(
+                    mem,
+                    &socket,
+                    &[
+                        "--order",
+                        "random",
+                        "--seed",
+                        &seed,
+                        "--pace-us",
+                        &pace,
+                        "verify",
+                    ],
+                );
+                vmm.expect("ready");
+                vmm
+            })
+            .collect()
+    }
+
     /// A fork's record.
     pub fn fork(&self, fork: &str) -> ForkInfo {
         self.call(&Request::ForkGet { fork: id(fork) })

@@ -76,26 +76,7 @@ fn median(mut v: Vec<u64>) -> u64 {
 
 fn run_phase(phase: Phase, args: &Args, mem: &std::path::Path) -> Value {
     let mut daemon = Daemon::start(&[("base", mem)], &["--fuse", "off"]);
-    let mut vmms: Vec<Vmm> = (0..args.forks)
-        .map(|i| {
-            let socket = daemon.create_fork("base", &format!("vm{i}"));
-            let mut vmm = Vmm::attach(
-                mem,
-                &socket,
-                &[
-                    "--order",
-                    "random",
-                    "--seed",
-                    &(i + 1).to_string(),
-                    "--pace-us",
-                    &args.pace_us.to_string(),
-                    "verify",
-                ],
-            );
-            vmm.expect("ready");
-            vmm
-        })
-        .collect();
+    let mut vmms: Vec<Vmm> = daemon.paced_readers(args.forks, mem, args.pace_us);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut outages = Vec::new();
     let started = Instant::now();
