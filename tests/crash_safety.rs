@@ -37,6 +37,7 @@ fn script(r: usize, mem: &Path) -> Vec<(Request, Vec<Expect>)> {
     let create = |snapshot: &proto::Id, name: String| Request::ForkCreate {
         snapshot: snapshot.clone(),
         fork: Some(fork(name)),
+        prefetch: None,
     };
     let close = |name: String| Request::ForkClose { fork: fork(name) };
     let register = |snapshot: &proto::Id| Request::SnapshotRegister {

@@ -190,6 +190,7 @@ fn deferred_delete_waits_for_the_last_fork_and_allows_no_new_ones() {
     let err = daemon.refusal(&Request::ForkCreate {
         snapshot: id("base"),
         fork: Some(id("late")),
+        prefetch: None,
     });
     assert_eq!(err.code, ErrorCode::Conflict, "{err:?}");
 
@@ -328,13 +329,15 @@ fn registration_checks_its_path_and_ids() {
     assert_eq!(
         daemon.error_code(&Request::ForkCreate {
             snapshot: id("nope"),
-            fork: None
+            fork: None,
+            prefetch: None,
         }),
         ErrorCode::NotFound
     );
     let generated: ForkInfo = daemon.call(&Request::ForkCreate {
         snapshot: id("s"),
         fork: None,
+        prefetch: None,
     });
     assert!(generated.id.as_str().starts_with("fork-"));
     assert_eq!(dir_names(&daemon.state_dir().join("snapshots")), ["s"]);

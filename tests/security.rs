@@ -402,7 +402,8 @@ fn a_truncated_linked_file_answers_eio_and_the_daemon_keeps_serving() {
     assert_eq!(
         daemon.error_code(&Request::ForkCreate {
             snapshot: id("linked"),
-            fork: None
+            fork: None,
+            prefetch: None,
         }),
         ErrorCode::Internal
     );

@@ -20,6 +20,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use proto::client::{Client, ClientError};
 use proto::control::ErrorCode;
 use proto::model::{ForkState, NetworkOverride, VmBackend, VmState, VmmKind};
+use proto::prefetch::Prefetch;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -215,8 +216,23 @@ enum SnapshotCommand {
     },
     /// List snapshots.
     Ls,
-    /// Show one snapshot.
+    /// Show one snapshot, with its working set.
     Get {
+        /// Snapshot id.
+        id: String,
+    },
+    /// Record the snapshot's working set from its next uffd forks (the pages touched by more
+    /// than half of them, in rough first-touch order); the new set replaces the stored one.
+    Record {
+        /// Snapshot id.
+        id: String,
+        /// How many forks to record (1 to 16).
+        #[arg(long, default_value_t = 1)]
+        forks: u32,
+    },
+    /// Delete the snapshot's stored working set (forks are served on demand until a new one
+    /// is recorded).
+    ClearWorkingSet {
         /// Snapshot id.
         id: String,
     },
@@ -231,6 +247,11 @@ enum ForkCommand {
         /// Fork id [default: generated].
         #[arg(long)]
         id: Option<String>,
+        /// What to install before the guest asks: off, working-set (the snapshot's recorded
+        /// working set), graduate (then every other page, after which the fork needs nothing
+        /// more from pagerd) [default: the daemon's --prefetch].
+        #[arg(long, value_parser = parse_prefetch)]
+        prefetch: Option<Prefetch>,
     },
     /// List forks and processes holding memory files.
     Ls,
@@ -254,6 +275,17 @@ enum ForkCommand {
         /// Fork id.
         id: String,
     },
+}
+
+fn parse_prefetch(name: &str) -> Result<Prefetch, String> {
+    match name {
+        "off" => Ok(Prefetch::Off),
+        "working-set" | "working_set" => Ok(Prefetch::WorkingSet),
+        "graduate" => Ok(Prefetch::Graduate),
+        other => Err(format!(
+            "unknown prefetch `{other}` (off, working-set, graduate)"
+        )),
+    }
 }
 
 /// What a command printed and how it ends.
@@ -335,10 +367,22 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
         }
         Command::Snapshot(SnapshotCommand::Get { id }) => {
             let r = client.snapshot(id)?;
-            done(&r, render::snapshot_table(std::slice::from_ref(&r)))
+            done(&r, render::snapshot(&r))
         }
-        Command::Fork(ForkCommand::Create { snapshot, id }) => {
-            let r = client.create_fork(snapshot, id.as_deref())?;
+        Command::Snapshot(SnapshotCommand::Record { id, forks }) => {
+            let r = client.record_working_set(id, Some(*forks))?;
+            done(&r, render::snapshot(&r))
+        }
+        Command::Snapshot(SnapshotCommand::ClearWorkingSet { id }) => {
+            let r = client.clear_working_set(id)?;
+            done(&r, render::snapshot(&r))
+        }
+        Command::Fork(ForkCommand::Create {
+            snapshot,
+            id,
+            prefetch,
+        }) => {
+            let r = client.create_fork_with(snapshot, id.as_deref(), *prefetch)?;
             done(&r, format!("{}\n", r.handoff_socket.display()))
         }
         Command::Fork(ForkCommand::Ls) => {

@@ -133,7 +133,7 @@ pub fn fork(f: &ForkInfo) -> String {
         )
     });
     format!(
-        "fork {}\n  snapshot: {}\n  state: {}\n  end reason: {}\n  detached reason: {}\n  recovered after restarts: {}\n  handoff socket: {}\n  vmm pid: {}\n  worker: {}\n  last handoff error: {}\n  faults: {} ({} already present, {} outside regions, {} retried)\n  copied: {} pages ({})\n  zero pages: {}\n  removes: {}\n  poisoned pages: {}\n  errors: {}\n  latency: p50 {}, p99 {}, max {} over {} faults\n",
+        "fork {}\n  snapshot: {}\n  state: {}\n  end reason: {}\n  detached reason: {}\n  recovered after restarts: {}\n  handoff socket: {}\n  vmm pid: {}\n  worker: {}\n  last handoff error: {}\n  faults: {} ({} already present, {} outside regions, {} retried)\n  copied: {} pages ({})\n  zero pages: {}\n  removes: {}\n  poisoned pages: {}\n  errors: {}\n  prefetch: {}{}\n  prefetched: {} pages replayed, {} graduated, {} left alone\n  recorded: {} pages\n  latency: p50 {}, p99 {}, max {} over {} faults\n",
         f.id,
         f.snapshot,
         f.state,
@@ -154,6 +154,12 @@ pub fn fork(f: &ForkInfo) -> String {
         s.removes,
         s.poisoned_pages,
         s.errors,
+        f.prefetch.as_str(),
+        if f.recording { " (recording)" } else { "" },
+        s.replayed_pages,
+        s.graduated_pages,
+        s.prefetch_skipped,
+        s.recorded_pages,
         units::nanos(s.latency_ns.p50),
         units::nanos(s.latency_ns.p99),
         units::nanos(s.latency_ns.max),
@@ -188,6 +194,36 @@ pub fn snapshot_table(snapshots: &[SnapshotInfo]) -> String {
         &["ID", "SIZE", "ZEROS", "REFS", "IMPORT", "NOTE", "PATH"],
         &rows,
     )
+}
+
+/// One snapshot: its row, then its working set and any recording.
+pub fn snapshot(s: &SnapshotInfo) -> String {
+    let mut out = snapshot_table(std::slice::from_ref(s));
+    match &s.working_set {
+        Some(w) => out.push_str(&format!(
+            "working set: {} pages ({} zero) in {} runs, {} stored, from {} fork(s), format v{}\n",
+            w.pages,
+            w.zero_pages,
+            w.runs,
+            units::bytes(w.file_bytes),
+            w.forks_recorded,
+            w.version
+        )),
+        None => out.push_str("working set: none (forks are served on demand)\n"),
+    }
+    if let Some(r) = &s.recording {
+        out.push_str(&format!(
+            "recording{}: {} fork(s) to come, {} recording, {} done\n",
+            if r.automatic { " (automatic)" } else { "" },
+            r.forks_wanted,
+            r.forks_recording,
+            r.forks_done
+        ));
+    }
+    if let Some(e) = &s.working_set_error {
+        out.push_str(&format!("working set unusable: {e}\n"));
+    }
+    out
 }
 
 /// What a delete did.

@@ -53,6 +53,22 @@ pub struct Config {
     /// closed); `fork.create` beyond it is refused with `unavailable`.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_forks: u64,
+    /// What a uffd fork gets installed before its guest asks, unless `fork.create` says:
+    /// `working-set` replays the snapshot's recorded working set when its VMM attaches;
+    /// `graduate` then fills every other page at low priority and lets the fork go once all
+    /// are present (each fork then holds a private copy of all non-zero memory); `off` serves
+    /// faults only.
+    #[arg(long, value_enum, default_value = "working-set")]
+    pub prefetch: PrefetchMode,
+    /// A snapshot without a working set records one from its first this many uffd forks
+    /// (pages touched by more than half of them are kept); 0 records only on
+    /// `snapshot.record`.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub record_forks: u32,
+    /// A recording fork records the pages it touches during its first this many seconds (or
+    /// until it ends, if sooner).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub record_secs: u64,
     /// How long a VMM may take to send its handoff message after connecting, in ms.
     #[arg(long, default_value_t = 10_000)]
     pub handoff_timeout_ms: u64,
@@ -105,6 +121,27 @@ pub struct Config {
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// `--prefetch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrefetchMode {
+    /// Serve faults only.
+    Off,
+    /// Replay the recorded working set.
+    WorkingSet,
+    /// Replay the working set, then fill the rest and let the fork go.
+    Graduate,
+}
+
+impl From<PrefetchMode> for proto::prefetch::Prefetch {
+    fn from(mode: PrefetchMode) -> Self {
+        match mode {
+            PrefetchMode::Off => Self::Off,
+            PrefetchMode::WorkingSet => Self::WorkingSet,
+            PrefetchMode::Graduate => Self::Graduate,
+        }
+    }
 }
 
 /// How log lines are written.

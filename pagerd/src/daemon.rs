@@ -24,7 +24,7 @@ use crate::access::{self, Access};
 use crate::config::{Config, LogFormat};
 use crate::control::{ControlOptions, ControlServer, Dispatcher};
 use crate::fuse::FuseView;
-use crate::lifecycle::{Lifecycle, LifecycleError, MemoryFiles, RecordJournal};
+use crate::lifecycle::{Lifecycle, LifecycleError, MemoryFiles, PrefetchPolicy, RecordJournal};
 use crate::metrics::MetricsServer;
 use crate::notify;
 use crate::registry::Registry;
@@ -157,7 +157,17 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         config.handoff_timeout(),
     )
     .map_err(DaemonError::Serve)?;
-    let lifecycle = Arc::new(Lifecycle::new(store.clone(), registry.clone(), server));
+    let policy = PrefetchPolicy {
+        default: config.prefetch.into(),
+        record_forks: config.record_forks,
+        record_window: Duration::from_secs(config.record_secs),
+    };
+    let lifecycle = Arc::new(Lifecycle::new(
+        store.clone(),
+        registry.clone(),
+        server,
+        policy,
+    ));
     let stopping = Arc::new(AtomicBool::new(false));
     let janitor = {
         let (lifecycle, stopping) = (lifecycle.clone(), stopping.clone());
@@ -201,7 +211,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     for (id, snapshot) in &config.forks {
         if lifecycle.fork(id).is_err() {
             lifecycle
-                .create_fork(Some(id.clone()), snapshot)
+                .create_fork(Some(id.clone()), snapshot, None)
                 .map_err(|source| DaemonError::CommandLine {
                     id: id.clone(),
                     source,

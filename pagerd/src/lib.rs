@@ -18,6 +18,8 @@
 //!   [`registration`]: who may register which file (descriptors, not paths, from non-root).
 //! - [`access`]: who may read guest memory — the modes and group of everything pagerd makes.
 //! - [`vms`]: hypervisors launched from snapshots, wired to pagerd, and supervised.
+//! - [`working_set`]: the pages a snapshot's forks touch, recorded, stored beside it, and
+//!   replayed into new forks before their guests ask.
 //! - [`upgrade`]: replacing the daemon's program in place, keeping every fork served.
 
 mod access;
@@ -42,6 +44,7 @@ mod store;
 mod sys;
 mod upgrade;
 mod vms;
+mod working_set;
 
 /// Sets up logging and runs the daemon until SIGTERM or SIGINT. On failure, the error and its
 /// causes, as one line.

@@ -7,12 +7,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use proto::model::{
     DetachedReason, EndReason, ForkInfo, ForkState, ForkStatsReport, HandoffErrorInfo,
 };
+use proto::prefetch::Prefetch;
 use proto::Id;
 
 use crate::snapshot::Snapshot;
@@ -46,6 +48,9 @@ pub struct Fork {
     snapshot: Id,
     handoff_socket: PathBuf,
     created: SystemTime,
+    prefetch: Prefetch,
+    /// Set while its session records first touches into the snapshot's working set.
+    recording: AtomicBool,
     status: Mutex<ForkStatus>,
     /// Serving counters.
     pub stats: ForkStats,
@@ -70,6 +75,16 @@ impl Fork {
     /// The socket its VMM must connect to.
     pub fn handoff_socket(&self) -> &PathBuf {
         &self.handoff_socket
+    }
+
+    /// What is installed before its guest asks.
+    pub fn prefetch(&self) -> Prefetch {
+        self.prefetch
+    }
+
+    /// Marks whether its session records the snapshot's working set.
+    pub fn set_recording(&self, recording: bool) {
+        self.recording.store(recording, Relaxed);
     }
 
     /// A copy of the fork's status.
@@ -97,6 +112,8 @@ impl Fork {
             recovered: st.recovered,
             last_handoff_error: st.last_handoff_error,
             created_unix_ms: unix_ms(self.created),
+            prefetch: self.prefetch,
+            recording: self.recording.load(Relaxed),
             stats: self.stats.report(),
         }
     }
@@ -201,6 +218,7 @@ impl Registry {
         handoff_socket: PathBuf,
         state: ForkState,
         created: SystemTime,
+        prefetch: Prefetch,
     ) -> Result<Arc<Fork>, RegistryError> {
         let mut map = self.forks.lock().unwrap_or_else(|p| p.into_inner());
         if map.contains_key(&id) {
@@ -211,6 +229,8 @@ impl Registry {
             snapshot,
             handoff_socket,
             created,
+            prefetch,
+            recording: AtomicBool::new(false),
             status: Mutex::new(ForkStatus {
                 state,
                 vmm_pid: None,

@@ -23,6 +23,7 @@ use std::time::SystemTime;
 use memmap2::{Mmap, MmapOptions};
 
 use crate::bitmap::Bitmap;
+use crate::working_set::slot::Slot;
 use proto::Id;
 
 /// The granularity of the zero-page map.
@@ -76,6 +77,8 @@ pub struct Snapshot {
     map: Mmap,
     zero_pages: Bitmap,
     created: SystemTime,
+    /// Its recorded working set and any recording in progress.
+    pub working_set: Slot,
 }
 
 impl Snapshot {
@@ -131,6 +134,7 @@ impl Snapshot {
             map,
             zero_pages,
             created: meta.modified().unwrap_or_else(|_| SystemTime::now()),
+            working_set: Slot::default(),
         })
     }
 

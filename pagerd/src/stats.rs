@@ -133,6 +133,14 @@ pub struct ForkStats {
     pub poisoned_pages: AtomicU64,
     /// Faults that could not be served for another reason.
     pub errors: AtomicU64,
+    /// Pages installed by working-set replay.
+    pub replayed_pages: AtomicU64,
+    /// Pages installed by graduation.
+    pub graduated_pages: AtomicU64,
+    /// Pages replay or graduation found present or given back, and left alone.
+    pub prefetch_skipped: AtomicU64,
+    /// First touches recorded into a working set.
+    pub recorded_pages: AtomicU64,
     /// Allocated on the first recorded latency.
     latency_ns: Mutex<Option<LatencyHistogram>>,
 }
@@ -177,6 +185,10 @@ impl ForkStats {
             outside_faults: load(&self.outside_faults),
             poisoned_pages: load(&self.poisoned_pages),
             errors: load(&self.errors),
+            replayed_pages: load(&self.replayed_pages),
+            graduated_pages: load(&self.graduated_pages),
+            prefetch_skipped: load(&self.prefetch_skipped),
+            recorded_pages: load(&self.recorded_pages),
             latency_ns,
         }
     }

@@ -18,6 +18,7 @@ use crate::model::{
     DeleteOutcome, ForkInfo, ForkListEntry, ForkState, NetworkOverride, SnapshotInfo, StatsReport,
     StatusReport, VmBackend, VmInfo, VmState, VmmKind,
 };
+use crate::prefetch::Prefetch;
 
 /// How long a request may take before the client gives up (waits add their own timeout).
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -257,11 +258,41 @@ impl Client {
         })
     }
 
-    /// `fork.create`.
+    /// `fork.create` with the daemon's default prefetch.
     pub fn create_fork(&self, snapshot: &str, fork: Option<&str>) -> Result<ForkInfo, ClientError> {
+        self.create_fork_with(snapshot, fork, None)
+    }
+
+    /// `fork.create`, choosing what is installed before the guest asks.
+    pub fn create_fork_with(
+        &self,
+        snapshot: &str,
+        fork: Option<&str>,
+        prefetch: Option<Prefetch>,
+    ) -> Result<ForkInfo, ClientError> {
         self.call(&Request::ForkCreate {
             snapshot: parse_id(snapshot)?,
             fork: fork.map(parse_id).transpose()?,
+            prefetch,
+        })
+    }
+
+    /// `snapshot.record`: the next `forks` uffd forks record the working set.
+    pub fn record_working_set(
+        &self,
+        snapshot: &str,
+        forks: Option<u32>,
+    ) -> Result<SnapshotInfo, ClientError> {
+        self.call(&Request::SnapshotRecord {
+            snapshot: parse_id(snapshot)?,
+            forks,
+        })
+    }
+
+    /// `snapshot.clear_working_set`.
+    pub fn clear_working_set(&self, snapshot: &str) -> Result<SnapshotInfo, ClientError> {
+        self.call(&Request::SnapshotClearWorkingSet {
+            snapshot: parse_id(snapshot)?,
         })
     }
 

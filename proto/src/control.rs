@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 
 use crate::ids::Id;
 use crate::model::{ForkState, NetworkOverride, VmBackend, VmState, VmmKind};
+use crate::prefetch::Prefetch;
 
 /// The protocol version this daemon speaks.
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -81,6 +82,22 @@ pub enum Request {
         /// Its id.
         snapshot: Id,
     },
+    /// Records the working set of a snapshot from its next `forks` uffd forks (default 1),
+    /// merged with nothing before: the new set replaces the stored one once they are done.
+    #[serde(rename = "snapshot.record")]
+    SnapshotRecord {
+        /// Its id.
+        snapshot: Id,
+        /// How many forks to record (1 to 16).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        forks: Option<u32>,
+    },
+    /// Deletes a snapshot's stored working set (and any recording in progress).
+    #[serde(rename = "snapshot.clear_working_set")]
+    SnapshotClearWorkingSet {
+        /// Its id.
+        snapshot: Id,
+    },
     /// Creates a fork and returns the handoff socket its VMM must be given.
     #[serde(rename = "fork.create")]
     ForkCreate {
@@ -89,6 +106,9 @@ pub enum Request {
         /// The fork's id; generated when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fork: Option<Id>,
+        /// What to install before the guest asks (default: the daemon's `--prefetch`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefetch: Option<Prefetch>,
     },
     /// Every fork.
     #[serde(rename = "fork.list")]
@@ -379,7 +399,8 @@ mod tests {
             p.request.unwrap(),
             Request::ForkCreate {
                 snapshot: "s1".parse().unwrap(),
-                fork: None
+                fork: None,
+                prefetch: None,
             }
         );
         assert_eq!(
@@ -395,6 +416,14 @@ mod tests {
             Request::ForkCreate {
                 snapshot: "s1".parse().unwrap(),
                 fork: None,
+                prefetch: Some(Prefetch::Graduate),
+            },
+            Request::SnapshotRecord {
+                snapshot: "s1".parse().unwrap(),
+                forks: Some(2),
+            },
+            Request::SnapshotClearWorkingSet {
+                snapshot: "s1".parse().unwrap(),
             },
             Request::SnapshotDelete {
                 snapshot: "s1".parse().unwrap(),

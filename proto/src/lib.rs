@@ -15,6 +15,7 @@
 //! - [`json`]: strict parsing of request lines (no duplicate keys, bounded nesting).
 //! - [`framing`]: a connection's bytes split into request lines, over-long and over-deep
 //!   lines refused as soon as they show it.
+//! - [`prefetch`]: working sets (recorded, replayed) and the prefetch policy of a fork.
 //! - [`handoff`]: the message a VMM sends with its userfaultfd, its parsing and validation;
 //!   [`fdpass`]: sending and receiving it with the fd over a Unix socket.
 
@@ -27,5 +28,6 @@ pub mod handoff;
 pub mod ids;
 pub mod json;
 pub mod model;
+pub mod prefetch;
 
 pub use ids::Id;

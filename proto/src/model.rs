@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::Id;
+use crate::prefetch::{Prefetch, RecordingInfo, WorkingSetInfo};
 
 /// Where a fork is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -88,6 +89,9 @@ pub enum EndReason {
     DaemonRestarted,
     /// The worker chosen to serve it had exited.
     NoWorker,
+    /// Every page was present (graduation): pagerd unregistered the memory from the uffd and
+    /// let go; the fork needs nothing more from it.
+    Graduated,
 }
 
 impl EndReason {
@@ -104,6 +108,7 @@ impl EndReason {
             Self::Livelock => "livelock",
             Self::DaemonRestarted => "daemon_restarted",
             Self::NoWorker => "no_worker",
+            Self::Graduated => "graduated",
         }
     }
 }
@@ -268,6 +273,18 @@ pub struct ForkStatsReport {
     pub poisoned_pages: u64,
     /// Faults that failed otherwise.
     pub errors: u64,
+    /// Pages installed by replaying the snapshot's working set (copies and zero pages).
+    #[serde(default)]
+    pub replayed_pages: u64,
+    /// Pages installed by graduation (after the working set, before any fault).
+    #[serde(default)]
+    pub graduated_pages: u64,
+    /// Pages replay or graduation left alone: already present, or given back by the guest.
+    #[serde(default)]
+    pub prefetch_skipped: u64,
+    /// Pages this fork contributed to a working-set recording (first touches).
+    #[serde(default)]
+    pub recorded_pages: u64,
     /// Fault service latency in nanoseconds.
     pub latency_ns: LatencyReport,
 }
@@ -298,6 +315,10 @@ impl std::ops::AddAssign<&ForkStatsReport> for ForkStatsReport {
         self.outside_faults += r.outside_faults;
         self.poisoned_pages += r.poisoned_pages;
         self.errors += r.errors;
+        self.replayed_pages += r.replayed_pages;
+        self.graduated_pages += r.graduated_pages;
+        self.prefetch_skipped += r.prefetch_skipped;
+        self.recorded_pages += r.recorded_pages;
         self.latency_ns.count += r.latency_ns.count;
         self.latency_ns.max = self.latency_ns.max.max(r.latency_ns.max);
     }
@@ -333,6 +354,12 @@ pub struct ForkInfo {
     pub last_handoff_error: Option<HandoffErrorInfo>,
     /// Creation time, ms since the Unix epoch.
     pub created_unix_ms: u64,
+    /// What pagerd installs before the guest asks.
+    #[serde(default)]
+    pub prefetch: Prefetch,
+    /// Whether this fork records what it touches into the snapshot's working set.
+    #[serde(default)]
+    pub recording: bool,
     /// Serving counters.
     pub stats: ForkStatsReport,
 }
@@ -425,6 +452,16 @@ pub struct SnapshotInfo {
     /// Launched VMs still using it (starting or running).
     #[serde(default)]
     pub vms: Vec<Id>,
+    /// The recorded working set replayed into new forks, if any.
+    #[serde(default)]
+    pub working_set: Option<WorkingSetInfo>,
+    /// A recording in progress.
+    #[serde(default)]
+    pub recording: Option<RecordingInfo>,
+    /// Why the stored working set cannot be used (forks are then served on demand and a new
+    /// set is recorded).
+    #[serde(default)]
+    pub working_set_error: Option<String>,
 }
 
 /// What is compared to notice that a memory file changed: `fstat` of the file once it is in

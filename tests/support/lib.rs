@@ -598,11 +598,23 @@ impl Daemon {
             .collect()
     }
 
-    /// Creates fork `fork` of `snapshot` and returns its handoff socket.
+    /// Creates fork `fork` of `snapshot` (the daemon's default prefetch) and returns its
+    /// handoff socket.
     pub fn create_fork(&self, snapshot: &str, fork: &str) -> PathBuf {
+        self.create_fork_with(snapshot, fork, None)
+    }
+
+    /// Creates fork `fork` of `snapshot` with `prefetch` and returns its handoff socket.
+    pub fn create_fork_with(
+        &self,
+        snapshot: &str,
+        fork: &str,
+        prefetch: Option<proto::prefetch::Prefetch>,
+    ) -> PathBuf {
         let info: ForkInfo = self.call(&Request::ForkCreate {
             snapshot: id(snapshot),
             fork: Some(id(fork)),
+            prefetch,
         });
         assert_eq!(info.state, ForkState::Waiting, "{info:?}");
         assert_eq!(info.id.as_str(), fork, "{info:?}");

@@ -18,6 +18,8 @@ use crate::vms::{StartRequest, VmError, Vms, DEFAULT_STOP_TIMEOUT};
 
 /// The longest `fork.wait` allowed.
 const MAX_WAIT: Duration = Duration::from_secs(600);
+/// The most forks one `snapshot.record` may record.
+const MAX_RECORD_FORKS: u32 = 16;
 /// A `fork.wait` without a timeout waits this long.
 const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 
@@ -205,7 +207,24 @@ impl Dispatcher {
             } => to_value(lc.delete_snapshot(&snapshot, defer, force)?),
             Request::SnapshotList {} => to_value(lc.snapshots()?),
             Request::SnapshotGet { snapshot } => to_value(lc.snapshot(&snapshot)?),
-            Request::ForkCreate { snapshot, fork } => to_value(lc.create_fork(fork, &snapshot)?),
+            Request::SnapshotRecord { snapshot, forks } => {
+                let forks = forks.unwrap_or(1);
+                if !(1..=MAX_RECORD_FORKS).contains(&forks) {
+                    return Err(ControlError::new(
+                        ErrorCode::InvalidArgument,
+                        format!("`forks` must be 1 to {MAX_RECORD_FORKS}, not {forks}"),
+                    ));
+                }
+                to_value(lc.record_working_set(&snapshot, forks)?)
+            }
+            Request::SnapshotClearWorkingSet { snapshot } => {
+                to_value(lc.clear_working_set(&snapshot)?)
+            }
+            Request::ForkCreate {
+                snapshot,
+                fork,
+                prefetch,
+            } => to_value(lc.create_fork(fork, &snapshot, prefetch)?),
             Request::ForkList {} => to_value(lc.fork_list()),
             Request::ForkGet { fork } => to_value(lc.fork(&fork)?),
             Request::ForkWait {

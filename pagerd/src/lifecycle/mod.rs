@@ -28,6 +28,7 @@ mod error;
 mod memory_files;
 mod recovery;
 mod report;
+mod working_sets;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -38,6 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use proto::model::{
     DeleteOutcome, EndReason, FileUserInfo, ForkInfo, ForkState, SnapshotInfo, VmStateInfo, VmmKind,
 };
+use proto::prefetch::Prefetch;
 use proto::Id;
 use serde::Serialize;
 
@@ -103,6 +105,18 @@ pub(crate) struct Lifecycle {
     file_users: FileUsers,
     fuse: OnceLock<FuseMount>,
     started: Instant,
+    policy: PrefetchPolicy,
+}
+
+/// How forks prefetch and snapshots learn their working sets, daemon-wide.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PrefetchPolicy {
+    /// What a fork prefetches unless `fork.create` says.
+    pub default: Prefetch,
+    /// Forks a snapshot without a working set records from automatically (0: never).
+    pub record_forks: u32,
+    /// How long a recording fork records.
+    pub record_window: Duration,
 }
 
 fn now_ms() -> u64 {
@@ -115,8 +129,14 @@ fn time_of(ms: u64) -> SystemTime {
 
 impl Lifecycle {
     /// A lifecycle over a state directory, a registry and a server.
-    pub fn new(store: Store, registry: Arc<Registry>, server: Server) -> Self {
+    pub fn new(
+        store: Store,
+        registry: Arc<Registry>,
+        server: Server,
+        policy: PrefetchPolicy,
+    ) -> Self {
         Self {
+            policy,
             store,
             registry,
             server,
@@ -174,6 +194,7 @@ impl Lifecycle {
                 }
             }
         }
+        self.load_working_sets();
         let scan = self.store.scan_forks()?;
         for unreadable in &scan.unreadable {
             tracing::error!(record = %unreadable.path.display(), error = %unreadable.error,
@@ -195,6 +216,7 @@ impl Lifecycle {
                         socket,
                         ForkState::Detached,
                         created,
+                        record.prefetch.unwrap_or(self.policy.default),
                     )?;
                     self.registry.update(&fork, |s| s.vmm_pid = Some(vmm.pid));
                     let inherited = handoffs.remove(&record.id);
@@ -219,6 +241,7 @@ impl Lifecycle {
                         socket,
                         ForkState::Waiting,
                         created,
+                        record.prefetch.unwrap_or(self.policy.default),
                     )?;
                     let inherited = handoffs.remove(&record.id);
                     if let Err(e) = self.server.listen(fork, inherited) {
@@ -394,6 +417,11 @@ impl Lifecycle {
 
     fn snapshot_info(&self, catalog: &Catalog, id: &Id, scan: &ForkScan) -> SnapshotInfo {
         let forks = scan.referencing(id);
+        let (working_set, recording, working_set_error) = self
+            .registry
+            .snapshot(id)
+            .map(|s| s.working_set.info())
+            .unwrap_or_default();
         let vms = self.live_vms(id);
         let file_users = self.file_users.referencing(id);
         let meta = catalog.metas.get(id);
@@ -419,6 +447,9 @@ impl Lifecycle {
                 size: v.size,
             }),
             vms,
+            working_set,
+            recording,
+            working_set_error,
         }
     }
 
@@ -656,7 +687,13 @@ impl Lifecycle {
     }
 
     /// Creates a fork of `snapshot`; its record is on disk before its socket listens.
-    pub fn create_fork(&self, id: Option<Id>, snapshot: &Id) -> Result<ForkInfo, LifecycleError> {
+    pub fn create_fork(
+        &self,
+        id: Option<Id>,
+        snapshot: &Id,
+        prefetch: Option<Prefetch>,
+    ) -> Result<ForkInfo, LifecycleError> {
+        let prefetch = prefetch.unwrap_or(self.policy.default);
         let mut catalog = self.lock();
         self.verify_unchanged(&mut catalog, snapshot)?;
         let meta = catalog
@@ -685,6 +722,7 @@ impl Lifecycle {
             created_unix_ms: created,
             vmm: None,
             uffd: None,
+            prefetch: Some(prefetch),
         })?;
         let fork = self.registry.add_fork(
             id.clone(),
@@ -692,6 +730,7 @@ impl Lifecycle {
             self.socket_path(&id),
             ForkState::Waiting,
             time_of(created),
+            prefetch,
         )?;
         if let Err(e) = self.server.listen(fork.clone(), None) {
             let _ = self.registry.remove_fork(&id);
@@ -738,11 +777,18 @@ impl Lifecycle {
 
     /// Records what a serving thread reported.
     pub fn on_event(&self, event: ForkEvent) {
-        let result = match &event {
-            ForkEvent::Ended(fork) => self.on_ended(fork),
-        };
-        if let Err(e) = result {
-            tracing::error!(error = %crate::errors::error_chain(&e), ?event, "cannot record a fork event");
+        match event {
+            ForkEvent::Ended(fork) => {
+                if let Err(e) = self.on_ended(&fork) {
+                    tracing::error!(error = %crate::errors::error_chain(&e), fork = %fork.id(),
+                        "cannot record the end of a fork");
+                }
+            }
+            ForkEvent::Recorded {
+                snapshot,
+                ticket,
+                trace,
+            } => self.on_recorded(&snapshot, ticket, trace),
         }
     }
 

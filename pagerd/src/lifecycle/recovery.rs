@@ -51,6 +51,7 @@ impl AttachJournal for RecordJournal {
                 features: uffd.features,
                 regions: uffd.regions.iter().map(region_record).collect(),
             }),
+            prefetch: Some(fork.prefetch()),
         };
         self.store
             .write_fork(&record)

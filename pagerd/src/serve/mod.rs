@@ -71,6 +71,15 @@ pub enum ServeError {
 pub(crate) enum ForkEvent {
     /// Serving ended.
     Ended(Arc<Fork>),
+    /// A recording fork's first touches, for its snapshot's working set.
+    Recorded {
+        /// The snapshot recorded.
+        snapshot: Arc<crate::snapshot::Snapshot>,
+        /// Which recording.
+        ticket: crate::working_set::slot::Ticket,
+        /// Snapshot pages in first-touch order.
+        trace: crate::working_set::merge::Trace,
+    },
 }
 
 /// Where the acceptor makes an attached VMM durable (its identity, its uffd's and its

@@ -164,6 +164,9 @@ pub struct ForkRecord {
     /// (absent in records written before pagerd kept it: such forks can only be detached).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uffd: Option<UffdRecord>,
+    /// What the fork was created to prefetch (absent: the daemon's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<proto::prefetch::Prefetch>,
 }
 
 /// A served VMM's uffd: how to find it again in the VMM, and the regions it serves.
@@ -376,9 +379,14 @@ impl Store {
         self.root.join(SOCKETS_DIR)
     }
 
+    /// A snapshot's directory: its memory file, metadata, device state and working set.
+    pub fn snapshot_dir(&self, id: &Id) -> PathBuf {
+        self.snapshots_dir().join(id.as_str())
+    }
+
     /// The memory file of a snapshot.
     pub fn memory_path(&self, id: &Id) -> PathBuf {
-        self.snapshots_dir().join(id.as_str()).join(MEMORY_FILE)
+        self.snapshot_dir(id).join(MEMORY_FILE)
     }
 
     /// The hypervisor state file of a snapshot (present when its metadata says so).
@@ -701,6 +709,7 @@ mod tests {
                 created_unix_ms: 1,
                 vmm: None,
                 uffd: None,
+                prefetch: None,
             };
             store.write_fork(&record).unwrap();
         }
@@ -726,6 +735,7 @@ mod tests {
                     page_size: 4096,
                 }],
             }),
+            prefetch: None,
         };
         store.write_fork(&serving).unwrap();
         let scan = store.scan_forks().unwrap();

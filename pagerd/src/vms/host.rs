@@ -36,7 +36,7 @@ impl VmHost for Lifecycle {
     }
 
     fn create_fork(&self, id: Id, snapshot: &Id) -> Result<ForkInfo, LifecycleError> {
-        Lifecycle::create_fork(self, Some(id), snapshot)
+        Lifecycle::create_fork(self, Some(id), snapshot, None)
     }
 
     fn close_fork(&self, id: &Id) -> Result<ForkInfo, LifecycleError> {

@@ -36,8 +36,10 @@ const INLINE_SEND_BYTES: usize = 16 * 1024;
 /// How long an answer may take.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
-const OPS: [&str; 11] = [
+const OPS: [&str; 13] = [
     "status",
+    "snapshot.record",
+    "snapshot.clear_working_set",
     "stats",
     "snapshot.register",
     "snapshot.delete",
@@ -49,8 +51,10 @@ const OPS: [&str; 11] = [
     "fork.wait",
     "fork.close",
 ];
-const FIELDS: [&str; 12] = [
+const FIELDS: [&str; 14] = [
     "v",
+    "forks",
+    "prefetch",
     "id",
     "op",
     "snapshot",
@@ -231,13 +235,23 @@ impl Generator {
                     }
                 }
             }
-            "snapshot.get" => {
+            "snapshot.get" | "snapshot.clear_working_set" => {
                 m.insert("snapshot".into(), self.id(rng));
+            }
+            "snapshot.record" => {
+                m.insert("snapshot".into(), self.id(rng));
+                if rng.chance(70) {
+                    m.insert("forks".into(), json!(rng.below(20)));
+                }
             }
             "fork.create" => {
                 m.insert("snapshot".into(), self.id(rng));
                 if rng.chance(70) {
                     m.insert("fork".into(), self.id(rng));
+                }
+                if rng.chance(30) {
+                    let prefetch = ["off", "working_set", "graduate", "sometimes"];
+                    m.insert("prefetch".into(), json!(rng.pick(&prefetch)));
                 }
             }
             "fork.get" | "fork.close" => {
@@ -367,9 +381,11 @@ impl Generator {
             Request::ForkCreate {
                 snapshot,
                 fork: Some(fork),
+                prefetch,
             } if self.protected.fork(fork.as_str()) => Some(Request::ForkCreate {
                 snapshot,
                 fork: Some(elsewhere()),
+                prefetch,
             }),
             Request::ForkWait {
                 fork,

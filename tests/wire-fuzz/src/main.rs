@@ -501,6 +501,7 @@ impl<'a> Fuzz<'a> {
             .call(&Request::ForkCreate {
                 snapshot: SNAPSHOT.parse().expect("an id"),
                 fork: Some(id.clone()),
+                prefetch: None,
             })
             .map_err(|e| format!("creating handoff fork {id}: {e:?}"))?;
         self.handoff_fork = (id, info.handoff_socket);

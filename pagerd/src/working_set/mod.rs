@@ -1,0 +1,250 @@
+//! Working sets: which pages a snapshot's forks touch, learned once and installed ahead of the
+//! guest in every later fork (REAP-style prefetch).
+//!
+//! ```text
+//!  recording fork ──first touches──▶ Trace ─┐
+//!  recording fork ──first touches──▶ Trace ─┴▶ merge (majority, mean order) ─▶ Plan (runs)
+//!      ─▶ file beside the snapshot (header, run table, the pages' contents contiguous)
+//!      ─▶ WorkingSet (mapped) ─▶ every new fork's session replays it
+//! ```
+//!
+//! - [`merge`]: traces of several forks into one ordered set.
+//! - [`plan`]: the set as runs, in rough first-touch order.
+//! - [`file`]: the stored format, checked whole when loaded.
+//! - [`slot`]: each snapshot's current set and the recording in progress.
+//!
+//! Nothing here knows about uffds or sessions: serving reads a [`WorkingSet`]'s runs and data.
+
+pub mod file;
+pub mod merge;
+pub mod plan;
+pub mod slot;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use memmap2::{Mmap, MmapOptions};
+use proto::prefetch::WorkingSetInfo;
+
+use crate::store::atomic::{fsync_dir, temp_name};
+pub use plan::{Plan, Run};
+
+/// The file name of a snapshot's working set, in its directory.
+pub const FILE_NAME: &str = "working-set";
+
+/// A stored working set, mapped: the runs to install and their contents.
+#[derive(Debug)]
+pub struct WorkingSet {
+    info: WorkingSetInfo,
+    runs: Vec<Run>,
+    /// Byte offset in `map` of each run's contents (zero runs: unused).
+    data_at: Vec<u64>,
+    /// The whole file; absent when the set holds zero pages only.
+    map: Option<Mmap>,
+}
+
+impl WorkingSet {
+    /// Writes the set `plan` of a snapshot of `snapshot_size` bytes to a temp file in `dir`,
+    /// with contents from `read(offset, len)`, synced; [`Pending::commit`] puts it in place.
+    pub fn write(
+        dir: &Path,
+        plan: &Plan,
+        snapshot_size: u64,
+        forks_recorded: u32,
+        recorded_unix_ms: u64,
+        read: impl FnMut(u64, usize) -> io::Result<Vec<u8>>,
+    ) -> io::Result<Pending> {
+        let header = file::header_for(plan, snapshot_size, forks_recorded, recorded_unix_ms);
+        let temp = dir.join(temp_name(FILE_NAME));
+        let pending = Pending {
+            temp,
+            dir: dir.to_owned(),
+            snapshot_size,
+        };
+        let out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&pending.temp)?;
+        file::write(&out, plan, &header, read)?;
+        out.sync_all()?;
+        Ok(pending)
+    }
+
+    /// Loads the set stored at `path` for a snapshot of `snapshot_size` bytes; `None` if there
+    /// is none. A file that fails any check is an error (`InvalidData`), never half used.
+    pub fn load(path: &Path, snapshot_size: u64) -> io::Result<Option<Self>> {
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let (header, runs) = file::read(&file, snapshot_size)?;
+        let mut data_at = Vec::with_capacity(runs.len());
+        let mut at = header.data_offset;
+        for run in &runs {
+            data_at.push(at);
+            if !run.zero {
+                at += u64::from(run.pages) * file::PAGE;
+            }
+        }
+        let map = map_file(&file, header.file_size(), header.pages > header.zero_pages)?;
+        let info = WorkingSetInfo {
+            version: file::VERSION,
+            pages: header.pages,
+            zero_pages: header.zero_pages,
+            runs: header.runs,
+            file_bytes: header.file_size(),
+            forks_recorded: header.forks_recorded,
+            recorded_unix_ms: header.recorded_unix_ms,
+        };
+        Ok(Some(Self {
+            info,
+            runs,
+            data_at,
+            map,
+        }))
+    }
+
+    /// What `snapshot.get` shows.
+    pub fn info(&self) -> &WorkingSetInfo {
+        &self.info
+    }
+
+    /// The runs, in replay order.
+    pub fn runs(&self) -> &[Run] {
+        &self.runs
+    }
+
+    /// The contents of `pages` pages of data run `run` from its page `skip` on.
+    pub fn data(&self, run: usize, skip: u64, pages: u64) -> Option<&[u8]> {
+        let map = self.map.as_ref()?;
+        let start = usize::try_from(self.data_at[run] + skip * file::PAGE).ok()?;
+        let len = usize::try_from(pages * file::PAGE).ok()?;
+        map.get(start..start.checked_add(len)?)
+    }
+
+    /// Whether every page of `bytes` (a slice of this set's data) is in the page cache, so
+    /// copying from it cannot wait for the disk.
+    pub fn resident(&self, bytes: &[u8]) -> bool {
+        let pages = bytes.len().div_ceil(file::PAGE as usize);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `bytes` lies in this set's live mapping, starting at a page boundary (runs'
+        // contents are page aligned); `vec` has one byte per page of the range.
+        let rc = unsafe {
+            libc::mincore(
+                bytes.as_ptr() as *mut libc::c_void,
+                bytes.len(),
+                vec.as_mut_ptr(),
+            )
+        };
+        rc == 0 && vec.iter().all(|v| v & 1 != 0)
+    }
+
+    /// Asks the kernel to read all the contents into the page cache, in large sequential
+    /// reads, without waiting.
+    pub fn read_ahead(&self) {
+        if let Some(map) = &self.map {
+            if let Err(e) = map.advise(memmap2::Advice::WillNeed) {
+                tracing::debug!(error = %e, "MADV_WILLNEED on a working set failed");
+            }
+        }
+    }
+}
+
+/// A working set written to a temp file, not yet in place; dropped, it is removed.
+#[derive(Debug)]
+pub struct Pending {
+    temp: PathBuf,
+    dir: PathBuf,
+    snapshot_size: u64,
+}
+
+impl Pending {
+    /// Renames the file into place (replacing any older set), makes that durable, and maps it.
+    pub fn commit(self) -> io::Result<WorkingSet> {
+        let path = self.dir.join(FILE_NAME);
+        std::fs::rename(&self.temp, &path)?;
+        fsync_dir(&self.dir)?;
+        WorkingSet::load(&path, self.snapshot_size)?
+            .ok_or_else(|| io::Error::other("the working set vanished after it was written"))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // After a commit the temp name no longer exists.
+        let _ = std::fs::remove_file(&self.temp);
+    }
+}
+
+/// Maps `file` (`size` bytes) read-only and shared, when it has data.
+fn map_file(file: &File, size: u64, has_data: bool) -> io::Result<Option<Mmap>> {
+    if !has_data {
+        return Ok(None);
+    }
+    let len = usize::try_from(size).map_err(io::Error::other)?;
+    // SAFETY: working-set files are written once (temp file, renamed into place) and never
+    // modified; only the daemon's user can write the state directory. A file shrunk behind
+    // the daemon's back is copied from only by UFFDIO_COPY, which answers EFAULT instead of
+    // raising SIGBUS, and by `resident`, which reads nothing.
+    let map = unsafe { MmapOptions::new().len(len).map(file)? };
+    Ok(Some(map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_sets_load_back_and_damage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot: Vec<u8> = (0..64 * 4096u32).map(|i| (i / 4096) as u8 + 1).collect();
+        let size = snapshot.len() as u64;
+        let plan = Plan::new(&[5, 6, 7, 40, 2, 63], |p| p == 40);
+        let read = |off: u64, len: usize| Ok(snapshot[off as usize..][..len].to_vec());
+        let set = WorkingSet::write(dir.path(), &plan, size, 2, 1234, read)
+            .unwrap()
+            .commit()
+            .unwrap();
+        assert_eq!(set.info().pages, 6);
+        assert_eq!(set.info().zero_pages, 1);
+        assert_eq!(set.info().forks_recorded, 2);
+        assert_eq!(set.runs(), &plan.runs[..]);
+        for (i, run) in set.runs().iter().enumerate().filter(|(_, r)| !r.zero) {
+            let data = set.data(i, 0, u64::from(run.pages)).unwrap();
+            let at = (run.page * 4096) as usize;
+            assert_eq!(data, &snapshot[at..at + data.len()], "run {run:?}");
+        }
+        let path = dir.path().join(FILE_NAME);
+        assert!(WorkingSet::load(&path, size).unwrap().is_some());
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temp file left");
+        let abandoned = WorkingSet::write(dir.path(), &plan, size, 1, 1, read).unwrap();
+        drop(abandoned);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "an abandoned write leaves nothing");
+        let err = WorkingSet::load(&path, size + 4096).unwrap_err();
+        assert!(err.to_string().contains("snapshot of"), "{err}");
+        // A flipped byte in the run table, and a truncated file, are refused.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[4096] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = WorkingSet::load(&path, size).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+        bytes[4096] ^= 1;
+        bytes.truncate(bytes.len() - 1);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = WorkingSet::load(&path, size).unwrap_err();
+        assert!(err.to_string().contains("header says"), "{err}");
+        assert!(WorkingSet::load(&dir.path().join("none"), size)
+            .unwrap()
+            .is_none());
+    }
+}
