@@ -29,7 +29,7 @@ pub const PAGE: u64 = 4096;
 /// Bytes per run-table entry.
 const RUN_BYTES: u64 = 16;
 /// Header bytes covered by its CRC (everything before the CRC itself).
-const HEADER_CRC_AT: usize = 100;
+const HEADER_CRC_AT: usize = 84;
 /// The run flag for a run of zero pages (no data stored).
 const FLAG_ZERO: u32 = 1;
 
@@ -219,7 +219,7 @@ pub fn read(file: &File, snapshot_size: u64) -> io::Result<(Header, Vec<Run>)> {
     }
     let mut table = vec![0u8; (header.runs * RUN_BYTES) as usize];
     file.read_exact_at(&mut table, PAGE)?;
-    if crc32fast::hash(&table) != le_u32(&head, 96) {
+    if crc32fast::hash(&table) != le_u32(&head, 80) {
         return Err(invalid("the run table's checksum does not match".into()));
     }
     let runs: Vec<Run> = table
