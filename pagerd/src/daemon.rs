@@ -24,7 +24,7 @@ use crate::access::{self, Access};
 use crate::config::{Config, LogFormat};
 use crate::control::{ControlOptions, ControlServer, Dispatcher};
 use crate::fuse::FuseView;
-use crate::lifecycle::{Lifecycle, LifecycleError, MemoryFiles, PrefetchPolicy, RecordJournal};
+use crate::lifecycle::{Lifecycle, LifecycleError, MemoryFiles, RecordJournal};
 use crate::metrics::MetricsServer;
 use crate::notify;
 use crate::registry::Registry;
@@ -144,6 +144,8 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         fault_around_pages: config.fault_around,
         spin: Duration::from_micros(config.spin_us),
         max_forks: usize::try_from(config.max_forks).unwrap_or(usize::MAX),
+        record_forks: config.record_forks,
+        record_window: Duration::from_secs(config.record_secs),
     };
     // Serving threads report attach and end here; disk writes happen off their threads.
     let (events, inbox) = mpsc::channel();
@@ -157,16 +159,11 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         config.handoff_timeout(),
     )
     .map_err(DaemonError::Serve)?;
-    let policy = PrefetchPolicy {
-        default: config.prefetch.into(),
-        record_forks: config.record_forks,
-        record_window: Duration::from_secs(config.record_secs),
-    };
     let lifecycle = Arc::new(Lifecycle::new(
         store.clone(),
         registry.clone(),
         server,
-        policy,
+        config.prefetch.into(),
     ));
     let stopping = Arc::new(AtomicBool::new(false));
     let janitor = {

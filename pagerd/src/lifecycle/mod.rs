@@ -105,18 +105,8 @@ pub(crate) struct Lifecycle {
     file_users: FileUsers,
     fuse: OnceLock<FuseMount>,
     started: Instant,
-    policy: PrefetchPolicy,
-}
-
-/// How forks prefetch and snapshots learn their working sets, daemon-wide.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PrefetchPolicy {
-    /// What a fork prefetches unless `fork.create` says.
-    pub default: Prefetch,
-    /// Forks a snapshot without a working set records from automatically (0: never).
-    pub record_forks: u32,
-    /// How long a recording fork records.
-    pub record_window: Duration,
+    /// What a fork prefetches unless `fork.create` says (`--prefetch`).
+    default_prefetch: Prefetch,
 }
 
 fn now_ms() -> u64 {
@@ -133,10 +123,10 @@ impl Lifecycle {
         store: Store,
         registry: Arc<Registry>,
         server: Server,
-        policy: PrefetchPolicy,
+        default_prefetch: Prefetch,
     ) -> Self {
         Self {
-            policy,
+            default_prefetch,
             store,
             registry,
             server,
@@ -216,7 +206,7 @@ impl Lifecycle {
                         socket,
                         ForkState::Detached,
                         created,
-                        record.prefetch.unwrap_or(self.policy.default),
+                        record.prefetch.unwrap_or(self.default_prefetch),
                     )?;
                     self.registry.update(&fork, |s| s.vmm_pid = Some(vmm.pid));
                     let inherited = handoffs.remove(&record.id);
@@ -241,7 +231,7 @@ impl Lifecycle {
                         socket,
                         ForkState::Waiting,
                         created,
-                        record.prefetch.unwrap_or(self.policy.default),
+                        record.prefetch.unwrap_or(self.default_prefetch),
                     )?;
                     let inherited = handoffs.remove(&record.id);
                     if let Err(e) = self.server.listen(fork, inherited) {
@@ -693,7 +683,7 @@ impl Lifecycle {
         snapshot: &Id,
         prefetch: Option<Prefetch>,
     ) -> Result<ForkInfo, LifecycleError> {
-        let prefetch = prefetch.unwrap_or(self.policy.default);
+        let prefetch = prefetch.unwrap_or(self.default_prefetch);
         let mut catalog = self.lock();
         self.verify_unchanged(&mut catalog, snapshot)?;
         let meta = catalog

@@ -29,6 +29,7 @@ use proto::control::ErrorCode;
 use proto::fdpass::{self, HandoffReceiver, ReceivedHandoff};
 use proto::handoff::{self, HandoffError, HandoffRefusal, HandoffReply};
 use proto::model::{EndReason, ForkState, HandoffErrorInfo, RefusalReason};
+use proto::prefetch::Prefetch;
 use slab::Slab;
 
 use crate::errors::error_chain;
@@ -534,15 +535,30 @@ impl Acceptor {
             }),
             Err(e) => return Err(AttachError::Setup(e)),
         };
-        let session = Session::new(
+        let mut session = Session::new(
             p.fork.clone(),
-            snapshot,
+            snapshot.clone(),
             uffd,
             pidfd,
             handoff.regions,
             self.options,
         )
         .map_err(AttachError::SessionSetup)?;
+        // Recording comes first: a recording fork must fault to be seen, so it replays nothing.
+        if let Some(ticket) = snapshot.working_set.claim(self.options.record_forks) {
+            session.start_recording(ticket, self.options.record_window);
+        } else {
+            let prefetch = p.fork.prefetch();
+            let set = prefetch
+                .replays()
+                .then(|| snapshot.working_set.current())
+                .flatten();
+            if let Some(set) = &set {
+                // Large sequential reads into the page cache, started now, off the workers.
+                set.read_ahead();
+            }
+            session.start_prefetch(set, prefetch == Prefetch::Graduate);
+        }
         Ok(PreparedSession {
             session,
             features,

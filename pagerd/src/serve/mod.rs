@@ -10,6 +10,8 @@
 //! takes the uffd back from the live VMM at its next start ([`Server::recover`], [`recover`]).
 
 pub mod acceptor;
+pub mod prefetch;
+pub mod record;
 pub mod recover;
 pub mod session;
 pub mod uffd;

@@ -37,12 +37,17 @@ use proto::model::EndReason;
 use crate::bitmap::Bitmap;
 use crate::ratelimit::RateLimiter;
 use crate::registry::Fork;
+use crate::serve::prefetch::{Phase, Prefetcher};
+use crate::serve::record::Recorder;
 use crate::serve::uffd::{
     event_fd, FillError, UffdMsg, Userfaultfd, EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMOVE,
     PAGEFAULT_FLAG_MINOR, PAGEFAULT_FLAG_WP,
 };
 use crate::snapshot::Snapshot;
 use crate::stats::bump;
+use crate::working_set::merge::Trace;
+use crate::working_set::slot::Ticket;
+use crate::working_set::WorkingSet;
 
 /// Why a session could not be set up (the handoff is refused with `setup_failed`).
 #[derive(Debug, thiserror::Error)]
@@ -133,9 +138,12 @@ impl Readahead {
     }
 }
 
+/// How a page is filled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fill {
+pub(super) enum Fill {
+    /// Copied from the snapshot.
     Data,
+    /// The zero page.
     Zero,
 }
 
@@ -238,6 +246,11 @@ pub struct ServeOptions {
     pub spin: Duration,
     /// The most forks the daemon keeps at once (any state); more are refused.
     pub max_forks: usize,
+    /// A snapshot without a working set records one from this many forks (0: only on
+    /// request).
+    pub record_forks: u32,
+    /// How long a recording fork records.
+    pub record_window: Duration,
 }
 
 /// How far a run of zero pages may extend: up to the next 2 MiB boundary.
@@ -265,6 +278,12 @@ pub struct Session {
     outside_log: RateLimiter,
     error_log: RateLimiter,
     latencies: Vec<u64>,
+    /// Installs pages ahead of the guest (working-set replay, graduation).
+    prefetcher: Option<Prefetcher>,
+    /// Notes first touches while the fork records its snapshot's working set.
+    recorder: Option<Recorder>,
+    /// A recording whose window has passed, for the worker to hand on.
+    finished_recording: Option<(Ticket, Trace)>,
 }
 
 impl Session {
@@ -313,7 +332,193 @@ impl Session {
             outside_log: RateLimiter::new(5, Duration::from_secs(10)),
             error_log: RateLimiter::new(5, Duration::from_secs(10)),
             latencies: Vec::with_capacity(64),
+            prefetcher: None,
+            recorder: None,
+            finished_recording: None,
         })
+    }
+
+    /// Records the fork's first touches for its snapshot's working set during `window`. A
+    /// recording fork does not replay (what it touches must fault to be seen).
+    pub fn start_recording(&mut self, ticket: Ticket, window: Duration) {
+        let pages = self.snapshot.size() / PAGE_SIZE_4K;
+        match Recorder::new(ticket, pages, Instant::now() + window) {
+            Some(recorder) => {
+                self.recorder = Some(recorder);
+                self.fork.set_recording(true);
+            }
+            None => {
+                // Give the place back: another fork records instead.
+                self.snapshot.working_set.submit(ticket, Vec::new());
+            }
+        }
+    }
+
+    /// Replays `set` (if any) ahead of the guest, then, with `graduate`, every other page
+    /// (only when every region has 4 KiB pages: a graduated fork must need no fault at all).
+    pub fn start_prefetch(&mut self, set: Option<Arc<WorkingSet>>, graduate: bool) {
+        let graduate = graduate
+            && self
+                .regions
+                .iter()
+                .all(|r| r.mapping.page_size == PAGE_SIZE_4K);
+        let prefetcher = Prefetcher::new(set, graduate);
+        if prefetcher.phase() != Phase::Done {
+            self.prefetcher = Some(prefetcher);
+        }
+    }
+
+    /// The recording to hand on: one whose window has passed, or, with `ending`, whatever was
+    /// recorded so far.
+    pub fn take_recording(&mut self, ending: bool) -> Option<(Ticket, Trace)> {
+        if ending {
+            if let Some(recorder) = self.recorder.take() {
+                self.finished_recording = Some(recorder.finish());
+            }
+        }
+        let done = self.finished_recording.take();
+        if done.is_some() {
+            self.fork.set_recording(false);
+        }
+        done
+    }
+
+    /// The snapshot served.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+
+    pub(super) fn prefetcher(&self) -> Option<&Prefetcher> {
+        self.prefetcher.as_ref()
+    }
+
+    pub(super) fn prefetcher_mut(&mut self) -> Option<&mut Prefetcher> {
+        self.prefetcher.as_mut()
+    }
+
+    /// Whether two addresses lie in the same region.
+    pub(super) fn same_region(&self, a: u64, b: u64) -> bool {
+        self.region_index(a).is_some() && self.region_index(a) == self.region_index(b)
+    }
+
+    /// The 4 KiB region holding snapshot page `file_page`: its index, the page in it, and how
+    /// many pages from there (at most `max`) it still holds.
+    pub(super) fn locate_file_page(&self, file_page: u64, max: u64) -> Option<(usize, u64, u64)> {
+        let offset = file_page * PAGE_SIZE_4K;
+        self.regions.iter().enumerate().find_map(|(i, r)| {
+            let m = &r.mapping;
+            (m.page_size == PAGE_SIZE_4K && offset >= m.offset && offset < m.offset + m.size).then(
+                || {
+                    let page = (offset - m.offset) / PAGE_SIZE_4K;
+                    (i, page, (r.present.len() - page).min(max))
+                },
+            )
+        })
+    }
+
+    /// Snapshot pages from `file_page` to the next 4 KiB region's start (`u64::MAX`: none).
+    pub(super) fn pages_to_next_region(&self, file_page: u64) -> u64 {
+        let offset = file_page * PAGE_SIZE_4K;
+        self.regions
+            .iter()
+            .filter(|r| r.mapping.page_size == PAGE_SIZE_4K && r.mapping.offset > offset)
+            .map(|r| (r.mapping.offset - offset) / PAGE_SIZE_4K)
+            .min()
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// In region `ri` from `page` on (`span` pages): the first pages that are present or
+    /// given back are skipped; then the missing pages up to `max` of them. Returns the
+    /// missing range and how many were skipped.
+    pub(super) fn missing_span(
+        &self,
+        ri: usize,
+        page: u64,
+        span: u64,
+        max: u64,
+    ) -> (u64, u64, u64) {
+        let r = &self.regions[ri];
+        let wanted = |p: u64| !r.present.get(p) && !r.removed.get(p);
+        let end = page + span;
+        let mut start = page;
+        while start < end && !wanted(start) {
+            start += 1;
+        }
+        let mut stop = start;
+        while stop < end && stop - start < max && wanted(stop) {
+            stop += 1;
+        }
+        (start, stop, start - page)
+    }
+
+    /// The first page from `page` on in region `ri` that is not present.
+    pub(super) fn next_missing(&self, ri: usize, page: u64) -> Option<u64> {
+        let r = &self.regions[ri];
+        (page..r.present.len()).find(|&p| !r.present.get(p))
+    }
+
+    /// How page `page` of region `ri` is filled.
+    pub(super) fn fill_kind(&self, ri: usize, page: u64) -> Fill {
+        self.regions[ri].fill_of(page, &self.snapshot)
+    }
+
+    /// One past the last of the missing pages of `kind` from `page` on (at most `max`).
+    pub(super) fn run_of(&self, ri: usize, page: u64, kind: Fill, max: u64) -> u64 {
+        let r = &self.regions[ri];
+        let limit = (page + max.max(1)).min(r.present.len());
+        page + run_len(page, limit, |p| {
+            !r.present.get(p) && r.fill_of(p, &self.snapshot) == kind
+        })
+    }
+
+    /// The snapshot's bytes for page `page` of region `ri`.
+    pub(super) fn snapshot_ptr(&self, ri: usize, page: u64) -> *const u8 {
+        let offset = self.regions[ri].file_offset_of(page) as usize;
+        self.snapshot.bytes()[offset..].as_ptr()
+    }
+
+    pub(super) fn addr_of(&self, ri: usize, page: u64) -> u64 {
+        self.regions[ri].addr_of(page)
+    }
+
+    pub(super) fn mark_present(&mut self, ri: usize, start: u64, end: u64) {
+        let r = &mut self.regions[ri];
+        r.present.fill(start, end.min(r.present.len()), true);
+    }
+
+    pub(super) fn region_count(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// Whether every page of every region is present.
+    pub(super) fn all_present(&self) -> bool {
+        self.regions
+            .iter()
+            .all(|r| r.present.count_ones() == r.present.len())
+    }
+
+    /// Each region's start and length.
+    pub(super) fn region_spans(&self) -> Vec<(u64, u64)> {
+        self.regions
+            .iter()
+            .map(|r| (r.mapping.base_host_virt_addr, r.mapping.size))
+            .collect()
+    }
+
+    /// Reads and drops every event still queued (after the regions were unregistered: a
+    /// `REMOVE` whose thread waits for it to be read must not wait forever).
+    pub(super) fn discard_events(&self, buf: &mut [UffdMsg]) {
+        for _ in 0..BATCHES_PER_TURN * 8 {
+            match self.uffd.read_events(buf) {
+                Ok(n) if n > 0 => {
+                    for msg in &buf[..n] {
+                        drop(event_fd(msg));
+                    }
+                }
+                _ => return,
+            }
+        }
     }
 
     /// Keeps the VMM's handoff connection open for as long as the session lives.
@@ -381,6 +586,7 @@ impl Session {
             }
             self.fork.stats.record_latencies(&self.latencies);
             self.latencies.clear();
+            self.check_recording_window(batch_start);
             if let Drain::Ended(reason) = self.after_events(Drain::Idle) {
                 return Drain::Ended(reason);
             }
@@ -546,9 +752,30 @@ impl Session {
         }
         if done_pages > 0 {
             self.eexist.progress();
+            self.record(ri, page, done_pages);
         }
         self.regions[ri].present.fill(page, page + done_pages, true);
         result
+    }
+
+    /// Notes `pages` pages from `page` of region `ri` as touched, when recording.
+    fn record(&mut self, ri: usize, page: u64, pages: u64) {
+        let Some(recorder) = &mut self.recorder else {
+            return;
+        };
+        let region = &self.regions[ri];
+        if region.mapping.page_size != PAGE_SIZE_4K {
+            return;
+        }
+        let new = recorder.touch(region.file_offset_of(page) / PAGE_SIZE_4K, pages);
+        bump(&self.fork.stats.recorded_pages, new);
+    }
+
+    /// Hands the recording on once its window has passed.
+    fn check_recording_window(&mut self, now: Instant) {
+        if self.recorder.as_ref().is_some_and(|r| r.expired(now)) {
+            self.finished_recording = self.recorder.take().map(Recorder::finish);
+        }
     }
 
     fn fill_failed(&mut self, ri: usize, page: u64, e: FillError) -> Fault {
@@ -628,6 +855,18 @@ impl Session {
             let (first, last) = ((lo - base) / ps, (hi - base).div_ceil(ps));
             region.removed.fill(first, last, true);
             region.present.fill(first, last, false);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // A session dropped before it served (its handoff failed late) gives its recording
+        // place back; a served one handed its trace on when it ended.
+        if let Some(recorder) = self.recorder.take() {
+            let (ticket, _) = recorder.finish();
+            self.snapshot.working_set.submit(ticket, Vec::new());
+            self.fork.set_recording(false);
         }
     }
 }

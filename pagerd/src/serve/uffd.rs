@@ -2,7 +2,9 @@
 //!
 //! pagerd never calls `UFFDIO_API` or `UFFDIO_REGISTER`: the VMM already did. It reads events
 //! in batches and resolves faults with `UFFDIO_COPY`, `UFFDIO_ZEROPAGE`, `UFFDIO_WAKE`, and
-//! `UFFDIO_POISON` for faults it has no bytes for. The `userfaultfd` crate's safe wrappers
+//! `UFFDIO_POISON` for faults it has no bytes for. Prefetch installs pages with the
+//! `DONTWAKE` modes (one wake per batch), and a graduated fork's memory is handed back to the
+//! kernel with `UFFDIO_UNREGISTER`. The `userfaultfd` crate's safe wrappers
 //! allocate per read and garble a negative `copy` count, and `userfaultfd-sys` 0.6 predates
 //! `UFFDIO_POISON`, so the hot path calls the ioctls directly.
 //!
@@ -35,12 +37,13 @@ const UFFDIO_POISON_NR: u8 = 0x08;
 mod ioctl {
     use super::{UffdioPoison, UFFDIO_POISON_NR};
     use userfaultfd_sys::{
-        uffdio_copy, uffdio_range, uffdio_zeropage, _UFFDIO_COPY, _UFFDIO_WAKE, _UFFDIO_ZEROPAGE,
-        UFFDIO,
+        uffdio_copy, uffdio_range, uffdio_zeropage, _UFFDIO_COPY, _UFFDIO_UNREGISTER, _UFFDIO_WAKE,
+        _UFFDIO_ZEROPAGE, UFFDIO,
     };
     nix::ioctl_readwrite!(copy, UFFDIO, _UFFDIO_COPY, uffdio_copy);
     nix::ioctl_readwrite!(zeropage, UFFDIO, _UFFDIO_ZEROPAGE, uffdio_zeropage);
     nix::ioctl_read!(wake, UFFDIO, _UFFDIO_WAKE, uffdio_range);
+    nix::ioctl_read!(unregister, UFFDIO, _UFFDIO_UNREGISTER, uffdio_range);
     nix::ioctl_readwrite!(poison, UFFDIO, UFFDIO_POISON_NR, UffdioPoison);
 }
 
@@ -173,11 +176,26 @@ impl Userfaultfd {
     /// # Safety
     /// `src` must be valid for reads of `len` bytes for the duration of the call.
     pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64) -> Result<(), FillError> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.copy_with(dst, src, len, Wake::Yes) }
+    }
+
+    /// [`Self::copy`], waking the range's waiting threads or not.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes for the duration of the call.
+    pub unsafe fn copy_with(
+        &self,
+        dst: u64,
+        src: *const u8,
+        len: u64,
+        wake: Wake,
+    ) -> Result<(), FillError> {
         let mut arg = raw::uffdio_copy {
             dst,
             src: src as u64,
             len,
-            mode: 0,
+            mode: wake.mode(raw::UFFDIO_COPY_MODE_DONTWAKE),
             copy: 0,
         };
         // SAFETY: `arg` is a valid `uffdio_copy`; the caller vouches for `src`; `dst` is in the
@@ -188,9 +206,14 @@ impl Userfaultfd {
 
     /// Maps the zero page over the VMM's `dst..dst+len` and wakes the faulting threads.
     pub fn zeropage(&self, dst: u64, len: u64) -> Result<(), FillError> {
+        self.zeropage_with(dst, len, Wake::Yes)
+    }
+
+    /// [`Self::zeropage`], waking the range's waiting threads or not.
+    pub fn zeropage_with(&self, dst: u64, len: u64, wake: Wake) -> Result<(), FillError> {
         let mut arg = raw::uffdio_zeropage {
             range: raw::uffdio_range { start: dst, len },
-            mode: 0,
+            mode: wake.mode(raw::UFFDIO_ZEROPAGE_MODE_DONTWAKE),
             zeropage: 0,
         };
         // SAFETY: `arg` is a valid `uffdio_zeropage`; only the VMM's memory is touched.
@@ -217,6 +240,35 @@ impl Userfaultfd {
         let mut range = raw::uffdio_range { start: dst, len };
         // SAFETY: `range` is a valid `uffdio_range`; waking touches no memory.
         unsafe { ioctl::wake(self.fd.as_raw_fd(), &mut range) }.map(drop)
+    }
+}
+
+impl Userfaultfd {
+    /// Unregisters the VMM's `start..start+len` from the uffd: from now on the kernel serves
+    /// faults there itself (a missing anonymous page reads as zeros) and raises no events.
+    /// Threads waiting on the range are woken.
+    pub fn unregister(&self, start: u64, len: u64) -> Result<(), Errno> {
+        let mut range = raw::uffdio_range { start, len };
+        // SAFETY: `range` is a valid `uffdio_range`; the kernel acts on the uffd's own mm.
+        unsafe { ioctl::unregister(self.fd.as_raw_fd(), &mut range) }.map(drop)
+    }
+}
+
+/// Whether a fill wakes the threads waiting on its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Wake them (a fault's answer).
+    Yes,
+    /// Leave them; one `UFFDIO_WAKE` follows a batch (prefetch).
+    Later,
+}
+
+impl Wake {
+    fn mode(self, dontwake: u64) -> u64 {
+        match self {
+            Wake::Yes => 0,
+            Wake::Later => dontwake,
+        }
     }
 }
 

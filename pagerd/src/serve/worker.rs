@@ -34,6 +34,7 @@ use proto::model::{EndReason, ForkState};
 use proto::Id;
 
 use crate::registry::Registry;
+use crate::serve::prefetch::{Phase, Step};
 use crate::serve::session::{Drain, Session};
 use crate::serve::uffd::{empty_msg, UffdMsg};
 use crate::serve::{ForkEvent, ForkEvents};
@@ -90,6 +91,7 @@ impl WorkerHandle {
             load: sessions.clone(),
             spin,
             deferred: Vec::new(),
+            prefetching: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("pagerd-worker-{index}"))
@@ -143,6 +145,15 @@ struct Worker {
     spin: Duration,
     /// Keys of the sessions with faults waiting for a retry, so a wakeup need not scan all.
     deferred: Vec<usize>,
+    /// Sessions with pages to install ahead of their guests, in turn order.
+    prefetching: Vec<PrefetchTurn>,
+}
+
+/// A session with prefetch work, and when it may go on if it waits for the disk.
+#[derive(Debug, Clone, Copy)]
+struct PrefetchTurn {
+    key: usize,
+    retry_at: Option<Instant>,
 }
 
 fn uffd_token(key: usize) -> Token {
@@ -163,12 +174,13 @@ impl Worker {
         let mut last_fault: Option<Instant> = None;
         loop {
             let spinning = last_fault.is_some_and(|t: Instant| t.elapsed() < self.spin);
-            let timeout = if !busy.is_empty() || spinning {
+            let prefetch = self.prefetch_wait();
+            let timeout = if !busy.is_empty() || spinning || prefetch == Some(Duration::ZERO) {
                 Some(Duration::ZERO)
             } else if !self.deferred.is_empty() {
-                Some(DEFERRED_RETRY)
+                Some(prefetch.map_or(DEFERRED_RETRY, |p| p.min(DEFERRED_RETRY)))
             } else {
-                None
+                prefetch
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -202,11 +214,82 @@ impl Worker {
                 match session.drain(&mut buf) {
                     Drain::Idle => {}
                     Drain::More => busy.push(key),
-                    Drain::Ended(reason) => self.end(key, reason),
+                    Drain::Ended(reason) => {
+                        self.end(key, reason);
+                        continue;
+                    }
                 }
+                self.hand_on_recording(key, false);
                 self.note_deferred(key);
             }
             self.retry_deferred();
+            // Faults first: prefetch only runs when no session has events left over.
+            if busy.is_empty() {
+                self.prefetch_turn();
+            }
+        }
+    }
+
+    /// How long until some prefetch may go on: zero if one may now, `None` if none waits.
+    fn prefetch_wait(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.prefetching
+            .iter()
+            .map(|t| {
+                t.retry_at
+                    .map_or(Duration::ZERO, |at| at.saturating_duration_since(now))
+            })
+            .min()
+    }
+
+    /// One prefetch step of one session: the first in turn that is replaying its working
+    /// set, else the first graduating; it then goes to the back of the line.
+    fn prefetch_turn(&mut self) {
+        let now = Instant::now();
+        let ready = |t: &PrefetchTurn| t.retry_at.is_none_or(|at| at <= now);
+        let phase_of = |w: &Self, t: &PrefetchTurn| {
+            w.sessions
+                .get(t.key)
+                .map_or(Phase::Done, Session::prefetch_phase)
+        };
+        let pick = self
+            .prefetching
+            .iter()
+            .position(|t| ready(t) && phase_of(self, t) == Phase::Replay)
+            .or_else(|| self.prefetching.iter().position(ready));
+        let Some(i) = pick else {
+            return;
+        };
+        let mut turn = self.prefetching.remove(i);
+        let Some(session) = self.sessions.get_mut(turn.key) else {
+            return;
+        };
+        match session.prefetch_step() {
+            Step::More => {
+                turn.retry_at = None;
+                self.prefetching.push(turn);
+            }
+            Step::Waiting => {
+                turn.retry_at = Some(now + DEFERRED_RETRY);
+                self.prefetching.push(turn);
+            }
+            Step::Done => {}
+            Step::Ended(reason) => self.end(turn.key, reason),
+        }
+    }
+
+    /// Hands a finished recording of session `key` to the lifecycle (at the end of its
+    /// window, or with `ending`, whatever it recorded).
+    fn hand_on_recording(&mut self, key: usize, ending: bool) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if let Some((ticket, trace)) = session.take_recording(ending) {
+            let _ = self.events.send(ForkEvent::Recorded {
+                snapshot: session.snapshot().clone(),
+                ticket,
+                trace,
+            });
         }
     }
 
@@ -296,6 +379,16 @@ impl Worker {
             return;
         }
         tracing::info!(fork = %fork.id(), "serving");
+        if self
+            .sessions
+            .get(key)
+            .is_some_and(|s| s.prefetch_phase() != Phase::Done)
+        {
+            self.prefetching.push(PrefetchTurn {
+                key,
+                retry_at: None,
+            });
+        }
         // Faults may have queued before the uffd was registered with this poll: edge-triggered
         // readiness would never report them, so drain once now.
         let mut buf = vec![empty_msg(); EVENTS_PER_READ];
@@ -308,6 +401,8 @@ impl Worker {
     }
 
     fn end(&mut self, key: usize, reason: EndReason) {
+        self.hand_on_recording(key, true);
+        self.prefetching.retain(|t| t.key != key);
         let Some(session) = self.sessions.try_remove(key) else {
             return;
         };

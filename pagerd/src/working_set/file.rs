@@ -78,9 +78,7 @@ fn encode_header(h: &Header, runs_crc: u32) -> Vec<u8> {
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&(PAGE as u32).to_le_bytes());
-    for v in [h.snapshot_size] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+    out.extend_from_slice(&h.snapshot_size.to_le_bytes());
     out.extend_from_slice(&h.forks_recorded.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     for v in [

@@ -1,0 +1,385 @@
+//! Prefetch: installing a fork's pages before its guest asks.
+//!
+//! ```text
+//!  replay     the snapshot's working set, run by run (rough first-touch order): each run's
+//!             missing pages in one UFFDIO_COPY (contents from the working-set file) or
+//!             UFFDIO_ZEROPAGE, DONTWAKE, then one UFFDIO_WAKE per step
+//!  graduate   (optional) then every other missing page, region by region, in runs of up to
+//!             2 MiB; once every page is present the regions are unregistered from the uffd
+//!             and the session ends `graduated`
+//! ```
+//!
+//! The worker calls [`Session::prefetch_step`] only when it has no fault to serve, with a
+//! small budget, so a fault waits at most one step behind prefetch; replay steps of every
+//! session come before any graduation step. Pages already present (`EEXIST`: the guest got
+//! there first, possibly writing) and pages the guest gave back (`REMOVE`) are left alone, so
+//! guest writes are never overwritten. A step never reads the disk on the worker: a run whose
+//! contents are not in the page cache waits (the kernel reads the file ahead in large I/Os)
+//! while the worker serves faults.
+
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use proto::handoff::PAGE_SIZE_4K;
+use proto::model::EndReason;
+
+use super::session::{Fill, Session};
+use super::uffd::{empty_msg, FillError, Wake};
+use crate::stats::bump;
+use crate::working_set::WorkingSet;
+
+/// Most pages one step installs.
+pub const STEP_PAGES: u64 = 256;
+/// Most ioctls one step makes.
+const STEP_IOCTLS: u32 = 32;
+/// Longest run graduation installs with one ioctl (2 MiB).
+const GRADUATE_RUN: u64 = 512;
+
+/// Where a session's prefetch stands.
+#[derive(Debug)]
+pub struct Prefetcher {
+    set: Option<Arc<WorkingSet>>,
+    /// The next run of the set, and how many of its pages are behind us.
+    run: usize,
+    run_done: u64,
+    graduate: bool,
+    /// Graduation's cursor: region index and page in it.
+    region: usize,
+    page: u64,
+    /// Pages graduation installed in its current pass (a pass with none cannot finish).
+    pass_installed: u64,
+    phase: Phase,
+}
+
+/// What prefetch is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Installing the working set.
+    Replay,
+    /// Installing everything else.
+    Graduate,
+    /// Finished (or given up).
+    Done,
+}
+
+/// What one step left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// More to do.
+    More,
+    /// The next contents are still being read from disk: try again a little later.
+    Waiting,
+    /// Nothing more to do.
+    Done,
+    /// The session is over (graduated, or the VMM is gone).
+    Ended(EndReason),
+}
+
+impl Prefetcher {
+    /// Replays `set` (if any), then graduates if asked.
+    pub fn new(set: Option<Arc<WorkingSet>>, graduate: bool) -> Self {
+        let phase = match (&set, graduate) {
+            (Some(_), _) => Phase::Replay,
+            (None, true) => Phase::Graduate,
+            (None, false) => Phase::Done,
+        };
+        Self {
+            set,
+            run: 0,
+            run_done: 0,
+            graduate,
+            region: 0,
+            page: 0,
+            pass_installed: 0,
+            phase,
+        }
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    fn replay_done(&mut self) {
+        self.phase = if self.graduate {
+            Phase::Graduate
+        } else {
+            Phase::Done
+        };
+    }
+}
+
+/// Threads to wake after a step: one span per region.
+#[derive(Debug, Default)]
+struct WakeSpan {
+    span: Option<(u64, u64)>,
+}
+
+impl WakeSpan {
+    fn add(&mut self, session: &Session, start: u64, end: u64) -> Result<(), EndReason> {
+        match &mut self.span {
+            Some((lo, hi)) if session.same_region(*lo, start) => {
+                *lo = (*lo).min(start);
+                *hi = (*hi).max(end);
+                Ok(())
+            }
+            _ => {
+                self.flush(session)?;
+                self.span = Some((start, end));
+                Ok(())
+            }
+        }
+    }
+
+    fn flush(&mut self, session: &Session) -> Result<(), EndReason> {
+        if let Some((lo, hi)) = self.span.take() {
+            if session.uffd().wake(lo, hi - lo) == Err(Errno::ESRCH) {
+                return Err(EndReason::VmmExited);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How one prefetch ioctl went.
+enum Installed {
+    /// `n` pages installed, then `skipped` pages were found present.
+    Pages { n: u64, skipped: u64 },
+    /// Try again later (`EAGAIN`: the VMM's memory map is changing).
+    Later,
+    /// The session is over.
+    End(EndReason),
+    /// Prefetch cannot go on for this fork (logged).
+    GiveUp,
+}
+
+impl Session {
+    /// Whether prefetch has work, and which phase.
+    pub fn prefetch_phase(&self) -> Phase {
+        self.prefetcher().map_or(Phase::Done, Prefetcher::phase)
+    }
+
+    /// Installs up to [`STEP_PAGES`] pages ahead of the guest.
+    pub fn prefetch_step(&mut self) -> Step {
+        let mut wake = WakeSpan::default();
+        let step = match self.prefetch_phase() {
+            Phase::Replay => self.replay_step(&mut wake),
+            Phase::Graduate => self.graduate_step(&mut wake),
+            Phase::Done => Step::Done,
+        };
+        if let Err(reason) = wake.flush(self) {
+            return Step::Ended(reason);
+        }
+        match step {
+            Step::Done if self.prefetch_phase() == Phase::Graduate => Step::More,
+            Step::Done if self.graduated() => self.finish_graduation(),
+            other => other,
+        }
+    }
+
+    fn replay_step(&mut self, wake: &mut WakeSpan) -> Step {
+        let (mut pages, mut ioctls) = (0u64, 0u32);
+        while pages < STEP_PAGES && ioctls < STEP_IOCTLS {
+            let p = self.prefetcher_mut().expect("replaying");
+            let set = p.set.clone().expect("replay has a set");
+            let Some(run) = set.runs().get(p.run).copied() else {
+                p.replay_done();
+                return Step::More;
+            };
+            let (run_index, done) = (p.run, p.run_done);
+            let first = run.page + done;
+            let left = u64::from(run.pages) - done;
+            let advance = |s: &mut Session, by: u64| {
+                let p = s.prefetcher_mut().expect("replaying");
+                p.run_done += by;
+                if p.run_done >= u64::from(run.pages) {
+                    p.run += 1;
+                    p.run_done = 0;
+                }
+            };
+            let Some((ri, rpage, span)) = self.locate_file_page(first, left) else {
+                // Not in this fork's memory: skip to where a region starts, or the run's end.
+                let skip = self.pages_to_next_region(first).min(left);
+                advance(self, skip);
+                continue;
+            };
+            let (start, end, skipped) = self.missing_span(ri, rpage, span, STEP_PAGES - pages);
+            bump(&self.fork().stats.prefetch_skipped, skipped);
+            if start == end {
+                advance(self, span);
+                continue;
+            }
+            let kind = if run.zero { Fill::Zero } else { Fill::Data };
+            let src = match kind {
+                Fill::Zero => None,
+                Fill::Data => {
+                    let skip = done + (start - rpage);
+                    let Some(bytes) = set.data(run_index, skip, end - start) else {
+                        tracing::warn!(fork = %self.fork().id(), "the working set has no contents for a run; replay stopped");
+                        self.prefetcher_mut().expect("replaying").replay_done();
+                        return Step::More;
+                    };
+                    if !set.resident(bytes) {
+                        if pages == 0 {
+                            set.read_ahead();
+                            return Step::Waiting;
+                        }
+                        break;
+                    }
+                    Some(bytes.as_ptr())
+                }
+            };
+            ioctls += 1;
+            match self.install(ri, start, end, kind, src) {
+                Installed::Pages { n, skipped } => {
+                    bump(&self.fork().stats.replayed_pages, n);
+                    bump(&self.fork().stats.prefetch_skipped, skipped);
+                    pages += n;
+                    let (a, b) = (self.addr_of(ri, start), self.addr_of(ri, start + n));
+                    if n > 0 {
+                        if let Err(reason) = wake.add(self, a, b) {
+                            return Step::Ended(reason);
+                        }
+                    }
+                    advance(self, start - rpage + n + skipped);
+                }
+                Installed::Later => return Step::Waiting,
+                Installed::End(reason) => return Step::Ended(reason),
+                Installed::GiveUp => {
+                    self.prefetcher_mut().expect("replaying").phase = Phase::Done;
+                    return Step::Done;
+                }
+            }
+        }
+        Step::More
+    }
+
+    fn graduate_step(&mut self, wake: &mut WakeSpan) -> Step {
+        let (mut pages, mut ioctls) = (0u64, 0u32);
+        while pages < STEP_PAGES && ioctls < STEP_IOCTLS {
+            let p = self.prefetcher_mut().expect("graduating");
+            let (ri, page) = (p.region, p.page);
+            if ri >= self.region_count() {
+                // A pass is over: done if every page is there, else go round again (pages
+                // given back meanwhile), unless the pass achieved nothing.
+                let p = self.prefetcher_mut().expect("graduating");
+                let achieved = std::mem::take(&mut p.pass_installed);
+                (p.region, p.page) = (0, 0);
+                if self.graduated() || achieved == 0 {
+                    self.prefetcher_mut().expect("graduating").phase = Phase::Done;
+                    return Step::Done;
+                }
+                continue;
+            }
+            let Some(first) = self.next_missing(ri, page) else {
+                let p = self.prefetcher_mut().expect("graduating");
+                (p.region, p.page) = (ri + 1, 0);
+                continue;
+            };
+            let kind = self.fill_kind(ri, first);
+            let end = self.run_of(ri, first, kind, GRADUATE_RUN.min(STEP_PAGES - pages));
+            let src = match kind {
+                Fill::Zero => None,
+                Fill::Data => Some(self.snapshot_ptr(ri, first)),
+            };
+            ioctls += 1;
+            match self.install(ri, first, end, kind, src) {
+                Installed::Pages { n, skipped } => {
+                    bump(&self.fork().stats.graduated_pages, n);
+                    bump(&self.fork().stats.prefetch_skipped, skipped);
+                    pages += n;
+                    if n > 0 {
+                        let (a, b) = (self.addr_of(ri, first), self.addr_of(ri, first + n));
+                        if let Err(reason) = wake.add(self, a, b) {
+                            return Step::Ended(reason);
+                        }
+                    }
+                    let p = self.prefetcher_mut().expect("graduating");
+                    p.page = first + n + skipped;
+                    p.pass_installed += n;
+                }
+                Installed::Later => return Step::Waiting,
+                Installed::End(reason) => return Step::Ended(reason),
+                Installed::GiveUp => {
+                    self.prefetcher_mut().expect("graduating").phase = Phase::Done;
+                    return Step::Done;
+                }
+            }
+        }
+        Step::More
+    }
+
+    /// Installs pages `start..end` of region `ri` (all missing when planned) without waking
+    /// anyone, from `src` (data) or as zero pages.
+    fn install(
+        &mut self,
+        ri: usize,
+        start: u64,
+        end: u64,
+        kind: Fill,
+        src: Option<*const u8>,
+    ) -> Installed {
+        let dst = self.addr_of(ri, start);
+        let len = (end - start) * PAGE_SIZE_4K;
+        let result = match (kind, src) {
+            (Fill::Zero, _) => self.uffd().zeropage_with(dst, len, Wake::Later),
+            // SAFETY: `src` points at `len` bytes of a live mapping the session holds (the
+            // working set's file, or the snapshot's), checked by the caller to be in range.
+            (Fill::Data, Some(src)) => unsafe { self.uffd().copy_with(dst, src, len, Wake::Later) },
+            (Fill::Data, None) => Err(FillError {
+                errno: Errno::EINVAL,
+                done: 0,
+            }),
+        };
+        let n = match &result {
+            Ok(()) => end - start,
+            Err(e) => e.done / PAGE_SIZE_4K,
+        };
+        self.mark_present(ri, start, start + n);
+        match result {
+            Ok(()) => Installed::Pages { n, skipped: 0 },
+            Err(e) => match e.errno {
+                Errno::EEXIST => {
+                    // The guest got to this page first (and may have written it): keep it.
+                    self.mark_present(ri, start + n, start + n + 1);
+                    Installed::Pages { n, skipped: 1 }
+                }
+                _ if n > 0 => Installed::Pages { n, skipped: 0 },
+                Errno::EAGAIN | Errno::ENOMEM | Errno::EINTR => Installed::Later,
+                Errno::ESRCH => Installed::End(EndReason::VmmExited),
+                errno => {
+                    tracing::warn!(fork = %self.fork().id(), %errno,
+                        addr = format_args!("{dst:#x}"),
+                        "prefetch cannot install pages; the fork is served on demand from here");
+                    Installed::GiveUp
+                }
+            },
+        }
+    }
+
+    /// Every region is 4 KiB pages and every page present: nothing can fault any more.
+    fn graduated(&self) -> bool {
+        self.prefetcher().is_some_and(|p| p.graduate) && self.all_present()
+    }
+
+    /// Unregisters every region (the kernel serves them from now on; waiting threads are
+    /// woken) and ends the session. Events queued before are read and dropped, so no thread
+    /// waits for pagerd to read them.
+    fn finish_graduation(&mut self) -> Step {
+        for (start, len) in self.region_spans() {
+            match self.uffd().unregister(start, len) {
+                Ok(()) => {}
+                Err(Errno::ESRCH) => return Step::Ended(EndReason::VmmExited),
+                Err(errno) => {
+                    tracing::warn!(fork = %self.fork().id(), %errno,
+                        "cannot unregister a graduated fork's memory; it stays served");
+                    self.prefetcher_mut().expect("graduating").graduate = false;
+                    return Step::Done;
+                }
+            }
+        }
+        let mut buf = vec![empty_msg(); 64];
+        self.discard_events(&mut buf);
+        Step::Ended(EndReason::Graduated)
+    }
+}
