@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use proto::control::{ErrorCode, Request};
 use proto::model::ReadPath;
-use testkit::{binary, id, wait_until, write_snapshot, Daemon, Vmm};
+use testkit::{binary, cached_kib, id, wait_until, write_snapshot, Daemon, Vmm};
 
 const MIB: u64 = 1 << 20;
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -157,55 +157,6 @@ fn rss_pss_kib(pid: u32) -> (u64, u64) {
             .unwrap_or_else(|| panic!("no {name} in smaps_rollup:\n{rollup}"))
     };
     (field("Rss:"), field("Pss:"))
-}
-
-/// The KiB of `path`'s own page cache, from `cachestat(2)`: the pages cached for that file
-/// and no other (a FUSE memory file served by passthrough has none of its own: its pages are
-/// the backing file's).
-fn cached_kib(path: &Path) -> u64 {
-    /// `struct cachestat_range`.
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    /// `struct cachestat`.
-    #[repr(C)]
-    #[derive(Default)]
-    struct CacheStat {
-        nr_cache: u64,
-        nr_dirty: u64,
-        nr_writeback: u64,
-        nr_evicted: u64,
-        nr_recently_evicted: u64,
-    }
-    /// `cachestat`'s number in the generic syscall table, which x86-64 shares.
-    const SYS_CACHESTAT: libc::c_long = 451;
-    let file = std::fs::File::open(path).unwrap();
-    // The whole file (a length of 0 runs to its end).
-    let range = Range { off: 0, len: 0 };
-    let mut stat = CacheStat::default();
-    // SAFETY: cachestat reads `range` and writes `stat`, both live and of the kernel's layout,
-    // on a descriptor this function owns.
-    let rc = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            file.as_raw_fd(),
-            &range as *const Range,
-            &mut stat as *mut CacheStat,
-            0u32,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "cachestat({}): {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: sysconf has no preconditions.
-    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap();
-    stat.nr_cache * page / 1024
 }
 
 #[test]

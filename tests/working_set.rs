@@ -9,7 +9,7 @@ use std::time::Duration;
 use proto::model::{EndReason, ForkInfo, ForkState};
 use proto::prefetch::Prefetch;
 use serde_json::Value;
-use testkit::{wait_until, write_snapshot, zero_pages_in, Daemon, Vmm};
+use testkit::{cached_kib, wait_until, write_snapshot, zero_pages_in, Daemon, Vmm};
 
 const MIB: u64 = 1 << 20;
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -325,4 +325,37 @@ fn recording_requests_are_checked() {
     ]);
     assert!(out.success(), "{}", out.stderr);
     assert_eq!(daemon.fork("g").prefetch, Prefetch::Graduate);
+}
+
+#[test]
+fn the_cached_memory_file_starts_warm_with_the_working_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    let mem = write_snapshot(&dir.path().join("mem"), size, 16, 0, 0);
+    let daemon = Daemon::start(
+        &[("base", &mem)],
+        &["--fuse", "cached", "--record-forks", "0"],
+    );
+    daemon.client().record_working_set("base", Some(1)).unwrap();
+    let hot = ["--order", "hot", "--percent", "10"];
+    run_fork(&daemon, "rec", None, &mem, &hot, &["verify"]);
+    let set = wait_for_working_set(&daemon);
+    let file = daemon.fuse_file("base");
+    assert_eq!(cached_kib(&file), 0, "nobody has read the memory file yet");
+    // The first open pushes the set into the file's page cache; nothing reads the file.
+    let held = std::fs::File::open(&file).unwrap();
+    let want_kib = (set.pages - set.zero_pages) * 4;
+    wait_until(
+        "the working set in the memory file's cache",
+        DEADLINE,
+        || cached_kib(&file) >= want_kib,
+    );
+    // A fork mapping the file reads its hot pages, every byte right.
+    let mut args = vec!["--snapshot", mem.to_str().unwrap(), "--memory-file"];
+    args.push(file.to_str().unwrap());
+    args.extend(hot);
+    args.push("verify");
+    let events = Vmm::spawn(&args).finish();
+    assert_eq!(verified_pages(&events), (size / 4096 * 10).div_ceil(100));
+    drop(held);
 }

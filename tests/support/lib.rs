@@ -23,7 +23,7 @@ pub mod qemu;
 pub mod restore_guest;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -1044,4 +1044,53 @@ impl Drop for HugePages {
     fn drop(&mut self) {
         let _ = std::fs::write(NR_HUGEPAGES, self.before.to_string());
     }
+}
+
+/// The KiB of `path`'s own page cache, from `cachestat(2)`: the pages cached for that file
+/// and no other (a FUSE memory file served by passthrough has none of its own: its pages are
+/// the backing file's).
+pub fn cached_kib(path: &Path) -> u64 {
+    /// `struct cachestat_range`.
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    /// `struct cachestat`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct CacheStat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    /// `cachestat`'s number in the generic syscall table, which x86-64 shares.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let file = std::fs::File::open(path).unwrap();
+    // The whole file (a length of 0 runs to its end).
+    let range = Range { off: 0, len: 0 };
+    let mut stat = CacheStat::default();
+    // SAFETY: cachestat reads `range` and writes `stat`, both live and of the kernel's layout,
+    // on a descriptor this function owns.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut CacheStat,
+            0u32,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "cachestat({}): {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: sysconf has no preconditions.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap();
+    stat.nr_cache * page / 1024
 }

@@ -6,7 +6,8 @@
 //! - Reads are answered with `pread` on the snapshot's file ([`Snapshot::read_at`]), as large
 //!   as the kernel asks; a file that shrank behind pagerd's back (a broken link contract)
 //!   answers `EIO`, never a SIGBUS. Files are opened with keep-cache, so a page read once
-//!   stays in the page cache for every later fork.
+//!   stays in the page cache for every later fork; a snapshot's working set is pushed into
+//!   that cache when its file is first opened ([`super::warm`]).
 //! - Modes and group come from the access policy: memory files 0400 (0440 with a group),
 //!   directories 0500 (0550); the mount's `default_permissions` has the kernel enforce them.
 //! - With passthrough the kernel reads and maps the backing file in the state directory itself
@@ -30,6 +31,7 @@ use fuser::{
 use proto::model::ReadPath;
 
 use super::inodes::{Inodes, Node, ROOT, SNAPSHOTS};
+use super::warm::Warmer;
 use crate::access::Access;
 use crate::file_users::FileKey;
 use crate::lifecycle::{MemoryFiles, SNAPSHOTS_DIR};
@@ -67,6 +69,8 @@ pub struct MemoryFs {
     gid: u32,
     file_mode: u16,
     dir_mode: u16,
+    /// Pushes working sets into memory files' page caches (cached path).
+    warmer: Arc<Warmer>,
 }
 
 impl MemoryFs {
@@ -78,6 +82,7 @@ impl MemoryFs {
         passthrough: Arc<AtomicBool>,
         device: Arc<OnceLock<(u64, u64)>>,
         access: Access,
+        warmer: Arc<Warmer>,
     ) -> Self {
         let mode = |m: u32| u16::try_from(m & 0o7777).unwrap_or(0);
         Self {
@@ -92,6 +97,7 @@ impl MemoryFs {
             gid: access.gid(),
             file_mode: mode(access.memory_mode()),
             dir_mode: mode(access.read_only_dir_mode()),
+            warmer,
         }
     }
 
@@ -196,6 +202,11 @@ impl MemoryFs {
         } else {
             None
         };
+        if backing.is_none() {
+            if let Some(set) = snapshot.working_set.current() {
+                self.warmer.warm(ino, snapshot.id().as_str(), set);
+            }
+        }
         let fh = FileHandle(handle);
         // Known before the kernel learns the handle, so its release can never come first.
         self.open_files().insert(

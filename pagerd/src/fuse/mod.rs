@@ -26,6 +26,7 @@
 mod fs;
 mod inodes;
 pub(crate) mod mountpoint;
+mod warm;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -108,12 +109,14 @@ impl FuseView {
         };
         let granted = Arc::new(AtomicBool::new(false));
         let device = Arc::new(OnceLock::new());
+        let warmer = Arc::new(warm::Warmer::default());
         let filesystem = fs::MemoryFs::new(
             files,
             wanted,
             granted.clone(),
             device.clone(),
             options.access,
+            warmer.clone(),
         );
         let mut config = fuser::Config::default();
         config.mount_options = vec![
@@ -131,6 +134,7 @@ impl FuseView {
             source,
         };
         let session = fuser::Session::new(filesystem, &mountpoint, &config).map_err(mount_err)?;
+        warmer.set_notifier(session.notifier());
         // Known before the first request is answered: open handles are identified by it.
         let (major, minor) = mountpoint::mounted_device(&mountpoint)
             .ok()
