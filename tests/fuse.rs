@@ -5,7 +5,6 @@
 //! deletes until the kernel releases them (also on SIGKILL), read-only answers, sizes, and the
 //! mount's life across shutdown, crash and restart.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;

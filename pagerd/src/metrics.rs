@@ -222,6 +222,30 @@ fn exposition(lifecycle: &Lifecycle) -> Result<String, Box<dyn std::error::Error
         "Faults on pages already present, answered with a wake",
         totals.already_present,
     );
+    counter(
+        &mut registry,
+        "replayed_pages",
+        "Pages installed ahead of the guest by working-set replay",
+        totals.replayed_pages,
+    );
+    counter(
+        &mut registry,
+        "graduated_pages",
+        "Pages installed ahead of the guest by graduation",
+        totals.graduated_pages,
+    );
+    counter(
+        &mut registry,
+        "prefetch_skipped",
+        "Pages prefetch found present or given back, and left alone",
+        totals.prefetch_skipped,
+    );
+    counter(
+        &mut registry,
+        "recorded_pages",
+        "First touches recorded into working sets",
+        totals.recorded_pages,
+    );
     let errors: Family<Labels, Counter> = Family::default();
     for (kind, n) in [
         ("outside_regions", totals.outside_faults),
