@@ -6,7 +6,9 @@
 # forks with `pagerctl`, and starts a
 # synthetic VMM per fork. Each VMM restores its memory exactly as Firecracker does (anonymous
 # private memory registered with userfaultfd, handed to pagerd over the fork's socket), reads
-# every page and checks it byte for byte against the snapshot. Then four more VMMs map the
+# every page and checks it byte for byte against the snapshot. The first two forks recorded
+# the snapshot's working set: four more forks get it installed before their guests ask (three
+# replay it, one on demand, for comparison). Then four more VMMs map the
 # snapshot's memory file from pagerd's read-only FUSE mount MAP_PRIVATE (the fallback for VMMs
 # that can only map a file), check it the same way and hold it: while they do, the snapshot
 # cannot be deleted. Then pagerd launches Firecracker VMs from a snapshot of a tiny guest (three
@@ -61,6 +63,18 @@ for i in $(seq 1 8); do
 done
 for i in $(seq 1 8); do "$bin/pagerctl" fork wait "vm$i" ended >/dev/null; done
 
+echo "== the first two forks recorded the snapshot's working set; 4 new forks get it before they fault"
+"$bin/pagerctl" snapshot get base
+for i in $(seq 9 12); do
+  prefetch=$([ "$i" = 12 ] && echo off || echo working-set)
+  socket=$("$bin/pagerctl" fork create base --id "vm$i" --prefetch "$prefetch")
+  "$bin/synthetic-vmm" --snapshot "$work/memory" --socket "$socket" --order random verify \
+    >"$work/vm$i.out" || failed=1
+  "$bin/pagerctl" fork wait "vm$i" ended >/dev/null
+  grep -q '"verified"' "$work/vm$i.out" || { echo "vm$i FAILED"; failed=1; }
+  echo "vm$i (prefetch $prefetch): $("$bin/pagerctl" fork get "vm$i" | grep -E '^  (faults|prefetched):' | tr -s ' ' | tr '\n' ';')"
+done
+
 echo "== 4 VMMs map the FUSE memory file MAP_PRIVATE and hold it"
 file="$work/state/fuse/snapshots/base/memory"
 ls -l "$file"
@@ -109,7 +123,7 @@ if "$bin/pagerctl" snapshot rm base; then
 fi
 exec {hold}>&-
 for pid in "${file_pids[@]}"; do wait "$pid" || failed=1; done
-for i in $(seq 1 8); do "$bin/pagerctl" fork close "vm$i" >/dev/null; done
+for i in $(seq 1 12); do "$bin/pagerctl" fork close "vm$i" >/dev/null; done
 for _ in $(seq 1 100); do
   "$bin/pagerctl" fork ls --json | grep -q '"file"' || break
   sleep 0.1
@@ -122,4 +136,4 @@ if [ "$failed" != 0 ]; then
   echo "demo FAILED: a fork saw wrong memory" >&2
   exit 1
 fi
-echo "demo OK: 8 uffd forks and 4 FUSE forks read all 256 MiB each, byte for byte equal to the snapshot${vms:+; ${#vms[@]} Firecracker VMs launched by pagerd checked their memory}"
+echo "demo OK: 12 uffd forks (3 of them replaying the recorded working set) and 4 FUSE forks read all 256 MiB each, byte for byte equal to the snapshot${vms:+; ${#vms[@]} Firecracker VMs launched by pagerd checked their memory}"

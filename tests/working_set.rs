@@ -361,3 +361,55 @@ fn the_cached_memory_file_starts_warm_with_the_working_set() {
     assert_eq!(verified_pages(&events), (size / 4096 * 10).div_ceil(100));
     drop(held);
 }
+
+/// Drops the page cache of `path` (pages nobody maps).
+fn drop_cache(path: &Path) {
+    let file = std::fs::File::open(path).unwrap();
+    nix::fcntl::posix_fadvise(
+        &file,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_set_not_in_the_page_cache_is_read_ahead_and_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    let mem = write_snapshot(&dir.path().join("mem"), size, 17, 0, 0);
+    let mut daemon = Daemon::start(&[("base", &mem)], &["--record-forks", "1"]);
+    run_fork(
+        &daemon,
+        "rec",
+        None,
+        &mem,
+        &["--order", "random"],
+        &["verify"],
+    );
+    let set = wait_for_working_set(&daemon);
+    // A new daemon maps the set without reading it; then its contents leave the cache.
+    daemon.respawn();
+    let file = daemon.state_dir().join("snapshots/base/working-set");
+    drop_cache(&file);
+    drop_cache(&daemon.state_dir().join("snapshots/base/memory"));
+    assert!(
+        cached_kib(&file) < set.file_bytes / 1024 / 4,
+        "the set is out of the page cache: {} KiB cached",
+        cached_kib(&file)
+    );
+    let socket = daemon.create_fork("base", "cold");
+    let mut args = vec!["--snapshot", mem.to_str().unwrap(), "--socket"];
+    args.push(socket.to_str().unwrap());
+    args.extend(["--order", "random", "wait", "verify"]);
+    let mut vmm = Vmm::spawn(&args);
+    vmm.expect("waiting");
+    wait_until("the cold set to be replayed", DEADLINE, || {
+        daemon.fork("cold").stats.replayed_pages >= set.pages
+    });
+    vmm.resume();
+    assert_eq!(verified_pages(&vmm.finish()), size / 4096);
+    let info = daemon.wait_fork("cold", ForkState::Ended);
+    assert_eq!(info.stats.faults, 0, "{:?}", info.stats);
+}

@@ -52,7 +52,6 @@ impl Warmer {
         let Some(notifier) = self.notifier.get() else {
             return;
         };
-        set.read_ahead();
         let mut pages = 0u64;
         for (i, run) in set.runs().iter().enumerate().filter(|(_, r)| !r.zero) {
             let mut done = 0;

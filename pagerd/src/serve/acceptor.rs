@@ -553,8 +553,9 @@ impl Acceptor {
                 .replays()
                 .then(|| snapshot.working_set.current())
                 .flatten();
-            if let Some(set) = &set {
-                // Large sequential reads into the page cache, started now, off the workers.
+            if let Some(set) = set.as_ref().filter(|s| !s.head_resident()) {
+                // Cold: large sequential reads into the page cache, started now, off the
+                // workers.
                 set.read_ahead();
             }
             session.start_prefetch(set, prefetch == Prefetch::Graduate);

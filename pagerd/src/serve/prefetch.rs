@@ -14,8 +14,8 @@
 //! session come before any graduation step. Pages already present (`EEXIST`: the guest got
 //! there first, possibly writing) and pages the guest gave back (`REMOVE`) are left alone, so
 //! guest writes are never overwritten. A step never reads the disk on the worker: a run whose
-//! contents are not in the page cache waits (the kernel reads the file ahead in large I/Os)
-//! while the worker serves faults.
+//! contents are not in the page cache waits (a background thread reads the set's file in
+//! large sequential reads) while the worker serves faults.
 
 use std::sync::Arc;
 

@@ -22,14 +22,19 @@ pub mod slot;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use memmap2::{Mmap, MmapOptions};
 use proto::prefetch::WorkingSetInfo;
 
 use crate::store::atomic::{fsync_dir, temp_name};
 pub use plan::{Plan, Run};
+
+/// Bytes per read when the contents are brought into the page cache.
+const LOAD_CHUNK: usize = 4 << 20;
 
 /// The file name of a snapshot's working set, in its directory.
 pub const FILE_NAME: &str = "working-set";
@@ -43,6 +48,10 @@ pub struct WorkingSet {
     data_at: Vec<u64>,
     /// The whole file; absent when the set holds zero pages only.
     map: Option<Mmap>,
+    /// The file, for reading its contents into the page cache.
+    file: Arc<File>,
+    /// Set while a thread reads the contents into the page cache.
+    loading: Arc<AtomicBool>,
 }
 
 impl WorkingSet {
@@ -109,6 +118,8 @@ impl WorkingSet {
             runs,
             data_at,
             map,
+            file: Arc::new(file),
+            loading: Arc::new(AtomicBool::new(false)),
         }))
     }
 
@@ -147,13 +158,41 @@ impl WorkingSet {
         rc == 0 && vec.iter().all(|v| v & 1 != 0)
     }
 
-    /// Asks the kernel to read all the contents into the page cache, in large sequential
-    /// reads, without waiting.
+    /// Whether the first contents to replay are in the page cache.
+    pub fn head_resident(&self) -> bool {
+        let Some(map) = &self.map else {
+            return true;
+        };
+        let start = self.data_at.first().copied().unwrap_or(0) as usize;
+        let len = (map.len() - start).min(LOAD_CHUNK);
+        self.resident(&map[start..start + len])
+    }
+
+    /// Reads the contents into the page cache from a background thread, in large sequential
+    /// reads, unless one is already at it: a cold start costs one pass over the file, and no
+    /// worker ever waits for the disk.
     pub fn read_ahead(&self) {
-        if let Some(map) = &self.map {
-            if let Err(e) = map.advise(memmap2::Advice::WillNeed) {
-                tracing::debug!(error = %e, "MADV_WILLNEED on a working set failed");
-            }
+        if self.map.is_none() || self.loading.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (file, loading) = (self.file.clone(), self.loading.clone());
+        let start = self.data_at.first().copied().unwrap_or(0);
+        let end = self.info.file_bytes;
+        let spawned = std::thread::Builder::new()
+            .name("pagerd-ws-load".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; LOAD_CHUNK];
+                let mut at = start;
+                while at < end {
+                    match file.read_at(&mut buf, at) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => at += n as u64,
+                    }
+                }
+                loading.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.loading.store(false, Ordering::Release);
         }
     }
 }
