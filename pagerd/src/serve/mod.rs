@@ -14,6 +14,7 @@ pub mod prefetch;
 pub mod record;
 pub mod recover;
 pub mod session;
+pub mod spin;
 pub mod uffd;
 pub mod worker;
 
@@ -114,8 +115,19 @@ impl Server {
         options: ServeOptions,
         handoff_timeout: Duration,
     ) -> io::Result<Self> {
-        let workers: Vec<WorkerHandle> = (0..workers.max(1))
-            .map(|i| WorkerHandle::spawn(i, registry.clone(), events.clone(), options.spin))
+        let count = workers.max(1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let budget = Arc::new(spin::SpinBudget::new(count, cores));
+        let workers: Vec<WorkerHandle> = (0..count)
+            .map(|i| {
+                WorkerHandle::spawn(
+                    i,
+                    registry.clone(),
+                    events.clone(),
+                    options.spin,
+                    budget.clone(),
+                )
+            })
             .collect::<io::Result<_>>()?;
         let workers = Arc::new(workers);
         let acceptor = AcceptorHandle::spawn(

@@ -16,7 +16,9 @@
 //! cannot starve the others; while any session has deferred faults the poll wakes every
 //! [`DEFERRED_RETRY`] to retry them even if no new event arrives. For a short while after a
 //! fault (`--spin-us`) the worker polls without sleeping, because waking a sleeping thread is
-//! the dearest part of a fault round trip on virtualized hosts.
+//! the dearest part of a fault round trip on virtualized hosts — but only while the faulting
+//! VMMs leave it a core ([`crate::serve::spin`]). With no fault left to serve, the worker
+//! installs pages ahead of the guests ([`crate::serve::prefetch`]), one step at a time.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -36,6 +38,7 @@ use proto::Id;
 use crate::registry::Registry;
 use crate::serve::prefetch::{Phase, Step};
 use crate::serve::session::{Drain, Session};
+use crate::serve::spin::{ActiveSessions, SpinBudget, ACTIVE_WINDOW};
 use crate::serve::uffd::{empty_msg, UffdMsg};
 use crate::serve::{ForkEvent, ForkEvents};
 
@@ -77,6 +80,7 @@ impl WorkerHandle {
         registry: Arc<Registry>,
         events: ForkEvents,
         spin: Duration,
+        spin_budget: Arc<SpinBudget>,
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -92,6 +96,9 @@ impl WorkerHandle {
             spin,
             deferred: Vec::new(),
             prefetching: Vec::new(),
+            index,
+            active: ActiveSessions::default(),
+            spin_budget,
         };
         let thread = std::thread::Builder::new()
             .name(format!("pagerd-worker-{index}"))
@@ -147,6 +154,11 @@ struct Worker {
     deferred: Vec<usize>,
     /// Sessions with pages to install ahead of their guests, in turn order.
     prefetching: Vec<PrefetchTurn>,
+    /// This worker's index.
+    index: usize,
+    /// Its sessions that faulted recently, and what every worker shares about them.
+    active: ActiveSessions,
+    spin_budget: Arc<SpinBudget>,
 }
 
 /// A session with prefetch work, and when it may go on if it waits for the disk.
@@ -173,7 +185,8 @@ impl Worker {
         let mut to_drain: Vec<usize> = Vec::new();
         let mut last_fault: Option<Instant> = None;
         loop {
-            let spinning = last_fault.is_some_and(|t: Instant| t.elapsed() < self.spin);
+            let spinning = last_fault.is_some_and(|t: Instant| t.elapsed() < self.spin)
+                && self.spin_budget.may_spin();
             let prefetch = self.prefetch_wait();
             let timeout = if !busy.is_empty() || spinning || prefetch == Some(Duration::ZERO) {
                 Some(Duration::ZERO)
@@ -181,6 +194,11 @@ impl Worker {
                 Some(prefetch.map_or(DEFERRED_RETRY, |p| p.min(DEFERRED_RETRY)))
             } else {
                 prefetch
+            };
+            // While it counts sessions as active, wake in time to stop counting them.
+            let timeout = match (timeout, self.active.is_empty()) {
+                (None, false) => Some(ACTIVE_WINDOW),
+                (t, _) => t,
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -202,7 +220,9 @@ impl Worker {
                     Token(t) if t % 2 == 0 && event.is_error() => self.tampered(t / 2),
                     Token(t) if t % 2 == 0 => {
                         to_drain.push(t / 2);
-                        last_fault = Some(Instant::now());
+                        let now = Instant::now();
+                        last_fault = Some(now);
+                        self.active.faulted(t / 2, now);
                     }
                     Token(t) => self.end(t / 2, EndReason::VmmExited),
                 }
@@ -223,6 +243,8 @@ impl Worker {
                 self.note_deferred(key);
             }
             self.retry_deferred();
+            let active = self.active.count(Instant::now());
+            self.spin_budget.publish(self.index, active);
             // Faults first: prefetch only runs when no session has events left over.
             if busy.is_empty() {
                 self.prefetch_turn();
@@ -401,6 +423,7 @@ impl Worker {
     }
 
     fn end(&mut self, key: usize, reason: EndReason) {
+        self.active.forget(key);
         self.hand_on_recording(key, true);
         self.prefetching.retain(|t| t.key != key);
         let Some(session) = self.sessions.try_remove(key) else {
