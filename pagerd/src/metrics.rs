@@ -4,7 +4,7 @@
 //! ```text
 //!   scraper ──GET /metrics──▶ metrics thread ──▶ lifecycle: totals, forks, snapshots, users
 //!                                            └──▶ stats::DAEMON (refusals, endings),
-//!                                                 stats::FAULT_LATENCY (histogram)
+//!                                                 stats::FAULT_LATENCY (log-linear, rebucketed)
 //! ```
 //!
 //! Every scrape builds the exposition afresh from the lifecycle, so nothing here is updated on
@@ -22,13 +22,15 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::lifecycle::Lifecycle;
-use crate::stats::{DAEMON, FAULT_LATENCY};
+use crate::stats::{LatencyHistogram, DAEMON, FAULT_LATENCY};
 
 /// How long one scrape may take to send its request and read the answer.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -177,6 +179,34 @@ fn name_of(value: impl serde::Serialize) -> String {
 }
 
 /// The whole exposition, read off the lifecycle now.
+/// Upper bounds of the fault-latency buckets: 1 µs, doubling, 22 of them (to about 2 s).
+fn latency_bounds_ns() -> Vec<u64> {
+    (0..22).map(|k| 1_000u64 << k).collect()
+}
+
+/// The daemon's fault latencies as a Prometheus histogram, from the log-linear histogram the
+/// workers fill (one lock per batch of faults, none per sample).
+#[derive(Debug)]
+struct LatencyMetric(LatencyHistogram);
+
+impl EncodeMetric for LatencyMetric {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let bounds = latency_bounds_ns();
+        let (counts, sum_ns, count) = self.0.rebucket(&bounds);
+        let buckets: Vec<(f64, u64)> = bounds
+            .iter()
+            .map(|&b| b as f64 / 1e9)
+            .chain([f64::MAX])
+            .zip(counts)
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(sum_ns as f64 / 1e9, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
 fn exposition(lifecycle: &Lifecycle) -> Result<String, Box<dyn std::error::Error>> {
     let mut registry = Registry::with_prefix("pagerd");
     let totals = lifecycle.stats().totals;
@@ -273,10 +303,14 @@ fn exposition(lifecycle: &Lifecycle) -> Result<String, Box<dyn std::error::Error
             .inc_by(n);
     }
     registry.register("sessions_ended", "Fork sessions ended, by reason", endings);
+    let latency = FAULT_LATENCY
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     registry.register(
         "fault_latency_seconds",
         "Time from reading a fault to the ioctl that resolved it",
-        FAULT_LATENCY.clone(),
+        LatencyMetric(latency),
     );
 
     let status = lifecycle.status()?;

@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{LazyLock, Mutex};
 
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use proto::model::{EndReason, ForkStatsReport, LatencyReport, RefusalReason};
 
 /// The largest latency the histogram tells apart (60 s); longer ones count as 60 s.
@@ -60,6 +59,8 @@ pub struct LatencyHistogram {
     counts: Box<[u64; BUCKETS]>,
     total: u64,
     max: u64,
+    /// Sum of the recorded values (saturating).
+    sum: u64,
 }
 
 impl Default for LatencyHistogram {
@@ -68,6 +69,7 @@ impl Default for LatencyHistogram {
             counts: Box::new([0; BUCKETS]),
             total: 0,
             max: 0,
+            sum: 0,
         }
     }
 }
@@ -79,6 +81,20 @@ impl LatencyHistogram {
         self.counts[bucket_of(v)] += 1;
         self.total += 1;
         self.max = self.max.max(v);
+        self.sum = self.sum.saturating_add(v);
+    }
+
+    /// Counts per bound of `bounds` (ascending, in ns; a value lands in the first bound not
+    /// below its bucket's top, or past the last), sum and count: a Prometheus histogram with
+    /// bucket edges within 6.25% of the recorded values.
+    pub fn rebucket(&self, bounds: &[u64]) -> (Vec<u64>, u64, u64) {
+        let mut out = vec![0u64; bounds.len() + 1];
+        for (i, &n) in self.counts.iter().enumerate().filter(|(_, &n)| n > 0) {
+            let top = bucket_top(i);
+            let at = bounds.partition_point(|&b| b < top);
+            out[at] += n;
+        }
+        (out, self.sum, self.total)
     }
 
     /// The value below which a `q` fraction of the recorded latencies lie (the top of the
@@ -160,7 +176,12 @@ impl ForkStats {
         let hist = hist.get_or_insert_with(LatencyHistogram::default);
         for &ns in samples_ns {
             hist.record(ns);
-            FAULT_LATENCY.observe(ns as f64 / 1e9);
+        }
+        // One more uncontended lock per batch (the other worker's batches aside), none per
+        // sample.
+        let mut all = FAULT_LATENCY.lock().unwrap_or_else(|p| p.into_inner());
+        for &ns in samples_ns {
+            all.record(ns);
         }
     }
 
@@ -243,12 +264,25 @@ impl DaemonCounters {
 pub(crate) static DAEMON: LazyLock<DaemonCounters> = LazyLock::new(DaemonCounters::default);
 
 /// Every fault latency the daemon measured, for the metrics' histogram (seconds).
-pub(crate) static FAULT_LATENCY: LazyLock<Histogram> =
-    LazyLock::new(|| Histogram::new(exponential_buckets(1e-6, 2.0, 22)));
+pub(crate) static FAULT_LATENCY: LazyLock<Mutex<LatencyHistogram>> =
+    LazyLock::new(|| Mutex::new(LatencyHistogram::default()));
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rebucketing_keeps_every_sample_and_the_sum() {
+        let mut h = LatencyHistogram::default();
+        for ns in [500, 900, 1_500, 3_000, 3_000, 10_000_000_000] {
+            h.record(ns);
+        }
+        let bounds = [1_000, 2_000, 4_000];
+        let (counts, sum, count) = h.rebucket(&bounds);
+        assert_eq!(counts, vec![2, 1, 2, 1], "≤1 µs, ≤2 µs, ≤4 µs, beyond");
+        assert_eq!(count, 6);
+        assert_eq!(sum, 500 + 900 + 1_500 + 6_000 + 10_000_000_000);
+    }
 
     #[test]
     fn latency_report_reflects_recorded_samples() {
