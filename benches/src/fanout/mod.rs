@@ -1,43 +1,75 @@
 //! The fork fan-out benchmark: how long until N forks of one snapshot run on their working
-//! set, what it costs, and what each fork's faults cost, for pagerd's two paths and three
-//! baselines run on the same machine, in the same run, from the same snapshot file.
+//! set, what it costs, and what each fork's faults cost, for pagerd's paths and four baselines
+//! run on the same machine, in the same run, from the same snapshot file.
 //!
 //! ```text
 //!  mode              memory of each fork                         who serves its faults
-//!  pagerd            anonymous, uffd handed to one pagerd         pagerd (shared mapping, workers)
+//!  pagerd            anonymous, uffd handed to one pagerd         pagerd, on demand only (prefetch off)
+//!  pagerd-replay     anonymous, uffd handed to one pagerd         pagerd; the working set it recorded
+//!                                                                 from one fork first is installed
+//!                                                                 at handoff (prefetch working_set)
+//!  pagerd-graduate   anonymous, uffd handed to one pagerd         the same, then every other page in
+//!                                                                 the background; pagerd lets go
 //!  fuse-cached       pagerd's FUSE memory file, MAP_PRIVATE       pagerd fills the FUSE page cache
 //!  fuse-passthrough  pagerd's FUSE memory file, MAP_PRIVATE       the kernel (FUSE passthrough)
 //!  copy              anonymous, the file copied in first          nobody: every page is there
 //!  map-private       the local file mapped MAP_PRIVATE            the kernel's page cache (floor)
 //!  naive             anonymous, uffd handed to its own handler    one naive-handler process per fork
+//!  fc-handler        anonymous, uffd handed to its own handler    one Firecracker uffd_on_demand_handler
+//!                                                                 process per fork
 //! ```
 //!
-//! After every fork has read its working set, all of them are still alive when each reports
-//! its guest memory's proportional set size (Pss): pages shared through the page cache count
-//! once in the sum, private copies count in full.
-//!
 //! Each fork is a `synthetic-vmm` process that reads its working set once and checks every
-//! byte. Times are taken with CLOCK_MONOTONIC in the forks and measured from the moment the
-//! harness starts launching them (t0): *ready* is when the slowest fork has read its first
-//! page (handoff → first fault served), *working set* is when the slowest fork has read its
-//! last. CPU time and peak RSS of every process come from `wait4`; pagerd's from `/proc`.
+//! byte against a copy of the memory file that no page server reads and that stays in the page
+//! cache (so a cold run costs the forks' checks nothing, and the checks' own page faults can be
+//! told apart from guest memory's). Times are taken with CLOCK_MONOTONIC in the forks and
+//! measured from the moment the harness starts launching them (t0): *ready* is when the slowest
+//! fork has read its first page (handoff → first fault served), *working set* is when the
+//! slowest fork has read its last. Each fork also counts the page faults it took on guest
+//! memory while reading (`getrusage`, the checks' faults taken out), the same measure in every
+//! mode; for pagerd's uffd modes pagerd's own counters add the faults it served and the pages
+//! it installed ahead of them. After every fork has read its working set, all of them are still
+//! alive when each reports its guest memory's proportional set size (Pss): pages shared through
+//! the page cache count once in the sum, private copies count in full. CPU time and peak RSS of
+//! every process come from `wait4`; pagerd's from `/proc`.
+//!
+//! A *cold* scenario drops the snapshot's files from the page cache right before the forks
+//! start ([`crate::cache`]): the memory file, and for pagerd everything under its
+//! `snapshots/` (its copy of the memory file, the working set). pagerd is started afresh after
+//! recording, so that its shared mapping holds no page. What is still cached is measured and
+//! must be under [`COLD_MAX_CACHED_PERCENT`].
 
-use std::io::{BufRead, BufReader};
+mod process;
+mod row;
+mod servers;
+
+pub use row::Row;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-use proto::model::ForkState;
+use proto::model::{ForkState, ForkStatsReport};
+use proto::prefetch::Prefetch;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use test_vmms::synthetic::monotonic_ns;
-use testkit::{binary, proc_status_kb, Daemon, Vmm};
+use testkit::{proc_status_kb, Daemon, Vmm};
+
+use crate::cache;
+use process::{kill, proc_cpu_s, reap};
+use servers::SNAPSHOT;
 
 /// One way of giving forks their memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
-    /// Forks hand their uffd to one pagerd.
+    /// Forks hand their uffd to one pagerd, which serves faults only (`prefetch: off`).
     Pagerd,
+    /// As `Pagerd`, after recording the working set from one fork: pagerd installs it in each
+    /// fork when it hands off (`prefetch: working_set`).
+    PagerdReplay,
+    /// As `PagerdReplay`, then pagerd fills every other page in the background and lets the
+    /// fork go once all are present (`prefetch: graduate`).
+    PagerdGraduate,
     /// Forks map pagerd's FUSE memory file; pagerd answers the reads.
     FuseCached,
     /// Forks map pagerd's FUSE memory file; the kernel reads the backing file (passthrough).
@@ -48,25 +80,44 @@ pub enum Mode {
     MapPrivate,
     /// One naive single-threaded handler per fork, one 4 KiB copy per fault.
     Naive,
+    /// One Firecracker `uffd_on_demand_handler` per fork, one 4 KiB copy per fault.
+    FcHandler,
 }
 
 impl Mode {
     /// Every mode, pagerd's first.
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 9] = [
         Mode::Pagerd,
+        Mode::PagerdReplay,
+        Mode::PagerdGraduate,
         Mode::FuseCached,
         Mode::FusePassthrough,
         Mode::Copy,
         Mode::MapPrivate,
         Mode::Naive,
+        Mode::FcHandler,
     ];
 
     /// Whether pagerd serves this mode (the others are baselines).
     pub fn is_pagerd(self) -> bool {
         matches!(
             self,
-            Mode::Pagerd | Mode::FuseCached | Mode::FusePassthrough
+            Mode::Pagerd
+                | Mode::PagerdReplay
+                | Mode::PagerdGraduate
+                | Mode::FuseCached
+                | Mode::FusePassthrough
         )
+    }
+
+    /// What pagerd's uffd forks of this mode prefetch (`None`: pagerd serves no uffd here).
+    pub fn prefetch(self) -> Option<Prefetch> {
+        match self {
+            Mode::Pagerd => Some(Prefetch::Off),
+            Mode::PagerdReplay => Some(Prefetch::WorkingSet),
+            Mode::PagerdGraduate => Some(Prefetch::Graduate),
+            _ => None,
+        }
     }
 
     /// The mode called `name`.
@@ -78,11 +129,14 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::Pagerd => "pagerd",
+            Mode::PagerdReplay => "pagerd-replay",
+            Mode::PagerdGraduate => "pagerd-graduate",
             Mode::FuseCached => "fuse-cached",
             Mode::FusePassthrough => "fuse-passthrough",
             Mode::Copy => "copy",
             Mode::MapPrivate => "map-private",
             Mode::Naive => "naive",
+            Mode::FcHandler => "fc-handler",
         }
     }
 }
@@ -132,6 +186,8 @@ pub struct Scenario {
     pub sparse: bool,
     /// Share of the snapshot each fork reads, in percent (the pattern's default unless set).
     pub percent: u64,
+    /// Whether the snapshot's files are dropped from the page cache before the forks start.
+    pub cold: bool,
 }
 
 impl Scenario {
@@ -140,17 +196,44 @@ impl Scenario {
         (self.size_mib << 20) * self.percent / 100
     }
 
-    /// A rough upper bound of the memory a mode needs, to skip what this machine cannot hold.
+    /// "warm" or "cold": the page cache when the forks start.
+    pub fn cache(&self) -> &'static str {
+        if self.cold {
+            "cold"
+        } else {
+            "warm"
+        }
+    }
+
+    /// A rough upper bound of the memory a mode needs, to skip what this machine cannot hold
+    /// (the forks' checking copy of the file included).
     pub fn memory_needed(&self, mode: Mode) -> u64 {
         let file = self.size_mib << 20;
         let private = self.forks as u64 * self.working_set_bytes();
-        match mode {
-            Mode::Pagerd | Mode::Naive => file + private,
-            Mode::Copy => file + self.forks as u64 * file,
+        let served = match mode {
+            Mode::Pagerd | Mode::Naive | Mode::FcHandler => file + private,
+            // A set recorded from another fork may miss what this one reads (random).
+            Mode::PagerdReplay => file + 2 * private,
+            Mode::Copy | Mode::PagerdGraduate => file + self.forks as u64 * file,
             Mode::MapPrivate | Mode::FusePassthrough => file,
             Mode::FuseCached => 2 * file,
-        }
+        };
+        served + file
     }
+}
+
+/// A cold scenario fails if more than this share of the snapshot's files is still cached
+/// when the forks start.
+pub const COLD_MAX_CACHED_PERCENT: f64 = 5.0;
+
+/// The snapshot a scenario runs from: the memory file the page servers (and file-backed
+/// forks) read, and a copy of it the forks check every byte against.
+#[derive(Debug, Clone)]
+pub struct SnapshotFiles {
+    /// The memory file.
+    pub memory: PathBuf,
+    /// Its copy for checking, kept in the page cache (never dropped).
+    pub check: PathBuf,
 }
 
 /// What one scenario measured for one mode.
@@ -172,7 +255,22 @@ pub struct Outcome {
     pub latency_p99_ns: u64,
     /// Slowest page read of any fork (ns).
     pub latency_max_ns: u64,
-    /// CPU seconds of the page server(s): pagerd, or all naive handlers.
+    /// Page faults one fork took on its guest memory while reading its working set, averaged
+    /// over the forks: their own count (`getrusage`, the checks' faults taken out), the same
+    /// measure in every mode.
+    pub fork_faults_per_fork: Option<f64>,
+    /// uffd faults pagerd served per fork, from its fork counters (pagerd's uffd modes).
+    pub faults_per_fork: Option<f64>,
+    /// Pages pagerd installed per fork by replaying the working set (pagerd's uffd modes).
+    pub replayed_pages_per_fork: Option<f64>,
+    /// Pages pagerd installed per fork by graduation (pagerd's uffd modes).
+    pub graduated_pages_per_fork: Option<f64>,
+    /// Pages of the working set recorded before the forks started (replay and graduate).
+    pub working_set_pages: Option<u64>,
+    /// Cold scenarios: the share of the snapshot's files still in the page cache right before
+    /// the forks started, in percent.
+    pub cached_percent_at_start: Option<f64>,
+    /// CPU seconds of the page server(s): pagerd, or all handlers.
     pub server_cpu_s: f64,
     /// Peak RSS of the page server(s) in KiB (pagerd's includes its mapping of the snapshot).
     pub server_peak_rss_kib: u64,
@@ -187,94 +285,129 @@ pub struct Outcome {
     pub forks_guest_pss_kib: u64,
 }
 
-/// Resource use of a reaped child.
-#[derive(Debug, Clone, Copy, Default)]
-struct Usage {
-    cpu_s: f64,
-    max_rss_kib: u64,
-    success: bool,
-}
-
-fn tv_s(tv: libc::timeval) -> f64 {
-    tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6
-}
-
-/// Waits for a child with `wait4`, for its status and resource use.
-fn reap(pid: u32) -> Usage {
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is valid; wait4 fills it.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = i32::try_from(pid).expect("pid fits");
-    // SAFETY: waiting on our own child with valid out-pointers.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(rc, pid, "wait4 failed: {}", std::io::Error::last_os_error());
-    Usage {
-        cpu_s: tv_s(usage.ru_utime) + tv_s(usage.ru_stime),
-        max_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
-        success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+impl Outcome {
+    /// An outcome that says why the mode did not run.
+    pub fn skipped(why: String) -> Self {
+        Self {
+            skipped: Some(why),
+            ..Self::default()
+        }
     }
 }
 
 /// How long the harness waits for any one event of a fork (large matrices are slow).
 const EVENT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(900);
 
-/// CPU seconds a process has used so far.
-fn proc_cpu_s(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
-    let rest = &stat[stat.rfind(')').expect("comm") + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let ticks: f64 =
-        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
-    ticks / hz
+/// Why `mode` cannot run `scenario` on this machine, if it cannot.
+fn unrunnable(scenario: &Scenario, mode: Mode) -> Option<String> {
+    match mode {
+        Mode::FcHandler => testkit::firecracker::uffd_handler().err(),
+        Mode::Naive if scenario.cold => Some(
+            "naive-handler maps the whole file MAP_POPULATE when it starts, so its cache is \
+             never cold (fc-handler is the cold per-fork handler)"
+                .into(),
+        ),
+        _ => None,
+    }
 }
 
-/// Runs the forks of one scenario in one mode against `mem`.
+/// The id of measured fork `i`.
+fn fork_id(i: usize) -> String {
+    format!("f{i}")
+}
+
+/// Drops the snapshot's files from the page cache (the memory file; pagerd's `snapshots/`
+/// when `daemon` is given) and returns the share still cached, which must be small.
+fn make_cold(files: &SnapshotFiles, daemon: Option<&Daemon>) -> f64 {
+    let mut paths = vec![files.memory.clone()];
+    if let Some(d) = daemon {
+        paths.extend(cache::regular_files(&d.state_dir().join("snapshots")).expect("state files"));
+    }
+    let left = cache::drop_all(&paths).expect("drop the snapshot's pages");
+    let percent = left.percent();
+    assert!(
+        percent < COLD_MAX_CACHED_PERCENT,
+        "not cold: {} of {} bytes ({percent:.1}%) of {paths:?} are still cached",
+        left.cached,
+        left.size
+    );
+    percent
+}
+
+/// Runs the forks of one scenario in one mode.
 /// `pagerd_args` are extra arguments for the pagerd process.
 pub fn run(
     scenario: &Scenario,
     mode: Mode,
-    mem: &Path,
+    files: &SnapshotFiles,
     scratch: &Path,
     pagerd_args: &[String],
 ) -> Outcome {
-    let (order, _) = scenario.pattern.order_and_percent();
-    let percent = scenario.percent;
-    let extra: Vec<&str> = pagerd_args.iter().map(String::as_str).collect();
-    let daemon = match mode {
-        Mode::Pagerd => Some(Daemon::start(&[("base", mem)], &extra)),
-        Mode::FuseCached | Mode::FusePassthrough => {
-            let read_path = if mode == Mode::FuseCached {
-                "cached"
-            } else {
-                "passthrough"
-            };
-            let mut args = vec!["--fuse", read_path];
-            args.extend(&extra);
-            Some(Daemon::start(&[("base", mem)], &args))
+    if let Some(why) = unrunnable(scenario, mode) {
+        eprintln!("SKIPPED {}: {why}", mode.name());
+        return Outcome::skipped(why);
+    }
+    cache::warm_file(&files.check).expect("read the checking copy");
+    let mut outcome = Outcome::default();
+    let mut daemon = mode
+        .is_pagerd()
+        .then(|| servers::start_pagerd(mode, &files.memory, pagerd_args));
+    if let (Some(d), Some(prefetch)) = (daemon.as_mut(), mode.prefetch()) {
+        if prefetch.replays() {
+            outcome.working_set_pages =
+                Some(servers::record_working_set(d, scenario, &files.check));
+            if scenario.cold {
+                // A fresh process: its mapping holds none of the pages recording copied.
+                d.respawn();
+            }
         }
-        _ => None,
-    };
+    }
+    let mut handlers = Vec::new();
+    let mut sockets: Vec<Option<PathBuf>> = vec![None; scenario.forks];
+    match (mode, &daemon) {
+        (Mode::Naive | Mode::FcHandler, _) => {
+            let (pids, paths) = if mode == Mode::Naive {
+                servers::start_naive(scenario.forks, &files.memory, scratch)
+            } else {
+                let binary = testkit::firecracker::uffd_handler().expect("checked above");
+                servers::start_fc_handlers(&binary, scenario.forks, &files.memory, scratch)
+            };
+            handlers = pids;
+            sockets = paths.into_iter().map(Some).collect();
+        }
+        (_, Some(d)) if mode.prefetch().is_some() => {
+            for (i, socket) in sockets.iter_mut().enumerate() {
+                *socket = Some(d.create_fork_with(SNAPSHOT, &fork_id(i), mode.prefetch()));
+            }
+        }
+        _ => {}
+    }
     let memory_file = match mode {
-        Mode::FuseCached | Mode::FusePassthrough => daemon.as_ref().map(|d| d.fuse_file("base")),
+        Mode::FuseCached | Mode::FusePassthrough => daemon.as_ref().map(|d| d.fuse_file(SNAPSHOT)),
+        Mode::MapPrivate | Mode::Copy => Some(files.memory.clone()),
         _ => None,
     };
+    if scenario.cold {
+        outcome.cached_percent_at_start = Some(make_cold(files, daemon.as_ref()));
+    }
     let fork_args = |i: usize, socket: Option<&Path>| {
+        let (order, _) = scenario.pattern.order_and_percent();
         let mut args = vec![
             "--snapshot".to_owned(),
-            mem.display().to_string(),
+            files.check.display().to_string(),
             "--order".into(),
             order.into(),
             "--percent".into(),
-            percent.to_string(),
+            scenario.percent.to_string(),
             "--seed".into(),
             (1000 + i).to_string(),
+            "--count-faults".into(),
         ];
-        match (mode, socket) {
-            (_, Some(socket)) => args.extend(["--socket".to_owned(), socket.display().to_string()]),
-            (Mode::Copy, None) => args.push("--copy-file".into()),
-            _ => {}
+        if let Some(socket) = socket {
+            args.extend(["--socket".to_owned(), socket.display().to_string()]);
+        }
+        if mode == Mode::Copy {
+            args.push("--copy-file".into());
         }
         if let Some(file) = &memory_file {
             args.extend(["--memory-file".to_owned(), file.display().to_string()]);
@@ -282,41 +415,6 @@ pub fn run(
         args.extend(["verify", "wait", "footprint", "hold"].map(String::from));
         args
     };
-
-    let mut handlers = Vec::new();
-    let mut sockets: Vec<Option<PathBuf>> = vec![None; scenario.forks];
-    match (mode, &daemon) {
-        (Mode::Pagerd, Some(d)) => {
-            for (i, socket) in sockets.iter_mut().enumerate() {
-                *socket = Some(d.create_fork("base", &format!("f{i}")));
-            }
-        }
-        (Mode::Naive, _) => {
-            for (i, socket) in sockets.iter_mut().enumerate() {
-                let path = scratch.join(format!("naive-{i}.sock"));
-                let _ = std::fs::remove_file(&path);
-                let mut child = Command::new(binary("naive-handler"))
-                    .args([
-                        "--socket",
-                        &path.display().to_string(),
-                        "--snapshot",
-                        &mem.display().to_string(),
-                    ])
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .expect("spawn naive-handler");
-                let mut line = String::new();
-                BufReader::new(child.stdout.take().expect("stdout"))
-                    .read_line(&mut line)
-                    .expect("listening");
-                assert_eq!(line.trim(), "listening");
-                handlers.push(child.id());
-                std::mem::forget(child);
-                *socket = Some(path);
-            }
-        }
-        _ => {}
-    }
     let cpu_before = daemon.as_ref().map_or(0.0, |d| proc_cpu_s(d.pid()));
 
     let t0 = monotonic_ns();
@@ -325,14 +423,12 @@ pub fn run(
         .enumerate()
         .map(|(i, socket)| Vmm::spawn(&fork_args(i, socket.as_deref())))
         .collect();
-    let mut outcome = Outcome::default();
-    let mut p50s = Vec::new();
-    let reports: Vec<Value> = forks
+    let verified: Vec<Value> = forks
         .iter_mut()
         .map(|fork| {
-            let report = fork.expect_within("verified", EVENT_DEADLINE)["report"].clone();
+            let event = fork.expect_within("verified", EVENT_DEADLINE);
             fork.expect_within("waiting", EVENT_DEADLINE);
-            report
+            event
         })
         .collect();
     // Every fork holds its working set now: each reports its share of guest memory.
@@ -343,14 +439,22 @@ pub fn run(
         let footprint = fork.expect_within("footprint", EVENT_DEADLINE);
         outcome.forks_guest_pss_kib += footprint["guest"]["pss_kib"].as_u64().unwrap_or(0);
     }
+    if mode == Mode::FcHandler {
+        // Once its VMM hangs up, Firecracker's handler panics, and its panic hook SIGKILLs the
+        // peer's pid, which might be reused by then: it goes first, while the forks hold.
+        handlers.iter().copied().for_each(kill);
+    }
     // Only now, with every share measured, may they exit.
     for fork in &mut forks {
         fork.close_stdin();
     }
-    for (fork, report) in forks.into_iter().zip(reports) {
+    let mut p50s = Vec::new();
+    let mut fork_faults = Some(0);
+    for (fork, event) in forks.into_iter().zip(verified) {
         // Reaped with wait4 for its resource use (`Vmm` then finds nothing left to reap).
         let usage = reap(fork.pid());
         assert!(usage.success, "fork {} failed", fork.pid());
+        let report = &event["report"];
         let at = |field: &str| {
             (report[field]
                 .as_u64()
@@ -365,25 +469,32 @@ pub fn run(
         p50s.push(lat["p50"].as_u64().unwrap_or(0));
         outcome.latency_p99_ns = outcome.latency_p99_ns.max(lat["p99"].as_u64().unwrap_or(0));
         outcome.latency_max_ns = outcome.latency_max_ns.max(lat["max"].as_u64().unwrap_or(0));
+        fork_faults = fork_faults
+            .zip(event["guest_faults"].as_u64())
+            .map(|(a, b)| a + b);
         outcome.forks_cpu_s += usage.cpu_s;
         outcome.forks_peak_rss_kib += usage.max_rss_kib;
         outcome.forks_anon_kib += report["rss_anon_kib"].as_u64().unwrap_or(0);
     }
+    let per_fork = |total: u64| total as f64 / scenario.forks.max(1) as f64;
     p50s.sort_unstable();
     outcome.latency_p50_ns = p50s.get(p50s.len() / 2).copied().unwrap_or(0);
     outcome.pages_per_s = outcome.pages as f64 / outcome.working_set_s.max(1e-9);
+    outcome.fork_faults_per_fork = fork_faults.map(per_fork);
     if let Some(d) = daemon {
         outcome.server_cpu_s = proc_cpu_s(d.pid()) - cpu_before;
         outcome.server_peak_rss_kib = proc_status_kb(d.pid(), "VmHWM");
-        let uffd_forks = if mode == Mode::Pagerd {
-            scenario.forks
-        } else {
-            0
-        };
-        let errors: u64 = (0..uffd_forks)
-            .map(|i| d.wait_fork(&format!("f{i}"), ForkState::Ended).stats.errors)
-            .sum();
-        assert_eq!(errors, 0, "pagerd reported fault errors");
+        if mode.prefetch().is_some() {
+            // A graduated fork's session ends before its VMM does: `ended` either way.
+            let mut stats = ForkStatsReport::default();
+            for i in 0..scenario.forks {
+                stats += &d.wait_fork(&fork_id(i), ForkState::Ended).stats;
+            }
+            assert_eq!(stats.errors, 0, "pagerd reported fault errors");
+            outcome.faults_per_fork = Some(per_fork(stats.faults));
+            outcome.replayed_pages_per_fork = Some(per_fork(stats.replayed_pages));
+            outcome.graduated_pages_per_fork = Some(per_fork(stats.graduated_pages));
+        }
         d.stop();
     }
     for pid in handlers {
@@ -392,55 +503,4 @@ pub fn run(
         outcome.server_peak_rss_kib += usage.max_rss_kib;
     }
     outcome
-}
-
-/// A row of results: one scenario, every mode.
-#[derive(Debug, Clone, Serialize)]
-pub struct Row {
-    /// The scenario.
-    pub scenario: Scenario,
-    /// Outcome per mode, in [`Mode::ALL`] order.
-    pub outcomes: Vec<(Mode, Outcome)>,
-}
-
-/// `a ÷ b`, or null when there is no baseline figure.
-fn ratio(a: f64, b: f64) -> Value {
-    if b > 0.0 {
-        json!(a / b)
-    } else {
-        Value::Null
-    }
-}
-
-impl Row {
-    /// Each pagerd mode's figures as ratios to each baseline that ran, as
-    /// `{pagerd_mode: {baseline: {figure: ratio}}}` (pagerd ÷ baseline, so below 1 means
-    /// pagerd is faster or cheaper).
-    pub fn ratios(&self) -> Value {
-        let ran = |m: &&(Mode, Outcome)| m.1.skipped.is_none();
-        let mut out = serde_json::Map::new();
-        for (mode, p) in self.outcomes.iter().filter(ran).filter(|m| m.0.is_pagerd()) {
-            let mut against = serde_json::Map::new();
-            for (base, b) in self
-                .outcomes
-                .iter()
-                .filter(ran)
-                .filter(|m| !m.0.is_pagerd())
-            {
-                against.insert(
-                    base.name().to_owned(),
-                    json!({
-                        "ready": ratio(p.ready_s, b.ready_s),
-                        "working_set": ratio(p.working_set_s, b.working_set_s),
-                        "latency_p99": ratio(p.latency_p99_ns as f64, b.latency_p99_ns as f64),
-                        "forks_anon_memory": ratio(p.forks_anon_kib as f64, b.forks_anon_kib as f64),
-                        "guest_memory": ratio(p.forks_guest_pss_kib as f64, b.forks_guest_pss_kib as f64),
-                        "total_cpu": ratio(p.server_cpu_s + p.forks_cpu_s, b.server_cpu_s + b.forks_cpu_s),
-                    }),
-                );
-            }
-            out.insert(mode.name().to_owned(), Value::Object(against));
-        }
-        Value::Object(out)
-    }
 }
