@@ -32,13 +32,19 @@ fn ratio_of(a: Option<f64>, b: Option<f64>) -> Value {
     }
 }
 
+/// [`ratio`] of faults per fork, or null when the other mode took less than one per fork (a
+/// copied fork faults on nothing: dividing by its stray fault or two says nothing).
+fn faults_ratio(a: Option<f64>, b: Option<f64>) -> Value {
+    ratio_of(a, b.filter(|&b| b >= 1.0))
+}
+
 /// The figures of `p` as ratios to those of `b`.
 fn figures(p: &Outcome, b: &Outcome) -> serde_json::Map<String, Value> {
     let value = json!({
         "ready": ratio(p.ready_s, b.ready_s),
         "working_set": ratio(p.working_set_s, b.working_set_s),
         "latency_p99": ratio(p.latency_p99_ns as f64, b.latency_p99_ns as f64),
-        "faults": ratio_of(p.fork_faults_per_fork, b.fork_faults_per_fork),
+        "faults": faults_ratio(p.fork_faults_per_fork, b.fork_faults_per_fork),
         "forks_anon_memory": ratio(p.forks_anon_kib as f64, b.forks_anon_kib as f64),
         "guest_memory": ratio(p.forks_guest_pss_kib as f64, b.forks_guest_pss_kib as f64),
         "total_cpu": ratio(p.server_cpu_s + p.forks_cpu_s, b.server_cpu_s + b.forks_cpu_s),
@@ -74,7 +80,7 @@ impl Row {
                     let mut f = figures(p, on_demand);
                     f.insert(
                         "uffd_faults".into(),
-                        ratio_of(p.faults_per_fork, on_demand.faults_per_fork),
+                        faults_ratio(p.faults_per_fork, on_demand.faults_per_fork),
                     );
                     against.insert(Mode::Pagerd.name().to_owned(), Value::Object(f));
                 }
