@@ -1,5 +1,6 @@
-//! Real Firecracker VMs for the end-to-end tests: finding the binary, a tiny guest built with
-//! the system `cc`, and a snapshot of it made once per test process (the fixture).
+//! Real Firecracker VMs for the end-to-end tests: finding the binary (and Firecracker's example
+//! uffd handler, which benchmarks run as a baseline), a tiny guest built with the system `cc`,
+//! and a snapshot of it made once per test process (the fixture).
 //!
 //! ```text
 //! guest (freestanding, 64-bit, CPL0, loaded at 2 MiB):
