@@ -1,10 +1,13 @@
 //! Shared pieces of pagerd's benchmarks: running synthetic VMMs against pagerd and against
 //! the plain-file baseline, and reporting figures as ratios measured in the same run.
 //!
-//! - [`fanout`]: the fork fan-out matrix (pagerd against copy, MAP_PRIVATE and naive handlers);
-//!   [`report`]: its table, JSON and chart. The `fanout` binary runs it.
+//! - [`fanout`]: the fork fan-out matrix (pagerd on demand, replaying or graduating a recorded
+//!   working set, and through FUSE, against copy, MAP_PRIVATE, naive handlers and Firecracker's
+//!   handler), warm or cold; [`report`]: its table, JSON and chart. The `fanout` binary runs it.
+//! - [`cache`]: dropping and measuring the page cache of snapshot files (cold runs).
 //! - The helpers below serve `benches/fault_rate.rs`.
 
+pub mod cache;
 pub mod fanout;
 pub mod report;
 

@@ -1,5 +1,6 @@
-//! Real Firecracker VMs for the end-to-end tests: finding the binary, a tiny guest built with
-//! the system `cc`, and a snapshot of it made once per test process (the fixture).
+//! Real Firecracker VMs for the end-to-end tests: finding the binary (and Firecracker's example
+//! uffd handler, which benchmarks run as a baseline), a tiny guest built with the system `cc`,
+//! and a snapshot of it made once per test process (the fixture).
 //!
 //! ```text
 //! guest (freestanding, 64-bit, CPL0, loaded at 2 MiB):
@@ -74,6 +75,38 @@ pub fn binary() -> Result<PathBuf, String> {
         return Ok(vendored);
     }
     Err("no firecracker binary ($FIRECRACKER, PATH, ../shared/vendor/firecracker)".into())
+}
+
+/// Firecracker's example page server `uffd_on_demand_handler` (`uffd_on_demand_handler
+/// SOCKET MEMFILE`: one VMM's handoff, one 4 KiB `UFFDIO_COPY` per fault): `$FC_UFFD_HANDLER`
+/// if set (and then only that), else the vendored one beside the workspace
+/// (`../shared/vendor/firecracker/`), else `uffd_on_demand_handler` on `PATH`; `Err` says why
+/// there is none.
+pub fn uffd_handler() -> Result<PathBuf, String> {
+    const NAME: &str = "uffd_on_demand_handler";
+    if let Some(path) = std::env::var_os("FC_UFFD_HANDLER") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "$FC_UFFD_HANDLER ({}) is not a file",
+                path.display()
+            ))
+        };
+    }
+    let vendored = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/vendor/firecracker")
+        .join(NAME);
+    if vendored.is_file() {
+        return Ok(vendored);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(NAME))
+        .find(|path| path.is_file())
+        .ok_or_else(|| format!("no {NAME} ($FC_UFFD_HANDLER, ../shared/vendor/firecracker, PATH)"))
 }
 
 /// Whether this machine can run a Firecracker VM at all; `Err` says why not.

@@ -10,7 +10,8 @@
 //! - [`Daemon::pagerctl`] runs the CLI against it and returns its exit code and output.
 //! - [`Vmm`] runs a `synthetic-vmm` (or `hostile-vmm`, `kvm-vmm`) process and reads the events
 //!   it prints.
-//! - [`firecracker`]: the Firecracker binary, a tiny guest and a snapshot of it (the fixture),
+//! - [`firecracker`]: the Firecracker binary (and its example uffd handler, a benchmark
+//!   baseline), a tiny guest and a snapshot of it (the fixture),
 //!   console logs, and [`firecracker::VmReaper`] for the VMs pagerd launched; [`qemu`]: the
 //!   same for QEMU (a PVH guest and a bundle saved with `x-ignore-shared`).
 //! - [`raw_handoff`] sends arbitrary (hostile) handoff messages and reads pagerd's

@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p pagerd-benches --bin fanout            # the full matrix
 //! cargo run --release -p pagerd-benches --bin fanout -- --quick # a smoke run for CI
+//! cargo run --release -p pagerd-benches --bin fanout -- --quick --cold # page cache dropped
 //! ```
 //!
 //! Prints progress and a table; writes `fanout.json` and `fanout.svg` to `--out`.
@@ -11,14 +12,15 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use pagerd_benches::fanout::{run, Mode, Outcome, Pattern, Row, Scenario};
+use pagerd_benches::fanout::{run, Mode, Outcome, Pattern, Row, Scenario, SnapshotFiles};
 use pagerd_benches::report;
 use serde_json::json;
 use testkit::write_snapshot;
 
-/// How fast N forks of one snapshot reach their working set: pagerd (uffd, and its FUSE memory
-/// file cached or passthrough) against copying the file, mapping it MAP_PRIVATE, and one naive
-/// handler per fork.
+/// How fast N forks of one snapshot reach their working set: pagerd (uffd on demand, replaying
+/// or graduating a working set recorded first, and its FUSE memory file cached or passthrough)
+/// against copying the file, mapping it MAP_PRIVATE, one naive handler per fork and one
+/// Firecracker uffd_on_demand_handler per fork.
 #[derive(Debug, Parser)]
 struct Args {
     /// A small matrix (64 MiB, 1 and 4 forks) that runs in well under two minutes.
@@ -40,10 +42,14 @@ struct Args {
     /// Only dense snapshots (no run with mostly-zero memory).
     #[arg(long)]
     dense_only: bool,
-    /// Modes to run [default: all]: pagerd, fuse-cached, fuse-passthrough, copy, map-private,
-    /// naive.
+    /// Modes to run [default: all]: pagerd, pagerd-replay, pagerd-graduate, fuse-cached,
+    /// fuse-passthrough, copy, map-private, naive, fc-handler.
     #[arg(long, value_delimiter = ',', value_parser = parse_mode)]
     modes: Vec<Mode>,
+    /// Drop the snapshot's files from the page cache before the forks start (after pagerd has
+    /// started and recorded; it is started afresh first where it recorded).
+    #[arg(long)]
+    cold: bool,
     /// An extra pagerd command-line argument (repeatable), e.g. --pagerd-arg=--spin-us=0.
     #[arg(long = "pagerd-arg", allow_hyphen_values = true)]
     pagerd_args: Vec<String>,
@@ -109,6 +115,11 @@ fn main() {
             let mem = scratch.path().join(format!("mem-{size_mib}-{sparse}"));
             let zero_tail = if sparse { (size_mib << 20) / 4 * 3 } else { 0 };
             write_snapshot(&mem, size_mib << 20, 7 + size_mib, 0, zero_tail);
+            let files = SnapshotFiles {
+                check: mem.with_extension("check"),
+                memory: mem,
+            };
+            std::fs::copy(&files.memory, &files.check).expect("copy the snapshot for checking");
             for &pattern in &patterns {
                 for &n in &forks {
                     let scenario = Scenario {
@@ -116,6 +127,7 @@ fn main() {
                         size_mib,
                         pattern,
                         sparse,
+                        cold: args.cold,
                         percent: args
                             .percent
                             .unwrap_or_else(|| pattern.order_and_percent().1),
@@ -127,33 +139,32 @@ fn main() {
                         }
                         let need = scenario.memory_needed(mode);
                         let outcome = if need > budget {
-                            Outcome {
-                                skipped: Some(format!(
-                                    "needs ~{} MiB, over the {} MiB budget",
-                                    need >> 20,
-                                    budget >> 20
-                                )),
-                                ..Outcome::default()
-                            }
+                            Outcome::skipped(format!(
+                                "needs ~{} MiB, over the {} MiB budget",
+                                need >> 20,
+                                budget >> 20
+                            ))
                         } else {
-                            run(&scenario, mode, &mem, scratch.path(), &args.pagerd_args)
+                            run(&scenario, mode, &files, scratch.path(), &args.pagerd_args)
                         };
                         outcomes.push((mode, outcome));
                     }
                     rows.push(Row { scenario, outcomes });
                     let (first, p) = &rows.last().expect("row").outcomes[0];
                     eprintln!(
-                        "[{}/{total} {:>5.0}s] {n:>3} forks, {size_mib} MiB, {}, {}: {} {:.3}s to working set",
+                        "[{}/{total} {:>5.0}s] {n:>3} forks, {size_mib} MiB, {}, {}, {}: {} {:.3}s to working set",
                         rows.len(),
                         started.elapsed().as_secs_f64(),
                         pattern.name(),
                         if sparse { "sparse" } else { "dense" },
+                        scenario.cache(),
                         first.name(),
                         p.working_set_s
                     );
                 }
             }
-            std::fs::remove_file(&mem).ok();
+            std::fs::remove_file(&files.memory).ok();
+            std::fs::remove_file(&files.check).ok();
         }
     }
     print!("{}", report::table(&rows));
@@ -163,6 +174,7 @@ fn main() {
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "seconds": started.elapsed().as_secs_f64(),
         "quick": args.quick,
+        "cold": args.cold,
     });
     report::write_json(&rows, &machine, &args.out.join("fanout.json")).expect("write json");
     report::write_chart(&rows, &args.out.join("fanout.svg")).expect("write chart");

@@ -1,18 +1,23 @@
 //! `vm-fanout`: N real Firecracker VMs restored at once from one snapshot of the test guest
-//! (`testkit::firecracker`), through four memory paths:
+//! (`testkit::firecracker`), through five memory paths:
 //!
 //! ```text
-//! pagerd-uffd     fork.create per VM; PUT /snapshot/load Uffd on its handoff socket
-//! pagerd-fuse     File backend on pagerd's FUSE memory file (passthrough where granted)
-//! fc-handler      Firecracker's own uffd_on_demand_handler, one per VM (vendored)
-//! file            File backend on the snapshot file itself (the floor: no page server)
+//! pagerd-uffd         fork.create per VM (prefetch off: on demand); PUT /snapshot/load Uffd on
+//!                     its handoff socket
+//! pagerd-uffd-replay  the same, after pagerd recorded the working set from one VM restored
+//!                     first (until its first OK); each fork replays it (prefetch working_set)
+//! pagerd-fuse         File backend on pagerd's FUSE memory file (passthrough where granted)
+//! fc-handler          Firecracker's own uffd_on_demand_handler, one per VM (vendored)
+//! file                File backend on the snapshot file itself (the floor: no page server)
 //! ```
 //!
 //! Every VM's Firecracker is started and its API socket up first; the clock runs from the
 //! first load request (sent to all VMs from one thread each) until every guest's console shows
 //! its first `OK` (a full check of its 8 MiB after the restore). Then: Pss summed over the
-//! Firecracker processes (`/proc/<pid>/smaps_rollup`), and the page server's CPU time over the
-//! run (pagerd's, the handlers' summed; none for `file`).
+//! Firecracker processes (`/proc/<pid>/smaps_rollup`), the page server's CPU time over the
+//! run (pagerd's, the handlers' summed; none for `file`), and for the pagerd uffd paths the
+//! faults pagerd served and the pages it replayed, per VM. Every pagerd runs with
+//! `--record-forks 0`: only the replay path records, and only when asked.
 //!
 //! ```text
 //! cargo run --release -p pagerd-benches --bin vm-fanout -- --vms 1,8,32
@@ -23,9 +28,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use proto::model::VmBackend;
-use testkit::firecracker::{count, fixture, Fixture};
-use testkit::{poll_until, Daemon};
+use proto::model::{ForkState, ForkStatsReport, VmBackend};
+use proto::prefetch::Prefetch;
+use testkit::firecracker::{count, fixture, uffd_handler, Fixture};
+use testkit::{poll_until, wait_until, Daemon, DEADLINE};
 use vmm_glue::firecracker::{self as fc, Api, LoadRequest};
 
 /// Restore N Firecracker VMs at once through each memory path and time them.
@@ -34,7 +40,7 @@ struct Args {
     /// VM counts.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     vms: Vec<usize>,
-    /// Paths [default: all]: pagerd-uffd, pagerd-fuse, fc-handler, file.
+    /// Paths [default: all]: pagerd-uffd, pagerd-uffd-replay, pagerd-fuse, fc-handler, file.
     #[arg(long, value_delimiter = ',')]
     paths: Vec<String>,
     /// How long to wait for every guest's report, in seconds.
@@ -42,7 +48,13 @@ struct Args {
     timeout_s: u64,
 }
 
-const ALL_PATHS: [&str; 4] = ["pagerd-uffd", "pagerd-fuse", "fc-handler", "file"];
+const ALL_PATHS: [&str; 5] = [
+    "pagerd-uffd",
+    "pagerd-uffd-replay",
+    "pagerd-fuse",
+    "fc-handler",
+    "file",
+];
 
 struct Vm {
     firecracker: Child,
@@ -121,6 +133,46 @@ struct Row {
     seconds: f64,
     pss_mib: f64,
     server_cpu_s: Option<f64>,
+    /// Faults pagerd served and pages it replayed, per VM (pagerd's uffd paths).
+    pagerd_per_vm: Option<(f64, f64)>,
+}
+
+/// What the forks of a pagerd uffd path prefetch.
+fn prefetch(path: &str) -> Option<Prefetch> {
+    match path {
+        "pagerd-uffd" => Some(Prefetch::Off),
+        "pagerd-uffd-replay" => Some(Prefetch::WorkingSet),
+        _ => None,
+    }
+}
+
+/// Records the snapshot's working set from one VM restored through a fork of `daemon`: it
+/// runs until its guest's first `OK` (a whole pass over its memory) and is then killed, which
+/// ends the recording; returns once pagerd has stored the set.
+fn record(daemon: &Daemon, fixture: &Fixture, binary: &Path, dir: &Path, timeout: Duration) {
+    daemon
+        .client()
+        .record_working_set("base", Some(1))
+        .unwrap_or_else(|e| panic!("snapshot.record refused: {e:?}\n{}", daemon.log()));
+    let socket = daemon.create_fork_with("base", "recorder", Some(Prefetch::Off));
+    let dir = dir.join("recorder");
+    std::fs::create_dir(&dir).expect("recorder dir");
+    let vm = spawn_firecracker(binary, &dir, 0);
+    Api::new(&vm.api)
+        .wait_ready(Duration::from_secs(30), || true)
+        .expect("firecracker API");
+    let load = LoadRequest::new(&fixture.vmstate, VmBackend::Uffd, &socket, &[], None);
+    Api::new(&vm.api).load(&load).expect("snapshot load");
+    assert!(
+        poll_until(timeout, || count(&vm.console, "OK") >= 1),
+        "the recording VM never reported"
+    );
+    drop(vm);
+    daemon.wait_fork("recorder", ForkState::Ended);
+    wait_until("pagerd to store the recorded working set", DEADLINE, || {
+        daemon.snapshot("base").working_set.is_some()
+    });
+    daemon.close_fork("recorder");
 }
 
 fn run(path: &'static str, n: usize, fixture: &Fixture, binary: &Path, timeout: Duration) -> Row {
@@ -130,22 +182,30 @@ fn run(path: &'static str, n: usize, fixture: &Fixture, binary: &Path, timeout: 
         .expect("tempdir");
     let daemon = path
         .starts_with("pagerd")
-        .then(|| Daemon::start(&[("base", &fixture.memory)], &[]));
+        .then(|| Daemon::start(&[("base", &fixture.memory)], &["--record-forks", "0"]));
+    if path == "pagerd-uffd-replay" {
+        record(
+            daemon.as_ref().expect("daemon"),
+            fixture,
+            binary,
+            dir.path(),
+            timeout,
+        );
+    }
     let mut vms: Vec<Vm> = (0..n)
         .map(|i| spawn_firecracker(binary, dir.path(), i))
         .collect();
     let mut memories = Vec::new();
     for (i, vm) in vms.iter_mut().enumerate() {
         let memory = match path {
-            "pagerd-uffd" => daemon
+            "pagerd-uffd" | "pagerd-uffd-replay" => daemon
                 .as_ref()
                 .expect("daemon")
-                .create_fork("base", &format!("f{i}")),
+                .create_fork_with("base", &format!("f{i}"), prefetch(path)),
             "pagerd-fuse" => daemon.as_ref().expect("daemon").fuse_file("base"),
             "fc-handler" => {
                 let socket = dir.path().join(format!("handler-{i}.sock"));
-                let handler = Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../../shared/vendor/firecracker/uffd_on_demand_handler");
+                let handler = uffd_handler().expect("checked before the run");
                 vm.handler = Some(
                     Command::new(handler)
                         .arg(&socket)
@@ -166,13 +226,15 @@ fn run(path: &'static str, n: usize, fixture: &Fixture, binary: &Path, timeout: 
             .expect("firecracker API");
         memories.push(memory);
     }
-    let backend = if path == "pagerd-uffd" || path == "fc-handler" {
+    let backend = if prefetch(path).is_some() || path == "fc-handler" {
         VmBackend::Uffd
     } else {
         VmBackend::File
     };
     let server_pids: Vec<u32> = match path {
-        "pagerd-uffd" | "pagerd-fuse" => vec![daemon.as_ref().expect("daemon").pid()],
+        "pagerd-uffd" | "pagerd-uffd-replay" | "pagerd-fuse" => {
+            vec![daemon.as_ref().expect("daemon").pid()]
+        }
         "fc-handler" => vms
             .iter()
             .filter_map(|v| v.handler.as_ref().map(Child::id))
@@ -199,6 +261,18 @@ fn run(path: &'static str, n: usize, fixture: &Fixture, binary: &Path, timeout: 
     assert!(vms.iter().all(|v| count(&v.console, "BAD") == 0));
     let cpu_after: f64 = server_pids.iter().map(|&p| cpu_seconds(p)).sum();
     let pss: u64 = vms.iter().map(|v| pss_kib(v.firecracker.id())).sum();
+    let pagerd_per_vm = daemon
+        .as_ref()
+        .filter(|_| prefetch(path).is_some())
+        .map(|d| {
+            let mut stats = ForkStatsReport::default();
+            for i in 0..n {
+                stats += &d.fork(&format!("f{i}")).stats;
+            }
+            assert_eq!(stats.errors, 0, "pagerd reported fault errors");
+            let per_vm = |total: u64| total as f64 / n as f64;
+            (per_vm(stats.faults), per_vm(stats.replayed_pages))
+        });
     drop(vms);
     drop(daemon);
     Row {
@@ -207,6 +281,7 @@ fn run(path: &'static str, n: usize, fixture: &Fixture, binary: &Path, timeout: 
         seconds,
         pss_mib: pss as f64 / 1024.0,
         server_cpu_s: (!server_pids.is_empty()).then_some(cpu_after - cpu_before),
+        pagerd_per_vm,
     }
 }
 
@@ -220,14 +295,17 @@ fn main() {
         }
     };
     let binary = testkit::firecracker::binary().expect("firecracker");
-    let paths: Vec<&'static str> = if args.paths.is_empty() {
-        ALL_PATHS.to_vec()
-    } else {
-        ALL_PATHS
-            .into_iter()
-            .filter(|p| args.paths.iter().any(|a| a == p))
-            .collect()
-    };
+    let paths: Vec<&'static str> = ALL_PATHS
+        .into_iter()
+        .filter(|p| args.paths.is_empty() || args.paths.iter().any(|a| a == p))
+        .filter(|&p| match (p, uffd_handler()) {
+            ("fc-handler", Err(why)) => {
+                eprintln!("vm-fanout: SKIPPED fc-handler: {why}");
+                false
+            }
+            _ => true,
+        })
+        .collect();
     let mut rows = Vec::new();
     for &n in &args.vms {
         for &path in &paths {
@@ -246,20 +324,32 @@ fn main() {
             rows.push(row);
         }
     }
-    println!("| VMs | path | load → every first OK (s) | vs file | Pss of the VMMs (MiB) | page-server CPU (s) |");
-    println!("| ---: | --- | ---: | ---: | ---: | ---: |");
+    println!("| VMs | path | load → every first OK (s) | vs file | vs pagerd-uffd | Pss of the VMMs (MiB) | page-server CPU (s) | pagerd faults / VM | replayed pages / VM |");
+    println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for row in &rows {
-        let floor = rows
-            .iter()
-            .find(|r| r.vms == row.vms && r.path == "file")
-            .map(|r| r.seconds);
-        let ratio = floor.map_or_else(|| "-".into(), |f| format!("{:.2}x", row.seconds / f));
+        let versus = |other: &str| {
+            rows.iter()
+                .find(|r| r.vms == row.vms && r.path == other)
+                .map_or_else(
+                    || "-".into(),
+                    |r| format!("{:.2}x", row.seconds / r.seconds),
+                )
+        };
         let cpu = row
             .server_cpu_s
             .map_or_else(|| "-".into(), |c| format!("{c:.2}"));
+        let (faults, replayed) = row.pagerd_per_vm.map_or_else(
+            || ("-".into(), "-".into()),
+            |(f, r)| (format!("{f:.0}"), format!("{r:.0}")),
+        );
         println!(
-            "| {} | {} | {:.2} | {ratio} | {:.1} | {cpu} |",
-            row.vms, row.path, row.seconds, row.pss_mib
+            "| {} | {} | {:.2} | {} | {} | {:.1} | {cpu} | {faults} | {replayed} |",
+            row.vms,
+            row.path,
+            row.seconds,
+            versus("file"),
+            versus("pagerd-uffd"),
+            row.pss_mib
         );
     }
 }

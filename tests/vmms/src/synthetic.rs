@@ -12,13 +12,16 @@
 //! also has a file offset, where its bytes start in the memory file. [`GuestMemory::verify`]
 //! reads guest pages in sequential or random order, from user mode or from kernel context (a
 //! `write` into a pipe, or `process_vm_readv`, as KVM's accesses are), and compares each with
-//! the file, or with zeros where the guest gave pages back with `MADV_DONTNEED`.
+//! the file, or with zeros where the guest gave pages back with `MADV_DONTNEED`. It counts the
+//! page faults its reading loop took ([`VerifyReport::faults`]);
+//! [`GuestMemory::comparison_faults`] tells how many of them the comparisons cost, so that
+//! guest memory's own faults can be compared between ways of serving it.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use memmap2::Mmap;
@@ -133,6 +136,22 @@ pub struct VerifyReport {
     /// This process's private anonymous memory when the pass ended (`RssAnon`), in KiB: what
     /// the fork's memory costs beyond pages it shares.
     pub rss_anon_kib: u64,
+    /// Page faults (minor and major, from `getrusage(RUSAGE_THREAD)`) the reading loop took:
+    /// guest memory's and those of the comparisons' mapping of the snapshot alike (see
+    /// [`GuestMemory::comparison_faults`]).
+    pub faults: u64,
+}
+
+/// Page faults, minor and major, the calling thread has taken so far.
+pub fn thread_faults() -> u64 {
+    // SAFETY: an all-zero rusage is a valid value; getrusage overwrites it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_THREAD with a valid, exclusive out-pointer.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    if rc != 0 {
+        return 0;
+    }
+    u64::try_from(usage.ru_minflt + usage.ru_majflt).unwrap_or(0)
 }
 
 /// A `/proc/self/status` field in KiB (0 if absent).
@@ -210,6 +229,8 @@ pub struct GuestMemory {
     uffd: Option<Uffd>,
     /// The memory file, mapped read-only: what every page should hold.
     expected: Mmap,
+    /// Its path (for a fresh mapping: [`GuestMemory::comparison_faults`]).
+    snapshot: PathBuf,
     /// One flag per page: given back with `MADV_DONTNEED`, so it must read as zeros.
     removed: Vec<bool>,
     /// Written by this VMM into the first 8 bytes of every page, once `stamp` ran.
@@ -336,11 +357,16 @@ impl GuestMemory {
         Self::assemble(snapshot, regions, PAGE_SIZE_4K, None)
     }
 
-    /// Copies the memory file into anonymous memory first, as platforms did before sharing
-    /// snapshots: every fork pays for a full copy before it runs.
-    pub fn copy_file(snapshot: &Path, layout: &[RegionSpec]) -> io::Result<Self> {
+    /// Copies `memory_file` into anonymous memory first, as platforms did before sharing
+    /// snapshots: every fork pays for a full copy before it runs. Pages are checked against
+    /// `snapshot` (the same file, or another copy of it).
+    pub fn copy_file(
+        snapshot: &Path,
+        memory_file: &Path,
+        layout: &[RegionSpec],
+    ) -> io::Result<Self> {
         use std::os::unix::fs::FileExt;
-        let file = File::open(snapshot)?;
+        let file = File::open(memory_file)?;
         let mut regions = Vec::with_capacity(layout.len());
         let mut guest_offset = 0;
         for spec in layout {
@@ -381,6 +407,7 @@ impl GuestMemory {
             page_size,
             uffd,
             expected,
+            snapshot: snapshot.to_owned(),
             removed: vec![false; (total / page_size) as usize],
             stamp: None,
             pace: Duration::ZERO,
@@ -549,6 +576,7 @@ impl GuestMemory {
         let mut reader = PageReader::new(path, ps as usize)?;
         let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
             .expect("valid histogram bounds");
+        let faults_before = thread_faults();
         let started = Instant::now();
         let mut first_page_ns = 0;
         let mut removed_pages = 0;
@@ -601,7 +629,31 @@ impl GuestMemory {
                 max: latency.max(),
             },
             rss_anon_kib: self_status_kib("RssAnon"),
+            faults: thread_faults().saturating_sub(faults_before),
         })
+    }
+
+    /// The page faults that reading the snapshot pages `verify(range, plan, …)` compares
+    /// against costs through a fresh mapping of the snapshot, in the same order: the share of
+    /// that pass's [`VerifyReport::faults`] that its comparisons took, so that the rest is guest
+    /// memory's own. Exact for the first `verify` of a process when the snapshot file is
+    /// wholly in the page cache (fault-around then maps the same pages in the same order both
+    /// times); otherwise an estimate.
+    pub fn comparison_faults(
+        &self,
+        range: Option<(u64, u64)>,
+        plan: &AccessPlan,
+    ) -> io::Result<u64> {
+        let ps = self.page_size;
+        let fresh = open_expected(&self.snapshot)?;
+        let (start, len) = range.unwrap_or((0, self.size()));
+        let pages = plan.pages(start / ps..(start + len).div_ceil(ps));
+        let before = thread_faults();
+        for &page in &pages {
+            let (region, within) = self.locate(page * ps);
+            std::hint::black_box(fresh[(region.spec.file_offset + within) as usize]);
+        }
+        Ok(thread_faults().saturating_sub(before))
     }
 
     /// Touches every page, then gives all of them back, forever: a guest that keeps faulting.

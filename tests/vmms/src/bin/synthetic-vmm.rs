@@ -11,7 +11,8 @@
 //! `churn` (touch everything, give it all back, forever), `touch-outside` (fault in the
 //! registered but undeclared tail), `touch` (read one byte of each page `verify` would check,
 //! comparing nothing), `footprint` (guest memory's Rss and Pss), `stamp:N` (write N into the first 8 bytes of every page;
-//! later `verify`s expect it there). Sizes take K, M and G suffixes. Exit status 1 means a page
+//! later `verify`s expect it there). With `--count-faults`, each `verified` event also says how
+//! many of the pass's page faults were guest memory's own (`guest_faults`). Sizes take K, M and G suffixes. Exit status 1 means a page
 //! held the wrong bytes; the offending page is printed.
 
 use std::io::BufRead;
@@ -50,13 +51,20 @@ struct Args {
     /// Seeds random page choices and orders.
     #[arg(long, default_value_t = 0x5eed)]
     seed: u64,
-    /// Without --socket: copy the memory file into anonymous memory first instead of mapping it.
+    /// Without --socket: copy the memory file (--memory-file, else --snapshot) into anonymous
+    /// memory first instead of mapping it.
     #[arg(long)]
     copy_file: bool,
-    /// Without --socket: map this file MAP_PRIVATE as guest memory instead of the snapshot
-    /// itself (a page server's FUSE memory file); pages are still checked against --snapshot.
-    #[arg(long, conflicts_with = "copy_file")]
+    /// Without --socket: map (or copy) this file as guest memory instead of the snapshot
+    /// itself (a page server's FUSE memory file, or another copy of the snapshot); pages are
+    /// still checked against --snapshot.
+    #[arg(long)]
     memory_file: Option<PathBuf>,
+    /// After each `verify`, map --snapshot afresh and count the faults its comparisons cost,
+    /// printing them (`check_faults`) and the rest of the pass's faults, guest memory's own
+    /// (`guest_faults`), in its event. Exact when --snapshot is wholly in the page cache.
+    #[arg(long)]
+    count_faults: bool,
     /// How `verify` reads guest memory.
     #[arg(long, value_enum, default_value = "user")]
     access: AccessPath,
@@ -137,7 +145,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             serde_json::json!({"event": "handed_off", "pid": std::process::id(), "t_ns": monotonic_ns()}),
         );
     } else if args.copy_file {
-        memory = GuestMemory::copy_file(&args.snapshot, &layout)?;
+        let file = args.memory_file.as_deref().unwrap_or(&args.snapshot);
+        memory = GuestMemory::copy_file(&args.snapshot, file, &layout)?;
         _connection = None;
     } else {
         let file = args.memory_file.as_deref().unwrap_or(&args.snapshot);
@@ -156,7 +165,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         match *step {
             Step::Verify(range) => {
                 let report = memory.verify(range, &plan, args.access)?;
-                emit(serde_json::json!({"event": "verified", "report": report}));
+                let mut event = serde_json::json!({"event": "verified", "report": report});
+                if args.count_faults {
+                    let check = memory.comparison_faults(range, &plan)?;
+                    event["check_faults"] = check.into();
+                    event["guest_faults"] = report.faults.saturating_sub(check).into();
+                }
+                emit(event);
             }
             Step::Footprint => {
                 let footprint = memory.footprint()?;
