@@ -69,6 +69,12 @@ pub struct Config {
     /// until it ends, if sooner).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub record_secs: u64,
+    /// The nice value of a worker thread while it replays working sets (-20 to 19). Replay
+    /// pays only if it gets ahead of the forks, which compete with it for the CPU; a worker
+    /// serving faults runs at 0, one that only graduates at 19. Needs CAP_SYS_NICE below 0.
+    #[arg(long, default_value_t = -19, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub replay_nice: i32,
     /// How long a VMM may take to send its handoff message after connecting, in ms.
     #[arg(long, default_value_t = 10_000)]
     pub handoff_timeout_ms: u64,

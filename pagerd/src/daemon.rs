@@ -146,6 +146,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         max_forks: usize::try_from(config.max_forks).unwrap_or(usize::MAX),
         record_forks: config.record_forks,
         record_window: Duration::from_secs(config.record_secs),
+        replay_nice: config.replay_nice,
     };
     // Serving threads report attach and end here; disk writes happen off their threads.
     let (events, inbox) = mpsc::channel();

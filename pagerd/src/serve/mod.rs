@@ -11,6 +11,7 @@
 
 pub mod acceptor;
 pub mod prefetch;
+pub mod priority;
 pub mod record;
 pub mod recover;
 pub mod session;
@@ -126,6 +127,7 @@ impl Server {
                     events.clone(),
                     options.spin,
                     budget.clone(),
+                    options.replay_nice,
                 )
             })
             .collect::<io::Result<_>>()?;

@@ -251,6 +251,8 @@ pub struct ServeOptions {
     pub record_forks: u32,
     /// How long a recording fork records.
     pub record_window: Duration,
+    /// The nice value of a worker while it replays working sets.
+    pub replay_nice: i32,
 }
 
 /// How far a run of zero pages may extend: up to the next 2 MiB boundary.

@@ -37,6 +37,7 @@ use proto::Id;
 
 use crate::registry::Registry;
 use crate::serve::prefetch::{Phase, Step};
+use crate::serve::priority::{Level, WorkerPriority};
 use crate::serve::session::{Drain, Session};
 use crate::serve::spin::{ActiveSessions, SpinBudget, ACTIVE_WINDOW};
 use crate::serve::uffd::{empty_msg, UffdMsg};
@@ -81,6 +82,7 @@ impl WorkerHandle {
         events: ForkEvents,
         spin: Duration,
         spin_budget: Arc<SpinBudget>,
+        replay_nice: i32,
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -99,6 +101,7 @@ impl WorkerHandle {
             index,
             active: ActiveSessions::default(),
             spin_budget,
+            priority: WorkerPriority::new(replay_nice),
         };
         let thread = std::thread::Builder::new()
             .name(format!("pagerd-worker-{index}"))
@@ -159,6 +162,7 @@ struct Worker {
     /// Its sessions that faulted recently, and what every worker shares about them.
     active: ActiveSessions,
     spin_budget: Arc<SpinBudget>,
+    priority: WorkerPriority,
 }
 
 /// A session with prefetch work, and when it may go on if it waits for the disk.
@@ -245,10 +249,28 @@ impl Worker {
             self.retry_deferred();
             let active = self.active.count(Instant::now());
             self.spin_budget.publish(self.index, active);
+            self.priority.set(self.priority_level(active));
             // Faults first: prefetch only runs when no session has events left over.
             if busy.is_empty() {
                 self.prefetch_turn();
             }
+        }
+    }
+
+    /// What this worker does now, for its priority: replaying if any session replays; only
+    /// graduating if that is all there is and no session faulted recently.
+    fn priority_level(&self, active: usize) -> Level {
+        let phase = |t: &PrefetchTurn| {
+            self.sessions
+                .get(t.key)
+                .map_or(Phase::Done, Session::prefetch_phase)
+        };
+        if self.prefetching.iter().any(|t| phase(t) == Phase::Replay) {
+            Level::Replay
+        } else if active == 0 && !self.prefetching.is_empty() {
+            Level::Background
+        } else {
+            Level::Normal
         }
     }
 
