@@ -686,16 +686,7 @@ impl Lifecycle {
         let prefetch = prefetch.unwrap_or(self.default_prefetch);
         let mut catalog = self.lock();
         self.verify_unchanged(&mut catalog, snapshot)?;
-        let meta = catalog
-            .metas
-            .get(snapshot)
-            .ok_or_else(|| LifecycleError::NotFound {
-                kind: "snapshot",
-                id: snapshot.clone(),
-            })?;
-        if meta.delete_pending {
-            return Err(LifecycleError::DeletePending(snapshot.clone()));
-        }
+        self.forkable_snapshot(&catalog, snapshot)?;
         self.server.admit_fork()?;
         let id = match id {
             Some(id) => id,

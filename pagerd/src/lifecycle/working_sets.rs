@@ -51,7 +51,8 @@ impl Lifecycle {
         Ok(self.snapshot_info(&catalog, id, &scan))
     }
 
-    fn forkable_snapshot(
+    /// A registered snapshot that is not on its way out (`not_found`, `conflict` otherwise).
+    pub(super) fn forkable_snapshot(
         &self,
         catalog: &Catalog,
         id: &Id,

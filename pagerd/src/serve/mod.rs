@@ -14,6 +14,7 @@ pub mod prefetch;
 pub mod priority;
 pub mod record;
 pub mod recover;
+pub mod region;
 pub mod session;
 pub mod spin;
 pub mod uffd;

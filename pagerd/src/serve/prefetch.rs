@@ -23,7 +23,8 @@ use nix::errno::Errno;
 use proto::handoff::PAGE_SIZE_4K;
 use proto::model::EndReason;
 
-use super::session::{Fill, Session};
+use super::region::Fill;
+use super::session::Session;
 use super::uffd::{empty_msg, FillError, Wake};
 use crate::stats::bump;
 use crate::working_set::WorkingSet;
@@ -118,7 +119,7 @@ struct WakeSpan {
 impl WakeSpan {
     fn add(&mut self, session: &Session, start: u64, end: u64) -> Result<(), EndReason> {
         match &mut self.span {
-            Some((lo, hi)) if session.same_region(*lo, start) => {
+            Some((lo, hi)) if session.regions().same_region(*lo, start) => {
                 *lo = (*lo).min(start);
                 *hi = (*hi).max(end);
                 Ok(())
@@ -197,13 +198,15 @@ impl Session {
                     p.run_done = 0;
                 }
             };
-            let Some((ri, rpage, span)) = self.locate_file_page(first, left) else {
+            let Some((ri, rpage, span)) = self.regions().locate_file_page(first, left) else {
                 // Not in this fork's memory: skip to where a region starts, or the run's end.
-                let skip = self.pages_to_next_region(first).min(left);
+                let skip = self.regions().pages_to_next_region(first).min(left);
                 advance(self, skip);
                 continue;
             };
-            let (start, end, skipped) = self.missing_span(ri, rpage, span, STEP_PAGES - pages);
+            let (start, end, skipped) =
+                self.regions()
+                    .missing_span(ri, rpage, span, STEP_PAGES - pages);
             bump(&self.fork().stats.prefetch_skipped, skipped);
             if start == end {
                 advance(self, span);
@@ -235,7 +238,10 @@ impl Session {
                     bump(&self.fork().stats.replayed_pages, n);
                     bump(&self.fork().stats.prefetch_skipped, skipped);
                     pages += n;
-                    let (a, b) = (self.addr_of(ri, start), self.addr_of(ri, start + n));
+                    let (a, b) = (
+                        self.regions().addr_of(ri, start),
+                        self.regions().addr_of(ri, start + n),
+                    );
                     if n > 0 {
                         if let Err(reason) = wake.add(self, a, b) {
                             return Step::Ended(reason);
@@ -259,7 +265,7 @@ impl Session {
         while pages < STEP_PAGES && ioctls < STEP_IOCTLS {
             let p = self.prefetcher_mut().expect("graduating");
             let (ri, page) = (p.region, p.page);
-            if ri >= self.region_count() {
+            if ri >= self.regions().len() {
                 // A pass is over: done if every page is there, else go round again (pages
                 // given back meanwhile), unless the pass achieved nothing.
                 let p = self.prefetcher_mut().expect("graduating");
@@ -271,16 +277,22 @@ impl Session {
                 }
                 continue;
             }
-            let Some(first) = self.next_missing(ri, page) else {
+            let Some(first) = self.regions().next_missing(ri, page) else {
                 let p = self.prefetcher_mut().expect("graduating");
                 (p.region, p.page) = (ri + 1, 0);
                 continue;
             };
-            let kind = self.fill_kind(ri, first);
-            let end = self.run_of(ri, first, kind, GRADUATE_RUN.min(STEP_PAGES - pages));
+            let kind = self.regions().fill_kind(ri, first, self.snapshot());
+            let end = self.regions().run_of(
+                ri,
+                first,
+                kind,
+                GRADUATE_RUN.min(STEP_PAGES - pages),
+                self.snapshot(),
+            );
             let src = match kind {
                 Fill::Zero => None,
-                Fill::Data => Some(self.snapshot_ptr(ri, first)),
+                Fill::Data => Some(self.regions().snapshot_ptr(ri, first, self.snapshot())),
             };
             ioctls += 1;
             match self.install(ri, first, end, kind, src) {
@@ -289,7 +301,10 @@ impl Session {
                     bump(&self.fork().stats.prefetch_skipped, skipped);
                     pages += n;
                     if n > 0 {
-                        let (a, b) = (self.addr_of(ri, first), self.addr_of(ri, first + n));
+                        let (a, b) = (
+                            self.regions().addr_of(ri, first),
+                            self.regions().addr_of(ri, first + n),
+                        );
                         if let Err(reason) = wake.add(self, a, b) {
                             return Step::Ended(reason);
                         }
@@ -319,7 +334,7 @@ impl Session {
         kind: Fill,
         src: Option<*const u8>,
     ) -> Installed {
-        let dst = self.addr_of(ri, start);
+        let dst = self.regions().addr_of(ri, start);
         let len = (end - start) * PAGE_SIZE_4K;
         let result = match (kind, src) {
             (Fill::Zero, _) => self.uffd().zeropage_with(dst, len, Wake::Later),
@@ -335,13 +350,14 @@ impl Session {
             Ok(()) => end - start,
             Err(e) => e.done / PAGE_SIZE_4K,
         };
-        self.mark_present(ri, start, start + n);
+        self.regions_mut().mark_present(ri, start, start + n);
         match result {
             Ok(()) => Installed::Pages { n, skipped: 0 },
             Err(e) => match e.errno {
                 Errno::EEXIST => {
                     // The guest got to this page first (and may have written it): keep it.
-                    self.mark_present(ri, start + n, start + n + 1);
+                    self.regions_mut()
+                        .mark_present(ri, start + n, start + n + 1);
                     Installed::Pages { n, skipped: 1 }
                 }
                 _ if n > 0 => Installed::Pages { n, skipped: 0 },
@@ -359,14 +375,14 @@ impl Session {
 
     /// Every region is 4 KiB pages and every page present: nothing can fault any more.
     fn graduated(&self) -> bool {
-        self.prefetcher().is_some_and(|p| p.graduate) && self.all_present()
+        self.prefetcher().is_some_and(|p| p.graduate) && self.regions().all_present()
     }
 
     /// Unregisters every region (the kernel serves them from now on; waiting threads are
     /// woken) and ends the session. Events queued before are read and dropped, so no thread
     /// waits for pagerd to read them.
     fn finish_graduation(&mut self) -> Step {
-        for (start, len) in self.region_spans() {
+        for (start, len) in self.regions().region_spans() {
             match self.uffd().unregister(start, len) {
                 Ok(()) => {}
                 Err(Errno::ESRCH) => return Step::Ended(EndReason::VmmExited),

@@ -27,11 +27,11 @@
 use std::collections::TryReserveError;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use proto::handoff::{GuestRegionUffdMapping, PAGE_SIZE_2M, PAGE_SIZE_4K};
+use proto::handoff::{GuestRegionUffdMapping, PAGE_SIZE_4K};
 use proto::model::EndReason;
 
 use crate::bitmap::Bitmap;
@@ -39,6 +39,7 @@ use crate::ratelimit::RateLimiter;
 use crate::registry::Fork;
 use crate::serve::prefetch::{Phase, Prefetcher};
 use crate::serve::record::Recorder;
+use crate::serve::region::{run_len, run_limit, Fill, HugeZeroPage, Readahead, Region, Regions};
 use crate::serve::uffd::{
     event_fd, FillError, UffdMsg, Userfaultfd, EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMOVE,
     PAGEFAULT_FLAG_MINOR, PAGEFAULT_FLAG_WP,
@@ -107,134 +108,6 @@ impl EexistStreak {
     }
 }
 
-/// One guest memory region and which of its pages are present or removed.
-#[derive(Debug)]
-struct Region {
-    mapping: GuestRegionUffdMapping,
-    present: Bitmap,
-    removed: Bitmap,
-    readahead: Readahead,
-}
-
-/// Readahead state of a region, as the kernel keeps for files: a fault that continues the
-/// previous run doubles the window (up to the maximum); any other fault starts over at one
-/// page. Sequential readers get large copies, scattered ones get only what they touch.
-#[derive(Debug, Default)]
-struct Readahead {
-    /// One past the last page of the previous run.
-    stream_end: u64,
-    /// Pages the next sequential fault may fill.
-    window: u64,
-}
-
-impl Readahead {
-    fn window_for(&mut self, page: u64, max: u64) -> u64 {
-        self.window = if page == self.stream_end && self.window > 0 {
-            (self.window * 2).min(max)
-        } else {
-            1
-        };
-        self.window
-    }
-}
-
-/// How a page is filled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Fill {
-    /// Copied from the snapshot.
-    Data,
-    /// The zero page.
-    Zero,
-}
-
-/// How far a run from `page` may reach: a data run to its readahead `window`, a zero run to
-/// the next 2 MiB boundary; never past `len` pages.
-fn run_limit(page: u64, kind: Fill, window: u64, len: u64) -> u64 {
-    match kind {
-        // Zero runs cost no memory and `UFFDIO_ZEROPAGE` is cheap: let them reach further.
-        Fill::Zero => (page / ZERO_WINDOW_PAGES + 1) * ZERO_WINDOW_PAGES,
-        Fill::Data => page + window,
-    }
-    .min(len)
-}
-
-/// The pages of a run: `page` itself, then every following page below `limit` for which
-/// `fits` holds, up to the first that does not.
-fn run_len(page: u64, limit: u64, fits: impl Fn(u64) -> bool) -> u64 {
-    let mut end = page + 1;
-    while end < limit && fits(end) {
-        end += 1;
-    }
-    end - page
-}
-
-impl Region {
-    fn page_of(&self, addr: u64) -> u64 {
-        (addr - self.mapping.base_host_virt_addr) / self.mapping.page_size
-    }
-
-    fn addr_of(&self, page: u64) -> u64 {
-        self.mapping.base_host_virt_addr + page * self.mapping.page_size
-    }
-
-    fn file_offset_of(&self, page: u64) -> u64 {
-        self.mapping.offset + page * self.mapping.page_size
-    }
-
-    fn fill_of(&self, page: u64, snapshot: &Snapshot) -> Fill {
-        let zero = self.removed.get(page)
-            || (self.mapping.page_size == PAGE_SIZE_4K
-                && snapshot.is_zero_page(self.file_offset_of(page)));
-        if zero {
-            Fill::Zero
-        } else {
-            Fill::Data
-        }
-    }
-}
-
-/// The address of a read-only, never-touched 2 MiB anonymous mapping: zeros to copy into
-/// hugetlbfs pages, which `UFFDIO_ZEROPAGE` does not support. Reading it costs no memory.
-/// Mapped once per process, on the first session with 2 MiB regions; an address rather than
-/// a pointer so sessions holding it can move between threads.
-#[derive(Debug, Clone, Copy)]
-struct HugeZeroPage(usize);
-
-impl HugeZeroPage {
-    fn get() -> std::io::Result<Self> {
-        static ZERO: OnceLock<usize> = OnceLock::new();
-        if let Some(&addr) = ZERO.get() {
-            return Ok(Self(addr));
-        }
-        let len = PAGE_SIZE_2M as usize;
-        // SAFETY: a fresh private anonymous read-only mapping; never written, and never
-        // unmapped once published in `ZERO`.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        if ZERO.set(addr as usize).is_err() {
-            // Another thread published its mapping first; this one was never shared.
-            // SAFETY: unmapping our own fresh mapping, which nothing refers to.
-            unsafe { libc::munmap(addr, len) };
-        }
-        Ok(Self(*ZERO.get().expect("published above")))
-    }
-
-    fn ptr(self) -> *const u8 {
-        self.0 as *const u8
-    }
-}
-
 /// Tuning of serving.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
@@ -255,9 +128,6 @@ pub struct ServeOptions {
     pub replay_nice: i32,
 }
 
-/// How far a run of zero pages may extend: up to the next 2 MiB boundary.
-const ZERO_WINDOW_PAGES: u64 = 512;
-
 /// How many event batches one readiness may drain before other sessions get a turn.
 const BATCHES_PER_TURN: usize = 8;
 
@@ -271,7 +141,7 @@ pub struct Session {
     /// Kept open for as long as the VMM runs; the VMM never sends anything more.
     connection: Option<UnixStream>,
     /// Sorted by base address; validated not to overlap.
-    regions: Vec<Region>,
+    regions: Regions,
     /// Set when a region has 2 MiB pages.
     huge_zero: Option<HugeZeroPage>,
     deferred: Vec<u64>,
@@ -315,6 +185,7 @@ impl Session {
                 readahead: Readahead::default(),
             });
         }
+        let regions = Regions(regions);
         let huge_zero = if regions.iter().any(|r| r.mapping.page_size != PAGE_SIZE_4K) {
             Some(HugeZeroPage::get().map_err(SetupError::HugeZeroPage)?)
         } else {
@@ -390,122 +261,22 @@ impl Session {
         &self.snapshot
     }
 
+    /// Its regions.
+    pub(super) fn regions(&self) -> &Regions {
+        &self.regions
+    }
+
+    /// Its regions, to mark pages present.
+    pub(super) fn regions_mut(&mut self) -> &mut Regions {
+        &mut self.regions
+    }
+
     pub(super) fn prefetcher(&self) -> Option<&Prefetcher> {
         self.prefetcher.as_ref()
     }
 
     pub(super) fn prefetcher_mut(&mut self) -> Option<&mut Prefetcher> {
         self.prefetcher.as_mut()
-    }
-
-    /// Whether two addresses lie in the same region.
-    pub(super) fn same_region(&self, a: u64, b: u64) -> bool {
-        self.region_index(a).is_some() && self.region_index(a) == self.region_index(b)
-    }
-
-    /// The 4 KiB region holding snapshot page `file_page`: its index, the page in it, and how
-    /// many pages from there (at most `max`) it still holds.
-    pub(super) fn locate_file_page(&self, file_page: u64, max: u64) -> Option<(usize, u64, u64)> {
-        let offset = file_page * PAGE_SIZE_4K;
-        self.regions.iter().enumerate().find_map(|(i, r)| {
-            let m = &r.mapping;
-            (m.page_size == PAGE_SIZE_4K && offset >= m.offset && offset < m.offset + m.size).then(
-                || {
-                    let page = (offset - m.offset) / PAGE_SIZE_4K;
-                    (i, page, (r.present.len() - page).min(max))
-                },
-            )
-        })
-    }
-
-    /// Snapshot pages from `file_page` to the next 4 KiB region's start (`u64::MAX`: none).
-    pub(super) fn pages_to_next_region(&self, file_page: u64) -> u64 {
-        let offset = file_page * PAGE_SIZE_4K;
-        self.regions
-            .iter()
-            .filter(|r| r.mapping.page_size == PAGE_SIZE_4K && r.mapping.offset > offset)
-            .map(|r| (r.mapping.offset - offset) / PAGE_SIZE_4K)
-            .min()
-            .unwrap_or(u64::MAX)
-            .max(1)
-    }
-
-    /// In region `ri` from `page` on (`span` pages): the first pages that are present or
-    /// given back are skipped; then the missing pages up to `max` of them. Returns the
-    /// missing range and how many were skipped.
-    pub(super) fn missing_span(
-        &self,
-        ri: usize,
-        page: u64,
-        span: u64,
-        max: u64,
-    ) -> (u64, u64, u64) {
-        let r = &self.regions[ri];
-        let wanted = |p: u64| !r.present.get(p) && !r.removed.get(p);
-        let end = page + span;
-        let mut start = page;
-        while start < end && !wanted(start) {
-            start += 1;
-        }
-        let mut stop = start;
-        while stop < end && stop - start < max && wanted(stop) {
-            stop += 1;
-        }
-        (start, stop, start - page)
-    }
-
-    /// The first page from `page` on in region `ri` that is not present.
-    pub(super) fn next_missing(&self, ri: usize, page: u64) -> Option<u64> {
-        let r = &self.regions[ri];
-        (page..r.present.len()).find(|&p| !r.present.get(p))
-    }
-
-    /// How page `page` of region `ri` is filled.
-    pub(super) fn fill_kind(&self, ri: usize, page: u64) -> Fill {
-        self.regions[ri].fill_of(page, &self.snapshot)
-    }
-
-    /// One past the last of the missing pages of `kind` from `page` on (at most `max`).
-    pub(super) fn run_of(&self, ri: usize, page: u64, kind: Fill, max: u64) -> u64 {
-        let r = &self.regions[ri];
-        let limit = (page + max.max(1)).min(r.present.len());
-        page + run_len(page, limit, |p| {
-            !r.present.get(p) && r.fill_of(p, &self.snapshot) == kind
-        })
-    }
-
-    /// The snapshot's bytes for page `page` of region `ri`.
-    pub(super) fn snapshot_ptr(&self, ri: usize, page: u64) -> *const u8 {
-        let offset = self.regions[ri].file_offset_of(page) as usize;
-        self.snapshot.bytes()[offset..].as_ptr()
-    }
-
-    pub(super) fn addr_of(&self, ri: usize, page: u64) -> u64 {
-        self.regions[ri].addr_of(page)
-    }
-
-    pub(super) fn mark_present(&mut self, ri: usize, start: u64, end: u64) {
-        let r = &mut self.regions[ri];
-        r.present.fill(start, end.min(r.present.len()), true);
-    }
-
-    pub(super) fn region_count(&self) -> usize {
-        self.regions.len()
-    }
-
-    /// Whether every page of every region is present.
-    pub(super) fn all_present(&self) -> bool {
-        self.regions
-            .iter()
-            .all(|r| r.present.count_ones() == r.present.len())
-    }
-
-    /// Each region's start and length.
-    pub(super) fn region_spans(&self) -> Vec<(u64, u64)> {
-        self.regions
-            .iter()
-            .map(|r| (r.mapping.base_host_virt_addr, r.mapping.size))
-            .collect()
     }
 
     /// Reads and drops every event still queued (after the regions were unregistered: a
@@ -664,8 +435,7 @@ impl Session {
     }
 
     fn region_index(&self, addr: u64) -> Option<usize> {
-        let i = self.regions.partition_point(|r| r.mapping.end() <= addr);
-        (i < self.regions.len() && self.regions[i].mapping.contains(addr)).then_some(i)
+        self.regions.index_of(addr)
     }
 
     fn serve_fault(&mut self, addr: u64) -> Fault {
@@ -848,7 +618,7 @@ impl Session {
     /// The guest gave `start..end` back: those pages read as zeros from now on.
     fn apply_remove(&mut self, start: u64, end: u64) {
         bump(&self.fork.stats.removes, 1);
-        for region in &mut self.regions {
+        for region in self.regions.iter_mut() {
             let (base, ps) = (region.mapping.base_host_virt_addr, region.mapping.page_size);
             let (lo, hi) = (start.max(base), end.min(region.mapping.end()));
             if lo >= hi {
@@ -876,46 +646,6 @@ impl Drop for Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn readahead_doubles_on_a_continuing_fault_and_restarts_otherwise() {
-        let mut ra = Readahead::default();
-        assert_eq!(ra.window_for(10, 32), 1, "the first fault fills one page");
-        ra.stream_end = 11;
-        assert_eq!(ra.window_for(11, 32), 2);
-        ra.stream_end = 13;
-        assert_eq!(ra.window_for(13, 32), 4);
-        ra.stream_end = 17;
-        let mut page = 17;
-        for _ in 0..10 {
-            let w = ra.window_for(page, 32);
-            page += w;
-            ra.stream_end = page;
-        }
-        assert_eq!(ra.window, 32, "capped at the maximum");
-        assert_eq!(ra.window_for(5, 32), 1, "a jump starts over");
-        assert_eq!(ra.window_for(7, 1), 1);
-    }
-
-    #[test]
-    fn runs_stop_at_the_window_the_region_end_or_the_first_misfit() {
-        // Data: as far as the window.
-        assert_eq!(run_limit(10, Fill::Data, 8, 1000), 18);
-        assert_eq!(
-            run_limit(10, Fill::Data, 8, 12),
-            12,
-            "never past the region"
-        );
-        // Zeros: to the next 2 MiB boundary, whatever the window.
-        assert_eq!(run_limit(10, Fill::Zero, 0, 10_000), 512);
-        assert_eq!(run_limit(512, Fill::Zero, 0, 10_000), 1024);
-        assert_eq!(run_limit(1000, Fill::Zero, 0, 1010), 1010);
-        // The faulting page is always in.
-        assert_eq!(run_len(5, 6, |_| false), 1);
-        assert_eq!(run_len(5, 5, |_| true), 1);
-        assert_eq!(run_len(5, 20, |_| true), 15);
-        assert_eq!(run_len(5, 20, |p| p != 9), 4);
-    }
 
     #[test]
     fn a_streak_of_eexist_without_progress_is_a_livelock() {
