@@ -33,6 +33,8 @@ use crate::working_set::WorkingSet;
 pub const STEP_PAGES: u64 = 256;
 /// Most ioctls one step makes.
 const STEP_IOCTLS: u32 = 32;
+/// How far ahead one residency check of a set's contents looks (4 MiB).
+const RESIDENCY_WINDOW: usize = 4 << 20;
 /// Longest run graduation installs with one ioctl (2 MiB).
 const GRADUATE_RUN: u64 = 512;
 
@@ -49,6 +51,8 @@ pub struct Prefetcher {
     page: u64,
     /// Pages graduation installed in its current pass (a pass with none cannot finish).
     pass_installed: u64,
+    /// The set's contents up to this address were in the page cache when last looked at.
+    resident_until: usize,
     phase: Phase,
 }
 
@@ -92,6 +96,7 @@ impl Prefetcher {
             region: 0,
             page: 0,
             pass_installed: 0,
+            resident_until: 0,
             phase,
         }
     }
@@ -222,7 +227,7 @@ impl Session {
                         self.prefetcher_mut().expect("replaying").replay_done();
                         return Step::More;
                     };
-                    if !set.resident(bytes) {
+                    if !self.known_resident(&set, bytes) {
                         if pages == 0 {
                             set.read_ahead();
                             return Step::Waiting;
@@ -371,6 +376,20 @@ impl Session {
                 }
             },
         }
+    }
+
+    /// Whether `bytes` of `set` are in the page cache: known from an earlier look, or one
+    /// `mincore` over the next [`RESIDENCY_WINDOW`] bytes (the contents of the runs that
+    /// follow are contiguous in the file).
+    fn known_resident(&mut self, set: &WorkingSet, bytes: &[u8]) -> bool {
+        let end = bytes.as_ptr() as usize + bytes.len();
+        let p = self.prefetcher_mut().expect("replaying");
+        if end <= p.resident_until {
+            return true;
+        }
+        let resident = set.resident_prefix(bytes, RESIDENCY_WINDOW);
+        p.resident_until = bytes.as_ptr() as usize + resident;
+        resident >= bytes.len()
     }
 
     /// Every region is 4 KiB pages and every page present: nothing can fault any more.

@@ -144,18 +144,33 @@ impl WorkingSet {
     /// Whether every page of `bytes` (a slice of this set's data) is in the page cache, so
     /// copying from it cannot wait for the disk.
     pub fn resident(&self, bytes: &[u8]) -> bool {
-        let pages = bytes.len().div_ceil(file::PAGE as usize);
-        let mut vec = vec![0u8; pages];
-        // SAFETY: `bytes` lies in this set's live mapping, starting at a page boundary (runs'
-        // contents are page aligned); `vec` has one byte per page of the range.
+        self.resident_prefix(bytes, bytes.len()) >= bytes.len()
+    }
+
+    /// How many bytes from the start of `bytes` (a slice of this set's data, page aligned) on
+    /// are in the page cache, looking at most `window` bytes past its start (past its end too,
+    /// up to the end of the file): one `mincore` answers for many runs.
+    pub fn resident_prefix(&self, bytes: &[u8], window: usize) -> usize {
+        let Some(map) = &self.map else {
+            return 0;
+        };
+        let start = (bytes.as_ptr() as usize).saturating_sub(map.as_ptr() as usize);
+        let len = window.max(bytes.len()).min(map.len().saturating_sub(start));
+        let page = file::PAGE as usize;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: `start..start+len` lies in this set's live mapping and starts at a page
+        // boundary (runs' contents are page aligned); `vec` has one byte per page of it.
         let rc = unsafe {
             libc::mincore(
-                bytes.as_ptr() as *mut libc::c_void,
-                bytes.len(),
+                map.as_ptr().add(start) as *mut libc::c_void,
+                len,
                 vec.as_mut_ptr(),
             )
         };
-        rc == 0 && vec.iter().all(|v| v & 1 != 0)
+        if rc != 0 {
+            return 0;
+        }
+        vec.iter().take_while(|v| *v & 1 != 0).count() * page
     }
 
     /// Whether the first contents to replay are in the page cache.
