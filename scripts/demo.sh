@@ -64,6 +64,11 @@ done
 for i in $(seq 1 8); do "$bin/pagerctl" fork wait "vm$i" ended >/dev/null; done
 
 echo "== the first two forks recorded the snapshot's working set; 4 new forks get it before they fault"
+# pagerd merges and stores the set just after the recording forks end.
+for _ in $(seq 300); do
+  "$bin/pagerctl" snapshot get base | grep -q '^working set: [0-9]' && break
+  sleep 0.1
+done
 "$bin/pagerctl" snapshot get base
 for i in $(seq 9 12); do
   prefetch=$([ "$i" = 12 ] && echo off || echo working-set)
