@@ -77,7 +77,11 @@ for i in $(seq 9 12); do
     >"$work/vm$i.out" || failed=1
   "$bin/pagerctl" fork wait "vm$i" ended >/dev/null
   grep -q '"verified"' "$work/vm$i.out" || { echo "vm$i FAILED"; failed=1; }
-  echo "vm$i (prefetch $prefetch): $("$bin/pagerctl" fork get "vm$i" | grep -E '^  (faults|prefetched):' | tr -s ' ' | tr '\n' ';')"
+  summary=$("$bin/pagerctl" fork get "vm$i" | grep -E '^  (faults|prefetched):' | tr -s ' ' | tr '\n' ';')
+  echo "vm$i (prefetch $prefetch): $summary"
+  if [ "$prefetch" = working-set ] && echo "$summary" | grep -q 'prefetched: 0 pages replayed'; then
+    echo "vm$i did not replay the working set"; failed=1
+  fi
 done
 
 echo "== 4 VMMs map the FUSE memory file MAP_PRIVATE and hold it"
