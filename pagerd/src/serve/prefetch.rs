@@ -147,6 +147,13 @@ impl WakeSpan {
     }
 }
 
+/// Which counter an install adds to.
+#[derive(Debug, Clone, Copy)]
+enum Counter {
+    Replayed,
+    Graduated,
+}
+
 /// How one prefetch ioctl went.
 enum Installed {
     /// `n` pages installed, then `skipped` pages were found present.
@@ -238,29 +245,13 @@ impl Session {
                 }
             };
             ioctls += 1;
-            match self.install(ri, start, end, kind, src) {
-                Installed::Pages { n, skipped } => {
-                    bump(&self.fork().stats.replayed_pages, n);
-                    bump(&self.fork().stats.prefetch_skipped, skipped);
-                    pages += n;
-                    let (a, b) = (
-                        self.regions().addr_of(ri, start),
-                        self.regions().addr_of(ri, start + n),
-                    );
-                    if n > 0 {
-                        if let Err(reason) = wake.add(self, a, b) {
-                            return Step::Ended(reason);
-                        }
-                    }
-                    advance(self, start - rpage + n + skipped);
-                }
-                Installed::Later => return Step::Waiting,
-                Installed::End(reason) => return Step::Ended(reason),
-                Installed::GiveUp => {
-                    self.prefetcher_mut().expect("replaying").phase = Phase::Done;
-                    return Step::Done;
-                }
-            }
+            let installed = self.install(ri, start, end, kind, src);
+            let (n, skipped) = match self.settle(installed, ri, start, Counter::Replayed, wake) {
+                Ok(done) => done,
+                Err(step) => return step,
+            };
+            pages += n;
+            advance(self, start - rpage + n + skipped);
         }
         Step::More
     }
@@ -300,33 +291,53 @@ impl Session {
                 Fill::Data => Some(self.regions().snapshot_ptr(ri, first, self.snapshot())),
             };
             ioctls += 1;
-            match self.install(ri, first, end, kind, src) {
-                Installed::Pages { n, skipped } => {
-                    bump(&self.fork().stats.graduated_pages, n);
-                    bump(&self.fork().stats.prefetch_skipped, skipped);
-                    pages += n;
-                    if n > 0 {
-                        let (a, b) = (
-                            self.regions().addr_of(ri, first),
-                            self.regions().addr_of(ri, first + n),
-                        );
-                        if let Err(reason) = wake.add(self, a, b) {
-                            return Step::Ended(reason);
-                        }
-                    }
-                    let p = self.prefetcher_mut().expect("graduating");
-                    p.page = first + n + skipped;
-                    p.pass_installed += n;
-                }
-                Installed::Later => return Step::Waiting,
-                Installed::End(reason) => return Step::Ended(reason),
-                Installed::GiveUp => {
-                    self.prefetcher_mut().expect("graduating").phase = Phase::Done;
-                    return Step::Done;
-                }
-            }
+            let installed = self.install(ri, first, end, kind, src);
+            let (n, skipped) = match self.settle(installed, ri, first, Counter::Graduated, wake) {
+                Ok(done) => done,
+                Err(step) => return step,
+            };
+            pages += n;
+            let p = self.prefetcher_mut().expect("graduating");
+            p.page = first + n + skipped;
+            p.pass_installed += n;
         }
         Step::More
+    }
+
+    /// Counts what an install did and queues the wake of its pages; `Err` is the step's end:
+    /// the disk or the VMM's address space is busy (`Waiting`), the VMM is gone, or prefetch
+    /// gives up for this fork.
+    fn settle(
+        &mut self,
+        installed: Installed,
+        ri: usize,
+        start: u64,
+        counter: Counter,
+        wake: &mut WakeSpan,
+    ) -> Result<(u64, u64), Step> {
+        match installed {
+            Installed::Pages { n, skipped } => {
+                let stats = &self.fork().stats;
+                let installed = match counter {
+                    Counter::Replayed => &stats.replayed_pages,
+                    Counter::Graduated => &stats.graduated_pages,
+                };
+                bump(installed, n);
+                bump(&stats.prefetch_skipped, skipped);
+                if n > 0 {
+                    let regions = self.regions();
+                    let (a, b) = (regions.addr_of(ri, start), regions.addr_of(ri, start + n));
+                    wake.add(self, a, b).map_err(Step::Ended)?;
+                }
+                Ok((n, skipped))
+            }
+            Installed::Later => Err(Step::Waiting),
+            Installed::End(reason) => Err(Step::Ended(reason)),
+            Installed::GiveUp => {
+                self.prefetcher_mut().expect("prefetching").phase = Phase::Done;
+                Err(Step::Done)
+            }
+        }
     }
 
     /// Installs pages `start..end` of region `ri` (all missing when planned) without waking
