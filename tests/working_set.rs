@@ -162,6 +162,22 @@ fn the_first_forks_record_a_set_that_later_forks_get_before_they_fault() {
     let cleared = daemon.client().clear_working_set("base").unwrap();
     assert!(cleared.working_set.is_none());
     assert!(!file.exists());
+    // The daemon's totals count what prefetch did.
+    let out = daemon.pagerctl(&["stats"]);
+    assert!(out.success(), "{}", out.stderr);
+    let totals = daemon.client().stats().unwrap().totals;
+    assert!(
+        totals.replayed_pages + totals.prefetch_skipped >= set.pages,
+        "since the restart one fork replayed the set: {totals:?}"
+    );
+    assert!(
+        out.stdout.contains(&format!(
+            "prefetched: {} pages replayed",
+            totals.replayed_pages
+        )),
+        "{}",
+        out.stdout
+    );
     // Deleted with its snapshot.
     daemon.client().record_working_set("base", Some(1)).unwrap();
     let (_, info) = run_fork(&daemon, "again", None, &mem, &hot, &["verify"]);

@@ -66,7 +66,7 @@ pub fn status(s: &StatusReport) -> String {
 pub fn stats(r: &StatsReport) -> String {
     let t = &r.totals;
     format!(
-        "forks: {}\nfaults: {}\npages copied: {} ({})\nzero pages: {}\nremoves: {}\npoisoned pages: {}\nerrors: {}\nlatency: {} faults, max {}\n",
+        "forks: {}\nfaults: {}\npages copied: {} ({})\nzero pages: {}\nremoves: {}\npoisoned pages: {}\nerrors: {}\nprefetched: {} pages replayed, {} graduated, {} left alone\nrecorded: {} pages\nlatency: {} faults, max {}\n",
         r.forks,
         t.faults,
         t.pages_copied,
@@ -75,6 +75,10 @@ pub fn stats(r: &StatsReport) -> String {
         t.removes,
         t.poisoned_pages,
         t.errors,
+        t.replayed_pages,
+        t.graduated_pages,
+        t.prefetch_skipped,
+        t.recorded_pages,
         t.latency_ns.count,
         units::nanos(t.latency_ns.max),
     )
