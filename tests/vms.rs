@@ -12,7 +12,8 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use proto::model::{ForkState, SnapshotInfo, VmBackend, VmInfo, VmState, VmmKind};
+use proto::model::{EndReason, ForkState, SnapshotInfo, VmBackend, VmInfo, VmState, VmmKind};
+use proto::prefetch::Prefetch;
 use testkit::firecracker::{self, count, Fixture, VmReaper};
 use testkit::qemu;
 use testkit::{skip, wait_until, Daemon, DEADLINE};
@@ -338,4 +339,51 @@ fn qemu_clones_map_the_fuse_file_and_resume_from_a_migration_stream() {
     wait_until("the clones to let go of the snapshot", DEADLINE, || {
         daemon.pagerctl(&["snapshot", "rm", "q"]).success()
     });
+}
+
+#[test]
+fn a_graduated_clone_runs_on_without_pagerd() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let test = "a_graduated_clone_runs_on_without_pagerd";
+    let Some((mut daemon, _fixture)) = setup(test) else {
+        return;
+    };
+    let _reaper = VmReaper::new(&daemon.state_dir());
+    let vm: VmInfo = ctl_json(
+        &daemon,
+        &[
+            "vm",
+            "start",
+            "base",
+            "--id",
+            "grad",
+            "--backend",
+            "uffd",
+            "--prefetch",
+            "graduate",
+        ],
+    );
+    assert_eq!(vm.state, VmState::Running, "{vm:?}");
+    wait_ok(&vm, 1);
+    // Every page of the guest's memory is installed; pagerd lets the fork go while the VM runs.
+    wait_until("the clone's fork to graduate", DEADLINE, || {
+        daemon.fork("grad").end_reason == Some(EndReason::Graduated)
+    });
+    let fork = daemon.fork("grad");
+    assert_eq!(fork.prefetch, Prefetch::Graduate);
+    let memory = std::fs::metadata(daemon.state_dir().join("snapshots/base/memory"))
+        .unwrap()
+        .len();
+    let s = &fork.stats;
+    assert_eq!(
+        s.pages_copied + s.zero_pages + s.graduated_pages + s.replayed_pages,
+        memory / 4096,
+        "every page installed once: {s:?}"
+    );
+    let running: VmInfo = ctl_json(&daemon, &["vm", "get", "grad"]);
+    assert_eq!(running.state, VmState::Running);
+    // The guest goes on checking its memory with pagerd gone.
+    let before = count(&vm.console_log, "OK");
+    daemon.sigkill();
+    wait_ok(&vm, before + 2);
 }

@@ -113,6 +113,10 @@ enum VmCommand {
         /// The vsock Unix socket path for this clone.
         #[arg(long)]
         vsock: Option<PathBuf>,
+        /// What its uffd fork gets installed before the guest asks: off, working-set,
+        /// graduate [default: the daemon's --prefetch].
+        #[arg(long, value_parser = parse_prefetch)]
+        prefetch: Option<Prefetch>,
     },
     /// List VMs.
     Ls,
@@ -425,11 +429,19 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
             backend,
             taps,
             vsock,
+            prefetch,
         }) => {
             let vsock = vsock
                 .as_ref()
                 .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
-            let r = client.start_vm(snapshot, id.as_deref(), *backend, taps.clone(), vsock)?;
+            let r = client.start_vm_with(
+                snapshot,
+                id.as_deref(),
+                *backend,
+                taps.clone(),
+                vsock,
+                *prefetch,
+            )?;
             done(&r, render::vm(&r))
         }
         Command::Vm(VmCommand::Ls) => {

@@ -329,7 +329,7 @@ impl Client {
         })
     }
 
-    /// `vm.start`.
+    /// `vm.start` with the daemon's default prefetch.
     pub fn start_vm(
         &self,
         snapshot: &str,
@@ -338,10 +338,24 @@ impl Client {
         network_overrides: Vec<NetworkOverride>,
         vsock: Option<PathBuf>,
     ) -> Result<VmInfo, ClientError> {
+        self.start_vm_with(snapshot, vm, backend, network_overrides, vsock, None)
+    }
+
+    /// `vm.start`, choosing what the VM's fork prefetches.
+    pub fn start_vm_with(
+        &self,
+        snapshot: &str,
+        vm: Option<&str>,
+        backend: VmBackend,
+        network_overrides: Vec<NetworkOverride>,
+        vsock: Option<PathBuf>,
+        prefetch: Option<Prefetch>,
+    ) -> Result<VmInfo, ClientError> {
         self.call(&Request::VmStart {
             snapshot: parse_id(snapshot)?,
             vm: vm.map(parse_id).transpose()?,
             backend,
+            prefetch,
             network_overrides,
             vsock,
         })

@@ -154,6 +154,10 @@ pub enum Request {
         /// The vsock Unix socket path for this clone.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         vsock: Option<std::path::PathBuf>,
+        /// What its `uffd` fork gets installed before the guest asks (default: the daemon's
+        /// `--prefetch`); not for the `file` backend.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefetch: Option<Prefetch>,
     },
     /// Every launched VM.
     #[serde(rename = "vm.list")]
@@ -447,6 +451,7 @@ mod tests {
                     host_dev_name: "tap1".into(),
                 }],
                 vsock: Some("/v.sock".into()),
+                prefetch: Some(Prefetch::Off),
             },
             Request::VmSnapshot {
                 vm: "vm1".parse().unwrap(),

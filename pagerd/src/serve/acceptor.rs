@@ -545,10 +545,15 @@ impl Acceptor {
         )
         .map_err(AttachError::SessionSetup)?;
         // Recording comes first: a recording fork must fault to be seen, so it replays nothing.
-        if let Some(ticket) = snapshot.working_set.claim(self.options.record_forks) {
+        // A fork that asked to graduate records only when a recording was asked for.
+        let prefetch = p.fork.prefetch();
+        let auto_record = match prefetch {
+            Prefetch::Graduate => 0,
+            _ => self.options.record_forks,
+        };
+        if let Some(ticket) = snapshot.working_set.claim(auto_record) {
             session.start_recording(ticket, self.options.record_window);
         } else {
-            let prefetch = p.fork.prefetch();
             let set = prefetch
                 .replays()
                 .then(|| snapshot.working_set.current())

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use proto::model::{ForkInfo, SnapshotInfo, VmmKind};
+use proto::prefetch::Prefetch;
 use proto::Id;
 
 use crate::lifecycle::{Lifecycle, LifecycleError};
@@ -15,7 +16,12 @@ pub(crate) trait VmHost: Send + Sync + std::fmt::Debug {
     /// One snapshot (its hypervisor state and FUSE file).
     fn snapshot(&self, id: &Id) -> Result<SnapshotInfo, LifecycleError>;
     /// A fork whose handoff socket the VM's hypervisor is given.
-    fn create_fork(&self, id: Id, snapshot: &Id) -> Result<ForkInfo, LifecycleError>;
+    fn create_fork(
+        &self,
+        id: Id,
+        snapshot: &Id,
+        prefetch: Option<Prefetch>,
+    ) -> Result<ForkInfo, LifecycleError>;
     /// Ends a VM's fork (its hypervisor is gone).
     fn close_fork(&self, id: &Id) -> Result<ForkInfo, LifecycleError>;
     /// Registers files a hypervisor just wrote as a new snapshot (copied in).
@@ -35,8 +41,13 @@ impl VmHost for Lifecycle {
         Lifecycle::snapshot(self, id)
     }
 
-    fn create_fork(&self, id: Id, snapshot: &Id) -> Result<ForkInfo, LifecycleError> {
-        Lifecycle::create_fork(self, Some(id), snapshot, None)
+    fn create_fork(
+        &self,
+        id: Id,
+        snapshot: &Id,
+        prefetch: Option<Prefetch>,
+    ) -> Result<ForkInfo, LifecycleError> {
+        Lifecycle::create_fork(self, Some(id), snapshot, prefetch)
     }
 
     fn close_fork(&self, id: &Id) -> Result<ForkInfo, LifecycleError> {

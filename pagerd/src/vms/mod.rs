@@ -82,6 +82,8 @@ pub(crate) struct StartRequest {
     pub network_overrides: Vec<NetworkOverride>,
     /// The vsock socket.
     pub vsock: Option<PathBuf>,
+    /// What its fork prefetches (the daemon's default when absent).
+    pub prefetch: Option<proto::prefetch::Prefetch>,
 }
 
 #[derive(Debug)]
@@ -431,7 +433,9 @@ impl Vms {
         let memory = match memory_file {
             Some(file) => file,
             None => {
-                let fork = self.host.create_fork(id.clone(), &request.snapshot)?;
+                let fork =
+                    self.host
+                        .create_fork(id.clone(), &request.snapshot, request.prefetch)?;
                 self.update(id, |slot| slot.record.info.fork = Some(fork.id.clone()))?;
                 fork.handoff_socket
             }
