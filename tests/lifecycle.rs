@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use proto::control::{request_line, ControlError, ErrorCode, Request};
 use proto::model::{DeleteOutcome, EndReason, ForkInfo, ForkState, ImportMethod, SnapshotInfo};
 use serde_json::Value;
-use testkit::{id, wait_until, write_snapshot, Daemon, DEADLINE};
+use testkit::{id, wait_until, write_snapshot, Daemon, SmallTmpfs, DEADLINE};
 
 const MIB: u64 = 1 << 20;
 
@@ -343,37 +343,13 @@ fn registration_checks_its_path_and_ids() {
     assert_eq!(dir_names(&daemon.state_dir().join("snapshots")), ["s"]);
 }
 
-/// A tmpfs mounted for one test, unmounted on drop.
-struct SmallTmpfs(tempfile::TempDir);
-
-impl SmallTmpfs {
-    fn mount(size: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "mounting a tmpfs needs root");
-        Self(dir)
-    }
-}
-
-impl Drop for SmallTmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.0.path())
-            .status();
-    }
-}
-
 #[test]
 fn a_full_disk_refuses_the_registration_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let small = write_snapshot(&dir.path().join("small"), 256 * 1024, 27, 0, 0);
     let big = write_snapshot(&dir.path().join("big"), 4 * MIB, 28, 0, 0);
     let disk = SmallTmpfs::mount("1m");
-    let state = disk.0.path().join("state");
+    let state = disk.path().join("state");
     let control = dir.path().join("control.sock");
     let daemon = Daemon::start_with_state(&state, &control);
 

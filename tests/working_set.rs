@@ -9,7 +9,7 @@ use std::time::Duration;
 use proto::model::{EndReason, ForkInfo, ForkState};
 use proto::prefetch::Prefetch;
 use serde_json::Value;
-use testkit::{cached_kib, wait_until, write_snapshot, zero_pages_in, Daemon, Vmm};
+use testkit::{cached_kib, wait_until, write_snapshot, zero_pages_in, Daemon, SmallTmpfs, Vmm};
 
 const MIB: u64 = 1 << 20;
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -428,4 +428,43 @@ fn a_set_not_in_the_page_cache_is_read_ahead_and_replayed() {
     assert_eq!(verified_pages(&vmm.finish()), size / 4096);
     let info = daemon.wait_fork("cold", ForkState::Ended);
     assert_eq!(info.stats.faults, 0, "{:?}", info.stats);
+}
+
+#[test]
+fn a_full_disk_loses_the_working_set_not_the_forks() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let mem = write_snapshot(&dir.path().join("mem"), size, 18, 0, 0);
+    // Room for the snapshot's copy, not for a set of all its pages beside it.
+    let disk = SmallTmpfs::mount("6m");
+    let state = disk.path().join("state");
+    let daemon = Daemon::start_with_state(&state, &dir.path().join("control.sock"));
+    daemon.register_snapshot("base", &mem);
+    daemon.client().record_working_set("base", Some(1)).unwrap();
+    let (events, _) = run_fork(&daemon, "rec", None, &mem, &[], &["verify"]);
+    assert_eq!(verified_pages(&events), size / 4096);
+    let mut why = None;
+    wait_until("the failed store to be reported", DEADLINE, || {
+        why = daemon.snapshot("base").working_set_error;
+        why.is_some()
+    });
+    let why = why.unwrap();
+    assert!(why.to_lowercase().contains("space"), "{why}");
+    let info = daemon.snapshot("base");
+    assert!(info.working_set.is_none(), "{info:?}");
+    let mut names: Vec<String> = std::fs::read_dir(state.join("snapshots/base"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["memory", "snapshot.json"],
+        "no half-written set is left"
+    );
+    // Forks go on being served, every byte right.
+    let (events, fork) = run_fork(&daemon, "next", None, &mem, &[], &["verify"]);
+    assert_eq!(verified_pages(&events), size / 4096);
+    assert_eq!(fork.stats.errors, 0);
+    drop(daemon);
 }

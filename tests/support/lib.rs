@@ -1095,3 +1095,35 @@ pub fn cached_kib(path: &Path) -> u64 {
     let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap();
     stat.nr_cache * page / 1024
 }
+
+/// A tmpfs mounted for one test, unmounted on drop.
+pub struct SmallTmpfs(tempfile::TempDir);
+
+impl SmallTmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it) on a new temp directory.
+    pub fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs needs root");
+        Self(dir)
+    }
+}
+
+impl SmallTmpfs {
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
