@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use proto::model::{ForkListEntry, ForkState};
 use serde_json::Value;
 use testkit::restore_guest::Firecracker;
-use testkit::{write_snapshot, Daemon, Vmm};
+use testkit::{wait_until, write_snapshot, Daemon, Vmm, DEADLINE};
 
 /// Forks faulting at once.
 const FORKS: usize = 32;
@@ -374,9 +374,14 @@ fn a_firecracker_guest_keeps_running_across_a_pagerd_sigkill() {
     }
     assert_eq!(daemon.fork("fc").state, ForkState::Serving);
     // pagerd dies; the guest soon waits on a fresh page; a new pagerd takes the uffd back.
+    let vmm_pid = daemon.fork("fc").vmm_pid.expect("the fork knows its VMM");
     for kill in 0..3 {
         daemon.sigkill();
-        std::thread::sleep(Duration::from_millis(200));
+        wait_until(
+            "the guest to wait on a page nobody serves",
+            DEADLINE,
+            || waits_on_a_userfault(vmm_pid),
+        );
         daemon.respawn();
         let fork = daemon.fork("fc");
         assert_eq!(fork.state, ForkState::Serving, "kill {kill}: {fork:?}");
@@ -397,4 +402,15 @@ fn a_firecracker_guest_keeps_running_across_a_pagerd_sigkill() {
     }
     assert!(daemon.fork("fc").stats.faults > 0);
     drop(vm);
+}
+
+/// Whether a thread of process `pid` sleeps in the kernel waiting for a userfaultfd to
+/// resolve its fault (its `wchan` is `handle_userfault`).
+fn waits_on_a_userfault(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("wchan")).is_ok_and(|w| w.contains("userfault"))
+    })
 }
