@@ -63,18 +63,24 @@ ok: .asciz "OK\n"
 bad: .asciz "BAD\n"
 "#;
 
+/// `name` from the Firecracker release the test machines provide beside the workspace
+/// (`../shared/vendor/firecracker/`), if it is there.
+fn vendored(name: &str) -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/vendor/firecracker")
+        .join(name);
+    path.is_file().then_some(path)
+}
+
 /// The Firecracker binary: `$FIRECRACKER`, `firecracker` on `PATH`, or the vendored one
 /// beside the workspace (`../shared/vendor/firecracker/`); `Err` says why there is none.
 pub fn binary() -> Result<PathBuf, String> {
     if let Ok(path) = vmm_glue::firecracker::find_binary(None) {
         return Ok(path);
     }
-    let vendored =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/vendor/firecracker/firecracker");
-    if vendored.is_file() {
-        return Ok(vendored);
-    }
-    Err("no firecracker binary ($FIRECRACKER, PATH, ../shared/vendor/firecracker)".into())
+    vendored("firecracker").ok_or_else(|| {
+        "no firecracker binary ($FIRECRACKER, PATH, ../shared/vendor/firecracker)".into()
+    })
 }
 
 /// Firecracker's example page server `uffd_on_demand_handler` (`uffd_on_demand_handler
@@ -95,17 +101,8 @@ pub fn uffd_handler() -> Result<PathBuf, String> {
             ))
         };
     }
-    let vendored = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/vendor/firecracker")
-        .join(NAME);
-    if vendored.is_file() {
-        return Ok(vendored);
-    }
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join(NAME))
-        .find(|path| path.is_file())
+    vendored(NAME)
+        .or_else(|| crate::on_path(NAME))
         .ok_or_else(|| format!("no {NAME} ($FC_UFFD_HANDLER, ../shared/vendor/firecracker, PATH)"))
 }
 

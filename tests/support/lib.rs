@@ -83,6 +83,14 @@ fn build_once(dir: &Path) {
     });
 }
 
+/// The file `name` in the first directory of `$PATH` that has one.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
 /// The path of one of pagerd's binaries (`pagerd`, `pagerctl`, `synthetic-vmm`, `kvm-vmm`,
 /// `hostile-vmm`, `naive-handler`).
 ///
@@ -97,16 +105,13 @@ pub fn binary(name: &str) -> PathBuf {
         assert!(path.exists(), "{} was not built", path.display());
         return path;
     }
-    let path_dirs = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
     std::env::var_os("PAGERD_BIN_DIR")
         .map(PathBuf::from)
         .into_iter()
         .chain([bin_dir()])
-        .chain(path_dirs)
         .map(|dir| dir.join(name))
         .find(|path| path.is_file())
+        .or_else(|| on_path(name))
         .unwrap_or_else(|| {
             panic!("`{name}` is not in $PAGERD_BIN_DIR, beside this program, or on PATH")
         })
