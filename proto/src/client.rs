@@ -318,7 +318,7 @@ impl Client {
         self.call(&Request::ForkWait {
             fork: parse_id(id)?,
             state,
-            timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+            timeout_ms: Some(millis(timeout)),
         })
     }
 
@@ -375,7 +375,7 @@ impl Client {
     pub fn stop_vm(&self, id: &str, timeout: Option<Duration>) -> Result<VmInfo, ClientError> {
         self.call(&Request::VmStop {
             vm: parse_id(id)?,
-            timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            timeout_ms: timeout.map(millis),
         })
     }
 
@@ -389,7 +389,7 @@ impl Client {
         self.call(&Request::VmWait {
             vm: parse_id(id)?,
             state,
-            timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+            timeout_ms: Some(millis(timeout)),
         })
     }
 
@@ -417,6 +417,11 @@ impl Client {
 }
 
 /// Opens a memory file to pass to pagerd, refusing a symlink as pagerd does.
+/// A duration in whole milliseconds, as requests carry timeouts.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn open_memory_file(path: &Path) -> Result<File, ClientError> {
     File::options()
         .read(true)

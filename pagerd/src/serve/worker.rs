@@ -212,6 +212,8 @@ impl Worker {
                 self.end_all(EndReason::Shutdown);
                 return;
             }
+            // One clock read per wakeup serves every event of it.
+            let woke = Instant::now();
             to_drain.clear();
             to_drain.append(&mut busy);
             for event in events.iter() {
@@ -224,9 +226,8 @@ impl Worker {
                     Token(t) if t % 2 == 0 && event.is_error() => self.tampered(t / 2),
                     Token(t) if t % 2 == 0 => {
                         to_drain.push(t / 2);
-                        let now = Instant::now();
-                        last_fault = Some(now);
-                        self.active.faulted(t / 2, now);
+                        last_fault = Some(woke);
+                        self.active.faulted(t / 2, woke);
                     }
                     Token(t) => self.end(t / 2, EndReason::VmmExited),
                 }
@@ -247,7 +248,7 @@ impl Worker {
                 self.note_deferred(key);
             }
             self.retry_deferred();
-            let active = self.active.count(Instant::now());
+            let active = self.active.count(woke);
             self.spin_budget.publish(self.index, active);
             self.priority.set(self.priority_level(active));
             // Faults first: prefetch only runs when no session has events left over.
@@ -276,6 +277,9 @@ impl Worker {
 
     /// How long until some prefetch may go on: zero if one may now, `None` if none waits.
     fn prefetch_wait(&self) -> Option<Duration> {
+        if self.prefetching.is_empty() {
+            return None;
+        }
         let now = Instant::now();
         self.prefetching
             .iter()
@@ -289,6 +293,9 @@ impl Worker {
     /// One prefetch step of one session: the first in turn that is replaying its working
     /// set, else the first graduating; it then goes to the back of the line.
     fn prefetch_turn(&mut self) {
+        if self.prefetching.is_empty() {
+            return;
+        }
         let now = Instant::now();
         let ready = |t: &PrefetchTurn| t.retry_at.is_none_or(|at| at <= now);
         let phase_of = |w: &Self, t: &PrefetchTurn| {
