@@ -1,0 +1,198 @@
+//! Launched VMs: which hypervisor, how a clone gets its memory, its states, and what
+//! `vm.get` answers.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::Id;
+
+/// Which hypervisor a snapshot's device state is for, and which one a VM runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmmKind {
+    /// Firecracker (`PUT /snapshot/load`).
+    Firecracker,
+    /// QEMU (an incoming migration stream).
+    Qemu,
+}
+
+impl VmmKind {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Firecracker => "firecracker",
+            Self::Qemu => "qemu",
+        }
+    }
+}
+
+impl std::fmt::Display for VmmKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VmmKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Firecracker, Self::Qemu]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown hypervisor `{s}` (firecracker, qemu)"))
+    }
+}
+
+/// A snapshot's hypervisor state file, kept beside its memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStateInfo {
+    /// The hypervisor it is for.
+    pub vmm: VmmKind,
+    /// The file in the state directory.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// How a launched VM gets its guest memory from pagerd.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmBackend {
+    /// A fork: the VMM hands its userfaultfd to pagerd, which serves every page.
+    #[default]
+    Uffd,
+    /// The VMM maps the snapshot's memory file on pagerd's FUSE view (`MAP_PRIVATE`).
+    File,
+}
+
+impl VmBackend {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Uffd => "uffd",
+            Self::File => "file",
+        }
+    }
+}
+
+impl std::fmt::Display for VmBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VmBackend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Uffd, Self::File]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown backend `{s}` (uffd, file)"))
+    }
+}
+
+/// Where a launched VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// The hypervisor process was started and is being restored.
+    Starting,
+    /// The snapshot was loaded and the hypervisor runs.
+    Running,
+    /// The hypervisor process exited (its status, when pagerd was its parent).
+    Exited,
+    /// Starting it failed (the reason says why); no process is left.
+    Failed,
+}
+
+impl VmState {
+    /// Every state, in life order.
+    pub const ALL: [VmState; 4] = [
+        VmState::Starting,
+        VmState::Running,
+        VmState::Exited,
+        VmState::Failed,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Exited => "exited",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Whether the hypervisor process may still be alive.
+    pub fn is_live(self) -> bool {
+        matches!(self, Self::Starting | Self::Running)
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VmState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| format!("unknown VM state `{s}` (starting, running, exited, failed)"))
+    }
+}
+
+/// A network interface of the snapshot given another host tap device in one clone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface id in the snapshot.
+    pub iface_id: String,
+    /// The host tap device this clone uses.
+    pub host_dev_name: String,
+}
+
+/// A launched VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// VM id.
+    pub id: Id,
+    /// The snapshot it was restored from.
+    pub snapshot: Id,
+    /// The hypervisor.
+    pub vmm: VmmKind,
+    /// How it gets its memory.
+    pub backend: VmBackend,
+    /// State.
+    pub state: VmState,
+    /// The hypervisor's pid (once started).
+    pub pid: Option<i32>,
+    /// The fork serving its memory (uffd backend).
+    pub fork: Option<Id>,
+    /// The memory file it maps (file backend).
+    pub memory_file: Option<PathBuf>,
+    /// The hypervisor's API socket.
+    pub api_socket: PathBuf,
+    /// The guest console (the hypervisor's stdout), capped in size.
+    pub console_log: PathBuf,
+    /// Tap devices given to this clone.
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// The vsock socket given to this clone.
+    pub vsock: Option<PathBuf>,
+    /// Exit code, when it exited and pagerd was its parent.
+    pub exit_code: Option<i32>,
+    /// The signal that killed it, when it did and pagerd was its parent.
+    pub exit_signal: Option<i32>,
+    /// Why starting it failed.
+    pub reason: Option<String>,
+    /// Creation time, ms since the Unix epoch.
+    pub created_unix_ms: u64,
+}
