@@ -1,6 +1,6 @@
 //! The control socket: a Unix stream socket speaking newline-delimited JSON (`proto::control`).
 //!
-//! One thread accepts; each connection gets a thread of its own that reads request lines
+//! One thread accepts; each connection gets a thread of its own ([`connection`]) that reads request lines
 //! (framed by [`proto::framing::LineBuffer`]: at most [`proto::control::MAX_REQUEST_BYTES`]
 //! each, nesting at most [`proto::json::MAX_DEPTH`] deep), hands them to the [`Handler`] and
 //! writes one response line per request. A connection idle for longer than the idle timeout is closed, as
@@ -30,13 +30,14 @@
 //! A client sends such a line in one `sendmsg` and does not send the next line before the
 //! answer; at most [`MAX_FDS_PER_CONNECTION`] descriptors may wait for their line.
 
+mod connection;
 mod dispatch;
 pub mod limits;
 mod registration;
 
 use std::collections::VecDeque;
-use std::io::{self, IoSliceMut, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -44,15 +45,15 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
-use proto::control::{parse_line, response, ControlError, ErrorCode, Request};
-use proto::framing::{Frame, FrameError, LineBuffer};
+use nix::sys::socket::UnixCredentials;
+use proto::control::{ControlError, ErrorCode, Request};
 use serde_json::Value;
 
 pub(crate) use dispatch::Dispatcher;
 pub use limits::{DEFAULT_MAX_CONNECTIONS_PER_UID, MAX_CONNECTIONS, RESERVED_CONNECTIONS};
 
 use crate::access::Access;
+use connection::{answer, serve_connection};
 use limits::{Admission, Permit};
 /// The most passed descriptors one connection may hold that no answered request has taken
 /// yet; more close the connection.
@@ -397,203 +398,6 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
             })
         })
         .unwrap_or_default()
-}
-
-/// A request line and the descriptors that came with it.
-#[derive(Debug, Default)]
-struct Line {
-    bytes: Vec<u8>,
-    fds: Vec<OwnedFd>,
-}
-
-/// What the next read of a connection gave.
-#[derive(Debug)]
-enum Next {
-    Line(Line),
-    /// The line being received broke a limit ([`LineBuffer`]): answer and close.
-    Refused(FrameError),
-    TooManyFds,
-    Closed,
-}
-
-/// Splits what a connection sends into lines ([`LineBuffer`]), each with the descriptors sent
-/// with it.
-struct LineReader<'a> {
-    stream: &'a UnixStream,
-    framing: LineBuffer,
-    /// The descriptors that came with the bytes of the line still arriving.
-    partial_fds: Vec<OwnedFd>,
-    /// Complete lines, and at most one refusal last, in the order they arrived.
-    ready: VecDeque<Next>,
-    chunk: Vec<u8>,
-    cmsg: Vec<u8>,
-    closed: bool,
-}
-
-impl<'a> LineReader<'a> {
-    fn new(stream: &'a UnixStream) -> Self {
-        Self {
-            stream,
-            framing: LineBuffer::for_requests(),
-            partial_fds: Vec::new(),
-            ready: VecDeque::new(),
-            chunk: vec![0; CHUNK_BYTES],
-            cmsg: nix::cmsg_space!([RawFd; SCM_MAX_FD]),
-            closed: false,
-        }
-    }
-
-    fn held_fds(&self) -> usize {
-        let ready: usize = self
-            .ready
-            .iter()
-            .map(|next| match next {
-                Next::Line(line) => line.fds.len(),
-                _ => 0,
-            })
-            .sum();
-        self.partial_fds.len() + ready
-    }
-
-    fn next(&mut self) -> io::Result<Next> {
-        loop {
-            if let Some(next) = self.ready.pop_front() {
-                return Ok(next);
-            }
-            if self.closed {
-                return Ok(Next::Closed);
-            }
-            self.receive()?;
-            if self.held_fds() > MAX_FDS_PER_CONNECTION {
-                return Ok(Next::TooManyFds);
-            }
-        }
-    }
-
-    /// One `recvmsg`: its bytes split into lines; its descriptors go to the line holding the
-    /// last byte that came with them.
-    fn receive(&mut self) -> io::Result<()> {
-        let mut iov = [IoSliceMut::new(&mut self.chunk)];
-        let msg = loop {
-            match recvmsg::<()>(
-                self.stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut self.cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                other => break other.map_err(io::Error::from)?,
-            }
-        };
-        let mut fds = Vec::new();
-        for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                // SAFETY: the kernel just installed these descriptors in this process for
-                // this message; nothing else owns them, so each is wrapped exactly once.
-                fds.extend(
-                    raw.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
-            }
-        }
-        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-            return Err(io::Error::other("passed descriptors were truncated"));
-        }
-        let len = msg.bytes;
-        if len == 0 {
-            // A last line without its newline still counts, as it always has.
-            self.closed = true;
-            self.partial_fds.extend(fds);
-            if let Some(Frame::Line(bytes)) = self.framing.finish() {
-                let fds = std::mem::take(&mut self.partial_fds);
-                self.ready.push_back(Next::Line(Line { bytes, fds }));
-            }
-            return Ok(());
-        }
-        let data = &self.chunk[..len];
-        for frame in self.framing.push(data) {
-            self.ready.push_back(match frame {
-                Frame::Line(bytes) => Next::Line(Line {
-                    bytes,
-                    fds: std::mem::take(&mut self.partial_fds),
-                }),
-                Frame::Error(error) => Next::Refused(error),
-            });
-        }
-        match self.ready.back_mut() {
-            // The last byte ended a line: the descriptors are that line's.
-            Some(Next::Line(last)) if data.ends_with(b"\n") => last.fds.extend(fds),
-            // Else they wait with the line still arriving (or, after a refusal, are closed
-            // with the connection).
-            _ => self.partial_fds.extend(fds),
-        }
-        Ok(())
-    }
-}
-
-/// Writes one response line in a single write. (Formatting it straight into the socket would
-/// write once per JSON token: hundreds of packets for one answer, enough to fill the socket
-/// and stall the connection while its client is still sending.)
-fn answer(
-    mut stream: &UnixStream,
-    id: Value,
-    outcome: Result<Value, ControlError>,
-) -> io::Result<()> {
-    let mut line = response(id, outcome).to_string().into_bytes();
-    line.push(b'\n');
-    stream.write_all(&line)
-}
-
-fn serve_connection(
-    stream: UnixStream,
-    handler: &dyn Handler,
-    idle: Duration,
-    peer: Peer,
-) -> io::Result<()> {
-    stream.set_read_timeout(Some(idle))?;
-    stream.set_write_timeout(Some(idle))?;
-    let mut reader = LineReader::new(&stream);
-    loop {
-        let line = match reader.next()? {
-            Next::Line(line) => line,
-            Next::Closed => return Ok(()),
-            Next::Refused(error) => {
-                let err = ControlError::new(
-                    ErrorCode::InvalidArgument,
-                    format!("{error}; closing the connection"),
-                );
-                answer(&stream, Value::Null, Err(err))?;
-                return Ok(());
-            }
-            Next::TooManyFds => {
-                let err = ControlError::new(
-                    ErrorCode::InvalidArgument,
-                    format!(
-                        "more than {MAX_FDS_PER_CONNECTION} descriptors passed without a request \
-                         to take them; closing the connection"
-                    ),
-                );
-                answer(&stream, Value::Null, Err(err))?;
-                return Ok(());
-            }
-        };
-        // Descriptors that no request takes are closed when the context goes, below.
-        let mut context = RequestContext::new(Some(peer), line.fds);
-        if line.bytes.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let parsed = parse_line(&line.bytes);
-        let outcome = parsed
-            .request
-            .and_then(|request| handler.handle_with(request, &mut context));
-        let after_reply = context.take_after_reply();
-        drop(context);
-        let written = answer(&stream, parsed.id, outcome);
-        if let Some(then) = after_reply {
-            then();
-        }
-        written?;
-    }
 }
 
 #[cfg(test)]
