@@ -18,12 +18,15 @@
 //!
 //! The lifecycle stays the one place that decides what exists: this module reaches it only
 //! through [`VmHost`]. A live VM record (`starting`, `running`) is itself a reference on its
-//! snapshot, read by the lifecycle from the store (`store::vms`).
+//! snapshot, read by the lifecycle from the store (`store::vms`). `reconcile.rs` adopts VMs
+//! after a restart and runs the janitor; `snapshot.rs` is `vm.snapshot`.
 
 mod console;
 mod error;
 mod host;
 mod process;
+mod reconcile;
+mod snapshot;
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -34,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use proto::model::{NetworkOverride, SnapshotInfo, VmBackend, VmCounts, VmInfo, VmState, VmmKind};
+use proto::model::{NetworkOverride, VmBackend, VmCounts, VmInfo, VmState, VmmKind};
 use proto::Id;
 use rustix::process::Signal;
 use vmm_glue::firecracker::{self, Api, LoadRequest};
@@ -46,7 +49,7 @@ pub(crate) use host::VmHost;
 use crate::lifecycle::LifecycleError;
 use crate::registry::unix_ms;
 use crate::store::vms::VmRecord;
-use crate::store::{Store, VmmIdentity};
+use crate::store::Store;
 use process::Process;
 
 /// How long a hypervisor's API socket may take to come up.
@@ -158,105 +161,6 @@ impl Vms {
         self.changed.notify_all();
         result?;
         Ok(info)
-    }
-
-    /// Takes up the VMs of the state directory after a start: live ones are adopted, gone ones
-    /// marked exited, half-started ones killed and failed. Starts the console-log janitor.
-    pub fn reconcile(self: &Arc<Self>) -> Result<VmReconcileReport, VmError> {
-        let scan = self.store.scan_vms()?;
-        for (path, error) in &scan.unreadable {
-            tracing::error!(record = %path.display(), %error, "unreadable VM record; it is not listed");
-        }
-        let mut report = VmReconcileReport::default();
-        for mut record in scan.records {
-            let id = record.info.id.clone();
-            remove_snapshot_leftovers(&self.store.vm_dir(&id));
-            let process = record
-                .info
-                .pid
-                .zip(record.start_time)
-                .map(|(pid, start_time)| VmmIdentity { pid, start_time })
-                .and_then(process::adopt);
-            let mut ended = false;
-            match (record.info.state, process) {
-                (VmState::Running, Some(process)) => {
-                    let pidfd = Arc::new(process.pidfd);
-                    self.lock().insert(
-                        id.clone(),
-                        Slot {
-                            record,
-                            pidfd: Some(pidfd.clone()),
-                        },
-                    );
-                    self.supervise(id.clone(), pidfd, None);
-                    report.running.push(id);
-                    continue;
-                }
-                (VmState::Starting, Some(process)) => {
-                    let _ = process::signal(&process.pidfd, Signal::KILL);
-                    process::wait_exit(&process.pidfd, Some(KILL_TIMEOUT));
-                    record.info.state = VmState::Failed;
-                    record.info.reason = Some("pagerd restarted while it was starting".into());
-                    report.failed.push(id.clone());
-                    ended = true;
-                }
-                (VmState::Starting, None) => {
-                    record.info.state = VmState::Failed;
-                    record.info.reason = Some("pagerd restarted while it was starting".into());
-                    report.failed.push(id.clone());
-                    ended = true;
-                }
-                (VmState::Running, None) => {
-                    record.info.state = VmState::Exited;
-                    report.exited.push(id.clone());
-                    ended = true;
-                }
-                (VmState::Exited | VmState::Failed, _) => {}
-            }
-            if ended {
-                self.store.write_vm(&record)?;
-            }
-            let (fork, snapshot) = (record.info.fork.clone(), record.info.snapshot.clone());
-            self.lock().insert(
-                id,
-                Slot {
-                    record,
-                    pidfd: None,
-                },
-            );
-            if ended {
-                self.release(fork.as_ref(), &snapshot);
-            }
-        }
-        tracing::info!(report = %serde_json::to_string(&report).unwrap_or_default(), "reconciled the VMs");
-        self.start_janitor();
-        Ok(report)
-    }
-
-    fn start_janitor(self: &Arc<Self>) {
-        let weak = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("pagerd-consoles".into())
-            .spawn(move || loop {
-                std::thread::sleep(CONSOLE_CHECK_PERIOD);
-                let Some(vms) = weak.upgrade() else { return };
-                let logs: Vec<PathBuf> = vms
-                    .lock()
-                    .values()
-                    .filter(|s| s.record.info.state.is_live())
-                    .map(|s| s.record.info.console_log.clone())
-                    .collect();
-                for log in logs {
-                    if let Err(e) = console::cap(&log, vms.options.console_cap) {
-                        if e.kind() != std::io::ErrorKind::NotFound {
-                            tracing::warn!(log = %log.display(), error = %e, "cannot cap a console log");
-                        }
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the console-log janitor; console logs are not capped");
-        }
     }
 
     /// Every VM.
@@ -603,61 +507,6 @@ impl Vms {
                 .0;
         }
     }
-
-    /// Saves a running VM as snapshot `new`: paused, written by the hypervisor into the VM's
-    /// directory, registered (copied in) with its device state, then resumed if `resume`
-    /// (or if anything failed).
-    pub fn snapshot(&self, id: &Id, new: Id, resume: bool) -> Result<SnapshotInfo, VmError> {
-        let info = self.get(id)?;
-        if info.state != VmState::Running {
-            return Err(VmError::WrongState {
-                vm: id.clone(),
-                state: info.state,
-            });
-        }
-        if info.vmm != VmmKind::Firecracker {
-            return Err(VmError::Unsupported {
-                vmm: info.vmm,
-                operation: "vm.snapshot",
-            });
-        }
-        if self.host.snapshot(&new).is_ok() {
-            return Err(VmError::Lifecycle(LifecycleError::Exists {
-                kind: "snapshot",
-                id: new,
-            }));
-        }
-        let out = self.store.vm_dir(id).join(format!(".snapshot-{new}"));
-        let _ = std::fs::remove_dir_all(&out);
-        std::fs::create_dir(&out).map_err(io(format!("create {}", out.display())))?;
-        let api = Api::new(&info.api_socket);
-        let api_error = |source| VmError::Api {
-            vm: id.clone(),
-            source,
-        };
-        let (vmstate, memory) = (out.join("vmstate"), out.join("memory"));
-        let result = api.pause().map_err(api_error).and_then(|()| {
-            let saved = api
-                .create_snapshot(&vmstate, &memory)
-                .map_err(api_error)
-                .and_then(|()| {
-                    self.host
-                        .register(new.clone(), &memory, &vmstate, VmmKind::Firecracker)
-                        .map_err(VmError::from)
-                });
-            if resume || saved.is_err() {
-                if let Err(e) = api.resume() {
-                    tracing::error!(vm = %id, error = %crate::errors::error_chain(&e), "cannot resume the VM after a snapshot");
-                }
-            }
-            saved
-        });
-        let _ = std::fs::remove_dir_all(&out);
-        if let Ok(snapshot) = &result {
-            tracing::info!(vm = %id, snapshot = %snapshot.id, resumed = resume, "VM snapshotted");
-        }
-        result
-    }
 }
 
 /// What a VM is started from.
@@ -685,22 +534,6 @@ fn wait_socket(socket: &Path, mut alive: impl FnMut() -> bool) -> std::io::Resul
             Ok(_) => return Ok(()),
             Err(e) if Instant::now() >= end || !alive() => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
-        }
-    }
-}
-
-/// Removes `vm.snapshot` output a crash left in a VM's directory.
-fn remove_snapshot_leftovers(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(".snapshot-")
-        {
-            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }

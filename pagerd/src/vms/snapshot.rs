@@ -1,0 +1,84 @@
+//! `vm.snapshot`: a running clone saved as a new snapshot to fan out from.
+
+use std::path::Path;
+
+use proto::model::{SnapshotInfo, VmState, VmmKind};
+use proto::Id;
+use vmm_glue::firecracker::Api;
+
+use crate::lifecycle::LifecycleError;
+
+use super::{io, VmError, Vms};
+
+impl Vms {
+    /// Saves a running VM as snapshot `new`: paused, written by the hypervisor into the VM's
+    /// directory, registered (copied in) with its device state, then resumed if `resume`
+    /// (or if anything failed).
+    pub fn snapshot(&self, id: &Id, new: Id, resume: bool) -> Result<SnapshotInfo, VmError> {
+        let info = self.get(id)?;
+        if info.state != VmState::Running {
+            return Err(VmError::WrongState {
+                vm: id.clone(),
+                state: info.state,
+            });
+        }
+        if info.vmm != VmmKind::Firecracker {
+            return Err(VmError::Unsupported {
+                vmm: info.vmm,
+                operation: "vm.snapshot",
+            });
+        }
+        if self.host.snapshot(&new).is_ok() {
+            return Err(VmError::Lifecycle(LifecycleError::Exists {
+                kind: "snapshot",
+                id: new,
+            }));
+        }
+        let out = self.store.vm_dir(id).join(format!(".snapshot-{new}"));
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir(&out).map_err(io(format!("create {}", out.display())))?;
+        let api = Api::new(&info.api_socket);
+        let api_error = |source| VmError::Api {
+            vm: id.clone(),
+            source,
+        };
+        let (vmstate, memory) = (out.join("vmstate"), out.join("memory"));
+        let result = api.pause().map_err(api_error).and_then(|()| {
+            let saved = api
+                .create_snapshot(&vmstate, &memory)
+                .map_err(api_error)
+                .and_then(|()| {
+                    self.host
+                        .register(new.clone(), &memory, &vmstate, VmmKind::Firecracker)
+                        .map_err(VmError::from)
+                });
+            if resume || saved.is_err() {
+                if let Err(e) = api.resume() {
+                    tracing::error!(vm = %id, error = %crate::errors::error_chain(&e), "cannot resume the VM after a snapshot");
+                }
+            }
+            saved
+        });
+        let _ = std::fs::remove_dir_all(&out);
+        if let Ok(snapshot) = &result {
+            tracing::info!(vm = %id, snapshot = %snapshot.id, resumed = resume, "VM snapshotted");
+        }
+        result
+    }
+}
+
+/// Removes `vm.snapshot` output a crash left in a VM's directory.
+pub(super) fn remove_snapshot_leftovers(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".snapshot-")
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
