@@ -478,7 +478,7 @@ fn a_group_member_lists_vms_but_cannot_start_stop_or_snapshot_them() {
         r#"{"v":1,"op":"vm.snapshot","vm":"a","snapshot":"b"}"#,
     ] {
         let error = ask(line).error.expect("refused");
-        assert_eq!(error.code, ErrorCode::InvalidArgument, "{line}: {error:?}");
+        assert_eq!(error.code, ErrorCode::PermissionDenied, "{line}: {error:?}");
         assert!(error.message.contains("only root"), "{error:?}");
     }
     let listed = ask(r#"{"v":1,"op":"vm.list"}"#);

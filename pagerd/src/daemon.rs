@@ -127,6 +127,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     let inherited_control = upgrade::inherited_control(&config.control_socket());
     let inherited_handoffs =
         upgrade::inherited_handoffs(&config.state_dir.join(crate::store::SOCKETS_DIR));
+    let configured_program = upgrade::configured_program();
     // Block the shutdown signals before any thread starts, so every thread inherits the mask
     // and only the main thread's `sigwait` sees them.
     let mut signals = SigSet::empty();
@@ -235,7 +236,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         },
     );
     vms.reconcile().map_err(DaemonError::Vms)?;
-    let upgrade = Arc::new(Upgrade::default());
+    let upgrade = Arc::new(Upgrade::new(configured_program));
     let control_path = config.control_socket();
     let handler = Arc::new(Dispatcher::new(lifecycle.clone(), vms, upgrade.clone()));
     let options = ControlOptions {
@@ -276,8 +277,8 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
             notify::stopping();
             break None;
         }
-        match upgrade.binary() {
-            Ok(binary) => break Some(binary),
+        match upgrade.take_program() {
+            Ok(program) => break Some(program),
             Err(e) => {
                 tracing::error!(error = %crate::errors::error_chain(&e), "upgrade refused; still running");
                 upgrade.clear();
@@ -313,9 +314,10 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     stopping.store(true, Ordering::SeqCst);
     drop(janitor);
     lifecycle.shutdown(next.is_some());
-    if let Some(binary) = next {
+    if let Some(program) = next {
         return Err(DaemonError::Upgrade(upgrade::exec(
-            &binary,
+            &program,
+            upgrade.configured(),
             handed_over,
             handoffs,
         )));

@@ -20,7 +20,8 @@
 //! - [`vms`]: hypervisors launched from snapshots, wired to pagerd, and supervised.
 //! - [`working_set`]: the pages a snapshot's forks touch, recorded, stored beside it, and
 //!   replayed into new forks before their guests ask.
-//! - [`upgrade`]: replacing the daemon's program in place, keeping every fork served.
+//! - [`upgrade`]: replacing the daemon's program in place, keeping every fork served;
+//!   [`trusted`]: files only root can change (programs to execute, memory files to link).
 
 mod access;
 mod bitmap;
@@ -42,9 +43,14 @@ mod snapshot;
 mod stats;
 mod store;
 mod sys;
+mod trusted;
 mod upgrade;
 mod vms;
 mod working_set;
+
+/// How a pagerd binary names itself, in its ELF section `.pagerd_version` (the binary's
+/// `main` puts it there): an upgrade reads it from the file instead of running the file.
+pub const VERSION_NOTE: &str = concat!("pagerd ", env!("CARGO_PKG_VERSION"));
 
 /// Sets up logging and runs the daemon until SIGTERM or SIGINT. On failure, the error and its
 /// causes, as one line.

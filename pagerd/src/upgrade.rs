@@ -2,14 +2,18 @@
 //! and the new program takes every live fork back exactly as after a crash.
 //!
 //! ```text
-//!  daemon.upgrade {binary} ─▶ binary checked (absolute, executable, `--version` says pagerd)
+//!  daemon.upgrade {binary} (root and pagerd's user only) ─▶ binary opened once and checked:
+//!    absolute; it and every directory above it writable by root alone ([`crate::trusted`]);
+//!    executable; its ELF section `.pagerd_version` says pagerd (read, never run)
 //!    ─▶ answered {pid, binary} ─▶ once the answer is written: SIGUSR2 to the daemon itself
-//!       (a SIGUSR2 from outside, e.g. systemd's ExecReload, upgrades to the daemon's own file)
+//!       (a SIGUSR2 from outside, e.g. systemd's ExecReload, upgrades to the daemon's
+//!       configured program: the one it was started from, never an earlier `--binary`)
 //!  main thread: handoff sockets and control socket stop being accepted on, but keep
 //!    listening ─▶ FUSE view unmounted (detached while files are held) ─▶ serving stopped
 //!    (records kept; uffds closed on pagerd's side only) ─▶ FD_CLOEXEC cleared on the sockets
-//!    ─▶ execve(binary, same arguments, environment + PAGERD_CONTROL_FD, PAGERD_HANDOFF_FDS):
-//!       same pid, so a supervisor keeps tracking it
+//!    ─▶ execve(/proc/self/fd/N: the very file checked, same arguments, environment +
+//!       PAGERD_CONTROL_FD, PAGERD_HANDOFF_FDS, PAGERD_PROGRAM): same pid, so a supervisor
+//!       keeps tracking it
 //!  new program: inherited sockets adopted (each checked to listen at its path) ─▶ reconcile:
 //!    pidfd_getfd takes each uffd back, wakes every region, serves (`serve::recover`) ─▶ FUSE
 //!    mounted again ─▶ answers what waited in the sockets' backlogs
@@ -20,8 +24,9 @@
 //! recovered by the old program instead, and the failure is logged.
 
 use std::ffi::OsString;
+use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
@@ -38,6 +43,13 @@ const CONTROL_FD_ENV: &str = "PAGERD_CONTROL_FD";
 /// `ID=FD,ID=FD…`.
 const HANDOFF_FDS_ENV: &str = "PAGERD_HANDOFF_FDS";
 
+/// Names, for the program an upgrade executes, the daemon's configured program (the one it was
+/// first started from), which a later plain reload runs again.
+const PROGRAM_ENV: &str = "PAGERD_PROGRAM";
+
+/// The ELF section in which a pagerd binary names itself ([`crate::VERSION_NOTE`]).
+pub const VERSION_SECTION: &str = ".pagerd_version";
+
 /// The signal that asks the daemon to upgrade itself.
 pub(crate) const UPGRADE_SIGNAL: Signal = Signal::SIGUSR2;
 
@@ -47,15 +59,18 @@ pub(crate) enum UpgradeError {
     /// The binary path is not absolute.
     #[error("the binary path {0} must be absolute")]
     NotAbsolute(PathBuf),
+    /// Someone other than root could change the binary (or a directory above it).
+    #[error("refusing to execute a program others can change")]
+    Untrusted(#[source] crate::trusted::Untrusted),
     /// The binary is not an executable regular file.
     #[error("{0} is not an executable file")]
     NotExecutable(PathBuf),
-    /// Running `BINARY --version` failed or did not name pagerd.
-    #[error("{path} --version did not answer as pagerd does: {why}")]
+    /// The binary's ELF section `.pagerd_version` is missing or does not name pagerd.
+    #[error("{path} is not a pagerd binary: {why}")]
     NotPagerd {
         /// The binary.
         path: PathBuf,
-        /// What it did.
+        /// What was found.
         why: String,
     },
     /// An upgrade is already under way.
@@ -63,11 +78,20 @@ pub(crate) enum UpgradeError {
     InProgress,
 }
 
+/// A program checked for an upgrade, open: the file executed is the file checked.
+#[derive(Debug)]
+pub(crate) struct Program {
+    /// Where it was found (canonical).
+    pub path: PathBuf,
+    file: File,
+}
+
 /// An upgrade being asked for, shared by the control socket and the main thread.
 #[derive(Debug)]
 pub(crate) struct Upgrade {
-    requested: Mutex<Option<PathBuf>>,
-    default_binary: PathBuf,
+    requested: Mutex<Option<Program>>,
+    /// The daemon's configured program: the one a plain reload executes.
+    configured: PathBuf,
 }
 
 /// The program this process runs, as a path (without the ` (deleted)` the kernel appends
@@ -81,27 +105,38 @@ fn own_binary() -> PathBuf {
     }
 }
 
-impl Default for Upgrade {
-    fn default() -> Self {
-        Self {
-            requested: Mutex::new(None),
-            default_binary: own_binary(),
+/// The daemon's configured program: as named by the program an upgrade replaced, or else this
+/// process's own. Call before any thread starts (it removes the variable from the environment).
+pub(crate) fn configured_program() -> PathBuf {
+    match std::env::var_os(PROGRAM_ENV) {
+        Some(path) => {
+            std::env::remove_var(PROGRAM_ENV);
+            PathBuf::from(path)
         }
+        None => own_binary(),
     }
 }
 
 impl Upgrade {
-    /// Checks `binary` (default: the one the daemon was started from) and records it as the
-    /// program to run next; returns it. [`start`](Self::start) then sets the upgrade off.
+    /// An upgrade whose plain reload executes `configured`.
+    pub fn new(configured: PathBuf) -> Self {
+        Self {
+            requested: Mutex::new(None),
+            configured,
+        }
+    }
+
+    /// Checks `binary` (default: the configured program) and records it, open, as the program
+    /// to run next; returns its path. [`start`](Self::start) then sets the upgrade off.
     pub fn request(&self, binary: Option<PathBuf>) -> Result<PathBuf, UpgradeError> {
-        let binary = binary.unwrap_or_else(|| self.default_binary.clone());
-        check_binary(&binary)?;
+        let program = open_program(&binary.unwrap_or_else(|| self.configured.clone()))?;
+        let path = program.path.clone();
         let mut requested = self.requested.lock().unwrap_or_else(|p| p.into_inner());
         if requested.is_some() {
             return Err(UpgradeError::InProgress);
         }
-        *requested = Some(binary.clone());
-        Ok(binary)
+        *requested = Some(program);
+        Ok(path)
     }
 
     /// Asks the main thread to carry out the requested upgrade (a signal to the daemon
@@ -113,21 +148,23 @@ impl Upgrade {
         }
     }
 
-    /// The binary to run next: the one asked for, or (a bare signal from outside) the
-    /// daemon's own, checked.
-    pub fn binary(&self) -> Result<PathBuf, UpgradeError> {
+    /// The program to run next: the one asked for, or (a bare signal from outside) the
+    /// configured one, checked now.
+    pub fn take_program(&self) -> Result<Program, UpgradeError> {
         let requested = self
             .requested
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
+            .take();
         match requested {
-            Some(binary) => Ok(binary),
-            None => {
-                check_binary(&self.default_binary)?;
-                Ok(self.default_binary.clone())
-            }
+            Some(program) => Ok(program),
+            None => open_program(&self.configured),
         }
+    }
+
+    /// The configured program (handed to the next program, for its own plain reloads).
+    pub fn configured(&self) -> &Path {
+        &self.configured
     }
 
     /// Forgets a request that could not be carried out.
@@ -136,42 +173,51 @@ impl Upgrade {
     }
 }
 
-/// Whether `binary` looks like a pagerd that runs: absolute, executable, and its
-/// `--version` starts with `pagerd`.
-fn check_binary(binary: &Path) -> Result<(), UpgradeError> {
+/// Opens `binary` once and checks that root may execute it: absolute, it and every directory
+/// above it changeable by root alone, executable, and named pagerd by its ELF section. The
+/// file is read, never run.
+fn open_program(binary: &Path) -> Result<Program, UpgradeError> {
     if !binary.is_absolute() {
         return Err(UpgradeError::NotAbsolute(binary.to_owned()));
     }
-    let executable =
-        std::fs::metadata(binary).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    let (path, file) = crate::trusted::open_trusted(binary).map_err(UpgradeError::Untrusted)?;
+    let executable = file
+        .metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
     if !executable {
-        return Err(UpgradeError::NotExecutable(binary.to_owned()));
+        return Err(UpgradeError::NotExecutable(path));
     }
-    let not_pagerd = |why: String| UpgradeError::NotPagerd {
-        path: binary.to_owned(),
-        why,
-    };
-    let output = std::process::Command::new(binary)
-        .arg("--version")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| not_pagerd(e.to_string()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() || !stdout.starts_with("pagerd") {
-        return Err(not_pagerd(format!(
-            "exit {}, printed {:?}",
-            output.status,
-            stdout.trim()
-        )));
+    if let Err(why) = version_note(&object::ReadCache::new(&file)) {
+        return Err(UpgradeError::NotPagerd { path, why });
     }
-    Ok(())
+    Ok(Program { path, file })
 }
 
-/// Replaces this process with `binary`, given the daemon's own arguments and, when there is
-/// one, the listening control socket. Returns only if neither `binary` nor, failing that, the
-/// daemon's own program could be executed.
+/// The version a pagerd binary names in its ELF section [`VERSION_SECTION`], or why `elf`
+/// has none. Only the headers and that section are read.
+pub(crate) fn version_note<'a, R: object::ReadRef<'a>>(elf: R) -> Result<String, String> {
+    use object::{Object, ObjectSection};
+    let parsed = object::File::parse(elf).map_err(|e| format!("not an ELF file ({e})"))?;
+    let section = parsed
+        .section_by_name(VERSION_SECTION)
+        .ok_or_else(|| format!("no {VERSION_SECTION} section"))?;
+    let data = section.data().map_err(|e| e.to_string())?;
+    let text = std::str::from_utf8(data)
+        .map_err(|_| format!("{VERSION_SECTION} is not text"))?
+        .trim_end_matches('\0');
+    match text.strip_prefix("pagerd ") {
+        Some(version) if !version.is_empty() => Ok(version.to_owned()),
+        _ => Err(format!("{VERSION_SECTION} says {text:?}")),
+    }
+}
+
+/// Replaces this process with `program` (by its open descriptor: the file checked is the file
+/// executed), given the daemon's own arguments and, when there is one, the listening control
+/// socket; `configured` is what the next program's plain reload runs. Returns only if neither
+/// `program` nor, failing that, the daemon's own program could be executed.
 pub(crate) fn exec(
-    binary: &Path,
+    program: &Program,
+    configured: &Path,
     control: Option<UnixListener>,
     handoffs: Vec<(proto::Id, UnixListener)>,
 ) -> io::Error {
@@ -190,10 +236,14 @@ pub(crate) fn exec(
         if !handoff_fds.is_empty() {
             command.env(HANDOFF_FDS_ENV, handoff_fds.join(","));
         }
+        command.env(PROGRAM_ENV, configured);
         command
     };
+    let binary = &program.path;
     tracing::info!(binary = %binary.display(), "upgrading: executing the new program in place");
-    let error = command(binary).exec();
+    // `/proc/self/fd/N` is the open file itself, whatever its path names now (fexecve).
+    let by_descriptor = PathBuf::from(format!("/proc/self/fd/{}", program.file.as_raw_fd()));
+    let error = command(&by_descriptor).arg0(binary).exec();
     tracing::error!(binary = %binary.display(), error = %error,
         "cannot execute the new program; running the old one again");
     command(Path::new("/proc/self/exe"))
@@ -283,4 +333,41 @@ pub(crate) fn inherited_control(path: &Path) -> Option<UnixListener> {
     let value = std::env::var_os(CONTROL_FD_ENV)?;
     std::env::remove_var(CONTROL_FD_ENV);
     adopt_listener(value.to_str()?.parse().ok()?, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_elf_file_with_the_version_section_is_pagerd() {
+        assert!(version_note(&b"#!/bin/sh\ntouch /pwned\n"[..])
+            .unwrap_err()
+            .contains("not an ELF file"));
+        let true_binary = std::fs::read("/bin/true").unwrap();
+        assert!(version_note(&true_binary[..])
+            .unwrap_err()
+            .contains("no .pagerd_version section"));
+    }
+
+    #[test]
+    fn a_relative_or_untrusted_program_is_refused_before_anything_is_read() {
+        assert!(matches!(
+            open_program(Path::new("pagerd")),
+            Err(UpgradeError::NotAbsolute(_))
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join("pagerd");
+        std::fs::write(&program, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(matches!(
+            open_program(&program),
+            Err(UpgradeError::Untrusted(_))
+        ));
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(matches!(
+            open_program(&program),
+            Err(UpgradeError::NotPagerd { .. })
+        ));
+    }
 }

@@ -225,16 +225,19 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or an unexpected system failure.
     Internal,
+    /// The caller may not do this: the operation is root's, or the object is another user's.
+    PermissionDenied,
 }
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [ErrorCode; 5] = [
+    pub const ALL: [ErrorCode; 6] = [
         ErrorCode::NotFound,
         ErrorCode::Conflict,
         ErrorCode::InvalidArgument,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::PermissionDenied,
     ];
 
     /// The wire name.
@@ -245,6 +248,7 @@ impl ErrorCode {
             Self::InvalidArgument => "invalid_argument",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
+            Self::PermissionDenied => "permission_denied",
         }
     }
 
@@ -257,6 +261,7 @@ impl ErrorCode {
             Self::InvalidArgument => 5,
             Self::Unavailable => 6,
             Self::Internal => 7,
+            Self::PermissionDenied => 10,
         }
     }
 }

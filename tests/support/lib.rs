@@ -18,6 +18,8 @@
 //!   [`HandoffReply`]; [`HugePages`] reserves and gives back 2 MiB pages.
 //! - [`restore_guest`]: a Firecracker guest that keeps touching new memory, for restarts.
 //! - [`cached_kib`] (a file's own page cache) and [`SmallTmpfs`] (a disk to fill).
+//! - [`tenants`]: real users of the host (a group's members and an outsider), for attacks
+//!   run as an unprivileged member.
 //!
 //! This file keeps what every part shares (binaries, waiting, snapshots, skips); `daemon.rs`,
 //! `vmm.rs`, `handoff.rs` and `host.rs` hold the rest, re-exported here.
@@ -28,6 +30,7 @@ mod handoff;
 mod host;
 pub mod qemu;
 pub mod restore_guest;
+pub mod tenants;
 mod vmm;
 
 pub use daemon::{CtlRun, Daemon, Launch};

@@ -106,6 +106,7 @@ impl From<UpgradeError> for ControlError {
     fn from(e: UpgradeError) -> Self {
         let code = match &e {
             UpgradeError::NotAbsolute(_)
+            | UpgradeError::Untrusted(_)
             | UpgradeError::NotExecutable(_)
             | UpgradeError::NotPagerd { .. } => ErrorCode::InvalidArgument,
             UpgradeError::InProgress => ErrorCode::Unavailable,
@@ -168,11 +169,19 @@ impl Dispatcher {
             request,
             Request::VmStart { .. } | Request::VmStop { .. } | Request::VmSnapshot { .. }
         );
-        if launches && !registration::may_register_by_path(context.peer()) {
+        let privileged = registration::may_register_by_path(context.peer());
+        if launches && !privileged {
             // The hypervisor runs as the daemon's user and opens the paths it is given.
             return Err(ControlError::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::PermissionDenied,
                 "only root and pagerd's own user may start, stop or snapshot VMs",
+            ));
+        }
+        if matches!(request, Request::DaemonUpgrade { .. }) && !privileged {
+            // The daemon executes the program it is given, as its own user.
+            return Err(ControlError::new(
+                ErrorCode::PermissionDenied,
+                "only root and pagerd's own user may upgrade the daemon",
             ));
         }
         match request {

@@ -186,7 +186,7 @@ impl Lifecycle {
         &self,
         id: Id,
         source: Source,
-        mode: ImportMode,
+        mut mode: ImportMode,
         vmstate: Option<(Source, VmmKind)>,
     ) -> Result<SnapshotInfo, LifecycleError> {
         let bad = |why: String| LifecycleError::BadPath {
@@ -208,6 +208,16 @@ impl Lifecycle {
             return Err(bad(format!(
                 "size {size} is not a non-zero multiple of 4096"
             )));
+        }
+        if mode == ImportMode::Link {
+            if let Err(why) = crate::trusted::check_open_file(&source.file, &source.name) {
+                // Its contents could change behind the snapshot's back without any metadata
+                // moving (a writer's shared mapping): only files root alone can change are
+                // linked.
+                tracing::info!(snapshot = %id, source = %source.name.display(), %why,
+                    "not linking a file others can change: copying it");
+                mode = ImportMode::Copy;
+            }
         }
         if mode == ImportMode::Link {
             self.store.check_linkable(&source.meta).map_err(bad)?;

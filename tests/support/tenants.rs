@@ -1,0 +1,164 @@
+//! Real users for multi-tenant tests: a group (`pagerd-tenants`) with two member users and a
+//! user outside it, created on the host with `groupadd`/`useradd` the first time a test asks,
+//! and commands run as them through `setpriv` (their own uid, the group as primary group, no
+//! other groups), so pagerd sees exactly what it would see from another login.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use crate::binary;
+use crate::daemon::{CtlRun, Daemon};
+
+/// The tenants' group, passed to pagerd as `--group`.
+pub const GROUP: &str = "pagerd-tenants";
+
+/// One user of the host.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+}
+
+/// The group's id and its users.
+#[derive(Debug, Clone)]
+pub struct Tenants {
+    /// The group's id.
+    pub gid: u32,
+    /// A member: the attacker in most tests.
+    pub member: User,
+    /// Another member: the victim of a member's attack on other tenants.
+    pub other_member: User,
+    /// A user outside the group.
+    pub outsider: User,
+}
+
+/// Runs `program args`, panicking with its output if it fails.
+fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The numeric id `id -FLAG NAME` prints.
+fn id_of(flag: &str, name: &str) -> u32 {
+    run_ok("id", &[flag, name])
+        .parse()
+        .expect("id prints a number")
+}
+
+/// Creates user `name` (no home, no login shell) with primary group `group` if it is missing.
+fn ensure_user(name: &str, group: &str) -> User {
+    let exists = Command::new("id")
+        .arg(name)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !exists {
+        run_ok(
+            "useradd",
+            &[
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--gid",
+                group,
+                name,
+            ],
+        );
+    }
+    User {
+        name: name.to_owned(),
+        uid: id_of("-u", name),
+        gid: id_of("-g", name),
+    }
+}
+
+/// The tenants, created on the host the first time (idempotent across test processes).
+pub fn tenants() -> &'static Tenants {
+    static TENANTS: OnceLock<Tenants> = OnceLock::new();
+    TENANTS.get_or_init(|| {
+        // -f: success if the group exists already.
+        run_ok("groupadd", &["-f", "--system", GROUP]);
+        run_ok("groupadd", &["-f", "--system", "pagerd-outsiders"]);
+        let gid = run_ok("getent", &["group", GROUP])
+            .split(':')
+            .nth(2)
+            .and_then(|g| g.parse().ok())
+            .expect("the group's id");
+        Tenants {
+            gid,
+            member: ensure_user("pagerd-member", GROUP),
+            other_member: ensure_user("pagerd-member2", GROUP),
+            outsider: ensure_user("pagerd-outsider", "pagerd-outsiders"),
+        }
+    })
+}
+
+impl User {
+    /// A command that runs `program` as this user (its uid and primary group, no others).
+    pub fn command(&self, program: &Path) -> Command {
+        let mut command = Command::new("setpriv");
+        command
+            .arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.gid))
+            .arg("--clear-groups")
+            .arg("--")
+            .arg(program);
+        command
+    }
+
+    /// Runs `pagerctl args` as this user against `daemon`.
+    pub fn pagerctl(&self, daemon: &Daemon, args: &[&str]) -> CtlRun {
+        let out = self
+            .command(&binary("pagerctl"))
+            .args(args)
+            .env(proto::defaults::SOCKET_ENV, daemon.control_socket())
+            .env_remove(proto::defaults::STATE_DIR_ENV)
+            .output()
+            .expect("run pagerctl as another user");
+        CtlRun::from(out)
+    }
+
+    /// A directory this user owns (mode 0755) inside `parent`, which is opened up (0755) so
+    /// the user can reach it.
+    pub fn own_dir(&self, parent: &Path, name: &str) -> std::path::PathBuf {
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
+            .expect("open up the parent");
+        let dir = parent.join(name);
+        std::fs::create_dir_all(&dir).expect("create the directory");
+        std::os::unix::fs::chown(&dir, Some(self.uid), Some(self.gid)).expect("chown");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the directory");
+        dir
+    }
+
+    /// Writes `bytes` to `path` as this user's file (owned by it, mode `mode`).
+    pub fn own_file(&self, path: &Path, bytes: &[u8], mode: u32) {
+        std::fs::write(path, bytes).expect("write the file");
+        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).expect("chown");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+}
+
+impl From<Output> for CtlRun {
+    fn from(out: Output) -> Self {
+        Self {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}

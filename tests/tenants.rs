@@ -1,0 +1,208 @@
+//! Attacks by a `--group` member, run as a real unprivileged user of the host
+//! (`testkit::tenants`) against a real pagerd, each asserting what root and a victim fork
+//! still get. See docs/security.md, "Tenants".
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use proto::model::{ForkState, ImportMethod, SnapshotInfo};
+use testkit::tenants::{tenants, GROUP};
+use testkit::{binary, wait_until, write_snapshot, Daemon, DEADLINE};
+
+const MIB: u64 = 1 << 20;
+
+/// The program the daemon's process runs now.
+fn exe_of(pid: u32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).expect("read /proc/PID/exe")
+}
+
+/// A root-owned directory of mode `mode` holding a copy of the pagerd binary (0755).
+fn pagerd_copy_in(dir: &Path, mode: u32) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+    let copy = dir.join("pagerd");
+    std::fs::copy(binary("pagerd"), &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy
+}
+
+/// Waits until the daemon answers from a program started after `since`.
+fn wait_for_new_program(daemon: &Daemon, since: Instant) {
+    wait_until("the new program to answer", DEADLINE, || {
+        daemon
+            .client()
+            .status()
+            .is_ok_and(|s| u128::from(s.uptime_ms) <= since.elapsed().as_millis())
+    });
+}
+
+#[test]
+fn a_member_cannot_make_pagerd_execute_a_program_and_root_runs_only_trusted_pagerd_files() {
+    let tenants = tenants();
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 31, 0, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off", "--group", GROUP]);
+    let victim = daemon.attach_holding_vmm("base", "victim", &mem);
+    let configured = exe_of(daemon.pid());
+
+    // The member's own programs: a script that would leave a mark and then run the real
+    // pagerd (so that nothing would show), and a genuine pagerd that the member owns.
+    let member_dir = tenants.member.own_dir(dir.path(), "member");
+    let marker = member_dir.join("ran-as-root");
+    let script = format!(
+        "#!/bin/sh\ntouch {}\nexec {} \"$@\"\n",
+        marker.display(),
+        binary("pagerd").display()
+    );
+    let member_script = member_dir.join("x");
+    tenants
+        .member
+        .own_file(&member_script, script.as_bytes(), 0o755);
+    let member_pagerd = member_dir.join("pagerd");
+    let pagerd_bytes = std::fs::read(binary("pagerd")).unwrap();
+    tenants
+        .member
+        .own_file(&member_pagerd, &pagerd_bytes, 0o755);
+
+    // As the member: refused outright, whatever the binary.
+    for args in [
+        vec![
+            "daemon",
+            "upgrade",
+            "--binary",
+            member_script.to_str().unwrap(),
+        ],
+        vec![
+            "daemon",
+            "upgrade",
+            "--binary",
+            member_pagerd.to_str().unwrap(),
+        ],
+        vec!["daemon", "upgrade"],
+    ] {
+        let run = tenants.member.pagerctl(&daemon, &args);
+        assert_eq!(run.code, Some(10), "permission_denied: {args:?} {run:?}");
+        assert!(run.stderr.contains("only root"), "{run:?}");
+    }
+
+    // As root: a file others can change is refused, and so is a file that is not pagerd.
+    let group_writable = pagerd_copy_in(&dir.path().join("shared"), 0o775);
+    let root_in_members_dir = member_dir.join("root-pagerd");
+    std::fs::copy(binary("pagerd"), &root_in_members_dir).unwrap();
+    let root_script_dir = dir.path().join("root-script");
+    std::fs::create_dir(&root_script_dir).unwrap();
+    let root_marker = root_script_dir.join("ran");
+    let root_script = root_script_dir.join("pagerd");
+    std::fs::write(
+        &root_script,
+        format!(
+            "#!/bin/sh\necho pagerd 9.9\ntouch {}\n",
+            root_marker.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&root_script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (binary, why) in [
+        (&member_script, "owned by uid"),
+        (&member_pagerd, "owned by uid"),
+        (&root_in_members_dir, "owned by uid"),
+        (&group_writable, "writable by others"),
+        (&root_script, "not a pagerd binary"),
+    ] {
+        let run = daemon.pagerctl(&["daemon", "upgrade", "--binary", binary.to_str().unwrap()]);
+        assert_eq!(run.code, Some(5), "invalid_argument: {binary:?} {run:?}");
+        assert!(run.stderr.contains(why), "{binary:?}: {run:?}");
+    }
+    assert!(!marker.exists(), "the member's program never ran");
+    assert!(!root_marker.exists(), "checking a binary never runs it");
+    assert_eq!(exe_of(daemon.pid()), configured);
+    let fork = daemon.fork("victim");
+    assert_eq!((fork.state, fork.recovered), (ForkState::Serving, 0));
+
+    // A trusted copy: executed by descriptor, the fork taken back.
+    let trusted = pagerd_copy_in(&dir.path().join("trusted"), 0o755);
+    daemon.upgrade(Some(&trusted));
+    assert_eq!(exe_of(daemon.pid()), trusted);
+    assert_eq!(daemon.fork("victim").recovered, 1);
+    // A plain reload runs the configured program again, not the one-off binary.
+    let reloaded = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(daemon.pid()).unwrap()),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    wait_for_new_program(&daemon, reloaded);
+    assert_eq!(exe_of(daemon.pid()), configured);
+    let fork = daemon.fork("victim");
+    // (`recovered` counts the takeovers of the program answering.)
+    assert_eq!((fork.state, fork.recovered), (ForkState::Serving, 1));
+    victim.finish();
+}
+
+#[test]
+fn a_members_file_is_copied_even_when_it_asks_for_a_link_and_its_rewrites_change_nothing() {
+    let tenants = tenants();
+    let dir = tempfile::tempdir().unwrap();
+    let original = write_snapshot(&dir.path().join("original"), 4 * MIB, 77, 0, 0);
+    let original_bytes = std::fs::read(&original).unwrap();
+    let daemon = Daemon::start(&[], &["--group", GROUP]);
+    let member_dir = tenants.member.own_dir(dir.path(), "member");
+    let member_file = member_dir.join("mem");
+    tenants
+        .member
+        .own_file(&member_file, &original_bytes, 0o644);
+    let run = tenants.member.pagerctl(
+        &daemon,
+        &[
+            "--json",
+            "snapshot",
+            "add",
+            "theirs",
+            member_file.to_str().unwrap(),
+            "--link",
+        ],
+    );
+    assert!(run.success(), "{run:?}");
+    let info: SnapshotInfo = run.json();
+    assert_ne!(info.import, Some(ImportMethod::Hardlink), "{info:?}");
+    // The member rewrites every page in place and puts the times back.
+    let rewrite = format!(
+        "dd if=/dev/urandom of={0} bs=1M count=4 conv=notrunc status=none && touch -r {1} {0}",
+        member_file.display(),
+        original.display()
+    );
+    let out = tenants
+        .member
+        .command(Path::new("/bin/sh"))
+        .args(["-c", &rewrite])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_ne!(std::fs::read(&member_file).unwrap(), original_bytes);
+    // Root's fork and the FUSE view read what was registered, byte for byte.
+    assert!(std::fs::read(daemon.fuse_file("theirs")).unwrap() == original_bytes);
+    daemon
+        .attach_holding_vmm("theirs", "roots-fork", &original)
+        .finish();
+    assert!(daemon.snapshot("theirs").error.is_none());
+
+    // A file root alone can change, in directories root alone can change, is linked.
+    let root_dir = dir.path().join("root-only");
+    std::fs::create_dir(&root_dir).unwrap();
+    let root_file = root_dir.join("mem");
+    std::fs::copy(&original, &root_file).unwrap();
+    let run = daemon.pagerctl(&[
+        "--json",
+        "snapshot",
+        "add",
+        "roots",
+        root_file.to_str().unwrap(),
+        "--link",
+    ]);
+    assert!(run.success(), "{run:?}");
+    assert_eq!(
+        run.json::<SnapshotInfo>().import,
+        Some(ImportMethod::Hardlink)
+    );
+}
