@@ -6,9 +6,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use proto::model::{ForkState, ImportMethod, SnapshotInfo};
-use testkit::tenants::{tenants, GROUP};
-use testkit::{binary, wait_until, write_snapshot, Daemon, DEADLINE};
+use proto::model::{ForkState, ImportMethod, SnapshotInfo, VmInfo, VmState};
+use testkit::firecracker::{self, count, VmReaper};
+use testkit::tenants::{tenants, User, GROUP};
+use testkit::{binary, skip, wait_until, write_snapshot, CtlRun, Daemon, DEADLINE};
 
 const MIB: u64 = 1 << 20;
 
@@ -205,4 +206,166 @@ fn a_members_file_is_copied_even_when_it_asks_for_a_link_and_its_rewrites_change
         run.json::<SnapshotInfo>().import,
         Some(ImportMethod::Hardlink)
     );
+}
+
+/// `pagerctl ARGS` run by `who` (or root) must end with exit status `code` (10:
+/// `permission_denied`, 4: `conflict`, 6: `unavailable`), saying `why`.
+fn refused_with(run: &CtlRun, code: i32, why: &str) {
+    assert_eq!(run.code, Some(code), "{run:?}");
+    assert!(run.stderr.contains(why), "expected {why:?}: {run:?}");
+}
+
+#[test]
+fn members_change_only_their_own_objects_and_nobody_closes_a_vms_fork_under_it() {
+    let test = "members_change_only_their_own_objects_and_nobody_closes_a_vms_fork_under_it";
+    let tenants = tenants();
+    let fixture = match firecracker::fixture() {
+        Ok(fixture) => fixture,
+        Err(why) => return skip(test, &why),
+    };
+    let binary = firecracker::binary().expect("the fixture was made with it");
+    let daemon = Daemon::start(
+        &[],
+        &["--firecracker", binary.to_str().unwrap(), "--group", GROUP],
+    );
+    let _reaper = VmReaper::new(&daemon.state_dir());
+    let add = daemon.pagerctl(&[
+        "snapshot",
+        "add",
+        "base",
+        fixture.memory.to_str().unwrap(),
+        "--vmstate",
+        fixture.vmstate.to_str().unwrap(),
+        "--vmm",
+        "firecracker",
+    ]);
+    assert!(add.success(), "{add:?}");
+    let run = daemon.pagerctl(&["--json", "vm", "start", "base", "--id", "a"]);
+    assert!(run.success(), "{run:?}");
+    let vm: VmInfo = run.json();
+    assert_eq!((vm.state, vm.owner), (VmState::Running, 0));
+    let log = vm.console_log.clone();
+    wait_until("the guest to check its memory", DEADLINE, || {
+        count(&log, "OK") >= 1
+    });
+
+    // The VM's fork: a member may not close it (root's), and root closes it only through the VM.
+    let member = &tenants.member;
+    refused_with(
+        &member.pagerctl(&daemon, &["fork", "close", "a"]),
+        10,
+        "belongs to uid 0",
+    );
+    refused_with(&daemon.pagerctl(&["fork", "close", "a"]), 4, "stop the VM");
+    refused_with(
+        &member.pagerctl(&daemon, &["snapshot", "rm", "base"]),
+        10,
+        "belongs to uid 0",
+    );
+    // The guest goes on: more checks pass, and the VM and its fork still run.
+    let passes = count(&log, "OK");
+    wait_until("the guest to keep checking its memory", DEADLINE, || {
+        count(&log, "OK") >= passes + 2 || count(&log, "BAD") > 0
+    });
+    assert_eq!(count(&log, "BAD"), 0);
+    assert_eq!(daemon.fork("a").state, ForkState::Serving);
+
+    // A member's own snapshot and fork: its own to change, not another member's.
+    let dir = tempfile::tempdir().unwrap();
+    let member_dir = member.own_dir(dir.path(), "member");
+    let mem = write_snapshot(&member_dir.join("mem"), 4 * MIB, 5, 0, 0);
+    std::fs::set_permissions(&mem, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = member.pagerctl(
+        &daemon,
+        &["--json", "snapshot", "add", "theirs", mem.to_str().unwrap()],
+    );
+    assert!(run.success(), "{run:?}");
+    assert_eq!(run.json::<SnapshotInfo>().owner, Some(member.uid));
+    for fork in ["m1", "m2"] {
+        let run = member.pagerctl(
+            &daemon,
+            &["--json", "fork", "create", "theirs", "--id", fork],
+        );
+        assert!(run.success(), "{run:?}");
+    }
+    assert_eq!(daemon.fork("m1").owner, member.uid);
+    let other = &tenants.other_member;
+    let theirs = format!("belongs to uid {}", member.uid);
+    for args in [
+        &["fork", "close", "m1"][..],
+        &["snapshot", "rm", "theirs"],
+        &["snapshot", "record", "theirs"],
+        &["snapshot", "clear-working-set", "theirs"],
+    ] {
+        refused_with(&other.pagerctl(&daemon, args), 10, &theirs);
+    }
+    assert_eq!(daemon.fork("m1").state, ForkState::Waiting);
+    // Reading stays open to every member.
+    assert!(other.pagerctl(&daemon, &["fork", "get", "m1"]).success());
+    assert!(member.pagerctl(&daemon, &["fork", "close", "m1"]).success());
+    assert!(
+        daemon.pagerctl(&["fork", "close", "m2"]).success(),
+        "root may close anything"
+    );
+    assert!(member
+        .pagerctl(&daemon, &["snapshot", "rm", "theirs"])
+        .success());
+
+    let run = daemon.pagerctl(&["--json", "vm", "stop", "a", "--timeout-ms", "5000"]);
+    assert!(run.success(), "{run:?}");
+    assert_eq!(run.json::<VmInfo>().state, VmState::Exited);
+}
+
+#[test]
+fn a_member_cannot_take_every_fork_slot_and_root_still_creates_forks() {
+    let tenants = tenants();
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), MIB, 9, 0, 0);
+    let daemon = Daemon::start(
+        &[("base", &mem)],
+        &[
+            "--fuse",
+            "off",
+            "--group",
+            GROUP,
+            "--max-forks",
+            "40",
+            "--max-forks-per-uid",
+            "20",
+        ],
+    );
+    let create = |who: Option<&User>, id: &str| {
+        let args = ["fork", "create", "base", "--id", id];
+        match who {
+            Some(user) => user.pagerctl(&daemon, &args),
+            None => daemon.pagerctl(&args),
+        }
+    };
+    for n in 0..20 {
+        let run = create(Some(&tenants.member), &format!("m{n}"));
+        assert!(run.success(), "member's fork {n}: {run:?}");
+    }
+    refused_with(
+        &create(Some(&tenants.member), "m20"),
+        6,
+        "--max-forks-per-uid",
+    );
+    for n in 0..4 {
+        let run = create(Some(&tenants.other_member), &format!("o{n}"));
+        assert!(run.success(), "other member's fork {n}: {run:?}");
+    }
+    // 24 forks: the last 16 of 40 are root's.
+    refused_with(
+        &create(Some(&tenants.other_member), "o4"),
+        6,
+        "kept for root",
+    );
+    for n in 0..16 {
+        let run = create(None, &format!("r{n}"));
+        assert!(run.success(), "root's fork {n}: {run:?}");
+    }
+    refused_with(&create(None, "r16"), 6, "--max-forks");
+    // Root's forks are served like any other.
+    assert!(daemon.pagerctl(&["fork", "close", "r0"]).success());
+    daemon.attach_holding_vmm("base", "r0", &mem).finish();
 }

@@ -137,9 +137,10 @@ pub fn fork(f: &ForkInfo) -> String {
         )
     });
     format!(
-        "fork {}\n  snapshot: {}\n  state: {}\n  end reason: {}\n  detached reason: {}\n  recovered after restarts: {}\n  handoff socket: {}\n  vmm pid: {}\n  worker: {}\n  last handoff error: {}\n  faults: {} ({} already present, {} outside regions, {} retried)\n  copied: {} pages ({})\n  zero pages: {}\n  removes: {}\n  poisoned pages: {}\n  errors: {}\n  prefetch: {}{}\n  prefetched: {} pages replayed, {} graduated, {} left alone\n  recorded: {} pages\n  latency: p50 {}, p99 {}, max {} over {} faults\n",
+        "fork {}\n  snapshot: {}\n  owner: uid {}\n  state: {}\n  end reason: {}\n  detached reason: {}\n  recovered after restarts: {}\n  handoff socket: {}\n  vmm pid: {}\n  worker: {}\n  last handoff error: {}\n  faults: {} ({} already present, {} outside regions, {} retried)\n  copied: {} pages ({})\n  zero pages: {}\n  removes: {}\n  poisoned pages: {}\n  errors: {}\n  prefetch: {}{}\n  prefetched: {} pages replayed, {} graduated, {} left alone\n  recorded: {} pages\n  latency: p50 {}, p99 {}, max {} over {} faults\n",
         f.id,
         f.snapshot,
+        f.owner,
         f.state,
         or_dash(f.end_reason),
         or_dash(f.detached_reason),
@@ -203,6 +204,7 @@ pub fn snapshot_table(snapshots: &[SnapshotInfo]) -> String {
 /// One snapshot: its row, then its working set and any recording.
 pub fn snapshot(s: &SnapshotInfo) -> String {
     let mut out = snapshot_table(std::slice::from_ref(s));
+    out.push_str(&format!("owner: uid {}\n", or_dash(s.owner)));
     match &s.working_set {
         Some(w) => out.push_str(&format!(
             "working set: {} pages ({} zero) in {} runs, {} stored, from {} fork(s), format v{}\n",
@@ -270,9 +272,10 @@ pub fn vm_table(vms: &[VmInfo]) -> String {
 /// One VM, a field per line.
 pub fn vm(v: &VmInfo) -> String {
     let mut out = format!(
-        "id: {}\nsnapshot: {}\nvmm: {}\nbackend: {}\nstate: {}\npid: {}\nfork: {}\n",
+        "id: {}\nsnapshot: {}\nowner: uid {}\nvmm: {}\nbackend: {}\nstate: {}\npid: {}\nfork: {}\n",
         v.id,
         v.snapshot,
+        v.owner,
         v.vmm,
         v.backend,
         v.state,

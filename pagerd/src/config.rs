@@ -53,6 +53,10 @@ pub struct Config {
     /// closed); `fork.create` beyond it is refused with `unavailable`.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_forks: u64,
+    /// The most forks one user other than root and pagerd's own may hold at once; such users
+    /// never get the last 16 of `--max-forks` either (kept for root). Beyond it, `unavailable`.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_forks_per_uid: u64,
     /// What a uffd fork gets installed before its guest asks, unless `fork.create` says:
     /// `working-set` replays the snapshot's recorded working set when its VMM attaches;
     /// `graduate` then fills every other page at low priority and lets the fork go once all

@@ -144,7 +144,10 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     let options = ServeOptions {
         fault_around_pages: config.fault_around,
         spin: Duration::from_micros(config.spin_us),
-        max_forks: usize::try_from(config.max_forks).unwrap_or(usize::MAX),
+        fork_quota: crate::owners::ForkQuota {
+            max: usize::try_from(config.max_forks).unwrap_or(usize::MAX),
+            per_uid: usize::try_from(config.max_forks_per_uid).unwrap_or(usize::MAX),
+        },
         record_forks: config.record_forks,
         record_window: Duration::from_secs(config.record_secs),
         replay_nice: config.replay_nice,
@@ -200,7 +203,13 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     for (id, path) in &config.snapshots {
         if lifecycle.snapshot(id).is_err() {
             lifecycle
-                .register_snapshot_path(id.clone(), path, ImportMode::Copy, None)
+                .register_snapshot_path(
+                    id.clone(),
+                    path,
+                    ImportMode::Copy,
+                    None,
+                    crate::owners::ROOT,
+                )
                 .map_err(|source| DaemonError::CommandLine {
                     id: id.clone(),
                     source,
@@ -210,7 +219,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     for (id, snapshot) in &config.forks {
         if lifecycle.fork(id).is_err() {
             lifecycle
-                .create_fork(Some(id.clone()), snapshot, None)
+                .create_fork(Some(id.clone()), snapshot, None, crate::owners::ROOT)
                 .map_err(|source| DaemonError::CommandLine {
                     id: id.clone(),
                     source,

@@ -16,7 +16,8 @@
 //!   only map a file; [`file_users`]: the processes holding those files (references too).
 //! - [`control`]: the JSON control socket; [`daemon`] answers it and runs everything;
 //!   [`registration`]: who may register which file (descriptors, not paths, from non-root).
-//! - [`access`]: who may read guest memory — the modes and group of everything pagerd makes.
+//! - [`access`]: who may read guest memory — the modes and group of everything pagerd makes;
+//!   [`owners`]: who may change which object, and how many forks each user may hold.
 //! - [`vms`]: hypervisors launched from snapshots, wired to pagerd, and supervised.
 //! - [`working_set`]: the pages a snapshot's forks touch, recorded, stored beside it, and
 //!   replayed into new forks before their guests ask.
@@ -36,6 +37,7 @@ mod lifecycle;
 mod manual;
 pub mod metrics;
 mod notify;
+mod owners;
 mod ratelimit;
 mod registry;
 mod serve;

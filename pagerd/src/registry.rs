@@ -46,6 +46,8 @@ pub struct ForkStatus {
 pub struct Fork {
     id: Id,
     snapshot: Id,
+    /// The uid that created it.
+    owner: u32,
     handoff_socket: PathBuf,
     created: SystemTime,
     prefetch: Prefetch,
@@ -65,6 +67,11 @@ impl Fork {
     /// The snapshot it forks.
     pub fn snapshot(&self) -> &Id {
         &self.snapshot
+    }
+
+    /// The uid that created it.
+    pub fn owner(&self) -> u32 {
+        self.owner
     }
 
     /// When it was created.
@@ -102,6 +109,7 @@ impl Fork {
         ForkInfo {
             id: self.id.clone(),
             snapshot: self.snapshot.clone(),
+            owner: self.owner,
             state: st.state,
             handoff_socket: self.handoff_socket.clone(),
             vmm_pid: st.vmm_pid,
@@ -117,6 +125,23 @@ impl Fork {
             stats: self.stats.report(),
         }
     }
+}
+
+/// What a fork is made of when it enters the registry.
+#[derive(Debug, Clone)]
+pub struct NewFork {
+    /// Its id.
+    pub id: Id,
+    /// The snapshot it forks.
+    pub snapshot: Id,
+    /// The uid that created it.
+    pub owner: u32,
+    /// Where its VMM hands over its uffd.
+    pub handoff_socket: PathBuf,
+    /// When it was created.
+    pub created: SystemTime,
+    /// What it prefetches.
+    pub prefetch: Prefetch,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -211,15 +236,15 @@ impl Registry {
     }
 
     /// Adds a fork in `state` (`waiting` for a new fork).
-    pub fn add_fork(
-        &self,
-        id: Id,
-        snapshot: Id,
-        handoff_socket: PathBuf,
-        state: ForkState,
-        created: SystemTime,
-        prefetch: Prefetch,
-    ) -> Result<Arc<Fork>, RegistryError> {
+    pub fn add_fork(&self, new: NewFork, state: ForkState) -> Result<Arc<Fork>, RegistryError> {
+        let NewFork {
+            id,
+            snapshot,
+            owner,
+            handoff_socket,
+            created,
+            prefetch,
+        } = new;
         let mut map = self.forks.lock().unwrap_or_else(|p| p.into_inner());
         if map.contains_key(&id) {
             return Err(RegistryError::Exists { kind: "fork", id });
@@ -227,6 +252,7 @@ impl Registry {
         let fork = Arc::new(Fork {
             id: id.clone(),
             snapshot,
+            owner,
             handoff_socket,
             created,
             prefetch,

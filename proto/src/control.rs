@@ -503,7 +503,8 @@ mod tests {
         codes.sort_unstable();
         codes.dedup();
         assert_eq!(codes.len(), ErrorCode::ALL.len());
-        assert!(codes.iter().all(|&c| c > 2 && c < 8));
+        // 0 done, 1 other failures, 2 usage, 8 unreachable, 9 unhealthy (pagerctl's own).
+        assert!(codes.iter().all(|&c| c > 2 && c != 8 && c != 9), "{codes:?}");
     }
 
     #[test]

@@ -39,7 +39,7 @@ impl From<LifecycleError> for ControlError {
             LifecycleError::Registry(RegistryError::Exists { .. }) => ErrorCode::Conflict,
             LifecycleError::Registry(RegistryError::WaitTimedOut { .. }) => ErrorCode::Unavailable,
             LifecycleError::Serve(ServeError::SocketPathTooLong(_)) => ErrorCode::InvalidArgument,
-            LifecycleError::Serve(ServeError::Stopped | ServeError::TooManyForks { .. }) => {
+            LifecycleError::Serve(ServeError::Stopped | ServeError::TooManyForks(_)) => {
                 ErrorCode::Unavailable
             }
             LifecycleError::Store(s) if s.source.kind() == std::io::ErrorKind::StorageFull => {
@@ -115,6 +115,25 @@ impl From<UpgradeError> for ControlError {
     }
 }
 
+/// Refuses a change to `kind` `id` (owned by uid `owner`) unless `caller` may make it.
+fn may_change(
+    caller: Option<u32>,
+    kind: &str,
+    id: &proto::Id,
+    owner: u32,
+) -> Result<(), ControlError> {
+    if crate::owners::may_change(caller, owner) {
+        return Ok(());
+    }
+    Err(ControlError::new(
+        ErrorCode::PermissionDenied,
+        format!(
+            "{kind} `{id}` belongs to uid {owner}; only its owner, root and pagerd's own user may \
+             change it"
+        ),
+    ))
+}
+
 fn wait_timeout(timeout_ms: Option<u64>) -> Duration {
     timeout_ms
         .map_or(DEFAULT_WAIT, Duration::from_millis)
@@ -184,6 +203,8 @@ impl Dispatcher {
                 "only root and pagerd's own user may upgrade the daemon",
             ));
         }
+        let caller = context.peer().map(|p| p.uid);
+        let owner = registration::owner_of(context.peer());
         match request {
             Request::Status {} => {
                 let mut status = lc.status()?;
@@ -213,10 +234,14 @@ impl Dispatcher {
                 snapshot,
                 defer,
                 force,
-            } => to_value(lc.delete_snapshot(&snapshot, defer, force)?),
+            } => {
+                may_change(caller, "snapshot", &snapshot, lc.snapshot_owner(&snapshot)?)?;
+                to_value(lc.delete_snapshot(&snapshot, defer, force)?)
+            }
             Request::SnapshotList {} => to_value(lc.snapshots()?),
             Request::SnapshotGet { snapshot } => to_value(lc.snapshot(&snapshot)?),
             Request::SnapshotRecord { snapshot, forks } => {
+                may_change(caller, "snapshot", &snapshot, lc.snapshot_owner(&snapshot)?)?;
                 let forks = forks.unwrap_or(1);
                 if !(1..=MAX_RECORD_FORKS).contains(&forks) {
                     return Err(ControlError::new(
@@ -227,13 +252,14 @@ impl Dispatcher {
                 to_value(lc.record_working_set(&snapshot, forks)?)
             }
             Request::SnapshotClearWorkingSet { snapshot } => {
+                may_change(caller, "snapshot", &snapshot, lc.snapshot_owner(&snapshot)?)?;
                 to_value(lc.clear_working_set(&snapshot)?)
             }
             Request::ForkCreate {
                 snapshot,
                 fork,
                 prefetch,
-            } => to_value(lc.create_fork(fork, &snapshot, prefetch)?),
+            } => to_value(lc.create_fork(fork, &snapshot, prefetch, owner)?),
             Request::ForkList {} => to_value(lc.fork_list()),
             Request::ForkGet { fork } => to_value(lc.fork(&fork)?),
             Request::ForkWait {
@@ -241,7 +267,17 @@ impl Dispatcher {
                 state,
                 timeout_ms,
             } => to_value(lc.wait_fork(&fork, state, wait_timeout(timeout_ms))?),
-            Request::ForkClose { fork } => to_value(lc.close_fork(&fork)?),
+            Request::ForkClose { fork } => {
+                may_change(caller, "fork", &fork, lc.fork_owner(&fork)?)?;
+                if let Some(vm) = self.vms.vm_of_fork(&fork) {
+                    // Closing it would freeze the guest while the VM still reads `running`.
+                    return Err(ControlError::new(
+                        ErrorCode::Conflict,
+                        format!("fork `{fork}` serves VM `{vm}`; stop the VM instead (vm.stop)"),
+                    ));
+                }
+                to_value(lc.close_fork(&fork)?)
+            }
             Request::VmStart {
                 snapshot,
                 vm,
@@ -256,6 +292,7 @@ impl Dispatcher {
                 network_overrides,
                 vsock,
                 prefetch,
+                owner,
             })?),
             Request::VmList {} => to_value(self.vms.list()),
             Request::VmGet { vm } => to_value(self.vms.get(&vm)?),

@@ -50,7 +50,13 @@ pub const PASS_A_DESCRIPTOR: &str = "only root may register a file by path; pass
 
 /// Whether `peer` may have pagerd open a path on its behalf: root, or the daemon's own user.
 pub fn may_register_by_path(peer: Option<Peer>) -> bool {
-    peer.is_some_and(|p| p.uid == 0 || p.uid == nix::unistd::geteuid().as_raw())
+    peer.is_some_and(|p| crate::owners::is_operator(p.uid))
+}
+
+/// The uid that owns what `peer` creates (an in-process caller, with no peer, is the daemon
+/// itself: root).
+pub fn owner_of(peer: Option<Peer>) -> u32 {
+    peer.map_or(crate::owners::ROOT, |p| p.uid)
 }
 
 /// Registers a snapshot as `request` asks, on behalf of the client in `context`: from the
@@ -102,7 +108,8 @@ pub fn register(
             }
             None => None,
         };
-        return Ok(lifecycle.register_snapshot(request.snapshot, source, mode, vmstate)?);
+        let owner = owner_of(context.peer());
+        return Ok(lifecycle.register_snapshot(request.snapshot, source, mode, vmstate, owner)?);
     }
     let path = request.path.ok_or_else(|| {
         invalid("a registration needs \"path\", or \"fd\": true and a descriptor")
@@ -111,7 +118,8 @@ pub fn register(
         return Err(invalid(PASS_A_DESCRIPTOR));
     }
     let vmstate = request.vmstate.as_deref().zip(vmm);
-    Ok(lifecycle.register_snapshot_path(request.snapshot, &path, mode, vmstate)?)
+    let owner = owner_of(context.peer());
+    Ok(lifecycle.register_snapshot_path(request.snapshot, &path, mode, vmstate, owner)?)
 }
 
 #[cfg(test)]

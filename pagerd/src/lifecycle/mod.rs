@@ -50,7 +50,7 @@ pub(crate) use memory_files::{FuseMount, MemoryFiles, SNAPSHOTS_DIR};
 pub(crate) use recovery::RecordJournal;
 
 use crate::file_users::FileUsers;
-use crate::registry::{unix_ms, Fork, Registry};
+use crate::registry::{unix_ms, Fork, NewFork, Registry};
 use crate::serve::{ForkEvent, Server};
 use crate::snapshot::{Snapshot, ZERO_MAP_PAGE};
 use crate::store::{ForkRecord, ForkScan, SnapshotMeta, Store, VmStateSource};
@@ -152,13 +152,15 @@ impl Lifecycle {
         self.store.sockets_dir().join(format!("{fork}.sock"))
     }
 
-    /// Registers the memory file at `path` (absolute; a symlink is refused) as snapshot `id`.
+    /// Registers the memory file at `path` (absolute; a symlink is refused) as snapshot `id`
+    /// of `owner` (a uid).
     pub fn register_snapshot_path(
         &self,
         id: Id,
         path: &Path,
         mode: ImportMode,
         vmstate: Option<(&Path, VmmKind)>,
+        owner: u32,
     ) -> Result<SnapshotInfo, LifecycleError> {
         if !path.is_absolute() || vmstate.is_some_and(|(p, _)| !p.is_absolute()) {
             return Err(LifecycleError::BadPath {
@@ -176,18 +178,20 @@ impl Lifecycle {
         let vmstate = vmstate
             .map(|(p, vmm)| open(p).map(|s| (s, vmm)))
             .transpose()?;
-        self.register_snapshot(id, source, mode, vmstate)
+        self.register_snapshot(id, source, mode, vmstate, owner)
     }
 
     /// Registers an open memory file as snapshot `id`, copied (or cloned) into the state
     /// directory, or linked ([`ImportMode::Link`]: the caller promises never to write it);
-    /// with `vmstate`, the hypervisor's device state saved with it (always copied).
+    /// with `vmstate`, the hypervisor's device state saved with it (always copied). `owner`
+    /// (a uid) may delete it and change its working set.
     pub fn register_snapshot(
         &self,
         id: Id,
         source: Source,
         mut mode: ImportMode,
         vmstate: Option<(Source, VmmKind)>,
+        owner: u32,
     ) -> Result<SnapshotInfo, LifecycleError> {
         let bad = |why: String| LifecycleError::BadPath {
             path: source.name.clone(),
@@ -252,6 +256,7 @@ impl Lifecycle {
             mode,
             now_ms(),
             state,
+            owner,
         )?;
         let opened = Snapshot::open(id.clone(), &self.store.memory_path(&id))
             .map_err(LifecycleError::from)
@@ -290,6 +295,7 @@ impl Lifecycle {
             path: self.store.memory_path(id),
             size: meta.map(|m| m.size),
             created_unix_ms: meta.map(|m| m.created_unix_ms),
+            owner: meta.map(|m| m.owner.unwrap_or(crate::owners::ROOT)),
             source: meta.map(|m| m.source.clone()),
             import: meta.map(|m| m.import),
             file: meta.and_then(|m| m.file),
@@ -365,6 +371,20 @@ impl Lifecycle {
             .iter()
             .map(|id| self.snapshot_info(&catalog, id, &scan))
             .collect())
+    }
+
+    /// The uid that registered snapshot `id`.
+    pub fn snapshot_owner(&self, id: &Id) -> Result<u32, LifecycleError> {
+        let catalog = self.lock();
+        match catalog.metas.get(id) {
+            Some(meta) => Ok(meta.owner.unwrap_or(crate::owners::ROOT)),
+            // A damaged snapshot whose metadata is gone: only the operators may remove it.
+            None if catalog.damaged.contains_key(id) => Ok(crate::owners::ROOT),
+            None => Err(LifecycleError::NotFound {
+                kind: "snapshot",
+                id: id.clone(),
+            }),
+        }
     }
 
     /// One snapshot.
@@ -546,18 +566,20 @@ impl Lifecycle {
         Ok(false)
     }
 
-    /// Creates a fork of `snapshot`; its record is on disk before its socket listens.
+    /// Creates a fork of `snapshot` owned by `owner` (a uid); its record is on disk before its
+    /// socket listens.
     pub fn create_fork(
         &self,
         id: Option<Id>,
         snapshot: &Id,
         prefetch: Option<Prefetch>,
+        owner: u32,
     ) -> Result<ForkInfo, LifecycleError> {
         let prefetch = prefetch.unwrap_or(self.default_prefetch);
         let mut catalog = self.lock();
         self.verify_unchanged(&mut catalog, snapshot)?;
         self.forkable_snapshot(&catalog, snapshot)?;
-        self.server.admit_fork()?;
+        self.server.admit_fork(owner)?;
         let id = match id {
             Some(id) => id,
             None => self.generated_fork_id(),
@@ -574,14 +596,18 @@ impl Lifecycle {
             vmm: None,
             uffd: None,
             prefetch: Some(prefetch),
+            owner: Some(owner),
         })?;
         let fork = self.registry.add_fork(
-            id.clone(),
-            snapshot.clone(),
-            self.socket_path(&id),
+            NewFork {
+                id: id.clone(),
+                snapshot: snapshot.clone(),
+                owner,
+                handoff_socket: self.socket_path(&id),
+                created: time_of(created),
+                prefetch,
+            },
             ForkState::Waiting,
-            time_of(created),
-            prefetch,
         )?;
         if let Err(e) = self.server.listen(fork.clone(), None) {
             let _ = self.registry.remove_fork(&id);
@@ -603,6 +629,29 @@ impl Lifecycle {
                 return id;
             }
         }
+    }
+
+    /// The registry entry of a fork read back from its record at start.
+    fn new_fork_of(&self, record: &ForkRecord, socket: PathBuf, created: SystemTime) -> NewFork {
+        NewFork {
+            id: record.id.clone(),
+            snapshot: record.snapshot.clone(),
+            owner: record.owner.unwrap_or(crate::owners::ROOT),
+            handoff_socket: socket,
+            created,
+            prefetch: record.prefetch.unwrap_or(self.default_prefetch),
+        }
+    }
+
+    /// The uid that created fork `id`.
+    pub fn fork_owner(&self, id: &Id) -> Result<u32, LifecycleError> {
+        self.registry
+            .fork(id)
+            .map(|f| f.owner())
+            .map_err(|_| LifecycleError::NotFound {
+                kind: "fork",
+                id: id.clone(),
+            })
     }
 
     /// Stops serving a fork, releases its reference and forgets it.

@@ -69,12 +69,8 @@ impl Lifecycle {
                 }
                 Some(vmm) => {
                     let fork = self.registry.add_fork(
-                        record.id.clone(),
-                        record.snapshot.clone(),
-                        socket,
+                        self.new_fork_of(record, socket, created),
                         ForkState::Detached,
-                        created,
-                        record.prefetch.unwrap_or(self.default_prefetch),
                     )?;
                     self.registry.update(&fork, |s| s.vmm_pid = Some(vmm.pid));
                     let inherited = handoffs.remove(&record.id);
@@ -94,12 +90,8 @@ impl Lifecycle {
                 }
                 None => {
                     let fork = self.registry.add_fork(
-                        record.id.clone(),
-                        record.snapshot.clone(),
-                        socket,
+                        self.new_fork_of(record, socket, created),
                         ForkState::Waiting,
-                        created,
-                        record.prefetch.unwrap_or(self.default_prefetch),
                     )?;
                     let inherited = handoffs.remove(&record.id);
                     if let Err(e) = self.server.listen(fork, inherited) {

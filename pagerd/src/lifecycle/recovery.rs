@@ -52,6 +52,7 @@ impl AttachJournal for RecordJournal {
                 regions: uffd.regions.iter().map(region_record).collect(),
             }),
             prefetch: Some(fork.prefetch()),
+            owner: Some(fork.owner()),
         };
         self.store
             .write_fork(&record)

@@ -62,12 +62,9 @@ pub enum ServeError {
     /// A serving thread has exited.
     #[error("the serving threads are not running")]
     Stopped,
-    /// The daemon already keeps `--max-forks` forks.
-    #[error("the daemon already keeps {max} forks (--max-forks); close some first")]
-    TooManyForks {
-        /// The limit.
-        max: usize,
-    },
+    /// No more forks, in all or for this user.
+    #[error(transparent)]
+    TooManyForks(#[from] crate::owners::ForkQuotaError),
 }
 
 /// Something that happened to a fork on a serving thread, for the lifecycle to record (off
@@ -148,15 +145,16 @@ impl Server {
         })
     }
 
-    /// Whether one more fork may be created: the daemon keeps at most `max_forks` (each costs
-    /// a listening socket and its record, and a session's page maps once served).
-    pub fn admit_fork(&self) -> Result<(), ServeError> {
-        if self.registry.forks().len() >= self.options.max_forks {
-            return Err(ServeError::TooManyForks {
-                max: self.options.max_forks,
-            });
-        }
-        Ok(())
+    /// Whether `uid` may create one more fork: the daemon keeps at most `--max-forks` (each
+    /// costs a listening socket and its record, and a session's page maps once served), and
+    /// a user other than the operators at most `--max-forks-per-uid`, never the reserve.
+    pub fn admit_fork(&self, uid: u32) -> Result<(), ServeError> {
+        let forks = self.registry.forks();
+        let of_uid = forks.iter().filter(|f| f.owner() == uid).count();
+        self.options
+            .fork_quota
+            .admit(uid, forks.len(), of_uid)
+            .map_err(ServeError::from)
     }
 
     /// How many worker threads serve.

@@ -117,8 +117,9 @@ pub struct ServeOptions {
     pub fault_around_pages: u64,
     /// How long a worker keeps polling without sleeping after a fault.
     pub spin: Duration,
-    /// The most forks the daemon keeps at once (any state); more are refused.
-    pub max_forks: usize,
+    /// The most forks the daemon keeps at once (any state), in all and per user; more are
+    /// refused.
+    pub fork_quota: crate::owners::ForkQuota,
     /// A snapshot without a working set records one from this many forks (0: only on
     /// request).
     pub record_forks: u32,

@@ -58,6 +58,9 @@ pub struct ForkRecord {
     /// What the fork was created to prefetch (absent: the daemon's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<proto::prefetch::Prefetch>,
+    /// The uid that created it (absent in records written before owners were kept: root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
 }
 
 /// A served VMM's uffd: how to find it again in the VMM, and the regions it serves.

@@ -106,6 +106,9 @@ pub struct SnapshotMeta {
     /// The hypervisor state saved with the memory (`vmstate` beside it), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmstate: Option<VmStateMeta>,
+    /// The uid that registered it (absent in metadata written before owners were kept: root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
 }
 
 impl SnapshotMeta {
@@ -300,6 +303,7 @@ impl Store {
         mode: ImportMode,
         created_unix_ms: u64,
         vmstate: Option<VmStateSource<'_>>,
+        owner: u32,
     ) -> Result<SnapshotMeta, StoreError> {
         let dir = self.snapshots_dir();
         let final_dir = dir.join(id.as_str());
@@ -350,6 +354,7 @@ impl Store {
                 delete_pending: false,
                 file: Some(file),
                 vmstate,
+                owner: Some(owner),
             };
             write_atomic(&temp, META_FILE, &to_json(&meta))
                 .map_err(at("cannot write", &temp.join(META_FILE)))?;
@@ -537,7 +542,7 @@ mod tests {
         let src = dir.path().join("mem");
         std::fs::write(&src, vec![1u8; 8192]).unwrap();
         let (file, _) = import::open_source(&src).unwrap();
-        let add = |id: &Id| store.add_snapshot(id, &file, &src, 8192, ImportMode::Copy, 5, None);
+        let add = |id: &Id| store.add_snapshot(id, &file, &src, 8192, ImportMode::Copy, 5, None, 0);
         let meta = add(&id("s")).unwrap();
         assert_eq!(store.snapshots().unwrap()[0].meta.as_ref().unwrap(), &meta);
         assert!(add(&id("s")).is_err());
@@ -550,6 +555,7 @@ mod tests {
                 vmm: None,
                 uffd: None,
                 prefetch: None,
+                owner: Some(1000),
             };
             store.write_fork(&record).unwrap();
         }
@@ -576,6 +582,7 @@ mod tests {
                 }],
             }),
             prefetch: None,
+            owner: None,
         };
         store.write_fork(&serving).unwrap();
         let scan = store.scan_forks().unwrap();

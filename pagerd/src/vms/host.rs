@@ -21,6 +21,7 @@ pub(crate) trait VmHost: Send + Sync + std::fmt::Debug {
         id: Id,
         snapshot: &Id,
         prefetch: Option<Prefetch>,
+        owner: u32,
     ) -> Result<ForkInfo, LifecycleError>;
     /// Ends a VM's fork (its hypervisor is gone).
     fn close_fork(&self, id: &Id) -> Result<ForkInfo, LifecycleError>;
@@ -31,6 +32,7 @@ pub(crate) trait VmHost: Send + Sync + std::fmt::Debug {
         memory: &Path,
         vmstate: &Path,
         vmm: VmmKind,
+        owner: u32,
     ) -> Result<SnapshotInfo, LifecycleError>;
     /// A VM stopped using `snapshot`.
     fn released(&self, snapshot: &Id);
@@ -46,8 +48,9 @@ impl VmHost for Lifecycle {
         id: Id,
         snapshot: &Id,
         prefetch: Option<Prefetch>,
+        owner: u32,
     ) -> Result<ForkInfo, LifecycleError> {
-        Lifecycle::create_fork(self, Some(id), snapshot, prefetch)
+        Lifecycle::create_fork(self, Some(id), snapshot, prefetch, owner)
     }
 
     fn close_fork(&self, id: &Id) -> Result<ForkInfo, LifecycleError> {
@@ -60,8 +63,9 @@ impl VmHost for Lifecycle {
         memory: &Path,
         vmstate: &Path,
         vmm: VmmKind,
+        owner: u32,
     ) -> Result<SnapshotInfo, LifecycleError> {
-        self.register_snapshot_path(id, memory, ImportMode::Copy, Some((vmstate, vmm)))
+        self.register_snapshot_path(id, memory, ImportMode::Copy, Some((vmstate, vmm)), owner)
     }
 
     fn released(&self, snapshot: &Id) {

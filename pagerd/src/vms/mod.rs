@@ -87,6 +87,8 @@ pub(crate) struct StartRequest {
     pub vsock: Option<PathBuf>,
     /// What its fork prefetches (the daemon's default when absent).
     pub prefetch: Option<proto::prefetch::Prefetch>,
+    /// The uid starting it: it owns the VM and its fork.
+    pub owner: u32,
 }
 
 #[derive(Debug)]
@@ -169,6 +171,14 @@ impl Vms {
             .values()
             .map(|s| s.record.info.clone())
             .collect()
+    }
+
+    /// The live VM whose memory fork `fork` serves, if any.
+    pub fn vm_of_fork(&self, fork: &Id) -> Option<Id> {
+        self.lock()
+            .values()
+            .find(|s| s.record.info.fork.as_ref() == Some(fork) && s.record.info.state.is_live())
+            .map(|s| s.record.info.id.clone())
     }
 
     /// VMs by state.
@@ -255,6 +265,7 @@ impl Vms {
             info: VmInfo {
                 id: id.clone(),
                 snapshot: request.snapshot.clone(),
+                owner: request.owner,
                 vmm: vmstate.vmm,
                 backend: request.backend,
                 state: VmState::Starting,
@@ -337,9 +348,12 @@ impl Vms {
         let memory = match memory_file {
             Some(file) => file,
             None => {
-                let fork =
-                    self.host
-                        .create_fork(id.clone(), &request.snapshot, request.prefetch)?;
+                let fork = self.host.create_fork(
+                    id.clone(),
+                    &request.snapshot,
+                    request.prefetch,
+                    request.owner,
+                )?;
                 self.update(id, |slot| slot.record.info.fork = Some(fork.id.clone()))?;
                 fork.handoff_socket
             }

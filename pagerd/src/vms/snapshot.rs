@@ -49,7 +49,13 @@ impl Vms {
                 .map_err(api_error)
                 .and_then(|()| {
                     self.host
-                        .register(new.clone(), &memory, &vmstate, VmmKind::Firecracker)
+                        .register(
+                            new.clone(),
+                            &memory,
+                            &vmstate,
+                            VmmKind::Firecracker,
+                            info.owner,
+                        )
                         .map_err(VmError::from)
                 });
             if resume || saved.is_err() {

@@ -334,6 +334,9 @@ pub struct ForkInfo {
     pub id: Id,
     /// Snapshot id.
     pub snapshot: Id,
+    /// The uid that created it (root for forks created before owners were kept).
+    #[serde(default)]
+    pub owner: u32,
     /// State.
     pub state: ForkState,
     /// The socket to give the VMM.
@@ -423,6 +426,10 @@ pub struct SnapshotInfo {
     pub size: Option<u64>,
     /// Registration time, ms since the Unix epoch.
     pub created_unix_ms: Option<u64>,
+    /// The uid that registered it (root for snapshots registered before owners were kept;
+    /// absent when the metadata is unreadable).
+    #[serde(default)]
+    pub owner: Option<u32>,
     /// Where the memory file came from.
     pub source: Option<PathBuf>,
     /// How it was brought in.

@@ -166,6 +166,9 @@ pub struct VmInfo {
     pub id: Id,
     /// The snapshot it was restored from.
     pub snapshot: Id,
+    /// The uid that started it (root for VMs started before owners were kept).
+    #[serde(default)]
+    pub owner: u32,
     /// The hypervisor.
     pub vmm: VmmKind,
     /// How it gets its memory.
