@@ -420,7 +420,8 @@ fn a_truncated_linked_file_answers_eio_and_the_daemon_keeps_serving() {
 fn registration_leaves_the_source_mode_alone_and_refuses_symlinks() {
     let dir = tempfile::tempdir().unwrap();
     let source = write_snapshot(&dir.path().join("source.img"), MIB, 61, 0, 0);
-    std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o664)).unwrap();
+    // Writable by root alone (anything wider is copied, not linked), but not the usual 0644.
+    std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o604)).unwrap();
     let before = mode_of(&source);
     let daemon = Daemon::start(&[("cmdline", &source)], &[]);
     let path = source.display().to_string();
@@ -430,7 +431,7 @@ fn registration_leaves_the_source_mode_alone_and_refuses_symlinks() {
     assert_eq!(mode_of(&source), before, "the caller's file keeps its mode");
     assert_eq!(
         mode_of(&daemon.state_dir().join("snapshots/link/memory")).0,
-        0o664,
+        0o604,
         "a linked file is the caller's: its mode is left alone"
     );
 

@@ -369,3 +369,123 @@ fn a_member_cannot_take_every_fork_slot_and_root_still_creates_forks() {
     assert!(daemon.pagerctl(&["fork", "close", "r0"]).success());
     daemon.attach_holding_vmm("base", "r0", &mem).finish();
 }
+
+/// The daemon's CPU time so far (user + system), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5), counted from the state (field 3) here.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Sets process `pid`'s limit on open descriptors (soft and hard) to `limit`.
+fn limit_descriptors(pid: u32, limit: usize) {
+    let out = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Descriptors the daemon holds now (without waiting for anything to close).
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn idle_connections_from_members_are_bounded_and_out_of_descriptors_nothing_spins() {
+    let tenants = tenants();
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 11, 0, 0);
+    // Idle handoffs are not timed out during the test: the bound alone must hold them.
+    let daemon = Daemon::start(
+        &[("base", &mem)],
+        &[
+            "--fuse",
+            "off",
+            "--group",
+            GROUP,
+            "--handoff-timeout-ms",
+            "600000",
+        ],
+    );
+    let victim = daemon.attach_holding_vmm("base", "victim", &mem);
+    let target = daemon.create_fork("base", "target");
+    let second = daemon.create_fork("base", "second");
+    let pid = daemon.pid();
+    let baseline = daemon.fd_count();
+
+    // 2,000 idle connections from one member to one fork's socket, 500 from another.
+    let member = tenants.member.hold_connections(&target, 2000);
+    let other = tenants.other_member.hold_connections(&target, 500);
+    assert_eq!((member.connected, other.connected), (2000, 500));
+    // (The last connects may still wait in the backlog: the daemon reaches the bound soon.)
+    wait_until(
+        "at most 8 waiting members' connections per socket",
+        DEADLINE,
+        || open_fds(pid) <= baseline + 8,
+    );
+    // Root's VMM still attaches to that very fork, and root is answered.
+    assert!(daemon.pagerctl(&["status"]).success());
+    let vmm = testkit::Vmm::attach(&mem, &target, &["verify"]);
+    vmm.finish();
+    assert!(daemon.status().healthy);
+
+    // Descriptors run short: members are turned away while 32 are left for root.
+    let limit = open_fds(pid) + 48;
+    limit_descriptors(pid, limit);
+    let socket = daemon.control_socket();
+    let control = tenants.member.hold_connections(socket, 40);
+    let held_by_members = open_fds(pid);
+    assert!(
+        held_by_members + 30 <= limit,
+        "members never take the last 32: {held_by_members} of {limit}"
+    );
+    // Now out of descriptors altogether (the limit at what is open): members still knock.
+    let limit = open_fds(pid);
+    limit_descriptors(pid, limit);
+    let control2 = tenants.other_member.hold_connections(socket, 40);
+    let handoffs = tenants.member.hold_connections(&second, 40);
+    assert_eq!(
+        (control.connected, control2.connected, handoffs.connected),
+        (40, 40, 40),
+        "every connect is taken off the backlog, even out of descriptors"
+    );
+    // Nothing spins: the daemon does not burn a second of CPU in the next two seconds.
+    let before = cpu_ticks(pid);
+    let ticks_per_second = 100;
+    let spun = testkit::poll_until(std::time::Duration::from_secs(2), || {
+        cpu_ticks(pid) - before > ticks_per_second
+    });
+    assert!(!spun, "the daemon spun: {} ticks", cpu_ticks(pid) - before);
+    // Root gets an answer even now (the spare descriptor's room).
+    let answer = daemon.client().status();
+    assert!(
+        !matches!(answer, Err(proto::client::ClientError::Io(_))),
+        "root was not answered: {answer:?}"
+    );
+    let log = daemon.log();
+    let lines = log.matches("out of descriptors").count();
+    assert!(
+        (1..=10).contains(&lines),
+        "EMFILE was met, and its log lines are rate limited: {lines}"
+    );
+    // Once the members hang up, everything is as before and the victim was served all along.
+    drop((member, other, control, control2, handoffs));
+    wait_until(
+        "the daemon to let go of the members' connections",
+        DEADLINE,
+        || open_fds(pid) <= baseline + 4,
+    );
+    assert!(daemon.status().healthy);
+    let fork = daemon.fork("victim");
+    assert_eq!((fork.state, fork.stats.errors), (ForkState::Serving, 0));
+    victim.finish();
+}

@@ -137,6 +137,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     signals.thread_block().map_err(DaemonError::Signals)?;
 
     access::restrict_umask();
+    crate::spare_fd::raise_descriptor_limit();
     let group = config.group.as_deref().map(group_id).transpose()?;
     let access = Access::new(group);
     let store = Store::open_with(&config.state_dir, access).map_err(DaemonError::State)?;

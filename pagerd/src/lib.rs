@@ -25,6 +25,7 @@
 //!   [`trusted`]: files only root can change (programs to execute, memory files to link).
 
 mod access;
+mod admission;
 mod bitmap;
 pub mod config;
 mod control;
@@ -42,6 +43,7 @@ mod ratelimit;
 mod registry;
 mod serve;
 mod snapshot;
+mod spare_fd;
 mod stats;
 mod store;
 mod sys;

@@ -504,7 +504,10 @@ mod tests {
         codes.dedup();
         assert_eq!(codes.len(), ErrorCode::ALL.len());
         // 0 done, 1 other failures, 2 usage, 8 unreachable, 9 unhealthy (pagerctl's own).
-        assert!(codes.iter().all(|&c| c > 2 && c != 8 && c != 9), "{codes:?}");
+        assert!(
+            codes.iter().all(|&c| c > 2 && c != 8 && c != 9),
+            "{codes:?}"
+        );
     }
 
     #[test]

@@ -153,6 +153,59 @@ impl User {
     }
 }
 
+/// A process of another user holding idle connections to a Unix socket until dropped.
+#[derive(Debug)]
+pub struct HeldConnections {
+    child: std::process::Child,
+    /// How many connects succeeded.
+    pub connected: usize,
+}
+
+impl Drop for HeldConnections {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl User {
+    /// Opens `count` connections to `socket` as this user, one after another, sending nothing,
+    /// and keeps them until the result is dropped; returns once every connect has returned.
+    pub fn hold_connections(&self, socket: &Path, count: usize) -> HeldConnections {
+        use std::io::BufRead;
+        let script = r#"
+            use IO::Socket::UNIX;
+            $| = 1;
+            my @held; my $n = 0;
+            for (1 .. $ARGV[1]) {
+                my $s = IO::Socket::UNIX->new(Peer => $ARGV[0]) or next;
+                push @held, $s; $n++;
+            }
+            print "connected $n\n";
+            <STDIN>;
+        "#;
+        let mut child = self
+            .command(Path::new("/usr/bin/perl"))
+            .args(["-e", script])
+            .arg(socket)
+            .arg(count.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run perl as another user");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read the count");
+        let connected = line
+            .trim()
+            .strip_prefix("connected ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("the connecting process said {line:?}"));
+        HeldConnections { child, connected }
+    }
+}
+
 impl From<Output> for CtlRun {
     fn from(out: Output) -> Self {
         Self {

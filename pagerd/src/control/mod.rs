@@ -7,7 +7,7 @@
 //! is one whose line grows too long or too deep (answered `invalid_argument` as soon as the
 //! bytes show it, not when the line ends).
 //!
-//! How many connections are served at once, and for whom, is [`limits`]: at most
+//! How many connections are served at once, and for whom, is [`crate::admission`]: at most
 //! [`MAX_CONNECTIONS`], the last [`RESERVED_CONNECTIONS`] of them for root and the daemon's own
 //! user, and at most `--max-connections-per-uid` for each other uid. A connection beyond that
 //! gets one `unavailable` line and is closed.
@@ -32,7 +32,6 @@
 
 mod connection;
 mod dispatch;
-pub mod limits;
 mod registration;
 
 use std::collections::VecDeque;
@@ -50,11 +49,18 @@ use proto::control::{ControlError, ErrorCode, Request};
 use serde_json::Value;
 
 pub(crate) use dispatch::Dispatcher;
-pub use limits::{DEFAULT_MAX_CONNECTIONS_PER_UID, MAX_CONNECTIONS, RESERVED_CONNECTIONS};
+/// The most control connections served at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Control connections only root and the daemon's own user may take.
+pub const RESERVED_CONNECTIONS: usize = 16;
+/// The default of `--max-connections-per-uid`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 32;
 
 use crate::access::Access;
+use crate::admission::{Admission, Counted, Permit};
+use crate::ratelimit::RateLimiter;
+use crate::spare_fd::{self, SpareFd};
 use connection::{answer, serve_connection};
-use limits::{Admission, Permit};
 /// The most passed descriptors one connection may hold that no answered request has taken
 /// yet; more close the connection.
 pub const MAX_FDS_PER_CONNECTION: usize = 16;
@@ -308,22 +314,45 @@ fn accept_loop(
 ) {
     let owner = nix::unistd::geteuid().as_raw();
     let admission = Admission::new(
+        Counted::ControlConnections,
         MAX_CONNECTIONS,
         RESERVED_CONNECTIONS,
         options.max_connections_per_uid,
         owner,
     );
+    let mut spare = SpareFd::new();
+    let mut failures = RateLimiter::new(5, Duration::from_secs(10));
     loop {
         // Never accept once stopping: a connection left in the backlog is answered by the
         // program an upgrade executes.
         if !wait_for_connection(&listener, &wake) || stopping.load(Ordering::SeqCst) {
             return;
         }
-        let conn = listener.accept().map(|(stream, _)| stream);
-        let stream = match conn {
+        spare.refill();
+        let mut in_spare_room = false;
+        let conn = match listener.accept() {
+            // Out of descriptors the listener stays readable: take the connection in the
+            // spare's room (an operator's is served in it, anyone else's turned away below).
+            Err(e) if spare_fd::out_of_descriptors(&e) => {
+                if let Some(suppressed) = failures.check(std::time::Instant::now()) {
+                    tracing::warn!(error = %e, suppressed, "control accept: out of descriptors");
+                }
+                spare.release();
+                in_spare_room = true;
+                listener.accept()
+            }
+            other => other,
+        };
+        let stream = match conn.map(|(stream, _)| stream) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "control accept failed");
+                if let Some(suppressed) = failures.check(std::time::Instant::now()) {
+                    tracing::warn!(error = %e, suppressed, "control accept failed");
+                }
+                if spare_fd::out_of_descriptors(&e) {
+                    // Not even the spare: wait for a descriptor to be freed, not in a spin.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 continue;
             }
         };
@@ -337,6 +366,11 @@ fn accept_loop(
                 continue;
             }
         };
+        if !admission.is_operator(peer.uid) && (in_spare_room || spare_fd::low_on_descriptors()) {
+            // The last descriptors are kept for root: anyone else's connection closes at once.
+            refuse(stream, "pagerd is low on file descriptors; try again later");
+            continue;
+        }
         let permit = match admission.admit(peer.uid) {
             Ok(permit) => permit,
             Err(refusal) => {

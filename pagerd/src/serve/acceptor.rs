@@ -9,7 +9,13 @@
 //! ```
 //!
 //! Connections are non-blocking and read as data arrives, so a client that connects and sends
-//! nothing (or sends slowly) holds up no one; it is dropped when its deadline passes. A fork's
+//! nothing (or sends slowly) holds up no one; it is dropped when its deadline passes. How many
+//! may wait for their message at once is bounded ([`crate::admission`]): at most
+//! [`MAX_PENDING`] in all (the last [`RESERVED_PENDING`] for root and pagerd's user), and for
+//! anyone else [`MAX_PENDING_PER_UID`] per uid and [`MAX_PENDING_PER_SOCKET`] per fork socket;
+//! one more is answered `busy` and closed at once. Out of descriptors (`EMFILE`), a spare
+//! descriptor ([`crate::spare_fd`]) takes each waiting connection off the backlog to answer it
+//! `busy`, so the loop never spins. A fork's
 //! listener stays open until the fork is forgotten, so a second VMM connecting to a fork that
 //! is already served gets an `already_serving` reply rather than a reset. Everything a session
 //! allocates is allocated here, before the VMM hears "ok": a failure is a refusal
@@ -26,23 +32,35 @@ use std::time::{Duration, Instant};
 use mio::net::{UnixListener, UnixStream as MioUnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use proto::control::ErrorCode;
-use proto::fdpass::{self, HandoffReceiver, ReceivedHandoff};
+use proto::fdpass::{HandoffReceiver, ReceivedHandoff};
 use proto::handoff::{self, HandoffError, HandoffRefusal, HandoffReply};
 use proto::model::{EndReason, ForkState, HandoffErrorInfo, RefusalReason};
 use proto::prefetch::Prefetch;
 use slab::Slab;
 
+use crate::admission::{Admission, Counted, Permit};
 use crate::errors::error_chain;
+use crate::ratelimit::RateLimiter;
 use crate::registry::{Fork, Registry};
 use crate::serve::recover::{self, ServedUffd};
 use crate::serve::session::{ServeOptions, Session, SetupError};
 use crate::serve::uffd::{self, Userfaultfd};
 use crate::serve::worker::{Command, WorkerHandle};
 use crate::serve::AttachJournal;
+use crate::spare_fd::{self, SpareFd};
 use crate::sys;
 use proto::Id;
 
 const WAKER: Token = Token(usize::MAX);
+/// The most handoff connections waiting for their message at once.
+pub const MAX_PENDING: usize = 256;
+/// Of [`MAX_PENDING`], those only root and pagerd's own user may take.
+pub const RESERVED_PENDING: usize = 32;
+/// The most waiting handoff connections of one uid other than root's and pagerd's.
+pub const MAX_PENDING_PER_UID: usize = 16;
+/// The most waiting connections from uids other than root's and pagerd's on one fork's socket
+/// (a VMM needs one).
+pub const MAX_PENDING_PER_SOCKET: usize = 8;
 /// How long handing the sockets over (at an upgrade) waits for handoffs already accepted to
 /// complete.
 const HAND_OVER_GRACE: Duration = Duration::from_millis(500);
@@ -99,6 +117,15 @@ impl AcceptorHandle {
             handoff_timeout,
             listeners: Slab::new(),
             pending: Slab::new(),
+            admission: Admission::new(
+                Counted::PendingHandoffs,
+                MAX_PENDING,
+                RESERVED_PENDING,
+                MAX_PENDING_PER_UID,
+                nix::unistd::geteuid().as_raw(),
+            ),
+            spare: SpareFd::new(),
+            busy_log: RateLimiter::new(5, Duration::from_secs(10)),
         };
         let thread = std::thread::Builder::new()
             .name("pagerd-handoff".into())
@@ -140,6 +167,12 @@ struct Pending {
     receiver: HandoffReceiver,
     peer_pid: Option<i32>,
     deadline: Instant,
+    /// The listener it came in on.
+    listener: usize,
+    /// Whether its peer is someone other than root or pagerd's user.
+    limited: bool,
+    /// Its place in the bound on waiting connections.
+    _permit: Permit,
 }
 
 struct Acceptor {
@@ -152,6 +185,9 @@ struct Acceptor {
     handoff_timeout: Duration,
     listeners: Slab<Listening>,
     pending: Slab<Pending>,
+    admission: Arc<Admission>,
+    spare: SpareFd,
+    busy_log: RateLimiter,
 }
 
 /// Why an accepted, complete handoff could not be attached.
@@ -359,6 +395,7 @@ impl Acceptor {
     }
 
     fn accept(&mut self, key: usize) {
+        self.spare.refill();
         loop {
             let Some(l) = self.listeners.get(key) else {
                 return;
@@ -367,13 +404,60 @@ impl Acceptor {
                 Ok(conn) => conn,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if spare_fd::out_of_descriptors(&e) => {
+                    // Take the connection off the backlog in the spare's room and turn it
+                    // away; the next one, if any, the same way.
+                    let fork = l.fork.clone();
+                    self.spare.release();
+                    let accepted = l.listener.accept();
+                    let took_one = accepted.is_ok();
+                    if let Ok((stream, _)) = &accepted {
+                        self.turn_away(&fork, stream, &e.to_string());
+                    }
+                    drop(accepted);
+                    self.spare.refill();
+                    if !took_one {
+                        return;
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(fork = %l.fork.id(), error = %e, "accept failed");
                     return;
                 }
             };
             let fork = l.fork.clone();
-            let peer_pid = fdpass::peer_pid(&stream).ok().flatten();
+            let (peer_uid, peer_pid) = match nix::sys::socket::getsockopt(
+                &stream,
+                nix::sys::socket::sockopt::PeerCredentials,
+            ) {
+                Ok(c) => (c.uid(), (c.pid() > 0).then_some(c.pid())),
+                Err(_) => (u32::MAX, None),
+            };
+            let permit = match self.admission.admit(peer_uid) {
+                Ok(permit) => permit,
+                Err(refusal) => {
+                    self.turn_away(&fork, &stream, &refusal.to_string());
+                    continue;
+                }
+            };
+            let limited = !self.admission.is_operator(peer_uid);
+            if limited && spare_fd::low_on_descriptors() {
+                self.turn_away(&fork, &stream, "pagerd is low on file descriptors");
+                continue;
+            }
+            let on_socket = || {
+                self.pending
+                    .iter()
+                    .filter(|(_, p)| p.listener == key && p.limited)
+            };
+            if limited && on_socket().count() >= MAX_PENDING_PER_SOCKET {
+                let why = format!(
+                    "{MAX_PENDING_PER_SOCKET} connections to this fork's socket sent no handoff yet"
+                );
+                self.turn_away(&fork, &stream, &why);
+                continue;
+            }
             tracing::debug!(fork = %fork.id(), peer_pid, "handoff connection accepted");
             let entry = self.pending.vacant_entry();
             let pkey = entry.key();
@@ -391,6 +475,9 @@ impl Acceptor {
                 receiver: HandoffReceiver::new(),
                 peer_pid,
                 deadline: Instant::now() + self.handoff_timeout,
+                listener: key,
+                limited,
+                _permit: permit,
             });
             // Data that arrived with the connection will not raise a new edge.
             self.read_pending(pkey);
@@ -429,6 +516,34 @@ impl Acceptor {
             self.refuse(
                 p,
                 AttachError::Handoff(HandoffError::TimedOut { timeout_ms }),
+            );
+        }
+    }
+
+    /// Answers a connection that may not wait for its handoff `busy` and closes it, without
+    /// noting it on the fork (a flood must not bury the fork's own last error).
+    fn turn_away(&mut self, fork: &Fork, stream: &impl AsFd, why: &str) {
+        crate::stats::DAEMON.refused(RefusalReason::Busy);
+        if let Some(suppressed) = self.busy_log.check(Instant::now()) {
+            tracing::warn!(fork = %fork.id(), suppressed, why, "handoff connection turned away");
+        }
+        let refusal = HandoffRefusal {
+            code: ErrorCode::Unavailable,
+            reason: RefusalReason::Busy,
+            message: format!("busy: {why}; try again later"),
+        };
+        let line = HandoffReply {
+            ok: false,
+            fork: None,
+            error: Some(refusal),
+        };
+        if let Ok(mut text) = serde_json::to_string(&line) {
+            text.push('\n');
+            // Never waits: the socket is fresh and the line short, or the peer is gone.
+            let _ = nix::sys::socket::send(
+                std::os::fd::AsRawFd::as_raw_fd(&stream.as_fd()),
+                text.as_bytes(),
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
             );
         }
     }

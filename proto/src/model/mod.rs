@@ -211,6 +211,9 @@ pub enum RefusalReason {
     SetupFailed,
     /// No worker thread is running.
     NoWorker,
+    /// Too many handoff connections are waiting for their message (in all, for this socket
+    /// or for the peer's uid), or pagerd is out of file descriptors: try again later.
+    Busy,
 }
 
 /// How a snapshot's memory file was brought into the state directory.

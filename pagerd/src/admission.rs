@@ -1,13 +1,15 @@
-//! How many control connections are served at once, and for whom.
+//! How many connections of one kind are served at once, and for whom: control connections
+//! ([`crate::control`]) and handoff connections waiting for their message
+//! ([`crate::serve::acceptor`]).
 //!
 //! ```text
-//!   0 ──────────────────────────── total − reserved ──────────── total (256)
+//!   0 ──────────────────────────── total − reserved ──────────── total
 //!   │ anyone allowed to connect, at most per_uid each │ root and the daemon's own user only │
 //! ```
 //!
 //! Root and the daemon's own user (the operators) may use every connection, the last
-//! [`RESERVED_CONNECTIONS`] included, and are not counted against a per-uid limit. Every other
-//! uid (a `--group` member) may hold at most `per_uid` connections, and only while fewer than
+//! `reserved` included, and are not counted against a per-uid limit. Every other uid (a
+//! `--group` member) may hold at most `per_uid` connections, and only while fewer than
 //! `total − reserved` are open in all. So a member that opens connections and sends nothing
 //! runs into its own limit long before it could keep an operator out, and even many members
 //! together leave the reserve free.
@@ -15,33 +17,45 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// The most connections served at once.
-pub const MAX_CONNECTIONS: usize = 256;
-/// Connections only root and the daemon's own user may take.
-pub const RESERVED_CONNECTIONS: usize = 16;
-/// The default of `--max-connections-per-uid`.
-pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 32;
-
 /// Why a connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// Every connection this peer may use is taken.
-    #[error("too many control connections ({open} open); try again later")]
+    #[error("too many {what} ({open} open); try again later")]
     Busy {
+        /// What is counted.
+        what: Counted,
         /// Connections open.
         open: usize,
     },
     /// The peer's uid holds its limit already.
-    #[error(
-        "uid {uid} already holds {limit} control connections (--max-connections-per-uid); \
-         close one first"
-    )]
+    #[error("uid {uid} already holds {limit} {what}; close one first")]
     PerUid {
+        /// What is counted.
+        what: Counted,
         /// The peer's uid.
         uid: u32,
         /// Its limit.
         limit: usize,
     },
+}
+
+/// What an [`Admission`] counts, as its refusals name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Connections to the control socket.
+    ControlConnections,
+    /// Connections to handoff sockets that have not sent their whole message yet.
+    PendingHandoffs,
+}
+
+impl std::fmt::Display for Counted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ControlConnections => "control connections (--max-connections-per-uid)",
+            Self::PendingHandoffs => "handoff connections that sent no handoff yet",
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -54,6 +68,7 @@ struct Counts {
 /// Counts open connections and admits new ones (see the module docs).
 #[derive(Debug)]
 pub struct Admission {
+    what: Counted,
     total: usize,
     reserved: usize,
     per_uid: usize,
@@ -70,10 +85,17 @@ pub struct Permit {
 }
 
 impl Admission {
-    /// `total` connections at most, the last `reserved` of them for root and `owner`, and
-    /// `per_uid` for each other uid.
-    pub fn new(total: usize, reserved: usize, per_uid: usize, owner: u32) -> Arc<Self> {
+    /// `total` connections of kind `what` at most, the last `reserved` of them for root and
+    /// `owner`, and `per_uid` for each other uid.
+    pub fn new(
+        what: Counted,
+        total: usize,
+        reserved: usize,
+        per_uid: usize,
+        owner: u32,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            what,
             total,
             reserved: reserved.min(total),
             per_uid,
@@ -83,7 +105,7 @@ impl Admission {
     }
 
     /// Whether `uid` is an operator: root or the daemon's own user.
-    fn is_operator(&self, uid: u32) -> bool {
+    pub fn is_operator(&self, uid: u32) -> bool {
         uid == 0 || uid == self.owner
     }
 
@@ -97,12 +119,16 @@ impl Admission {
             self.total - self.reserved
         };
         if counts.total >= room {
-            return Err(Refusal::Busy { open: counts.total });
+            return Err(Refusal::Busy {
+                what: self.what,
+                open: counts.total,
+            });
         }
         if !operator {
             let held = counts.by_uid.entry(uid).or_insert(0);
             if *held >= self.per_uid {
                 return Err(Refusal::PerUid {
+                    what: self.what,
                     uid,
                     limit: self.per_uid,
                 });
@@ -150,14 +176,16 @@ mod tests {
     use super::*;
 
     const OWNER: u32 = 1000;
+    const WHAT: Counted = Counted::ControlConnections;
 
     #[test]
     fn a_uid_stops_at_its_limit_and_others_still_get_in() {
-        let admission = Admission::new(16, 4, 3, OWNER);
+        let admission = Admission::new(WHAT, 16, 4, 3, OWNER);
         let member: Vec<Permit> = (0..3).map(|_| admission.admit(65534).unwrap()).collect();
         assert_eq!(
             admission.admit(65534).unwrap_err(),
             Refusal::PerUid {
+                what: WHAT,
                 uid: 65534,
                 limit: 3
             }
@@ -173,19 +201,28 @@ mod tests {
 
     #[test]
     fn the_reserve_is_for_root_and_the_owner_only() {
-        let admission = Admission::new(8, 3, 100, OWNER);
+        let admission = Admission::new(WHAT, 8, 3, 100, OWNER);
         let members: Vec<Permit> = (0..5)
             .map(|i| admission.admit(60000 + i).unwrap())
             .collect();
         assert_eq!(
             admission.admit(60009).unwrap_err(),
-            Refusal::Busy { open: 5 }
+            Refusal::Busy {
+                what: WHAT,
+                open: 5
+            }
         );
         let operators: Vec<Permit> = [0, OWNER, 0]
             .iter()
             .map(|&uid| admission.admit(uid).unwrap())
             .collect();
-        assert_eq!(admission.admit(0).unwrap_err(), Refusal::Busy { open: 8 });
+        assert_eq!(
+            admission.admit(0).unwrap_err(),
+            Refusal::Busy {
+                what: WHAT,
+                open: 8
+            }
+        );
         drop(operators);
         drop(members);
         assert_eq!(admission.open(), 0);
@@ -193,7 +230,7 @@ mod tests {
 
     #[test]
     fn operators_are_not_counted_per_uid() {
-        let admission = Admission::new(64, 4, 2, OWNER);
+        let admission = Admission::new(WHAT, 64, 4, 2, OWNER);
         let held: Vec<Permit> = (0..10).map(|_| admission.admit(0).unwrap()).collect();
         let owner: Vec<Permit> = (0..10).map(|_| admission.admit(OWNER).unwrap()).collect();
         assert_eq!(admission.open(), 20);
