@@ -489,3 +489,87 @@ fn idle_connections_from_members_are_bounded_and_out_of_descriptors_nothing_spin
     assert_eq!((fork.state, fork.stats.errors), (ForkState::Serving, 0));
     victim.finish();
 }
+
+#[test]
+fn a_members_huge_sparse_snapshot_and_its_handoffs_cost_memory_for_what_exists() {
+    const TIB: u64 = 1 << 40;
+    let tenants = tenants();
+    let member = &tenants.member;
+    let dir = tempfile::tempdir().unwrap();
+    let small = write_snapshot(&dir.path().join("small"), 4 * MIB, 21, 0, 0);
+    let daemon = Daemon::start(
+        &[("small", &small)],
+        &[
+            "--fuse",
+            "off",
+            "--group",
+            GROUP,
+            "--max-snapshot-size",
+            "4T",
+        ],
+    );
+    // 4 TiB declared, a few pages on disk.
+    let member_dir = member.own_dir(dir.path(), "member");
+    let sparse = |name: &str, size: u64| {
+        let path = member_dir.join(name);
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(size).unwrap();
+        for at in [0, size / 2, size - 4096] {
+            std::os::unix::fs::FileExt::write_all_at(&file, &[7u8; 4096], at).unwrap();
+        }
+        std::os::unix::fs::chown(&path, Some(member.uid), Some(member.gid)).unwrap();
+        path
+    };
+    let huge = sparse("huge", 4 * TIB);
+    let rss_before = daemon.status_kb("VmRSS");
+    let run = member.pagerctl(
+        &daemon,
+        &["snapshot", "add", "huge", huge.to_str().unwrap()],
+    );
+    assert!(run.success(), "{run:?}");
+    let rss_registered = daemon.status_kb("VmRSS");
+    assert!(
+        rss_registered < rss_before + 16 * 1024,
+        "registering 4 TiB of holes: {rss_before} → {rss_registered} KiB"
+    );
+    // Three handoffs of one 4 TiB region each, from the member's own VMMs.
+    let vmms: Vec<testkit::Vmm> = (0..3)
+        .map(|n| {
+            let fork = format!("h{n}");
+            let run = member.pagerctl(&daemon, &["fork", "create", "huge", "--id", &fork]);
+            assert!(run.success(), "{run:?}");
+            let socket = daemon.fork(&fork).handoff_socket;
+            let mut command = member.command(&binary("hostile-vmm"));
+            command.args([
+                "--socket",
+                socket.to_str().unwrap(),
+                "--size",
+                "4096G",
+                "handoff",
+                "hold",
+            ]);
+            let mut vmm = testkit::Vmm::spawn_command(command);
+            let reply = vmm.expect("reply");
+            assert_eq!(reply["reply"]["ok"], true, "{reply}");
+            vmm
+        })
+        .collect();
+    let rss_served = daemon.status_kb("VmRSS");
+    assert!(
+        rss_served < rss_registered + 3 * 4 * 1024,
+        "three 4 TiB handoffs: {rss_registered} → {rss_served} KiB"
+    );
+    // Beyond the budget: refused, nothing kept.
+    let larger = sparse("larger", 8 * TIB);
+    let run = member.pagerctl(
+        &daemon,
+        &["snapshot", "add", "larger", larger.to_str().unwrap()],
+    );
+    refused_with(&run, 6, "--max-snapshot-size");
+    assert!(daemon.client().snapshot("larger").is_err());
+    // Root's forks are served as before.
+    daemon.attach_holding_vmm("small", "roots", &small).finish();
+    for vmm in vmms {
+        vmm.finish();
+    }
+}

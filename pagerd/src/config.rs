@@ -57,6 +57,11 @@ pub struct Config {
     /// never get the last 16 of `--max-forks` either (kept for root). Beyond it, `unavailable`.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_forks_per_uid: u64,
+    /// The largest memory file a snapshot may have, in bytes (suffixes K, M, G, T: 1024-based);
+    /// a larger registration is refused with `unavailable`. Bounds what a peer's declared
+    /// size can make pagerd do.
+    #[arg(long, default_value = "1T", value_parser = parse_size)]
+    pub max_snapshot_size: u64,
     /// What a uffd fork gets installed before its guest asks, unless `fork.create` says:
     /// `working-set` replays the snapshot's recorded working set when its VMM attaches;
     /// `graduate` then fills every other page at low priority and lets the fork go once all
@@ -254,4 +259,37 @@ pub enum FuseMode {
     Passthrough,
     /// Passthrough where the kernel offers it, cached otherwise.
     Auto,
+}
+
+/// A size in bytes: a number with an optional K, M, G or T suffix (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text[..i], 10),
+        Some((i, 'M' | 'm')) => (&text[..i], 20),
+        Some((i, 'G' | 'g')) => (&text[..i], 30),
+        Some((i, 'T' | 't')) => (&text[..i], 40),
+        _ => (text, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (a number, optionally with K, M, G or T)"))?;
+    n.checked_mul(1 << shift)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{text:?} is not a size between 1 byte and 16 EiB"))
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("64m"), Ok(64 << 20));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
 }

@@ -170,6 +170,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         registry.clone(),
         server,
         config.prefetch.into(),
+        config.max_snapshot_size,
     ));
     let stopping = Arc::new(AtomicBool::new(false));
     let janitor = {

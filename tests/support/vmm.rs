@@ -39,13 +39,19 @@ impl Vmm {
     /// Runs another VMM binary of the workspace (e.g. `kvm-vmm`) that prints one JSON event
     /// per line.
     pub fn spawn_binary<S: AsRef<std::ffi::OsStr>>(name: &str, args: &[S]) -> Self {
-        let mut child = Command::new(binary(name))
-            .args(args)
+        let mut command = Command::new(binary(name));
+        command.args(args);
+        Self::spawn_command(command)
+    }
+
+    /// Runs a VMM as `command` says (e.g. as another user, through `setpriv`).
+    pub fn spawn_command(mut command: Command) -> Self {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
         let lines = line_channel(child.stdout.take().expect("stdout"));
         let stdin = child.stdin.take();
         Self {

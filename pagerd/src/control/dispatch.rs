@@ -37,7 +37,8 @@ impl From<LifecycleError> for ControlError {
                 ErrorCode::NotFound
             }
             LifecycleError::Registry(RegistryError::Exists { .. }) => ErrorCode::Conflict,
-            LifecycleError::Registry(RegistryError::WaitTimedOut { .. }) => ErrorCode::Unavailable,
+            LifecycleError::Registry(RegistryError::WaitTimedOut { .. })
+            | LifecycleError::TooLarge { .. } => ErrorCode::Unavailable,
             LifecycleError::Serve(ServeError::SocketPathTooLong(_)) => ErrorCode::InvalidArgument,
             LifecycleError::Serve(ServeError::Stopped | ServeError::TooManyForks(_)) => {
                 ErrorCode::Unavailable

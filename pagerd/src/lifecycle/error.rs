@@ -22,6 +22,14 @@ pub(crate) enum LifecycleError {
         /// The id.
         id: Id,
     },
+    /// The memory file is larger than `--max-snapshot-size`.
+    #[error("the memory file is {size} bytes, more than --max-snapshot-size ({max})")]
+    TooLarge {
+        /// Its size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
     /// The id is taken.
     #[error("{kind} `{id}` already exists")]
     Exists {

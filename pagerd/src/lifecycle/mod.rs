@@ -108,6 +108,8 @@ pub(crate) struct Lifecycle {
     started: Instant,
     /// What a fork prefetches unless `fork.create` says (`--prefetch`).
     default_prefetch: Prefetch,
+    /// The largest memory file a snapshot may have (`--max-snapshot-size`).
+    max_snapshot_size: u64,
 }
 
 fn now_ms() -> u64 {
@@ -125,9 +127,11 @@ impl Lifecycle {
         registry: Arc<Registry>,
         server: Server,
         default_prefetch: Prefetch,
+        max_snapshot_size: u64,
     ) -> Self {
         Self {
             default_prefetch,
+            max_snapshot_size,
             store,
             registry,
             server,
@@ -212,6 +216,12 @@ impl Lifecycle {
             return Err(bad(format!(
                 "size {size} is not a non-zero multiple of 4096"
             )));
+        }
+        if size > self.max_snapshot_size {
+            return Err(LifecycleError::TooLarge {
+                size,
+                max: self.max_snapshot_size,
+            });
         }
         if mode == ImportMode::Link {
             if let Err(why) = crate::trusted::check_open_file(&source.file, &source.name) {

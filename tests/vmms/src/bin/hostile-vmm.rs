@@ -177,11 +177,19 @@ fn map_memory(args: &Args, len: u64) -> Result<Memory, Error> {
 }
 
 fn new_uffd(args: &Args) -> Result<OwnedFd, Error> {
+    // Without privilege (and `vm.unprivileged_userfaultfd` 0, the default) only a uffd that
+    // reports user-mode faults alone may be had; this VMM only faults in user mode.
+    const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+    let user_mode_only = if nix::unistd::geteuid().is_root() {
+        0
+    } else {
+        UFFD_USER_MODE_ONLY
+    };
     // SAFETY: the userfaultfd syscall takes flags and returns a new descriptor or -1.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_userfaultfd,
-            libc::c_long::from(libc::O_CLOEXEC | libc::O_NONBLOCK),
+            libc::c_long::from(libc::O_CLOEXEC | libc::O_NONBLOCK | user_mode_only),
         )
     };
     if fd < 0 {
