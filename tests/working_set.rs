@@ -468,3 +468,41 @@ fn a_full_disk_loses_the_working_set_not_the_forks() {
     assert_eq!(fork.stats.errors, 0);
     drop(daemon);
 }
+
+#[test]
+fn damaged_contents_are_never_installed_and_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 16 * MIB, 15, 0, 0);
+    let mut daemon = Daemon::start(&[("base", &mem)], &["--record-forks", "1"]);
+    let hot = ["--order", "hot", "--percent", "10"];
+    run_fork(&daemon, "rec", None, &mem, &hot, &["verify"]);
+    let set = wait_for_working_set(&daemon);
+    // One flipped bit in the first stored page: the header, run table and sums still match.
+    let file = daemon.state_dir().join("snapshots/base/working-set");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let data_offset = u64::from_le_bytes(bytes[72..80].try_into().unwrap()) as usize;
+    bytes[data_offset + 100] ^= 0x10;
+    std::fs::write(&file, &bytes).unwrap();
+    daemon.respawn();
+    assert_eq!(daemon.snapshot("base").working_set, Some(set.clone()));
+    // The replaying fork reads every page it touches byte for byte as the snapshot has it.
+    let (events, fork) = run_fork(&daemon, "next", None, &mem, &hot, &["verify"]);
+    assert_eq!(
+        verified_pages(&events),
+        (16 * MIB / 4096 * 10).div_ceil(100)
+    );
+    let skipped_block = 16;
+    assert!(
+        fork.stats.replayed_pages > 0
+            && fork.stats.replayed_pages + fork.stats.prefetch_skipped + skipped_block
+                >= set.pages - set.zero_pages
+            && fork.stats.replayed_pages < set.pages,
+        "the damaged block alone is left to faults: {:?} of {set:?}",
+        fork.stats
+    );
+    let why = daemon
+        .snapshot("base")
+        .working_set_error
+        .expect("the damage is reported");
+    assert!(why.contains("do not match their checksums"), "{why}");
+}

@@ -241,6 +241,12 @@ impl Session {
                         }
                         break;
                     }
+                    if !set.verify(bytes) {
+                        // Never installed: these pages fault and are served from the snapshot.
+                        self.report_damaged_set(&set);
+                        advance(self, end - rpage);
+                        continue;
+                    }
                     Some(bytes.as_ptr())
                 }
             };
@@ -392,6 +398,21 @@ impl Session {
     /// Whether `bytes` of `set` are in the page cache: known from an earlier look, or one
     /// `mincore` over the next [`RESIDENCY_WINDOW`] bytes (the contents of the runs that
     /// follow are contiguous in the file).
+    /// Reports contents of the working set that do not match their sums (on the snapshot's
+    /// `working_set_error`, and in the log).
+    fn report_damaged_set(&self, set: &WorkingSet) {
+        let why = format!(
+            "{} block(s) of the working set's contents do not match their checksums; those \
+             pages are served from the snapshot instead (clear or record the set again)",
+            set.bad_blocks()
+        );
+        if set.log_damage_once() {
+            tracing::error!(fork = %self.fork().id(), snapshot = %self.fork().snapshot(), %why,
+                "damaged working set");
+        }
+        self.snapshot().working_set.set_error(why);
+    }
+
     fn known_resident(&mut self, set: &WorkingSet, bytes: &[u8]) -> bool {
         let end = bytes.as_ptr() as usize + bytes.len();
         let p = self.prefetcher_mut().expect("replaying");

@@ -24,7 +24,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use memmap2::{Mmap, MmapOptions};
@@ -52,7 +52,23 @@ pub struct WorkingSet {
     file: Arc<File>,
     /// Set while a thread reads the contents into the page cache.
     loading: Arc<AtomicBool>,
+    /// Where the data starts in the file, and how long it is.
+    data_offset: u64,
+    data_bytes: u64,
+    /// CRC-32 of each [`file::BLOCK`] of data, as stored.
+    sums: Vec<u32>,
+    /// Per block: [`UNCHECKED`], [`GOOD`] or [`BAD`].
+    checked: Vec<AtomicU8>,
+    /// Set once a damaged block was logged.
+    damage_logged: AtomicBool,
 }
+
+/// A block not checked yet.
+const UNCHECKED: u8 = 0;
+/// A block whose contents match its sum.
+const GOOD: u8 = 1;
+/// A block whose contents do not match its sum: never installed.
+const BAD: u8 = 2;
 
 impl WorkingSet {
     /// Writes the set `plan` of a snapshot of `snapshot_size` bytes to a temp file in `dir`,
@@ -94,7 +110,7 @@ impl WorkingSet {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let (header, runs) = file::read(&file, snapshot_size)?;
+        let file::Contents { header, runs, sums } = file::read(&file, snapshot_size)?;
         let mut data_at = Vec::with_capacity(runs.len());
         let mut at = header.data_offset;
         for run in &runs {
@@ -120,7 +136,66 @@ impl WorkingSet {
             map,
             file: Arc::new(file),
             loading: Arc::new(AtomicBool::new(false)),
+            data_offset: header.data_offset,
+            data_bytes: header.data_bytes(),
+            damage_logged: AtomicBool::new(false),
+            checked: sums.iter().map(|_| AtomicU8::new(UNCHECKED)).collect(),
+            sums,
         }))
+    }
+
+    /// Whether every data block `bytes` (a slice of this set's data) touches matches its
+    /// stored sum. Each block is summed once, the first time it is asked about (it is in the
+    /// page cache by then: replay installs only resident data); the answer is kept.
+    pub fn verify(&self, bytes: &[u8]) -> bool {
+        let Some(map) = &self.map else {
+            return false;
+        };
+        let data_end = self.data_offset + self.data_bytes;
+        let Some(start) = (bytes.as_ptr() as usize)
+            .checked_sub(map.as_ptr() as usize)
+            .map(|s| s as u64)
+            .filter(|&s| s >= self.data_offset && s + bytes.len() as u64 <= data_end)
+        else {
+            return false;
+        };
+        let first = (start - self.data_offset) / file::BLOCK;
+        let last = (start + bytes.len() as u64 - self.data_offset).div_ceil(file::BLOCK);
+        (first..last).all(|block| self.block_matches(map, block))
+    }
+
+    /// Sums block `block` once and says whether it matches.
+    fn block_matches(&self, map: &Mmap, block: u64) -> bool {
+        let Some(state) = self.checked.get(block as usize) else {
+            return false;
+        };
+        match state.load(Ordering::Acquire) {
+            GOOD => return true,
+            BAD => return false,
+            _ => {}
+        }
+        let from = self.data_offset + block * file::BLOCK;
+        let to = (from + file::BLOCK).min(self.data_offset + self.data_bytes);
+        let matches = usize::try_from(from)
+            .ok()
+            .zip(usize::try_from(to).ok())
+            .and_then(|(from, to)| map.get(from..to))
+            .is_some_and(|data| crc32fast::hash(data) == self.sums[block as usize]);
+        state.store(if matches { GOOD } else { BAD }, Ordering::Release);
+        matches
+    }
+
+    /// `true` the first time it is called: whether damage should be logged now.
+    pub fn log_damage_once(&self) -> bool {
+        !self.damage_logged.swap(true, Ordering::AcqRel)
+    }
+
+    /// How many data blocks were found not to match their sums so far.
+    pub fn bad_blocks(&self) -> usize {
+        self.checked
+            .iter()
+            .filter(|s| s.load(Ordering::Acquire) == BAD)
+            .count()
     }
 
     /// What `snapshot.get` shows.
@@ -300,5 +375,39 @@ mod tests {
         assert!(WorkingSet::load(&dir.path().join("none"), size)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn a_flipped_data_byte_fails_its_block_only() {
+        let dir = tempfile::tempdir().unwrap();
+        // 64 pages: 4 blocks of 16 pages, every page of data.
+        let snapshot: Vec<u8> = (0..64 * 4096u32).map(|i| (i % 251) as u8 + 1).collect();
+        let size = snapshot.len() as u64;
+        let touched: Vec<u64> = (0..64).collect();
+        let plan = Plan::new(&touched, |_| false);
+        let read = |off: u64, len: usize| Ok(snapshot[off as usize..][..len].to_vec());
+        let path = dir.path().join(FILE_NAME);
+        WorkingSet::write(dir.path(), &plan, size, 1, 1, read)
+            .unwrap()
+            .commit()
+            .unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let set = WorkingSet::load(&path, size).unwrap().unwrap();
+        let data_at = set.data_offset as usize;
+        // Page 20 lies in block 1.
+        bytes[data_at + 20 * 4096 + 7] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let set = WorkingSet::load(&path, size).unwrap().unwrap();
+        let run = set.runs().iter().position(|r| r.page == 0).unwrap();
+        let page = |p: u64| set.data(run, p, 1).unwrap();
+        assert!(set.verify(page(0)) && set.verify(page(15)));
+        assert!(!set.verify(page(16)) && !set.verify(page(20)) && !set.verify(page(31)));
+        assert!(set.verify(page(32)) && set.verify(page(63)));
+        assert!(
+            !set.verify(set.data(run, 10, 10).unwrap()),
+            "a span over a bad block"
+        );
+        assert_eq!(set.bad_blocks(), 1);
+        assert!(set.log_damage_once() && !set.log_damage_once());
     }
 }
