@@ -573,3 +573,42 @@ fn a_members_huge_sparse_snapshot_and_its_handoffs_cost_memory_for_what_exists()
         vmm.finish();
     }
 }
+
+#[test]
+fn slow_scrapers_delay_no_other_scrape_and_are_cut_off() {
+    use std::io::{Read, Write};
+    let tenants = tenants();
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), MIB, 93, 0, 0);
+    // A free port: bound by the test, released, then given to pagerd.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = Daemon::start(
+        &[("base", &mem)],
+        &["--fuse", "off", "--group", GROUP, "--metrics-addr", &addr],
+    );
+    // A member trickles a request over 20 connections, a byte a second each.
+    let mut slow = tenants.member.slow_clients(&addr, 20);
+    // Meanwhile a normal scrape is answered whole, well within the deadline of a request.
+    for _ in 0..3 {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: pagerd\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(response.contains("pagerd_snapshots 1"), "{response}");
+    }
+    // The slow connections are cut off at the deadline of a request (5 s), not kept.
+    let lasted = slow.wait_all_closed();
+    assert!(lasted <= 15, "the slow scrapers lasted {lasted} s");
+    assert!(daemon.status().healthy);
+}

@@ -10,17 +10,25 @@
 //! Every scrape builds the exposition afresh from the lifecycle, so nothing here is updated on
 //! the fault path except the latency histogram (once per batch of events, in `stats`). Counters
 //! count since the daemon started, forks closed since included, so they never go down while it
-//! runs. One connection is answered at a time, each with a short timeout: a stuck scraper
-//! delays only other scrapers. Every metric is listed in `docs/operations.md`.
+//! runs. Every metric is listed in `docs/operations.md`.
+//!
+//! HTTP is hyper's (HTTP/1.1) on a single-threaded tokio runtime of the metrics thread: many
+//! connections are served at once (at most [`MAX_CONNECTIONS`]; more are closed at once), and
+//! each has [`REQUEST_DEADLINE`] to send its request head and be answered, so a scraper that
+//! sends a byte now and then delays nobody and is cut off.
 
-use std::io::{self, Read, Write};
-use std::net::TcpListener;
-use std::os::unix::net::UnixListener;
+use std::convert::Infallible;
+use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -32,10 +40,10 @@ use prometheus_client::registry::Registry;
 use crate::lifecycle::Lifecycle;
 use crate::stats::{LatencyHistogram, DAEMON, FAULT_LATENCY};
 
-/// How long one scrape may take to send its request and read the answer.
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The most bytes of a request read.
-const MAX_REQUEST: usize = 8 * 1024;
+/// How long one connection may take to send its request head and be answered.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// The most connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// Where the metrics are served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,8 +77,8 @@ impl std::fmt::Display for MetricsAddr {
 }
 
 enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
 }
 
 /// The metrics thread.
@@ -83,73 +91,141 @@ impl MetricsServer {
     /// Binds `addr` and starts answering scrapes from `lifecycle`.
     pub fn start(addr: &MetricsAddr, lifecycle: Arc<Lifecycle>) -> io::Result<Self> {
         let listener = match addr {
-            MetricsAddr::Tcp(host_port) => Listener::Tcp(TcpListener::bind(host_port)?),
+            MetricsAddr::Tcp(host_port) => Listener::Tcp(std::net::TcpListener::bind(host_port)?),
             MetricsAddr::Unix(path) => {
                 if std::fs::symlink_metadata(path)
                     .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
                 {
                     std::fs::remove_file(path)?;
                 }
-                Listener::Unix(UnixListener::bind(path)?)
+                Listener::Unix(std::os::unix::net::UnixListener::bind(path)?)
             }
         };
+        match &listener {
+            Listener::Tcp(l) => l.set_nonblocking(true)?,
+            Listener::Unix(l) => l.set_nonblocking(true)?,
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()?;
         let thread = std::thread::Builder::new()
             .name("pagerd-metrics".into())
-            .spawn(move || serve(&listener, &lifecycle))?;
+            .spawn(move || runtime.block_on(serve(listener, lifecycle)))?;
         Ok(Self { _thread: thread })
     }
 }
 
-fn serve(listener: &Listener, lifecycle: &Lifecycle) {
-    loop {
-        let result = match listener {
-            Listener::Tcp(l) => l.accept().and_then(|(s, _)| {
-                s.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
-                s.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
-                answer(s, lifecycle)
-            }),
-            Listener::Unix(l) => l.accept().and_then(|(s, _)| {
-                s.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
-                s.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
-                answer(s, lifecycle)
-            }),
-        };
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "metrics scrape failed");
+/// Accepts connections for ever, each served by a task of its own.
+async fn serve(listener: Listener, lifecycle: Arc<Lifecycle>) {
+    let listener = match listener {
+        Listener::Tcp(l) => tokio::net::TcpListener::from_std(l).map(Accepting::Tcp),
+        Listener::Unix(l) => tokio::net::UnixListener::from_std(l).map(Accepting::Unix),
+    };
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "metrics: cannot serve the listening socket");
+            return;
         }
+    };
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut failures = crate::ratelimit::RateLimiter::new(5, Duration::from_secs(10));
+    loop {
+        let accepted = match &listener {
+            Accepting::Tcp(l) => l.accept().await.map(|(s, _)| Connection::Tcp(s)),
+            Accepting::Unix(l) => l.accept().await.map(|(s, _)| Connection::Unix(s)),
+        };
+        let connection = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(suppressed) = failures.check(std::time::Instant::now()) {
+                    tracing::warn!(error = %e, suppressed, "metrics accept failed");
+                }
+                // Out of descriptors, say: wait for some to be freed rather than spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::AcqRel);
+            continue;
+        }
+        let (lifecycle, open) = (lifecycle.clone(), open.clone());
+        tokio::spawn(async move {
+            let served = match connection {
+                Connection::Tcp(s) => answer(TokioIo::new(s), lifecycle).await,
+                Connection::Unix(s) => answer(TokioIo::new(s), lifecycle).await,
+            };
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "metrics scrape failed");
+            }
+            open.fetch_sub(1, Ordering::AcqRel);
+        });
     }
 }
 
-/// Reads one HTTP request head and answers it.
-fn answer(mut stream: impl Read + Write, lifecycle: &Lifecycle) -> io::Result<()> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let (status, content_type, body) = if line.starts_with(b"GET /metrics ") {
-        match exposition(lifecycle) {
-            Ok(body) => (
-                "200 OK",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                body,
-            ),
-            Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
-        }
-    } else {
-        ("404 Not Found", "text/plain", "GET /metrics\n".to_owned())
-    };
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    stream.flush()
+enum Accepting {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+enum Connection {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+/// Serves one connection's one request within [`REQUEST_DEADLINE`].
+async fn answer<I>(io: I, lifecycle: Arc<Lifecycle>) -> Result<(), Box<dyn std::error::Error>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+        let response = respond(&request, &lifecycle);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_DEADLINE)
+        .keep_alive(false)
+        .serve_connection(io, service);
+    tokio::time::timeout(REQUEST_DEADLINE, connection).await??;
+    Ok(())
+}
+
+/// The answer to one request: the exposition for `GET /metrics`.
+fn respond(
+    request: &Request<hyper::body::Incoming>,
+    lifecycle: &Lifecycle,
+) -> Response<Full<Bytes>> {
+    let (status, content_type, body) =
+        if request.method() == hyper::Method::GET && request.uri().path() == "/metrics" {
+            match exposition(lifecycle) {
+                Ok(body) => (
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                ),
+                Err(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{e}\n"),
+                ),
+            }
+        } else {
+            (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "GET /metrics\n".to_owned(),
+            )
+        };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
 }
 
 type Labels = Vec<(String, String)>;

@@ -206,6 +206,76 @@ impl User {
     }
 }
 
+/// A process of another user trickling a request to a TCP address over many connections.
+#[derive(Debug)]
+pub struct SlowClients {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Drop for SlowClients {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl SlowClients {
+    /// Waits until every connection was closed by the server; returns the seconds the slowest
+    /// lasted, by the client's count.
+    pub fn wait_all_closed(&mut self) -> u64 {
+        let line = self
+            .lines
+            .next()
+            .expect("a line")
+            .expect("read the slow clients");
+        line.strip_prefix("closed after ")
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("the slow clients said {line:?}"))
+    }
+}
+
+impl User {
+    /// Opens `count` TCP connections to `addr` as this user and sends each one byte of a
+    /// request (`GET /metrics …`) per second, for ever, until the server closes them all.
+    pub fn slow_clients(&self, addr: &str, count: usize) -> SlowClients {
+        use std::io::BufRead;
+        let script = r#"
+            use IO::Socket::INET; use IO::Select;
+            $| = 1; $SIG{PIPE} = 'IGNORE';
+            my @s = map { IO::Socket::INET->new(PeerAddr => $ARGV[0]) or die "connect: $!\n" } 1 .. $ARGV[1];
+            print "open\n";
+            my $request = "GET /metrics HTTP/1.1\r\nHost: x\r\n";
+            my (%closed, $at, $seconds) = ((), 0, 0);
+            while (keys %closed < @s) {
+                for my $i (0 .. $#s) {
+                    next if $closed{$i};
+                    if (IO::Select->new($s[$i])->can_read(0)) {
+                        my $n = sysread($s[$i], my $buf, 4096);
+                        if (!$n) { $closed{$i} = 1; next; }
+                    }
+                    $closed{$i} = 1 unless defined syswrite($s[$i], substr($request, $at % length($request), 1));
+                }
+                $at++; sleep 1; $seconds++;
+            }
+            print "closed after $seconds\n";
+            <STDIN>;
+        "#;
+        let mut child = self
+            .command(Path::new("/usr/bin/perl"))
+            .args(["-e", script, addr])
+            .arg(count.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run perl as another user");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first = lines.next().expect("a line").expect("read");
+        assert_eq!(first, "open", "the slow clients could not connect");
+        SlowClients { child, lines }
+    }
+}
+
 impl From<Output> for CtlRun {
     fn from(out: Output) -> Self {
         Self {
