@@ -30,6 +30,11 @@ if [ "$status" = 0 ]; then
     --time-limit 300 --require-counts >target/wire-fuzz.txt 2>&1 ||
     { status=$?; cat target/wire-fuzz.txt; }
   tail -n 1 target/wire-fuzz.txt
+  # The same as a --group member, which owns neither the victim nor its snapshot.
+  cargo run --release --quiet -p pagerd-wire-fuzz -- --member --control-inputs 10000 \
+    --handoffs 500 --time-limit 300 --require-counts >target/wire-fuzz-member.txt 2>&1 ||
+    { status=$?; cat target/wire-fuzz-member.txt; }
+  tail -n 1 target/wire-fuzz-member.txt
 fi
 # The libFuzzer targets (fuzz/), 20 s each, where the nightly toolchain and cargo-fuzz are.
 if [ "$status" = 0 ]; then

@@ -109,6 +109,9 @@ pub struct Protected {
     pub victim: String,
     /// The prefix of the handoff fuzzer's forks.
     pub handoff_prefix: String,
+    /// Whether the inputs come from a `--group` member, who does not own these: deleting the
+    /// snapshot or closing the forks is then left for the daemon to refuse.
+    pub member: bool,
 }
 
 impl Protected {
@@ -370,12 +373,16 @@ impl Generator {
                 snapshot,
                 defer,
                 force,
-            } if snapshot.as_str() == self.protected.snapshot => Some(Request::SnapshotDelete {
-                snapshot: elsewhere(),
-                defer,
-                force,
-            }),
-            Request::ForkClose { fork } if self.protected.fork(fork.as_str()) => {
+            } if snapshot.as_str() == self.protected.snapshot && !self.protected.member => {
+                Some(Request::SnapshotDelete {
+                    snapshot: elsewhere(),
+                    defer,
+                    force,
+                })
+            }
+            Request::ForkClose { fork }
+                if self.protected.fork(fork.as_str()) && !self.protected.member =>
+            {
                 Some(Request::ForkClose { fork: elsewhere() })
             }
             Request::ForkCreate {
@@ -585,6 +592,14 @@ impl Outcome {
 }
 
 impl Connection {
+    /// Wraps a connection already made (e.g. as another user).
+    pub fn from_stream(stream: UnixStream) -> io::Result<Self> {
+        stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Self { stream, reader })
+    }
+
     /// Connects to the control socket.
     pub fn open(socket: &Path) -> io::Result<Self> {
         let stream = UnixStream::connect(socket)?;
@@ -698,6 +713,7 @@ mod tests {
             Protected {
                 snapshot: "base".into(),
                 victim: "victim".into(),
+                member: false,
                 handoff_prefix: "hf-".into(),
             },
             vec![PathBuf::from("/tmp/small")],

@@ -25,9 +25,11 @@
 mod control;
 mod fds;
 mod handoff;
+mod member;
 mod rng;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,6 +74,11 @@ struct Args {
     /// The snapshot's size in MiB (a multiple of 2).
     #[arg(long, default_value_t = 8)]
     snapshot_mib: u64,
+    /// Send the control inputs as a `--group` member (the test kit's `pagerd-member`,
+    /// created if missing), which owns neither the victim nor its snapshot: requests to
+    /// delete or close them are sent as they are, and must change nothing.
+    #[arg(long)]
+    member: bool,
 }
 
 fn parse_seed(s: &str) -> Result<u64, String> {
@@ -133,6 +140,8 @@ struct Fuzz<'a> {
     recent: VecDeque<String>,
     victim_faults: (u64, Instant),
     violations: Vec<String>,
+    /// Makes the control connections as a `--group` member (`--member`).
+    member: Option<member::MemberConnector>,
 }
 
 /// Set by SIGINT, SIGTERM or SIGHUP: stop sending, check, and clean up (the daemon and the
@@ -175,15 +184,32 @@ fn main() -> ExitCode {
         MIB,
     );
     let small = write_snapshot(&scratch.path().join("small"), 4096, args.seed, 0, 0);
-    let daemon = Daemon::start(
-        &[(SNAPSHOT, &mem)],
-        &[
-            "--handoff-timeout-ms",
-            &HANDOFF_TIMEOUT.as_millis().to_string(),
-            "--control-idle-timeout-ms",
-            "60000",
-        ],
-    );
+    let timeout_ms = HANDOFF_TIMEOUT.as_millis().to_string();
+    let mut daemon_args = vec![
+        "--handoff-timeout-ms",
+        &timeout_ms,
+        "--control-idle-timeout-ms",
+        "60000",
+    ];
+    if args.member {
+        daemon_args.extend(["--group", testkit::tenants::GROUP]);
+    }
+    let daemon = Daemon::start(&[(SNAPSHOT, &mem)], &daemon_args);
+    let member = if args.member {
+        let user = &testkit::tenants::tenants().member;
+        // The member must reach the control socket in the daemon's directory.
+        std::fs::set_permissions(daemon.scratch(), std::fs::Permissions::from_mode(0o755))
+            .expect("open up the daemon's directory");
+        match member::MemberConnector::start(user.uid, user.gid) {
+            Ok(connector) => Some(connector),
+            Err(e) => {
+                eprintln!("wire-fuzz: cannot act as {}: {e}", user.name);
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     let victim_socket = daemon.create_fork(SNAPSHOT, VICTIM);
     let mut victim = Vmm::attach(&mem, &victim_socket, &["churn"]);
     victim.expect("churning");
@@ -191,7 +217,7 @@ fn main() -> ExitCode {
 
     // A symlink to a memory file: refused by name.
     let _ = std::os::unix::fs::symlink(&small, scratch.path().join("memory-link"));
-    let mut fuzz = Fuzz::new(&args, daemon, scratch.path(), &small);
+    let mut fuzz = Fuzz::new(&args, daemon, scratch.path(), &small, member);
     let summary = fuzz.run();
     let failed = !fuzz.violations.is_empty();
     if failed {
@@ -255,11 +281,18 @@ fn lossy(bytes: &[u8]) -> String {
 }
 
 impl<'a> Fuzz<'a> {
-    fn new(args: &'a Args, daemon: Daemon, scratch: &Path, small: &Path) -> Self {
+    fn new(
+        args: &'a Args,
+        daemon: Daemon,
+        scratch: &Path,
+        small: &Path,
+        member: Option<member::MemberConnector>,
+    ) -> Self {
         let protected = control::Protected {
             snapshot: SNAPSHOT.into(),
             victim: VICTIM.into(),
             handoff_prefix: HANDOFF_PREFIX.into(),
+            member: member.is_some(),
         };
         // Not the snapshot itself: copying it again and again would only measure the disk.
         let paths = vec![
@@ -285,6 +318,7 @@ impl<'a> Fuzz<'a> {
             victim_faults: (faults, Instant::now()),
             violations: Vec::new(),
             daemon,
+            member,
         }
     }
 
@@ -426,10 +460,17 @@ impl<'a> Fuzz<'a> {
         ));
         let connection = match self.connection.as_mut() {
             Some(c) => c,
-            None => self.connection.insert(
-                control::Connection::open(self.daemon.control_socket())
-                    .map_err(|e| format!("connecting to the control socket: {e}"))?,
-            ),
+            None => {
+                let socket = self.daemon.control_socket();
+                let opened = match &self.member {
+                    Some(member) => member
+                        .connect(socket.to_owned())
+                        .and_then(control::Connection::from_stream),
+                    None => control::Connection::open(socket),
+                };
+                self.connection
+                    .insert(opened.map_err(|e| format!("connecting to the control socket: {e}"))?)
+            }
         };
         let sent = Instant::now();
         let outcome = connection.exchange(&input, &expected)?;
@@ -539,6 +580,14 @@ impl<'a> Fuzz<'a> {
             }
         }
         let victim = self.victim()?;
+        let base: SnapshotInfo = client
+            .call(&Request::SnapshotGet {
+                snapshot: SNAPSHOT.parse().expect("an id"),
+            })
+            .map_err(|e| format!("snapshot.get {SNAPSHOT}: {e:?}"))?;
+        if base.delete_pending {
+            return Err(format!("the victim's snapshot was changed: {base:?}"));
+        }
         let (faults, since) = self.victim_faults;
         if victim.stats.faults > faults {
             self.victim_faults = (victim.stats.faults, Instant::now());
