@@ -110,6 +110,15 @@ fn check_invariants(daemon: &Daemon, round: usize) {
     let mut refs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut recorded = BTreeSet::new();
     for name in names(&state.join("forks")) {
+        if let Some(id) = name.strip_prefix(".reserve-") {
+            // Room kept for a waiting fork's attach record: only beside its record.
+            assert!(
+                state.join("forks").join(format!("{id}.json")).exists(),
+                "{}",
+                ctx(&format!("room kept for fork {id}, which has no record"))
+            );
+            continue;
+        }
         let id = name
             .strip_suffix(".json")
             .unwrap_or_else(|| panic!("{}", ctx(&format!("stray file forks/{name}"))));

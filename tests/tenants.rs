@@ -612,3 +612,65 @@ fn slow_scrapers_delay_no_other_scrape_and_are_cut_off() {
     assert!(lasted <= 15, "the slow scrapers lasted {lasted} s");
     assert!(daemon.status().healthy);
 }
+
+#[test]
+fn a_member_that_fills_the_state_disk_hangs_no_attaching_vmm() {
+    let tenants = tenants();
+    let member = &tenants.member;
+    let dir = tempfile::tempdir().unwrap();
+    let member_dir = member.own_dir(dir.path(), "member");
+    let mem = write_snapshot(&member_dir.join("mem"), 2 * MIB, 41, 0, 0);
+    let disk = testkit::SmallTmpfs::mount("8m");
+    let state = disk.path().join("state");
+    let state_arg = state.to_str().unwrap().to_owned();
+    let snapshot_arg = format!("base={}", mem.display());
+    let daemon = Daemon::launch(testkit::Launch {
+        args: &[
+            "--state-dir",
+            &state_arg,
+            "--fuse",
+            "off",
+            "--group",
+            GROUP,
+            "--snapshot",
+            &snapshot_arg,
+        ],
+        cwd: None,
+        env: &[],
+        state: state.clone(),
+        control: state.join("control.sock"),
+    });
+    let run = member.pagerctl(&daemon, &["fork", "create", "base", "--id", "early"]);
+    assert!(run.success(), "{run:?}");
+    // The member fills the state disk with copies of its own files until it is refused,
+    // smaller and smaller ones.
+    for (size, most) in [(2 * MIB, 8), (64 * 1024, 40), (4096, 40)] {
+        let file = write_snapshot(&member_dir.join(format!("fill-{size}")), size, 3, 0, 0);
+        let filled = (0..most).any(|n| {
+            let id = format!("fill-{size}-{n}");
+            let run = member.pagerctl(&daemon, &["snapshot", "add", &id, file.to_str().unwrap()]);
+            if run.success() {
+                return false;
+            }
+            refused_with(&run, 6, "space");
+            true
+        });
+        assert!(filled, "copies of {size} bytes never filled the disk");
+    }
+    // A new fork cannot keep room for its record: refused at once, nothing left behind.
+    refused_with(
+        &daemon.pagerctl(&["fork", "create", "base", "--id", "late"]),
+        6,
+        "space",
+    );
+    assert!(daemon.client().fork("late").is_err());
+    // The fork created before attaches, is recorded (its room was kept) and served.
+    let socket = daemon.fork("early").handoff_socket;
+    let mut vmm = testkit::Vmm::attach(&mem, &socket, &["verify", "hold"]);
+    vmm.expect("verified");
+    vmm.expect("holding");
+    daemon.wait_for_recorded_vmm("early");
+    let fork = daemon.fork("early");
+    assert_eq!((fork.state, fork.record_error), (ForkState::Serving, None));
+    vmm.finish();
+}

@@ -29,7 +29,7 @@ pub enum Refusal {
         open: usize,
     },
     /// The peer's uid holds its limit already.
-    #[error("uid {uid} already holds {limit} {what}; close one first")]
+    #[error("uid {uid} already holds {limit} {what}{}; close one first", what.limit_flag())]
     PerUid {
         /// What is counted.
         what: Counted,
@@ -49,10 +49,20 @@ pub enum Counted {
     PendingHandoffs,
 }
 
+impl Counted {
+    /// The option that sets the per-uid limit, as a refusal names it.
+    fn limit_flag(self) -> &'static str {
+        match self {
+            Self::ControlConnections => " (--max-connections-per-uid)",
+            Self::PendingHandoffs => "",
+        }
+    }
+}
+
 impl std::fmt::Display for Counted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Self::ControlConnections => "control connections (--max-connections-per-uid)",
+            Self::ControlConnections => "control connections",
             Self::PendingHandoffs => "handoff connections that sent no handoff yet",
         })
     }

@@ -39,6 +39,9 @@ pub struct ForkStatus {
     pub detached_reason: Option<DetachedReason>,
     /// Times this daemon took the fork's uffd back from its live VMM (0 or 1).
     pub recovered: u32,
+    /// Why the attached VMM could not be recorded (the fork is served, but a restart cannot
+    /// take its uffd back).
+    pub record_error: Option<String>,
 }
 
 /// One fork of a snapshot.
@@ -118,6 +121,7 @@ impl Fork {
             end_reason: st.end_reason,
             detached_reason: st.detached_reason,
             recovered: st.recovered,
+            record_error: st.record_error,
             last_handoff_error: st.last_handoff_error,
             created_unix_ms: unix_ms(self.created),
             prefetch: self.prefetch,
@@ -266,6 +270,7 @@ impl Registry {
                 worker: None,
                 detached_reason: None,
                 recovered: 0,
+                record_error: None,
             }),
             stats: ForkStats::default(),
         });

@@ -608,6 +608,10 @@ impl Lifecycle {
             prefetch: Some(prefetch),
             owner: Some(owner),
         })?;
+        if let Err(e) = self.store.reserve_fork_space(&id) {
+            let _ = self.store.remove_fork(&id);
+            return Err(e.into());
+        }
         let fork = self.registry.add_fork(
             NewFork {
                 id: id.clone(),

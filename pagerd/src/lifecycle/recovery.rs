@@ -54,6 +54,8 @@ impl AttachJournal for RecordJournal {
             prefetch: Some(fork.prefetch()),
             owner: Some(fork.owner()),
         };
+        // The space kept at creation makes room for the record on a full disk.
+        self.store.release_fork_space(fork.id());
         self.store
             .write_fork(&record)
             .map_err(|e| io::Error::other(crate::errors::error_chain(&e)))

@@ -216,8 +216,6 @@ enum AttachError {
     SessionSetup(#[source] SetupError),
     #[error("no worker is running")]
     NoWorker,
-    #[error("cannot record the attached VMM")]
-    Record(#[source] io::Error),
 }
 
 impl AttachError {
@@ -227,7 +225,7 @@ impl AttachError {
             Self::AlreadyServing { .. } => RefusalReason::AlreadyServing,
             Self::SnapshotGone(_) => RefusalReason::SnapshotMissing,
             Self::UnsupportedFeatures { .. } => RefusalReason::UnsupportedFeatures,
-            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) | Self::Record(_) => {
+            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) => {
                 RefusalReason::SetupFailed
             }
             Self::NoWorker => RefusalReason::NoWorker,
@@ -239,9 +237,7 @@ impl AttachError {
             Self::Handoff(_) | Self::UnsupportedFeatures { .. } => ErrorCode::InvalidArgument,
             Self::AlreadyServing { .. } => ErrorCode::Conflict,
             Self::SnapshotGone(_) => ErrorCode::NotFound,
-            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) | Self::Record(_) => {
-                ErrorCode::Internal
-            }
+            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) => ErrorCode::Internal,
             Self::NoWorker => ErrorCode::Unavailable,
         }
     }
@@ -578,10 +574,17 @@ impl Acceptor {
         match self.try_attach(&p, handoff).and_then(|prepared| {
             // Durable before the VMM hears "ok": from here on a restarted daemon takes the
             // uffd back rather than leaving the VMM to freeze.
+            // Should recording fail anyway (the kept space was not enough), the VMM is
+            // served all the same: refusing would leave a guest that never reads the reply
+            // hanging. Only a restart of pagerd then cannot take this uffd back.
             if let (Some(pid), Some(served)) = (prepared.peer_pid, &prepared.served) {
-                self.journal
-                    .attached(&p.fork, pid, served)
-                    .map_err(AttachError::Record)?;
+                if let Err(e) = self.journal.attached(&p.fork, pid, served) {
+                    let why = error_chain(&e);
+                    tracing::error!(fork = %p.fork.id(), error = %why,
+                        "cannot record the attached VMM: served, but a restart cannot take it back");
+                    self.registry
+                        .update(&p.fork, |s| s.record_error = Some(why));
+                }
             }
             Ok(prepared)
         }) {

@@ -124,7 +124,37 @@ impl ForkScan {
     }
 }
 
+/// The name prefix of the space kept for a fork's attach record (`.reserve-ID`).
+pub const RESERVE_PREFIX: &str = ".reserve-";
+/// Bytes kept per waiting fork: room for its record once a VMM attaches (a record with a
+/// hundred regions fits).
+pub const RESERVE_BYTES: usize = 16 * 1024;
+
 impl Store {
+    /// Keeps [`RESERVE_BYTES`] of the state disk for fork `id`'s attach record, so that a VMM
+    /// attaching once the disk is full is still recorded ([`Self::release_fork_space`] frees
+    /// them just before).
+    pub fn reserve_fork_space(&self, id: &Id) -> Result<(), StoreError> {
+        use std::io::Write;
+        let path = self.forks_dir().join(format!("{RESERVE_PREFIX}{id}"));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&[0; RESERVE_BYTES]));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(at("cannot keep space for the fork's record at", &path)(e));
+        }
+        Ok(())
+    }
+
+    /// Frees the space kept for fork `id` (if any).
+    pub fn release_fork_space(&self, id: &Id) {
+        let _ = std::fs::remove_file(self.forks_dir().join(format!("{RESERVE_PREFIX}{id}")));
+    }
+
     /// Writes a fork record.
     pub fn write_fork(&self, record: &ForkRecord) -> Result<(), StoreError> {
         let dir = self.forks_dir();
@@ -139,6 +169,7 @@ impl Store {
 
     /// Removes a fork record (its reference ends).
     pub fn remove_fork(&self, id: &Id) -> Result<(), StoreError> {
+        self.release_fork_space(id);
         let dir = self.forks_dir();
         let name = fork_file(id);
         remove_durably(&dir, &name).map_err(at("cannot remove", &dir.join(&name)))
@@ -151,7 +182,7 @@ impl Store {
         for entry in std::fs::read_dir(&dir).map_err(at("cannot list", &dir))? {
             let entry = entry.map_err(at("cannot list", &dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(TEMP_PREFIX) {
+            if name.starts_with(TEMP_PREFIX) || name.starts_with(RESERVE_PREFIX) {
                 continue;
             }
             let path = entry.path();

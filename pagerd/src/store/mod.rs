@@ -495,6 +495,19 @@ impl Store {
             }
             fsync_dir(&dir).map_err(at("cannot sync", &dir))?;
         }
+        // Space kept for forks whose records are gone.
+        let forks = self.forks_dir();
+        for entry in std::fs::read_dir(&forks).map_err(at("cannot list", &forks))? {
+            let name = entry.map_err(at("cannot list", &forks))?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(id) = name.strip_prefix(forks::RESERVE_PREFIX) {
+                if !forks.join(format!("{id}.json")).exists() {
+                    let path = forks.join(&*name);
+                    std::fs::remove_file(&path).map_err(at("cannot remove", &path))?;
+                    removed.push(path);
+                }
+            }
+        }
         // A record rewritten in place (`snapshot.json`) leaves its temp file in the snapshot's
         // own directory when the daemon dies mid-write.
         let snapshots = self.snapshots_dir();

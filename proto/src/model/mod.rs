@@ -359,6 +359,10 @@ pub struct ForkInfo {
     /// crash, restart or upgrade), 0 when it attached the VMM itself.
     #[serde(default)]
     pub recovered: u32,
+    /// Why the attached VMM could not be recorded (a full state disk, say): the fork is
+    /// served, but a restart of pagerd cannot take its uffd back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_error: Option<String>,
     /// The last refused handoff.
     pub last_handoff_error: Option<HandoffErrorInfo>,
     /// Creation time, ms since the Unix epoch.
