@@ -571,24 +571,9 @@ impl Acceptor {
     }
 
     fn attach(&mut self, p: Pending, handoff: ReceivedHandoff) {
-        match self.try_attach(&p, handoff).and_then(|prepared| {
-            // Durable before the VMM hears "ok": from here on a restarted daemon takes the
-            // uffd back rather than leaving the VMM to freeze.
-            // Should recording fail anyway (the kept space was not enough), the VMM is
-            // served all the same: refusing would leave a guest that never reads the reply
-            // hanging. Only a restart of pagerd then cannot take this uffd back.
-            if let (Some(pid), Some(served)) = (prepared.peer_pid, &prepared.served) {
-                if let Err(e) = self.journal.attached(&p.fork, pid, served) {
-                    let why = error_chain(&e);
-                    tracing::error!(fork = %p.fork.id(), error = %why,
-                        "cannot record the attached VMM: served, but a restart cannot take it back");
-                    self.registry
-                        .update(&p.fork, |s| s.record_error = Some(why));
-                }
-            }
-            Ok(prepared)
-        }) {
+        match self.try_attach(&p, handoff) {
             Ok(prepared) => {
+                self.record_attached(&p.fork, &prepared);
                 reply(
                     &p.stream,
                     &HandoffReply {
@@ -602,6 +587,23 @@ impl Acceptor {
                 self.start_session(p.fork, prepared, connection);
             }
             Err(e) => self.refuse(p, e),
+        }
+    }
+
+    /// Makes the attached VMM durable before it hears "ok": from here on a restarted daemon
+    /// takes the uffd back rather than leaving the VMM to freeze. Should recording fail
+    /// anyway (the space kept at creation was not enough), the VMM is served all the same:
+    /// refusing would leave a guest that never reads the reply hanging; only a restart of
+    /// pagerd then cannot take this uffd back (`record_error`).
+    fn record_attached(&self, fork: &Fork, prepared: &PreparedSession) {
+        let (Some(pid), Some(served)) = (prepared.peer_pid, &prepared.served) else {
+            return;
+        };
+        if let Err(e) = self.journal.attached(fork, pid, served) {
+            let why = error_chain(&e);
+            tracing::error!(fork = %fork.id(), error = %why,
+                "cannot record the attached VMM: served, but a restart cannot take it back");
+            self.registry.update(fork, |s| s.record_error = Some(why));
         }
     }
 
