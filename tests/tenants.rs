@@ -674,3 +674,65 @@ fn a_member_that_fills_the_state_disk_hangs_no_attaching_vmm() {
     assert_eq!((fork.state, fork.record_error), (ForkState::Serving, None));
     vmm.finish();
 }
+
+#[test]
+fn a_members_import_stalls_nothing_else_and_its_bytes_have_a_quota() {
+    let tenants = tenants();
+    let member = &tenants.member;
+    let dir = tempfile::tempdir().unwrap();
+    let small = write_snapshot(&dir.path().join("small"), 4 * MIB, 51, 0, 0);
+    let daemon = Daemon::start(
+        &[("small", &small)],
+        &["--group", GROUP, "--max-snapshot-bytes-per-uid", "600M"],
+    );
+    let member_dir = member.own_dir(dir.path(), "member");
+    // (Random bytes from the kernel: the test kit's pattern is slow to write at this size.)
+    let big = member_dir.join("big");
+    let out = std::process::Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "count=512", "status=none"])
+        .arg(format!("of={}", big.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::os::unix::fs::chown(&big, Some(member.uid), Some(member.gid)).unwrap();
+    // The member's 512 MiB import runs…
+    let mut import = member
+        .command(&binary("pagerctl"))
+        .args(["snapshot", "add", "big", big.to_str().unwrap()])
+        .env(proto::defaults::SOCKET_ENV, daemon.control_socket())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut progress = None;
+    wait_until("the import to show", DEADLINE, || {
+        progress = daemon
+            .client()
+            .snapshot("big")
+            .ok()
+            .and_then(|s| s.importing);
+        progress.is_some()
+    });
+    assert_eq!(progress.unwrap().total_bytes, 512 * MIB);
+    // …while root creates a fork and opens another snapshot's FUSE file, neither waiting.
+    let run = daemon.pagerctl(&["fork", "create", "small", "--id", "meanwhile"]);
+    assert!(run.success(), "{run:?}");
+    let mut head = vec![0u8; 4096];
+    std::fs::File::open(daemon.fuse_file("small"))
+        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0))
+        .unwrap();
+    assert_eq!(head, std::fs::read(&small).unwrap()[..4096]);
+    assert!(
+        daemon.client().snapshot("big").unwrap().importing.is_some(),
+        "the import was still under way"
+    );
+    assert!(import.wait().unwrap().success());
+    let info = daemon.snapshot("big");
+    assert_eq!((info.importing, info.owner), (None, Some(member.uid)));
+    // The same 512 MiB again would pass the member's 600 MiB; root has no quota.
+    let again = member.pagerctl(&daemon, &["snapshot", "add", "big2", big.to_str().unwrap()]);
+    refused_with(&again, 6, "--max-snapshot-bytes-per-uid");
+    assert!(daemon.client().snapshot("big2").is_err());
+    assert!(daemon
+        .pagerctl(&["snapshot", "add", "roots", big.to_str().unwrap()])
+        .success());
+}

@@ -181,6 +181,12 @@ pub fn snapshot_table(snapshots: &[SnapshotInfo]) -> String {
                 format!("DAMAGED: {error}")
             } else if s.delete_pending {
                 "delete pending".into()
+            } else if let Some(p) = s.importing {
+                format!(
+                    "importing {} of {}",
+                    units::bytes(p.done_bytes),
+                    units::bytes(p.total_bytes)
+                )
             } else {
                 "-".into()
             };

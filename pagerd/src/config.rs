@@ -62,6 +62,11 @@ pub struct Config {
     /// size can make pagerd do.
     #[arg(long, default_value = "1T", value_parser = parse_size)]
     pub max_snapshot_size: u64,
+    /// The most bytes of snapshots (memory files, by size) one user other than root and
+    /// pagerd's own may have registered at once (K, M, G, T suffixes); more are refused with
+    /// `unavailable`.
+    #[arg(long, default_value = "1T", value_parser = parse_size)]
+    pub max_snapshot_bytes_per_uid: u64,
     /// What a uffd fork gets installed before its guest asks, unless `fork.create` says:
     /// `working-set` replays the snapshot's recorded working set when its VMM attaches;
     /// `graduate` then fills every other page at low priority and lets the fork go once all

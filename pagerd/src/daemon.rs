@@ -170,7 +170,10 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         registry.clone(),
         server,
         config.prefetch.into(),
-        config.max_snapshot_size,
+        crate::lifecycle::SnapshotLimits {
+            max_size: config.max_snapshot_size,
+            per_uid_bytes: config.max_snapshot_bytes_per_uid,
+        },
     ));
     let stopping = Arc::new(AtomicBool::new(false));
     let janitor = {

@@ -38,7 +38,8 @@ impl From<LifecycleError> for ControlError {
             }
             LifecycleError::Registry(RegistryError::Exists { .. }) => ErrorCode::Conflict,
             LifecycleError::Registry(RegistryError::WaitTimedOut { .. })
-            | LifecycleError::TooLarge { .. } => ErrorCode::Unavailable,
+            | LifecycleError::TooLarge { .. }
+            | LifecycleError::Quota { .. } => ErrorCode::Unavailable,
             LifecycleError::Serve(ServeError::SocketPathTooLong(_)) => ErrorCode::InvalidArgument,
             LifecycleError::Serve(ServeError::Stopped | ServeError::TooManyForks(_)) => {
                 ErrorCode::Unavailable

@@ -30,6 +30,21 @@ pub(crate) enum LifecycleError {
         /// The limit.
         max: u64,
     },
+    /// The uid would hold more snapshot bytes than `--max-snapshot-bytes-per-uid`.
+    #[error(
+        "uid {uid} holds {used} bytes of snapshots; {size} more would pass \
+         --max-snapshot-bytes-per-uid ({quota}); delete some first"
+    )]
+    Quota {
+        /// The registering uid.
+        uid: u32,
+        /// Bytes it holds (imports under way included).
+        used: u64,
+        /// The size asked for.
+        size: u64,
+        /// The quota.
+        quota: u64,
+    },
     /// The id is taken.
     #[error("{kind} `{id}` already exists")]
     Exists {

@@ -38,7 +38,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proto::model::{
-    DeleteOutcome, EndReason, FileUserInfo, ForkInfo, ForkState, SnapshotInfo, VmStateInfo, VmmKind,
+    DeleteOutcome, EndReason, FileUserInfo, ForkInfo, ForkState, ImportProgress, SnapshotInfo,
+    VmStateInfo, VmmKind,
 };
 use proto::prefetch::Prefetch;
 use proto::Id;
@@ -86,6 +87,52 @@ pub(crate) struct ReconcileReport {
 struct Catalog {
     metas: BTreeMap<Id, SnapshotMeta>,
     damaged: BTreeMap<Id, String>,
+    /// Registrations whose files are being brought in, outside the lock.
+    importing: BTreeMap<Id, Importing>,
+}
+
+/// A registration under way.
+#[derive(Debug)]
+struct Importing {
+    owner: u32,
+    size: u64,
+    done: Arc<AtomicU64>,
+}
+
+/// How large snapshots may be, one and per user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SnapshotLimits {
+    /// `--max-snapshot-size`.
+    pub max_size: u64,
+    /// `--max-snapshot-bytes-per-uid` (operators are not held to it).
+    pub per_uid_bytes: u64,
+}
+
+impl Catalog {
+    /// Bytes of snapshots `uid` has registered or is registering.
+    fn bytes_of(&self, uid: u32) -> u64 {
+        let owner = |m: &SnapshotMeta| m.owner.unwrap_or(crate::owners::ROOT);
+        let registered: u64 = self
+            .metas
+            .values()
+            .filter(|m| owner(m) == uid)
+            .map(|m| m.size)
+            .sum();
+        let importing: u64 = self
+            .importing
+            .values()
+            .filter(|i| i.owner == uid)
+            .map(|i| i.size)
+            .sum();
+        registered + importing
+    }
+
+    /// Whether `id` names a snapshot, a damaged one, or one being imported.
+    fn taken(&self, id: &Id) -> bool {
+        self.metas.contains_key(id)
+            || self.damaged.contains_key(id)
+            || self.importing.contains_key(id)
+    }
 }
 
 impl Catalog {
@@ -108,8 +155,8 @@ pub(crate) struct Lifecycle {
     started: Instant,
     /// What a fork prefetches unless `fork.create` says (`--prefetch`).
     default_prefetch: Prefetch,
-    /// The largest memory file a snapshot may have (`--max-snapshot-size`).
-    max_snapshot_size: u64,
+    /// How large snapshots may be.
+    limits: SnapshotLimits,
 }
 
 fn now_ms() -> u64 {
@@ -127,11 +174,11 @@ impl Lifecycle {
         registry: Arc<Registry>,
         server: Server,
         default_prefetch: Prefetch,
-        max_snapshot_size: u64,
+        limits: SnapshotLimits,
     ) -> Self {
         Self {
             default_prefetch,
-            max_snapshot_size,
+            limits,
             store,
             registry,
             server,
@@ -217,10 +264,10 @@ impl Lifecycle {
                 "size {size} is not a non-zero multiple of 4096"
             )));
         }
-        if size > self.max_snapshot_size {
+        if size > self.limits.max_size {
             return Err(LifecycleError::TooLarge {
                 size,
-                max: self.max_snapshot_size,
+                max: self.limits.max_size,
             });
         }
         if mode == ImportMode::Link {
@@ -237,10 +284,21 @@ impl Lifecycle {
             self.store.check_linkable(&source.meta).map_err(bad)?;
         }
         let mut catalog = self.lock();
-        if catalog.metas.contains_key(&id) || catalog.damaged.contains_key(&id) {
+        if catalog.taken(&id) {
             return Err(LifecycleError::Exists {
                 kind: "snapshot",
                 id,
+            });
+        }
+        let used = catalog.bytes_of(owner);
+        if !crate::owners::is_operator(owner)
+            && used.saturating_add(size) > self.limits.per_uid_bytes
+        {
+            return Err(LifecycleError::Quota {
+                uid: owner,
+                used,
+                size,
+                quota: self.limits.per_uid_bytes,
             });
         }
         if mode == ImportMode::Link {
@@ -253,41 +311,77 @@ impl Lifecycle {
                 )));
             }
         }
-        let state = vmstate.as_ref().map(|(state, vmm)| VmStateSource {
+        // The copy (and the zero-page scan) run without the lock: nothing else waits for
+        // them. The id is held meanwhile, and its bytes count against the owner's quota.
+        let done = Arc::new(AtomicU64::new(0));
+        catalog.importing.insert(
+            id.clone(),
+            Importing {
+                owner,
+                size,
+                done: done.clone(),
+            },
+        );
+        drop(catalog);
+        let imported = self.import(&id, &source, mode, vmstate.as_ref(), owner, &done);
+        let mut catalog = self.lock();
+        catalog.importing.remove(&id);
+        let (stored, snapshot) = imported?;
+        tracing::info!(snapshot = %id, source = %source.name.display(), import = ?stored.import, size = stored.size,
+            zero_pages = snapshot.zero_page_count(), "snapshot registered");
+        if let Err(e) = self.registry.add_snapshot(snapshot) {
+            let _ = self.store.remove_snapshot(&id);
+            return Err(e.into());
+        }
+        catalog.metas.insert(id.clone(), stored);
+        let scan = self.store.scan_forks()?;
+        Ok(self.snapshot_info(&catalog, &id, &scan))
+    }
+
+    /// Brings a registration's files into the state directory and opens the memory file
+    /// (called without the lock); on failure nothing of it is left.
+    fn import(
+        &self,
+        id: &Id,
+        source: &Source,
+        mode: ImportMode,
+        vmstate: Option<&(Source, VmmKind)>,
+        owner: u32,
+        done: &AtomicU64,
+    ) -> Result<(SnapshotMeta, Snapshot), LifecycleError> {
+        let state = vmstate.map(|(state, vmm)| VmStateSource {
             file: &state.file,
             size: state.meta.len(),
             vmm: *vmm,
         });
         let stored = self.store.add_snapshot(
-            &id,
+            id,
             &source.file,
             &source.name,
-            size,
+            source.meta.len(),
             mode,
             now_ms(),
             state,
             owner,
+            done,
         )?;
-        let opened = Snapshot::open(id.clone(), &self.store.memory_path(&id))
+        let opened = Snapshot::open(id.clone(), &self.store.memory_path(id))
             .map_err(LifecycleError::from)
             .and_then(|snapshot| match stored.file_changed(snapshot.file()) {
                 // A linked file written while it was being registered.
-                Some(why) => Err(bad(why)),
+                Some(why) => Err(LifecycleError::BadPath {
+                    path: source.name.clone(),
+                    why,
+                }),
                 None => Ok(snapshot),
             });
-        let snapshot = match opened {
-            Ok(s) => s,
+        match opened {
+            Ok(snapshot) => Ok((stored, snapshot)),
             Err(e) => {
-                let _ = self.store.remove_snapshot(&id);
-                return Err(e);
+                let _ = self.store.remove_snapshot(id);
+                Err(e)
             }
-        };
-        tracing::info!(snapshot = %id, source = %source.name.display(), import = ?stored.import, size = stored.size,
-            zero_pages = snapshot.zero_page_count(), "snapshot registered");
-        self.registry.add_snapshot(snapshot)?;
-        catalog.metas.insert(id.clone(), stored);
-        let scan = self.store.scan_forks()?;
-        Ok(self.snapshot_info(&catalog, &id, &scan))
+        }
     }
 
     fn snapshot_info(&self, catalog: &Catalog, id: &Id, scan: &ForkScan) -> SnapshotInfo {
@@ -326,6 +420,10 @@ impl Lifecycle {
             working_set,
             recording,
             working_set_error,
+            importing: catalog.importing.get(id).map(|i| ImportProgress {
+                done_bytes: i.done.load(Ordering::Relaxed),
+                total_bytes: i.size,
+            }),
         }
     }
 
@@ -375,6 +473,7 @@ impl Lifecycle {
             .metas
             .keys()
             .chain(catalog.damaged.keys())
+            .chain(catalog.importing.keys())
             .cloned()
             .collect();
         Ok(ids
@@ -400,7 +499,7 @@ impl Lifecycle {
     /// One snapshot.
     pub fn snapshot(&self, id: &Id) -> Result<SnapshotInfo, LifecycleError> {
         let catalog = self.lock();
-        if !catalog.metas.contains_key(id) && !catalog.damaged.contains_key(id) {
+        if !catalog.taken(id) {
             return Err(LifecycleError::NotFound {
                 kind: "snapshot",
                 id: id.clone(),

@@ -19,6 +19,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, AT_FDCWD};
@@ -137,6 +138,7 @@ pub fn import(
     size: u64,
     mode: ImportMode,
     access: &Access,
+    done: &AtomicU64,
 ) -> io::Result<ImportMethod> {
     match mode {
         ImportMode::Link => {
@@ -144,7 +146,7 @@ pub fn import(
             Ok(ImportMethod::Hardlink)
         }
         ImportMode::Copy => {
-            let method = clone_or_copy(src, dst, size);
+            let method = clone_or_copy(src, dst, size, done);
             match method {
                 Ok(method) => {
                     access.apply(dst, access.memory_mode())?;
@@ -178,7 +180,7 @@ fn link(src: &File, dst: &Path) -> io::Result<()> {
     .map_err(io::Error::from)
 }
 
-fn clone_or_copy(src: &File, dst: &Path, size: u64) -> io::Result<ImportMethod> {
+fn clone_or_copy(src: &File, dst: &Path, size: u64, done: &AtomicU64) -> io::Result<ImportMethod> {
     let target = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -188,18 +190,21 @@ fn clone_or_copy(src: &File, dst: &Path, size: u64) -> io::Result<ImportMethod> 
     let method = if rustix::fs::ioctl_ficlone(&target, src).is_ok() {
         ImportMethod::Reflink
     } else {
-        copy_sparse(src, &target, size)?;
+        copy_sparse(src, &target, size, done)?;
         ImportMethod::Copy
     };
     target.sync_all()?;
+    done.store(size, Ordering::Relaxed);
     Ok(method)
 }
 
-/// Copies the first `size` bytes of `src`, leaving holes where `src` has them.
-fn copy_sparse(src: &File, dst: &File, size: u64) -> io::Result<()> {
+/// Copies the first `size` bytes of `src`, leaving holes where `src` has them; `done`
+/// counts the bytes behind (holes included) as it goes.
+fn copy_sparse(src: &File, dst: &File, size: u64, done: &AtomicU64) -> io::Result<()> {
     dst.set_len(size)?;
     for extent in crate::extents::data_extents(src, size)? {
-        copy_range(src, dst, extent.start, extent.end)?;
+        done.store(extent.start, Ordering::Relaxed);
+        copy_range(src, dst, extent.start, extent.end, done)?;
     }
     Ok(())
 }
@@ -213,20 +218,24 @@ fn shrank() -> io::Error {
 
 /// Copies bytes `start..end` in the kernel (`copy_file_range`), or through a buffer where
 /// the kernel cannot (across some filesystems).
-fn copy_range(src: &File, dst: &File, start: u64, end: u64) -> io::Result<()> {
+fn copy_range(src: &File, dst: &File, start: u64, end: u64, done: &AtomicU64) -> io::Result<()> {
     use rustix::io::Errno as E;
     let mut offset = start;
     while offset < end {
+        // 64 MiB a call: progress shows, and a call never runs long.
         let len = usize::try_from(end - offset)
             .unwrap_or(usize::MAX)
-            .min(1 << 30);
+            .min(64 << 20);
         let (mut off_in, mut off_out) = (offset, offset);
         match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), len) {
             Ok(0) => return Err(shrank()),
-            Ok(n) => offset += n as u64,
+            Ok(n) => {
+                offset += n as u64;
+                done.store(offset, Ordering::Relaxed);
+            }
             Err(E::INTR) => {}
             Err(E::XDEV | E::INVAL | E::NOSYS | E::OPNOTSUPP) => {
-                return copy_range_buffered(src, dst, offset, end);
+                return copy_range_buffered(src, dst, offset, end, done);
             }
             Err(e) => return Err(e.into()),
         }
@@ -235,7 +244,13 @@ fn copy_range(src: &File, dst: &File, start: u64, end: u64) -> io::Result<()> {
 }
 
 /// [`copy_range`] through a buffer; all-zero chunks are not written (they stay holes).
-fn copy_range_buffered(src: &File, dst: &File, start: u64, end: u64) -> io::Result<()> {
+fn copy_range_buffered(
+    src: &File,
+    dst: &File,
+    start: u64,
+    end: u64,
+    done: &AtomicU64,
+) -> io::Result<()> {
     const CHUNK: u64 = 1 << 20;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut offset = start;
@@ -251,6 +266,7 @@ fn copy_range_buffered(src: &File, dst: &File, start: u64, end: u64) -> io::Resu
             dst.write_all_at(&buf[..n], offset)?;
         }
         offset += n as u64;
+        done.store(offset, Ordering::Relaxed);
     }
     Ok(())
 }
@@ -273,7 +289,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (src, file, size) = source(dir.path(), &[7u8; 8192]);
         let dst = dir.path().join("dst");
-        let method = import(&file, &dst, size, ImportMode::Copy, &Access::default()).unwrap();
+        let method = import(
+            &file,
+            &dst,
+            size,
+            ImportMode::Copy,
+            &Access::default(),
+            &Default::default(),
+        )
+        .unwrap();
         assert_ne!(method, ImportMethod::Hardlink);
         assert_eq!(std::fs::read(&dst).unwrap(), vec![7u8; 8192]);
         let (src_meta, dst_meta) = (
@@ -293,7 +317,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (src, file, size) = source(dir.path(), &[3u8; 4096]);
         let dst = dir.path().join("dst");
-        let method = import(&file, &dst, size, ImportMode::Link, &Access::default()).unwrap();
+        let method = import(
+            &file,
+            &dst,
+            size,
+            ImportMode::Link,
+            &Access::default(),
+            &Default::default(),
+        )
+        .unwrap();
         assert_eq!(method, ImportMethod::Hardlink);
         let (src_meta, dst_meta) = (
             std::fs::metadata(&src).unwrap(),
@@ -327,6 +359,7 @@ mod tests {
                 meta.len(),
                 ImportMode::Copy,
                 &Access::default(),
+                &Default::default(),
             )
             .unwrap();
             let copied = std::fs::read(&dst).unwrap();

@@ -304,6 +304,7 @@ impl Store {
         created_unix_ms: u64,
         vmstate: Option<VmStateSource<'_>>,
         owner: u32,
+        done: &std::sync::atomic::AtomicU64,
     ) -> Result<SnapshotMeta, StoreError> {
         let dir = self.snapshots_dir();
         let final_dir = dir.join(id.as_str());
@@ -321,7 +322,7 @@ impl Store {
                 .apply(&temp, self.access.dir_mode())
                 .map_err(at("cannot set the mode of", &temp))?;
             let memory = temp.join(MEMORY_FILE);
-            let import = import::import(source, &memory, size, mode, &self.access)
+            let import = import::import(source, &memory, size, mode, &self.access, done)
                 .map_err(at("cannot bring in the memory file as", &memory))?;
             let file = std::fs::metadata(&memory)
                 .map(|m| FileIdentity::from_metadata(&m))
@@ -335,6 +336,7 @@ impl Store {
                         state.size,
                         ImportMode::Copy,
                         &self.access,
+                        &std::sync::atomic::AtomicU64::new(0),
                     )
                     .map_err(at("cannot bring in the hypervisor state as", &path))?;
                     Some(VmStateMeta {
@@ -555,7 +557,19 @@ mod tests {
         let src = dir.path().join("mem");
         std::fs::write(&src, vec![1u8; 8192]).unwrap();
         let (file, _) = import::open_source(&src).unwrap();
-        let add = |id: &Id| store.add_snapshot(id, &file, &src, 8192, ImportMode::Copy, 5, None, 0);
+        let add = |id: &Id| {
+            store.add_snapshot(
+                id,
+                &file,
+                &src,
+                8192,
+                ImportMode::Copy,
+                5,
+                None,
+                0,
+                &Default::default(),
+            )
+        };
         let meta = add(&id("s")).unwrap();
         assert_eq!(store.snapshots().unwrap()[0].meta.as_ref().unwrap(), &meta);
         assert!(add(&id("s")).is_err());

@@ -123,6 +123,13 @@ mod tests {
         assert_eq!(rustix::process::getsid(Some(pid)).unwrap(), pid);
         assert!(adopt(p.identity).is_some());
         assert!(!wait_exit(&p.pidfd, Some(Duration::from_millis(10))));
+        // Its output first: a kill before the shell's `echo` would leave the console empty.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(dir.path().join("c")).unwrap() != "hi\n"
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::yield_now();
+        }
         signal(&p.pidfd, Signal::KILL).unwrap();
         assert!(wait_exit(&p.pidfd, Some(Duration::from_secs(10))));
         let status = p.child.take().unwrap().wait().unwrap();

@@ -479,6 +479,19 @@ pub struct SnapshotInfo {
     /// set is recorded).
     #[serde(default)]
     pub working_set_error: Option<String>,
+    /// While its memory file is still being brought in: how far. Nothing else waits for an
+    /// import; the snapshot can be forked once this is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub importing: Option<ImportProgress>,
+}
+
+/// How far an import has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportProgress {
+    /// Bytes of the memory file brought in so far.
+    pub done_bytes: u64,
+    /// Bytes in all (the file's size).
+    pub total_bytes: u64,
 }
 
 /// What is compared to notice that a memory file changed: `fstat` of the file once it is in
