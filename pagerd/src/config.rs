@@ -126,6 +126,13 @@ pub struct Config {
     /// `qemu-system-x86_64` on PATH].
     #[arg(long, value_name = "PATH")]
     pub qemu: Option<PathBuf>,
+    /// Run launched Firecracker VMs through this jailer: each chrooted under STATE/jail, as a
+    /// uid of its own from --jail-uids and as --group (needed with it).
+    #[arg(long, value_name = "PATH", requires = "group")]
+    pub jailer: Option<PathBuf>,
+    /// The uids jailed VMs run as: FIRST:COUNT.
+    #[arg(long, default_value = "900000:1000", value_parser = parse_uid_range)]
+    pub jail_uids: (u32, u32),
     /// A launched VM's console log is rotated (copied to console.log.1 and truncated) once it
     /// is larger than this, in KiB.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
@@ -264,6 +271,18 @@ pub enum FuseMode {
     Passthrough,
     /// Passthrough where the kernel offers it, cached otherwise.
     Auto,
+}
+
+/// A uid range `FIRST:COUNT` (none of them root).
+fn parse_uid_range(text: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{text:?} is not FIRST:COUNT (uids, FIRST above 0)");
+    let (first, count) = text.split_once(':').ok_or_else(bad)?;
+    let first: u32 = first.parse().map_err(|_| bad())?;
+    let count: u32 = count.parse().map_err(|_| bad())?;
+    if first == 0 || count == 0 || first.checked_add(count).is_none() {
+        return Err(bad());
+    }
+    Ok((first, count))
 }
 
 /// A size in bytes: a number with an optional K, M, G or T suffix (powers of 1024).

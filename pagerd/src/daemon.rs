@@ -86,6 +86,9 @@ pub(crate) enum DaemonError {
     /// Neither the new program nor the old one could be executed for an upgrade.
     #[error("cannot execute the new program, nor the old one")]
     Upgrade(#[source] std::io::Error),
+    /// The directory of the jails cannot be made.
+    #[error("cannot make the jails' directory {0}")]
+    Jail(PathBuf, #[source] std::io::Error),
 }
 
 /// Sets up logging to stderr: `RUST_LOG` overrides `default_filter`.
@@ -247,6 +250,27 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
             firecracker: config.firecracker.clone(),
             qemu: config.qemu.clone(),
             console_cap: config.console_log_max_kib.saturating_mul(1024),
+            jail: match (&config.jailer, group) {
+                (Some(jailer), Some(gid)) => {
+                    let base = config.state_dir.join("jail");
+                    std::fs::create_dir_all(&base)
+                        .and_then(|()| {
+                            std::fs::set_permissions(
+                                &base,
+                                std::os::unix::fs::PermissionsExt::from_mode(0o700),
+                            )
+                        })
+                        .map_err(|e| DaemonError::Jail(base.clone(), e))?;
+                    Some(crate::vms::JailOptions {
+                        jailer: jailer.clone(),
+                        first_uid: config.jail_uids.0,
+                        uids: config.jail_uids.1,
+                        gid,
+                        base,
+                    })
+                }
+                _ => None,
+            },
         },
     );
     vms.reconcile().map_err(DaemonError::Vms)?;

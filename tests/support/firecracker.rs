@@ -83,6 +83,23 @@ pub fn binary() -> Result<PathBuf, String> {
     })
 }
 
+/// Firecracker's jailer and a Firecracker that runs inside its chroot (statically linked):
+/// `$JAILER` and `$JAILED_FIRECRACKER` if set, else the vendored pair beside the workspace
+/// (`../shared/vendor/firecracker/`); `Err` says why there are none.
+pub fn jailer() -> Result<(PathBuf, PathBuf), String> {
+    let pick = |var: &str, name: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .filter(|p| p.is_file())
+            .or_else(|| vendored(name))
+            .ok_or_else(|| format!("no {name} (${var}, ../shared/vendor/firecracker)"))
+    };
+    Ok((
+        pick("JAILER", "jailer")?,
+        pick("JAILED_FIRECRACKER", "firecracker")?,
+    ))
+}
+
 /// Firecracker's example page server `uffd_on_demand_handler` (`uffd_on_demand_handler
 /// SOCKET MEMFILE`: one VMM's handoff, one 4 KiB `UFFDIO_COPY` per fault): `$FC_UFFD_HANDLER`
 /// if set (and then only that), else the vendored one beside the workspace

@@ -62,9 +62,10 @@ impl From<VmError> for ControlError {
             VmError::NotFound(_) => ErrorCode::NotFound,
             VmError::Exists(_) | VmError::WrongState { .. } => ErrorCode::Conflict,
             VmError::NoVmState(_) | VmError::Unsupported { .. } => ErrorCode::InvalidArgument,
-            VmError::NoFuse | VmError::NoBinary(_) | VmError::WaitTimedOut { .. } => {
-                ErrorCode::Unavailable
-            }
+            VmError::NoFuse
+            | VmError::NoBinary(_)
+            | VmError::NoJailUid
+            | VmError::WaitTimedOut { .. } => ErrorCode::Unavailable,
             VmError::Lifecycle(_) => {
                 let VmError::Lifecycle(inner) = e else {
                     unreachable!()

@@ -34,6 +34,9 @@ pub(crate) enum VmError {
     /// No hypervisor binary.
     #[error("cannot launch: {0}")]
     NoBinary(String),
+    /// Every uid of `--jail-uids` runs a VM already.
+    #[error("every uid of --jail-uids runs a VM already; stop one, or widen the range")]
+    NoJailUid,
     /// The VM is not in a state that allows it.
     #[error("VM `{vm}` is {state}")]
     WrongState {

@@ -24,6 +24,7 @@
 mod console;
 mod error;
 mod host;
+mod jail;
 mod process;
 mod reconcile;
 mod snapshot;
@@ -45,6 +46,7 @@ use vmm_glue::qemu::{self, Qmp};
 
 pub(crate) use error::VmError;
 pub(crate) use host::VmHost;
+pub(crate) use jail::JailOptions;
 
 use crate::lifecycle::LifecycleError;
 use crate::registry::unix_ms;
@@ -70,6 +72,8 @@ pub(crate) struct VmOptions {
     pub qemu: Option<PathBuf>,
     /// The most bytes a console log grows to before it is rotated.
     pub console_cap: u64,
+    /// Firecracker runs through its jailer when set.
+    pub jail: Option<JailOptions>,
 }
 
 /// A `vm.start` request.
@@ -241,16 +245,39 @@ impl Vms {
             }
         };
         let memory_size = snapshot.size.unwrap_or(0);
+        let jail_options = self
+            .options
+            .jail
+            .as_ref()
+            .filter(|_| vmstate.vmm == VmmKind::Firecracker);
         let memory_file = match request.backend {
+            // A jailed clone maps the snapshot's own file, hard-linked into its chroot (the
+            // FUSE view is another filesystem); the VM's record is its reference.
+            VmBackend::File if jail_options.is_some() => Some(snapshot.path.clone()),
             VmBackend::File => Some(snapshot.fuse_file.clone().ok_or(VmError::NoFuse)?),
             VmBackend::Uffd => None,
         };
-        let (id, dir) = {
+        let (id, dir, jail) = {
             let table = self.lock();
             let id = match &request.vm {
                 Some(id) if table.contains_key(id) => return Err(VmError::Exists(id.clone())),
                 Some(id) => id.clone(),
                 None => self.generated_id(&table),
+            };
+            let jail = match jail_options {
+                Some(options) => {
+                    let in_use = table
+                        .values()
+                        .filter(|s| s.record.info.state.is_live())
+                        .filter_map(|s| s.record.info.jail.as_ref().map(|j| j.uid))
+                        .collect();
+                    Some(
+                        options
+                            .jail(&binary, &id, &in_use)
+                            .ok_or(VmError::NoJailUid)?,
+                    )
+                }
+                None => None,
             };
             let dir = self.store.create_vm_dir(&id).map_err(|e| {
                 if e.source.kind() == std::io::ErrorKind::AlreadyExists {
@@ -259,7 +286,7 @@ impl Vms {
                     e.into()
                 }
             })?;
-            (id, dir)
+            (id, dir, jail)
         };
         let record = VmRecord {
             info: VmInfo {
@@ -272,7 +299,10 @@ impl Vms {
                 pid: None,
                 fork: None,
                 memory_file: memory_file.clone(),
-                api_socket: dir.join(api_socket_name(vmstate.vmm)),
+                api_socket: match &jail {
+                    Some(jail) => jail::api_socket(jail),
+                    None => dir.join(api_socket_name(vmstate.vmm)),
+                },
                 console_log: dir.join("console.log"),
                 network_overrides: request.network_overrides.clone(),
                 vsock: request.vsock.clone(),
@@ -280,6 +310,7 @@ impl Vms {
                 exit_signal: None,
                 reason: None,
                 created_unix_ms: unix_ms(SystemTime::now()),
+                jail: jail.clone(),
             },
             start_time: None,
         };
@@ -297,6 +328,7 @@ impl Vms {
             binary,
             vmstate: vmstate.path.clone(),
             memory_size,
+            jail,
         };
         let launched = self.launch(&id, &dir, &target, memory_file, &request, &mut started);
         match (launched, started) {
@@ -326,7 +358,7 @@ impl Vms {
                     slot.record.info.state = VmState::Failed;
                     slot.record.info.reason = Some(reason.clone());
                 })?;
-                self.release(info.fork.as_ref(), &info.snapshot);
+                self.release(&info);
                 tracing::warn!(vm = %id, %reason, "VM failed to start");
                 Err(VmError::StartFailed { vm: id, reason })
             }
@@ -358,7 +390,10 @@ impl Vms {
                 fork.handoff_socket
             }
         };
-        let api_socket = dir.join(api_socket_name(target.vmm));
+        let api_socket = match &target.jail {
+            Some(jail) => jail::api_socket(jail),
+            None => dir.join(api_socket_name(target.vmm)),
+        };
         let console_path = dir.join("console.log");
         let console =
             console::open(&console_path).map_err(io(format!("open {}", console_path.display())))?;
@@ -368,13 +403,21 @@ impl Vms {
             }
             _ => {}
         }
-        let command = match target.vmm {
-            VmmKind::Firecracker => {
+        let command = match (target.vmm, &target.jail, &self.options.jail) {
+            (VmmKind::Firecracker, Some(jail), Some(options)) => {
+                jail::remove(jail);
+                if request.backend == VmBackend::File {
+                    jail::mount_memory(jail, &memory)
+                        .map_err(io(format!("mount {} into the jail", memory.display())))?;
+                }
+                options.command(binary, id, jail)
+            }
+            (VmmKind::Firecracker, _, _) => {
                 let log_path = dir.join("firecracker.log");
                 console::open(&log_path).map_err(io(format!("create {}", log_path.display())))?;
                 firecracker::command(binary, id.as_str(), &api_socket, &log_path)
             }
-            VmmKind::Qemu => {
+            (VmmKind::Qemu, _, _) => {
                 let mut command = std::process::Command::new(binary);
                 command.args(qemu::clone_args(&memory, target.memory_size, &api_socket));
                 command
@@ -406,8 +449,24 @@ impl Vms {
         };
         api.wait_ready(API_READY_TIMEOUT, alive)
             .map_err(api_error)?;
+        // Jailed: what it loads, hard-linked into its chroot, under the names it sees.
+        let (vmstate, memory) = match &target.jail {
+            Some(jail) => {
+                let linked = |file: &Path, name: &str| {
+                    jail::link_into(jail, file, name)
+                        .map_err(io(format!("link {} into the jail", file.display())))
+                };
+                let memory = match request.backend {
+                    VmBackend::Uffd => linked(&memory, "handoff.sock")?,
+                    // Mounted before the jailer ran.
+                    VmBackend::File => PathBuf::from("/memory"),
+                };
+                (linked(&target.vmstate, "vmstate")?, memory)
+            }
+            None => (target.vmstate.clone(), memory),
+        };
         let load = LoadRequest::new(
-            &target.vmstate,
+            &vmstate,
             request.backend,
             &memory,
             &request.network_overrides,
@@ -448,7 +507,7 @@ impl Vms {
         match updated {
             Ok(info) => {
                 tracing::info!(vm = %id, code = ?info.exit_code, signal = ?info.exit_signal, "VM exited");
-                self.release(info.fork.as_ref(), &info.snapshot);
+                self.release(&info);
             }
             Err(e) => {
                 tracing::error!(vm = %id, error = %crate::errors::error_chain(&e), "cannot record a VM's exit")
@@ -456,9 +515,13 @@ impl Vms {
         }
     }
 
-    /// A VM is gone: its fork ends and its snapshot may go.
-    fn release(&self, fork: Option<&Id>, snapshot: &Id) {
-        if let Some(fork) = fork {
+    /// A VM is gone: its fork ends, its jail is removed, and its snapshot may go.
+    fn release(&self, info: &VmInfo) {
+        if let Some(jail) = &info.jail {
+            jail::remove(jail);
+        }
+        let snapshot = &info.snapshot;
+        if let Some(fork) = info.fork.as_ref() {
             match self.host.close_fork(fork) {
                 Ok(_) | Err(LifecycleError::NotFound { .. }) => {}
                 Err(LifecycleError::Registry(crate::registry::RegistryError::NoFork(_))) => {}
@@ -530,6 +593,8 @@ struct Target {
     binary: PathBuf,
     vmstate: PathBuf,
     memory_size: u64,
+    /// Firecracker through its jailer.
+    jail: Option<proto::model::JailInfo>,
 }
 
 /// The name of the hypervisor's control socket in the VM's directory.

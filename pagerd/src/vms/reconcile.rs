@@ -71,7 +71,7 @@ impl Vms {
             if ended {
                 self.store.write_vm(&record)?;
             }
-            let (fork, snapshot) = (record.info.fork.clone(), record.info.snapshot.clone());
+            let info = record.info.clone();
             self.lock().insert(
                 id,
                 Slot {
@@ -80,7 +80,7 @@ impl Vms {
                 },
             );
             if ended {
-                self.release(fork.as_ref(), &snapshot);
+                self.release(&info);
             }
         }
         tracing::info!(report = %serde_json::to_string(&report).unwrap_or_default(), "reconciled the VMs");

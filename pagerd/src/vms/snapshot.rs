@@ -34,9 +34,22 @@ impl Vms {
                 id: new,
             }));
         }
-        let out = self.store.vm_dir(id).join(format!(".snapshot-{new}"));
-        let _ = std::fs::remove_dir_all(&out);
-        std::fs::create_dir(&out).map_err(io(format!("create {}", out.display())))?;
+        // Where Firecracker writes the snapshot: the VM's directory, or for a jailed VM a
+        // directory of its chroot it may write, named as it sees it.
+        let name = format!(".snapshot-{new}");
+        let (out, seen_as) = match &info.jail {
+            Some(jail) => {
+                let seen_as = super::jail::writable_dir(jail, &name)
+                    .map_err(io(format!("create {name} in the jail")))?;
+                (super::jail::inside(jail, &seen_as), seen_as)
+            }
+            None => {
+                let out = self.store.vm_dir(id).join(&name);
+                let _ = std::fs::remove_dir_all(&out);
+                std::fs::create_dir(&out).map_err(io(format!("create {}", out.display())))?;
+                (out.clone(), out)
+            }
+        };
         let api = Api::new(&info.api_socket);
         let api_error = |source| VmError::Api {
             vm: id.clone(),
@@ -45,7 +58,7 @@ impl Vms {
         let (vmstate, memory) = (out.join("vmstate"), out.join("memory"));
         let result = api.pause().map_err(api_error).and_then(|()| {
             let saved = api
-                .create_snapshot(&vmstate, &memory)
+                .create_snapshot(&seen_as.join("vmstate"), &seen_as.join("memory"))
                 .map_err(api_error)
                 .and_then(|()| {
                     self.host

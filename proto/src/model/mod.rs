@@ -12,7 +12,7 @@ use crate::ids::Id;
 use crate::prefetch::{Prefetch, RecordingInfo, WorkingSetInfo};
 
 mod vm;
-pub use vm::{NetworkOverride, VmBackend, VmInfo, VmState, VmStateInfo, VmmKind};
+pub use vm::{JailInfo, NetworkOverride, VmBackend, VmInfo, VmState, VmStateInfo, VmmKind};
 
 /// Where a fork is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

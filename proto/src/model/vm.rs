@@ -159,6 +159,17 @@ pub struct NetworkOverride {
     pub host_dev_name: String,
 }
 
+/// A jailed VM's confinement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailInfo {
+    /// The uid it runs as.
+    pub uid: u32,
+    /// The group it runs as.
+    pub gid: u32,
+    /// Its chroot, seen from outside.
+    pub root: PathBuf,
+}
+
 /// A launched VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
@@ -198,4 +209,7 @@ pub struct VmInfo {
     pub reason: Option<String>,
     /// Creation time, ms since the Unix epoch.
     pub created_unix_ms: u64,
+    /// Where and as whom it runs jailed (Firecracker started through its jailer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<JailInfo>,
 }
