@@ -236,9 +236,14 @@ impl ControlServer {
         let (wake_rx, wake) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let accepting = listener.try_clone()?;
         let (stop, active2) = (stopping.clone(), active.clone());
+        // Opened here, not in the thread: once this returns, the daemon's descriptors are all
+        // there (tests count them).
+        let spare = SpareFd::new();
         let thread = std::thread::Builder::new()
             .name("pagerd-control".into())
-            .spawn(move || accept_loop(accepting, wake_rx, handler, options, stop, active2))?;
+            .spawn(move || {
+                accept_loop(accepting, wake_rx, handler, options, stop, active2, spare)
+            })?;
         Ok(Self {
             path: path.to_owned(),
             stopping,
@@ -311,6 +316,7 @@ fn accept_loop(
     options: ControlOptions,
     stopping: Arc<AtomicBool>,
     active: Arc<AtomicUsize>,
+    mut spare: SpareFd,
 ) {
     let owner = nix::unistd::geteuid().as_raw();
     let admission = Admission::new(
@@ -320,7 +326,6 @@ fn accept_loop(
         options.max_connections_per_uid,
         owner,
     );
-    let mut spare = SpareFd::new();
     let mut failures = RateLimiter::new(5, Duration::from_secs(10));
     loop {
         // Never accept once stopping: a connection left in the backlog is answered by the
