@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use proto::model::{ForkState, SnapshotInfo, VmInfo, VmState};
-use testkit::firecracker::{self, count, Fixture, VmReaper};
+use testkit::firecracker::{self, count, wait_ok, Fixture, VmReaper};
 use testkit::tenants::{tenants, GROUP};
 use testkit::{skip, wait_until, Daemon, DEADLINE};
 
@@ -58,27 +58,7 @@ fn setup(test: &str) -> Option<(Daemon, Fixture)> {
 
 /// Runs `pagerctl --json ARGS`, which must succeed, and decodes its answer.
 fn ctl_json<T: serde::de::DeserializeOwned>(daemon: &Daemon, args: &[&str]) -> T {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let run = daemon.pagerctl(&all);
-    assert!(run.success(), "pagerctl {args:?} failed: {run:?}");
-    run.json()
-}
-
-/// Waits until the guest of `vm` has passed `passes` checks of its memory, and none failed.
-fn wait_ok(vm: &VmInfo, passes: usize) {
-    let log = &vm.console_log;
-    wait_until(
-        &format!("VM {} to check its memory", vm.id),
-        DEADLINE,
-        || count(log, "OK") >= passes || count(log, "BAD") > 0,
-    );
-    assert_eq!(
-        count(log, "BAD"),
-        0,
-        "{}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
+    daemon.pagerctl_json(args)
 }
 
 /// A `Uid:`/`Gid:` line of `/proc/PID/status`: real, effective, saved, filesystem.

@@ -134,13 +134,7 @@ fn metrics_move_while_forks_run_and_agree_with_pagerctl_stats() {
 fn metrics_are_served_on_loopback_tcp_too() {
     let dir = tempfile::tempdir().unwrap();
     let mem = write_snapshot(&dir.path().join("mem"), 2 * MIB, 92, 0, 0);
-    // A free port: bound by the test, released, then given to pagerd.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = testkit::free_loopback_addr();
     let _daemon = Daemon::start(&[("base", &mem)], &["--metrics-addr", &addr]);
     let (status, body) = scrape(TcpStream::connect(&addr).unwrap());
     assert_eq!(status, "HTTP/1.1 200 OK");

@@ -8,13 +8,12 @@
 //!
 //! Skipped (and counted as such) where Firecracker, `/dev/kvm`, QEMU >= 8.2 or `cc` is missing.
 
-use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use proto::model::{EndReason, ForkState, SnapshotInfo, VmBackend, VmInfo, VmState, VmmKind};
 use proto::prefetch::Prefetch;
-use testkit::firecracker::{self, count, Fixture, VmReaper};
+use testkit::firecracker::{self, count, wait_ok, Fixture, VmReaper};
 use testkit::qemu;
 use testkit::{skip, wait_until, Daemon, DEADLINE};
 
@@ -58,11 +57,7 @@ fn setup(test: &str) -> Option<(Daemon, Fixture)> {
 
 /// Runs `pagerctl --json ARGS`, which must succeed, and decodes its answer.
 fn ctl_json<T: serde::de::DeserializeOwned>(daemon: &Daemon, args: &[&str]) -> T {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let run = daemon.pagerctl(&all);
-    assert!(run.success(), "pagerctl {args:?} failed: {run:?}");
-    run.json()
+    daemon.pagerctl_json(args)
 }
 
 fn start_vm(daemon: &Daemon, snapshot: &str, id: &str, backend: VmBackend) -> VmInfo {
@@ -86,22 +81,6 @@ fn start_vm(daemon: &Daemon, snapshot: &str, id: &str, backend: VmBackend) -> Vm
     }
     vm
 }
-
-/// Waits until the guest's console shows `passes` more good checks than `before`, and no bad one.
-fn wait_ok(vm: &VmInfo, passes: usize) {
-    let log = &vm.console_log;
-    wait_until(
-        &format!("VM {} to check its memory", vm.id),
-        DEADLINE,
-        || count(log, "OK") >= passes || count(log, "BAD") > 0,
-    );
-    assert_eq!(count(log, "BAD"), 0, "VM {}: {}", vm.id, console(log));
-}
-
-fn console(log: &Path) -> String {
-    std::fs::read_to_string(log).unwrap_or_default()
-}
-
 fn stop(daemon: &Daemon, id: &str) -> VmInfo {
     let vm: VmInfo = ctl_json(daemon, &["vm", "stop", id, "--timeout-ms", "5000"]);
     assert_eq!(vm.state, VmState::Exited, "{vm:?}");

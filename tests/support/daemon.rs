@@ -321,6 +321,15 @@ impl Daemon {
         }
     }
 
+    /// Runs `pagerctl --json ARGS`, which must succeed, and decodes its answer.
+    pub fn pagerctl_json<T: DeserializeOwned>(&self, args: &[&str]) -> T {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let run = self.pagerctl(&all);
+        assert!(run.success(), "pagerctl {args:?} failed: {run:?}");
+        run.json()
+    }
+
     /// Daemon health and counts.
     pub fn status(&self) -> StatusReport {
         self.call(&Request::Status {})

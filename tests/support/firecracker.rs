@@ -307,3 +307,21 @@ impl Drop for VmReaper {
         }
     }
 }
+
+/// Waits until the console of launched VM `vm` shows `passes` good checks of its memory (the
+/// guest prints `OK` per pass), and asserts that none failed (`BAD`).
+pub fn wait_ok(vm: &proto::model::VmInfo, passes: usize) {
+    let log = &vm.console_log;
+    crate::wait_until(
+        &format!("VM {} to check its memory", vm.id),
+        crate::DEADLINE,
+        || count(log, "OK") >= passes || count(log, "BAD") > 0,
+    );
+    assert_eq!(
+        count(log, "BAD"),
+        0,
+        "VM {}: {}",
+        vm.id,
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}

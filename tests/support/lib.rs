@@ -238,6 +238,17 @@ pub fn refused<T: std::fmt::Debug>(result: Result<T, ClientError>) -> ControlErr
     }
 }
 
+/// A free TCP address on loopback (`127.0.0.1:PORT`): bound by the caller, released, then
+/// to be given to a daemon.
+pub fn free_loopback_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a loopback port")
+        .local_addr()
+        .expect("its address")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 /// Reports that a test could not run here, and why: loudly on stderr, and as a line in the
 /// file `$PAGERD_TEST_SKIPS` names (the test script counts them in its summary). The caller
 /// returns right after.
