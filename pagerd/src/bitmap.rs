@@ -45,17 +45,6 @@ impl Chunk {
         }
     }
 
-    /// Back to a uniform state if the words are all one value (frees them).
-    fn settle(&mut self) {
-        if let Self::Mixed(words) = self {
-            if words.iter().all(|&w| w == 0) {
-                *self = Self::Clear;
-            } else if words.iter().all(|&w| w == u64::MAX) {
-                *self = Self::Set;
-            }
-        }
-    }
-
     fn count_ones(&self) -> u64 {
         match self {
             Self::Clear => 0,
@@ -129,7 +118,8 @@ impl Bitmap {
                     chunk_end - chunk_start,
                     value,
                 );
-                chunk.settle();
+                // No scan back to a uniform state here: this runs per fault; a fill of a
+                // whole chunk is made uniform above.
             }
             i = chunk_end;
         }
@@ -228,7 +218,7 @@ mod tests {
     }
 
     #[test]
-    fn uniform_chunks_cost_nothing_and_mixed_ones_settle_back() {
+    fn uniform_chunks_cost_nothing_and_a_whole_fill_makes_them_uniform_again() {
         // 4 TiB of 4 KiB pages.
         let pages = 1u64 << 30;
         let mut map = Bitmap::try_new(pages).unwrap();
