@@ -9,7 +9,8 @@
 //!
 //! - [`snapshot`]: an immutable memory file mapped once, read-only, with its zero-page map.
 //! - [`serve`]: handoff sockets, worker threads, and the fault path.
-//! - [`registry`]: snapshots and forks in memory, fork states, waiting on state changes.
+//! - [`registry`]: snapshots and forks in memory, waiting on state changes; [`fork_state`]:
+//!   a fork's states, each with its data, and the one place that moves it between them.
 //! - [`store`]: the state directory (snapshot and fork records, written atomically);
 //!   [`lifecycle`]: every change of what exists, made durable first, and restart reconciliation.
 //! - [`fuse`]: the read-only FUSE mount with one memory file per snapshot, for VMMs that can
@@ -33,6 +34,7 @@ mod daemon;
 mod errors;
 mod extents;
 mod file_users;
+mod fork_state;
 mod fuse;
 mod lifecycle;
 mod manual;

@@ -11,38 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use proto::model::{
-    DetachedReason, EndReason, ForkInfo, ForkState, ForkStatsReport, HandoffErrorInfo,
-};
+use proto::model::{ForkInfo, ForkState, ForkStatsReport, HandoffErrorInfo};
 use proto::prefetch::Prefetch;
 use proto::Id;
 
+pub use crate::fork_state::{ForkPhase, ForkStatus, ImpossibleTransition, Serving, Transition};
 use crate::snapshot::Snapshot;
 use crate::stats::ForkStats;
-
-/// What a fork is doing, guarded by the fork's lock.
-#[derive(Debug, Clone)]
-pub struct ForkStatus {
-    /// The state.
-    pub state: ForkState,
-    /// The VMM's pid, from `SO_PEERCRED`, once a VMM has connected.
-    pub vmm_pid: Option<i32>,
-    /// The uffd features the VMM negotiated, read from the fd's `fdinfo`.
-    pub uffd_features: Option<u64>,
-    /// Why serving ended.
-    pub end_reason: Option<EndReason>,
-    /// The last handoff refused on this fork's socket.
-    pub last_handoff_error: Option<HandoffErrorInfo>,
-    /// Which worker serves the fork.
-    pub worker: Option<usize>,
-    /// Why a detached fork's uffd could not be taken back.
-    pub detached_reason: Option<DetachedReason>,
-    /// Times this daemon took the fork's uffd back from its live VMM (0 or 1).
-    pub recovered: u32,
-    /// Why the attached VMM could not be recorded (the fork is served, but a restart cannot
-    /// take its uffd back).
-    pub record_error: Option<String>,
-}
 
 /// One fork of a snapshot.
 #[derive(Debug)]
@@ -109,17 +84,18 @@ impl Fork {
     /// A description for the control socket.
     pub fn info(&self) -> ForkInfo {
         let st = self.status();
+        let phase = st.phase;
         ForkInfo {
             id: self.id.clone(),
             snapshot: self.snapshot.clone(),
             owner: self.owner,
-            state: st.state,
+            state: phase.state(),
             handoff_socket: self.handoff_socket.clone(),
-            vmm_pid: st.vmm_pid,
-            uffd_features: st.uffd_features,
-            worker: st.worker,
-            end_reason: st.end_reason,
-            detached_reason: st.detached_reason,
+            vmm_pid: phase.vmm_pid(),
+            uffd_features: phase.served().map(|s| s.uffd_features),
+            worker: phase.worker(),
+            end_reason: phase.end_reason(),
+            detached_reason: phase.detached_reason(),
             recovered: st.recovered,
             record_error: st.record_error,
             last_handoff_error: st.last_handoff_error,
@@ -239,8 +215,8 @@ impl Registry {
         map.remove(id)
     }
 
-    /// Adds a fork in `state` (`waiting` for a new fork).
-    pub fn add_fork(&self, new: NewFork, state: ForkState) -> Result<Arc<Fork>, RegistryError> {
+    /// Adds a fork in `phase` (`Waiting` for a new fork).
+    pub fn add_fork(&self, new: NewFork, phase: ForkPhase) -> Result<Arc<Fork>, RegistryError> {
         let NewFork {
             id,
             snapshot,
@@ -261,17 +237,7 @@ impl Registry {
             created,
             prefetch,
             recording: AtomicBool::new(false),
-            status: Mutex::new(ForkStatus {
-                state,
-                vmm_pid: None,
-                uffd_features: None,
-                end_reason: None,
-                last_handoff_error: None,
-                worker: None,
-                detached_reason: None,
-                recovered: 0,
-                record_error: None,
-            }),
+            status: Mutex::new(ForkStatus::new(phase)),
             stats: ForkStats::default(),
         });
         map.insert(id, fork.clone());
@@ -320,9 +286,27 @@ impl Registry {
         total
     }
 
-    /// Changes a fork's status and wakes every waiter.
-    pub fn update(&self, fork: &Fork, change: impl FnOnce(&mut ForkStatus)) {
-        change(&mut fork.lock());
+    /// Moves a fork to its next phase and wakes every waiter; an impossible move changes
+    /// nothing and is an error.
+    pub fn transition(
+        &self,
+        fork: &Fork,
+        transition: Transition,
+    ) -> Result<(), ImpossibleTransition> {
+        fork.lock().apply(transition)?;
+        self.notify();
+        Ok(())
+    }
+
+    /// Notes a handoff refused on the fork's socket.
+    pub fn handoff_refused(&self, fork: &Fork, error: HandoffErrorInfo) {
+        fork.lock().last_handoff_error = Some(error);
+        self.notify();
+    }
+
+    /// Notes that the fork's attached VMM could not be recorded.
+    pub fn record_failed(&self, fork: &Fork, why: String) {
+        fork.lock().record_error = Some(why);
         self.notify();
     }
 
@@ -342,7 +326,7 @@ impl Registry {
         let mut guard = self.change_lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let fork = self.fork(id)?;
-            let now = fork.status().state;
+            let now = fork.status().phase.state();
             let past_serving = matches!(now, ForkState::Ended | ForkState::Detached);
             if now == want || (want == ForkState::Serving && past_serving) {
                 return Ok(fork);

@@ -51,7 +51,7 @@ pub(crate) use memory_files::{FuseMount, MemoryFiles, SNAPSHOTS_DIR};
 pub(crate) use recovery::RecordJournal;
 
 use crate::file_users::FileUsers;
-use crate::registry::{unix_ms, Fork, NewFork, Registry};
+use crate::registry::{unix_ms, Fork, ForkPhase, NewFork, Registry};
 use crate::serve::{ForkEvent, Server};
 use crate::snapshot::{Snapshot, ZERO_MAP_PAGE};
 use crate::store::{ForkRecord, ForkScan, SnapshotMeta, Store, VmStateSource};
@@ -720,7 +720,7 @@ impl Lifecycle {
                 created: time_of(created),
                 prefetch,
             },
-            ForkState::Waiting,
+            ForkPhase::Waiting,
         )?;
         if let Err(e) = self.server.listen(fork.clone(), None) {
             let _ = self.registry.remove_fork(&id);
@@ -813,7 +813,7 @@ impl Lifecycle {
 
     fn on_ended(&self, fork: &Arc<Fork>) -> Result<(), LifecycleError> {
         let mut catalog = self.lock();
-        if !self.is_current(fork) || fork.status().end_reason == Some(EndReason::Shutdown) {
+        if !self.is_current(fork) || fork.status().phase.end_reason() == Some(EndReason::Shutdown) {
             return Ok(());
         }
         self.store.remove_fork(fork.id())?;

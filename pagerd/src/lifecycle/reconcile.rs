@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use proto::model::{EndReason, ForkState};
+use crate::registry::{ForkPhase, Transition};
 use proto::Id;
 
 use super::{recovery, time_of, Lifecycle, LifecycleError, ReconcileReport};
@@ -70,20 +70,17 @@ impl Lifecycle {
                 Some(vmm) => {
                     let fork = self.registry.add_fork(
                         self.new_fork_of(record, socket, created),
-                        ForkState::Detached,
+                        ForkPhase::Recovering { vmm_pid: vmm.pid },
                     )?;
-                    self.registry.update(&fork, |s| s.vmm_pid = Some(vmm.pid));
                     let inherited = handoffs.remove(&record.id);
                     match recovery::recover_fork(&self.server, &fork, record, vmm, inherited) {
                         Ok(()) => report.recovered.push(record.id.clone()),
                         Err(e) => {
                             tracing::error!(fork = %record.id, vmm_pid = vmm.pid, error = %crate::errors::error_chain(&e),
                                 "the VMM outlived the previous daemon but its uffd cannot be taken back; detached");
-                            self.registry.update(&fork, |s| {
-                                s.state = ForkState::Detached;
-                                s.end_reason = Some(EndReason::DaemonRestarted);
-                                s.detached_reason = Some(e.reason());
-                            });
+                            let _ = self
+                                .registry
+                                .transition(&fork, Transition::Detach(e.reason()));
                             report.detached.push(record.id.clone());
                         }
                     }
@@ -91,7 +88,7 @@ impl Lifecycle {
                 None => {
                     let fork = self.registry.add_fork(
                         self.new_fork_of(record, socket, created),
-                        ForkState::Waiting,
+                        ForkPhase::Waiting,
                     )?;
                     let inherited = handoffs.remove(&record.id);
                     if let Err(e) = self.server.listen(fork, inherited) {

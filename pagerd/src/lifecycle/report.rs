@@ -36,7 +36,7 @@ impl Lifecycle {
     pub fn fork_counts(&self) -> ForkCounts {
         let mut forks = ForkCounts::default();
         for fork in self.registry.forks() {
-            match fork.status().state {
+            match fork.status().phase.state() {
                 ForkState::Waiting => forks.waiting += 1,
                 ForkState::Serving => forks.serving += 1,
                 ForkState::Ended => forks.ended += 1,

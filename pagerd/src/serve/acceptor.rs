@@ -41,7 +41,7 @@ use slab::Slab;
 use crate::admission::{Admission, Counted, Permit};
 use crate::errors::error_chain;
 use crate::ratelimit::RateLimiter;
-use crate::registry::{Fork, Registry};
+use crate::registry::{Fork, Registry, Serving, Transition};
 use crate::serve::recover::{self, ServedUffd};
 use crate::serve::session::{ServeOptions, Session, SetupError};
 use crate::serve::uffd::{self, Userfaultfd};
@@ -554,12 +554,13 @@ impl Acceptor {
         tracing::warn!(fork = %p.fork.id(), peer_pid = p.peer_pid, reason = ?refusal.reason,
             error = %refusal.message, "handoff refused");
         // Record first: whoever reads the reply may look at the fork next.
-        self.registry.update(&p.fork, |s| {
-            s.last_handoff_error = Some(HandoffErrorInfo {
+        self.registry.handoff_refused(
+            &p.fork,
+            HandoffErrorInfo {
                 reason: refusal.reason,
                 message: refusal.message.clone(),
-            });
-        });
+            },
+        );
         reply(
             &p.stream,
             &HandoffReply {
@@ -603,7 +604,7 @@ impl Acceptor {
             let why = error_chain(&e);
             tracing::error!(fork = %fork.id(), error = %why,
                 "cannot record the attached VMM: served, but a restart cannot take it back");
-            self.registry.update(fork, |s| s.record_error = Some(why));
+            self.registry.record_failed(fork, why);
         }
     }
 
@@ -614,7 +615,7 @@ impl Acceptor {
         p: &Pending,
         handoff: ReceivedHandoff,
     ) -> Result<PreparedSession, AttachError> {
-        let state = p.fork.status().state;
+        let state = p.fork.status().phase.state();
         if state != ForkState::Waiting {
             return Err(AttachError::AlreadyServing {
                 fork: p.fork.id().clone(),
@@ -712,22 +713,25 @@ impl Acceptor {
                 pages it gives back cannot be tracked");
         }
         session.keep_connection(connection);
-        self.registry.update(&fork, |s| {
-            s.state = ForkState::Serving;
-            s.vmm_pid = peer_pid;
-            s.uffd_features = Some(features);
-            s.worker = Some(worker);
-        });
+        let serving = Serving {
+            worker,
+            vmm_pid: peer_pid,
+            uffd_features: features,
+        };
+        if let Err(e) = self.registry.transition(&fork, Transition::Attach(serving)) {
+            // Checked `waiting` in `try_attach`, on this thread: nothing else attaches it.
+            tracing::error!(fork = %fork.id(), error = %e, "the fork changed state during its handoff");
+            return;
+        }
         // The fork's listener stays: later connections are told `already_serving`.
         if self.workers[worker]
             .send(Command::Attach(Box::new(session)))
             .is_err()
         {
             tracing::error!(fork = %fork.id(), "worker has exited; the fork cannot be served");
-            self.registry.update(&fork, |s| {
-                s.state = ForkState::Ended;
-                s.end_reason = Some(EndReason::NoWorker);
-            });
+            let _ = self
+                .registry
+                .transition(&fork, Transition::End(EndReason::NoWorker));
         }
     }
 }

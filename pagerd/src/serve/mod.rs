@@ -32,12 +32,11 @@ use session::ServeOptions;
 use worker::{Command, WorkerHandle};
 
 use proto::handoff;
-use proto::model::ForkState;
 use recover::{RecoverError, ServedUffd};
 use session::Session;
 use uffd::Userfaultfd;
 
-use crate::registry::{Fork, Registry};
+use crate::registry::{Fork, Registry, Serving, Transition};
 
 /// The longest path a Unix socket address can hold, less the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
@@ -253,15 +252,14 @@ impl Server {
                 Err(e) => return Err(RecoverError::Setup(format!("UFFDIO_WAKE: {e}"))),
             }
         }
-        self.registry.update(fork, |s| {
-            s.state = ForkState::Serving;
-            s.vmm_pid = Some(vmm_pid);
-            s.uffd_features = Some(features);
-            s.worker = Some(worker);
-            s.end_reason = None;
-            s.detached_reason = None;
-            s.recovered += 1;
-        });
+        let serving = Serving {
+            worker,
+            vmm_pid: Some(vmm_pid),
+            uffd_features: features,
+        };
+        self.registry
+            .transition(fork, Transition::Attach(serving))
+            .map_err(|e| RecoverError::Setup(e.to_string()))?;
         if self.workers[worker]
             .send(Command::Attach(Box::new(session)))
             .is_err()
@@ -286,8 +284,7 @@ impl Server {
         }) {
             let _ = wait.recv_timeout(CLOSE_TIMEOUT);
         }
-        let status = fork.status();
-        if let (ForkState::Serving, Some(w)) = (status.state, status.worker) {
+        if let Some(w) = fork.status().phase.worker() {
             let (done, wait) = mpsc::channel();
             if self.workers[w]
                 .send(Command::Close {

@@ -32,10 +32,10 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use proto::model::{EndReason, ForkState};
+use proto::model::EndReason;
 use proto::Id;
 
-use crate::registry::Registry;
+use crate::registry::{Registry, Transition};
 use crate::serve::prefetch::{Phase, Step};
 use crate::serve::priority::{Level, WorkerPriority};
 use crate::serve::session::{Drain, Session};
@@ -470,10 +470,9 @@ impl Worker {
         crate::stats::DAEMON.ended(reason);
         tracing::info!(fork = %fork.id(), reason = reason.as_str(), faults = stats.faults,
             pages_copied = stats.pages_copied, zero_pages = stats.zero_pages, "session ended");
-        self.registry.update(&fork, |s| {
-            s.state = ForkState::Ended;
-            s.end_reason = Some(reason);
-        });
+        if let Err(e) = self.registry.transition(&fork, Transition::End(reason)) {
+            tracing::error!(fork = %fork.id(), error = %e, "a session ended on a fork not served");
+        }
         let _ = self.events.send(ForkEvent::Ended(fork));
     }
 

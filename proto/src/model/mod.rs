@@ -88,8 +88,6 @@ pub enum EndReason {
     UnservableFault,
     /// The same fault kept coming back for a page already present.
     Livelock,
-    /// The daemon restarted while the VMM lived, and its uffd could not be taken back.
-    DaemonRestarted,
     /// The worker chosen to serve it had exited.
     NoWorker,
     /// Every page was present (graduation): pagerd unregistered the memory from the uffd and
@@ -109,7 +107,6 @@ impl EndReason {
             Self::UffdTampered => "uffd_tampered",
             Self::UnservableFault => "unservable_fault",
             Self::Livelock => "livelock",
-            Self::DaemonRestarted => "daemon_restarted",
             Self::NoWorker => "no_worker",
             Self::Graduated => "graduated",
         }
