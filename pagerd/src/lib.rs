@@ -38,6 +38,7 @@ mod fork_state;
 mod fuse;
 mod lifecycle;
 mod manual;
+mod memory;
 pub mod metrics;
 mod notify;
 mod owners;

@@ -23,6 +23,7 @@ use std::time::SystemTime;
 use memmap2::{Mmap, MmapOptions};
 
 use crate::bitmap::Bitmap;
+use crate::memory::{CopySource, FileOffset, FilePage, MemorySource};
 use crate::working_set::slot::Slot;
 use proto::Id;
 
@@ -158,13 +159,6 @@ impl Snapshot {
         &self.file
     }
 
-    /// The shared read-only mapping of the memory file, to hand to the kernel as a
-    /// `UFFDIO_COPY` source. pagerd's own code must not read it (the mapping's safety rests on
-    /// that); it reads with [`read_at`](Self::read_at).
-    pub fn bytes(&self) -> &[u8] {
-        &self.map
-    }
-
     /// Up to `len` bytes at `offset`, cut at the snapshot's size; `pread` on the file, so a
     /// file that shrank behind pagerd's back is an error (`UnexpectedEof`), not a signal.
     pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
@@ -176,14 +170,28 @@ impl Snapshot {
         Ok(buf)
     }
 
-    /// Whether the 4 KiB page at `file_offset` is all zeros.
-    pub fn is_zero_page(&self, file_offset: u64) -> bool {
-        self.zero_pages.get(file_offset / ZERO_MAP_PAGE)
-    }
-
     /// How many 4 KiB pages of the file are all zeros.
     pub fn zero_page_count(&self) -> u64 {
         self.zero_pages.count_ones()
+    }
+}
+
+/// The snapshot as the source of its forks' memory. The mapping is handed to the kernel only
+/// (as [`CopySource`]s): pagerd's own code must not read it, and reads with
+/// [`Snapshot::read_at`].
+impl MemorySource for Snapshot {
+    fn size(&self) -> u64 {
+        Snapshot::size(self)
+    }
+
+    fn is_zero_page(&self, page: FilePage) -> bool {
+        self.zero_pages.get(page.0)
+    }
+
+    fn copy_source(&self, at: FileOffset, len: u64) -> Option<CopySource<'_>> {
+        let start = usize::try_from(at.0).ok()?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        self.map.get(start..end).map(CopySource::new)
     }
 }
 
@@ -229,8 +237,9 @@ mod tests {
             .unwrap();
         let snap = Snapshot::open("s".parse().unwrap(), file.path()).unwrap();
         assert_eq!(snap.zero_page_count(), 1024 - 2);
-        assert!(!snap.is_zero_page(2 << 20) && !snap.is_zero_page((2 << 20) + 4096));
-        assert!(snap.is_zero_page((2 << 20) + 8192) && snap.is_zero_page((2 << 20) - 4096));
+        let zero = |offset: u64| snap.is_zero_page(FileOffset(offset).page());
+        assert!(!zero(2 << 20) && !zero((2 << 20) + 4096));
+        assert!(zero((2 << 20) + 8192) && zero((2 << 20) - 4096));
     }
 
     #[test]
@@ -250,10 +259,18 @@ mod tests {
         file.write_all(&bytes).unwrap();
         let snap = Snapshot::open("s".parse().unwrap(), file.path()).unwrap();
         assert_eq!(snap.size(), 4 * 4096);
-        assert!(snap.is_zero_page(0) && snap.is_zero_page(2 * 4096));
-        assert!(!snap.is_zero_page(4096) && !snap.is_zero_page(3 * 4096));
+        let zero = |page: u64| snap.is_zero_page(FilePage(page));
+        assert!(zero(0) && zero(2));
+        assert!(!zero(1) && !zero(3));
         assert_eq!(snap.zero_page_count(), 2);
-        assert_eq!(snap.bytes(), &bytes[..]);
+        assert_eq!(
+            snap.copy_source(FileOffset(0), 4 * 4096).unwrap().len(),
+            4 * 4096
+        );
+        assert!(
+            snap.copy_source(FileOffset(4096), 4 * 4096).is_none(),
+            "past the end"
+        );
         assert_eq!(snap.read_at(4096 + 17, 2).unwrap(), [1, 0]);
         assert_eq!(snap.read_at(3 * 4096, 1 << 20).unwrap().len(), 4096);
         assert!(snap.read_at(1 << 30, 10).unwrap().is_empty());

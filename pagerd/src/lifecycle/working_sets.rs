@@ -17,7 +17,8 @@ use proto::model::SnapshotInfo;
 use proto::Id;
 
 use super::{now_ms, Catalog, Lifecycle, LifecycleError};
-use crate::snapshot::{Snapshot, ZERO_MAP_PAGE};
+use crate::memory::{FilePage, MemorySource};
+use crate::snapshot::Snapshot;
 use crate::store::atomic::remove_durably;
 use crate::working_set::merge::{merge, Trace};
 use crate::working_set::slot::Ticket;
@@ -79,7 +80,7 @@ impl Lifecycle {
         let id = snapshot.id().clone();
         let forks = u32::try_from(done.traces.len()).unwrap_or(u32::MAX);
         let ordered = merge(&done.traces);
-        let plan = Plan::new(&ordered, |page| snapshot.is_zero_page(page * ZERO_MAP_PAGE));
+        let plan = Plan::new(&ordered, |page| snapshot.is_zero_page(FilePage(page)));
         // The write happens without the lifecycle lock: a large set takes a while.
         let dir = self.store.snapshot_dir(&id);
         let written =

@@ -35,15 +35,15 @@ use proto::control::ErrorCode;
 use proto::fdpass::{HandoffReceiver, ReceivedHandoff};
 use proto::handoff::{self, HandoffError, HandoffRefusal, HandoffReply};
 use proto::model::{EndReason, ForkState, HandoffErrorInfo, RefusalReason};
-use proto::prefetch::Prefetch;
 use slab::Slab;
 
 use crate::admission::{Admission, Counted, Permit};
 use crate::errors::error_chain;
 use crate::ratelimit::RateLimiter;
 use crate::registry::{Fork, Registry, Serving, Transition};
+use crate::serve::memory::MemorySetupError;
 use crate::serve::recover::{self, ServedUffd};
-use crate::serve::session::{ServeOptions, Session, SetupError};
+use crate::serve::session::{ServeOptions, Session};
 use crate::serve::uffd::{self, Userfaultfd};
 use crate::serve::worker::{Command, WorkerHandle};
 use crate::serve::AttachJournal;
@@ -213,7 +213,7 @@ enum AttachError {
     #[error("cannot set up serving")]
     Setup(#[source] io::Error),
     #[error("cannot set up serving")]
-    SessionSetup(#[source] SetupError),
+    SessionSetup(#[source] MemorySetupError),
     #[error("no worker is running")]
     NoWorker,
 }
@@ -656,36 +656,15 @@ impl Acceptor {
             }),
             Err(e) => return Err(AttachError::Setup(e)),
         };
-        let mut session = Session::new(
+        let session = Session::attached(
             p.fork.clone(),
-            snapshot.clone(),
+            snapshot,
             uffd,
             pidfd,
             handoff.regions,
             self.options,
         )
         .map_err(AttachError::SessionSetup)?;
-        // Recording comes first: a recording fork must fault to be seen, so it replays nothing.
-        // A fork that asked to graduate records only when a recording was asked for.
-        let prefetch = p.fork.prefetch();
-        let auto_record = match prefetch {
-            Prefetch::Graduate => 0,
-            _ => self.options.record_forks,
-        };
-        if let Some(ticket) = snapshot.working_set.claim(auto_record) {
-            session.start_recording(ticket, self.options.record_window);
-        } else {
-            let set = prefetch
-                .replays()
-                .then(|| snapshot.working_set.current())
-                .flatten();
-            if let Some(set) = set.as_ref().filter(|s| !s.head_resident()) {
-                // Cold: large sequential reads into the page cache, started now, off the
-                // workers.
-                set.read_ahead();
-            }
-            session.start_prefetch(set, prefetch == Prefetch::Graduate);
-        }
         Ok(PreparedSession {
             session,
             features,

@@ -10,6 +10,10 @@
 //! takes the uffd back from the live VMM at its next start ([`Server::recover`], [`recover`]).
 
 pub mod acceptor;
+#[cfg(test)]
+mod fake_vmm;
+mod fault;
+pub mod memory;
 pub mod prefetch;
 pub mod priority;
 pub mod record;
@@ -17,6 +21,7 @@ pub mod recover;
 pub mod region;
 pub mod session;
 pub mod spin;
+pub mod start;
 pub mod uffd;
 pub mod worker;
 
@@ -234,7 +239,7 @@ impl Server {
             .iter()
             .map(|r| (r.base_host_virt_addr, r.size))
             .collect();
-        let session = Session::new(
+        let session = Session::recovered(
             fork.clone(),
             snapshot,
             uffd,
@@ -246,7 +251,7 @@ impl Server {
         // Threads asleep on a fault the dead daemon read fault again, into this uffd; the
         // worker drains whatever is queued as soon as it has the session.
         for (start, len) in ranges {
-            match session.uffd().wake(start, len) {
+            match uffd::PageInstaller::wake(session.uffd(), crate::memory::VmmAddr(start), len) {
                 Ok(()) => {}
                 Err(nix::errno::Errno::ESRCH) => return Err(RecoverError::VmmGone),
                 Err(e) => return Err(RecoverError::Setup(format!("UFFDIO_WAKE: {e}"))),

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use proto::handoff::{GuestRegionUffdMapping, PAGE_SIZE_2M, PAGE_SIZE_4K};
 
 use crate::bitmap::Bitmap;
-use crate::snapshot::Snapshot;
+use crate::memory::{CopySource, FileOffset, FilePage, MemorySource, VmmAddr, PAGE_4K};
 
 /// One guest memory region and which of its pages are present or removed.
 #[derive(Debug)]
@@ -75,22 +75,51 @@ pub(super) fn run_len(page: u64, limit: u64, fits: impl Fn(u64) -> bool) -> u64 
 }
 
 impl Region {
-    pub(super) fn page_of(&self, addr: u64) -> u64 {
-        (addr - self.mapping.base_host_virt_addr) / self.mapping.page_size
+    /// A region over `mapping` with no page present or given back.
+    pub(super) fn new(mapping: GuestRegionUffdMapping, present: Bitmap, removed: Bitmap) -> Self {
+        Self {
+            mapping,
+            present,
+            removed,
+            readahead: Readahead::default(),
+        }
     }
 
-    pub(super) fn addr_of(&self, page: u64) -> u64 {
-        self.mapping.base_host_virt_addr + page * self.mapping.page_size
+    /// Where the region starts in the VMM.
+    pub(super) fn base(&self) -> VmmAddr {
+        VmmAddr(self.mapping.base_host_virt_addr)
     }
 
-    pub(super) fn file_offset_of(&self, page: u64) -> u64 {
-        self.mapping.offset + page * self.mapping.page_size
+    /// One past its end in the VMM.
+    pub(super) fn end(&self) -> VmmAddr {
+        VmmAddr(self.mapping.end())
     }
 
-    pub(super) fn fill_of(&self, page: u64, snapshot: &Snapshot) -> Fill {
+    /// Its page size.
+    pub(super) fn page_size(&self) -> u64 {
+        self.mapping.page_size
+    }
+
+    /// Whether it has 4 KiB pages.
+    pub(super) fn small_pages(&self) -> bool {
+        self.mapping.page_size == PAGE_SIZE_4K
+    }
+
+    pub(super) fn page_of(&self, addr: VmmAddr) -> u64 {
+        addr.offset_from(self.base()) / self.mapping.page_size
+    }
+
+    pub(super) fn addr_of(&self, page: u64) -> VmmAddr {
+        self.base().add(page * self.mapping.page_size)
+    }
+
+    pub(super) fn file_offset_of(&self, page: u64) -> FileOffset {
+        FileOffset(self.mapping.offset + page * self.mapping.page_size)
+    }
+
+    pub(super) fn fill_of(&self, page: u64, source: &dyn MemorySource) -> Fill {
         let zero = self.removed.get(page)
-            || (self.mapping.page_size == PAGE_SIZE_4K
-                && snapshot.is_zero_page(self.file_offset_of(page)));
+            || (self.small_pages() && source.is_zero_page(self.file_offset_of(page).page()));
         if zero {
             Fill::Zero
         } else {
@@ -136,8 +165,13 @@ impl HugeZeroPage {
         Ok(Self(*ZERO.get().expect("published above")))
     }
 
-    pub(super) fn ptr(self) -> *const u8 {
-        self.0 as *const u8
+    /// The 2 MiB of zeros, for the kernel to copy from.
+    pub(super) fn bytes(self) -> CopySource<'static> {
+        // SAFETY: the address is that of a 2 MiB read-only mapping published in `ZERO`, never
+        // written and never unmapped, so it is valid for reads for the rest of the process.
+        CopySource::new(unsafe {
+            std::slice::from_raw_parts(self.0 as *const u8, PAGE_SIZE_2M as usize)
+        })
     }
 }
 
@@ -163,21 +197,25 @@ impl DerefMut for Regions {
 }
 
 impl Regions {
-    /// The region holding guest address `addr`.
-    pub(super) fn index_of(&self, addr: u64) -> Option<usize> {
-        let i = self.0.partition_point(|r| r.mapping.end() <= addr);
-        (i < self.0.len() && self.0[i].mapping.contains(addr)).then_some(i)
+    /// The region holding `addr`.
+    pub(super) fn index_of(&self, addr: VmmAddr) -> Option<usize> {
+        let i = self.0.partition_point(|r| r.end() <= addr);
+        (i < self.0.len() && self.0[i].mapping.contains(addr.0)).then_some(i)
     }
 
     /// Whether two addresses lie in the same region.
-    pub(super) fn same_region(&self, a: u64, b: u64) -> bool {
+    pub(super) fn same_region(&self, a: VmmAddr, b: VmmAddr) -> bool {
         self.index_of(a).is_some() && self.index_of(a) == self.index_of(b)
     }
 
     /// The 4 KiB region holding snapshot page `file_page`: its index, the page in it, and how
     /// many pages from there (at most `max`) it still holds.
-    pub(super) fn locate_file_page(&self, file_page: u64, max: u64) -> Option<(usize, u64, u64)> {
-        let offset = file_page * PAGE_SIZE_4K;
+    pub(super) fn locate_file_page(
+        &self,
+        file_page: FilePage,
+        max: u64,
+    ) -> Option<(usize, u64, u64)> {
+        let offset = file_page.offset().0;
         self.0.iter().enumerate().find_map(|(i, r)| {
             let m = &r.mapping;
             (m.page_size == PAGE_SIZE_4K && offset >= m.offset && offset < m.offset + m.size).then(
@@ -190,12 +228,12 @@ impl Regions {
     }
 
     /// Snapshot pages from `file_page` to the next 4 KiB region's start (`u64::MAX`: none).
-    pub(super) fn pages_to_next_region(&self, file_page: u64) -> u64 {
-        let offset = file_page * PAGE_SIZE_4K;
+    pub(super) fn pages_to_next_region(&self, file_page: FilePage) -> u64 {
+        let offset = file_page.offset().0;
         self.0
             .iter()
             .filter(|r| r.mapping.page_size == PAGE_SIZE_4K && r.mapping.offset > offset)
-            .map(|r| (r.mapping.offset - offset) / PAGE_SIZE_4K)
+            .map(|r| (r.mapping.offset - offset) / PAGE_4K)
             .min()
             .unwrap_or(u64::MAX)
             .max(1)
@@ -232,8 +270,8 @@ impl Regions {
     }
 
     /// How page `page` of region `ri` is filled.
-    pub(super) fn fill_kind(&self, ri: usize, page: u64, snapshot: &Snapshot) -> Fill {
-        self.0[ri].fill_of(page, snapshot)
+    pub(super) fn fill_kind(&self, ri: usize, page: u64, source: &dyn MemorySource) -> Fill {
+        self.0[ri].fill_of(page, source)
     }
 
     /// One past the last of the missing pages of `kind` from `page` on (at most `max`).
@@ -243,22 +281,16 @@ impl Regions {
         page: u64,
         kind: Fill,
         max: u64,
-        snapshot: &Snapshot,
+        source: &dyn MemorySource,
     ) -> u64 {
         let r = &self.0[ri];
         let limit = (page + max.max(1)).min(r.present.len());
         page + run_len(page, limit, |p| {
-            !r.present.get(p) && r.fill_of(p, snapshot) == kind
+            !r.present.get(p) && r.fill_of(p, source) == kind
         })
     }
 
-    /// The snapshot's bytes for page `page` of region `ri`.
-    pub(super) fn snapshot_ptr(&self, ri: usize, page: u64, snapshot: &Snapshot) -> *const u8 {
-        let offset = self.0[ri].file_offset_of(page) as usize;
-        snapshot.bytes()[offset..].as_ptr()
-    }
-
-    pub(super) fn addr_of(&self, ri: usize, page: u64) -> u64 {
+    pub(super) fn addr_of(&self, ri: usize, page: u64) -> VmmAddr {
         self.0[ri].addr_of(page)
     }
 
@@ -275,11 +307,8 @@ impl Regions {
     }
 
     /// Each region's start and length.
-    pub(super) fn region_spans(&self) -> Vec<(u64, u64)> {
-        self.0
-            .iter()
-            .map(|r| (r.mapping.base_host_virt_addr, r.mapping.size))
-            .collect()
+    pub(super) fn region_spans(&self) -> Vec<(VmmAddr, u64)> {
+        self.0.iter().map(|r| (r.base(), r.mapping.size)).collect()
     }
 }
 

@@ -19,6 +19,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use nix::errno::Errno;
 use userfaultfd_sys as raw;
 
+use crate::memory::{CopySource, VmmAddr};
+
 pub use userfaultfd_sys::uffd_msg as UffdMsg;
 
 /// `struct uffdio_poison` (Linux 6.6), which `userfaultfd-sys` 0.6 lacks.
@@ -170,49 +172,52 @@ impl Userfaultfd {
         }
         Ok(n.unsigned_abs() / std::mem::size_of::<UffdMsg>())
     }
+}
 
-    /// Copies `len` bytes from `src` to the VMM's `dst` and wakes the faulting threads.
-    ///
-    /// # Safety
-    /// `src` must be valid for reads of `len` bytes for the duration of the call.
-    pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64) -> Result<(), FillError> {
-        // SAFETY: the caller's promise, passed on.
-        unsafe { self.copy_with(dst, src, len, Wake::Yes) }
-    }
+/// The calls that install pages into a fork and wake its threads: all the fault path and
+/// prefetch do to a VMM's memory, so their policies can be tested against a fake.
+pub trait PageInstaller {
+    /// Copies `src` to the VMM's `dst` (and as many bytes on), waking the range's threads or
+    /// not.
+    fn copy(&self, dst: VmmAddr, src: CopySource<'_>, wake: Wake) -> Result<(), FillError>;
 
-    /// [`Self::copy`], waking the range's waiting threads or not.
-    ///
-    /// # Safety
-    /// `src` must be valid for reads of `len` bytes for the duration of the call.
-    pub unsafe fn copy_with(
-        &self,
-        dst: u64,
-        src: *const u8,
-        len: u64,
-        wake: Wake,
-    ) -> Result<(), FillError> {
+    /// Maps the zero page over the VMM's `dst..dst+len`.
+    fn zeropage(&self, dst: VmmAddr, len: u64, wake: Wake) -> Result<(), FillError>;
+
+    /// Poisons the VMM's `dst..dst+len` and wakes the faulting threads: any access there gets
+    /// `SIGBUS` instead of waiting for a page that will never come.
+    fn poison(&self, dst: VmmAddr, len: u64) -> Result<(), FillError>;
+
+    /// Wakes threads waiting on `dst..dst+len`.
+    fn wake(&self, dst: VmmAddr, len: u64) -> Result<(), Errno>;
+
+    /// Unregisters the VMM's `start..start+len` from the uffd: from now on the kernel serves
+    /// faults there itself (a missing anonymous page reads as zeros) and raises no events.
+    /// Threads waiting on the range are woken.
+    fn unregister(&self, start: VmmAddr, len: u64) -> Result<(), Errno>;
+}
+
+impl PageInstaller for Userfaultfd {
+    fn copy(&self, dst: VmmAddr, src: CopySource<'_>, wake: Wake) -> Result<(), FillError> {
         let mut arg = raw::uffdio_copy {
-            dst,
-            src: src as u64,
-            len,
+            dst: dst.0,
+            src: src.as_ptr() as u64,
+            len: src.len(),
             mode: wake.mode(raw::UFFDIO_COPY_MODE_DONTWAKE),
             copy: 0,
         };
-        // SAFETY: `arg` is a valid `uffdio_copy`; the caller vouches for `src`; `dst` is in the
-        // VMM's address space, which the kernel checks against the registered ranges.
+        // SAFETY: `arg` is a valid `uffdio_copy`. Its source is `src`, a borrowed slice valid
+        // for reads of `len` bytes for the whole call. Its destination lies in the address
+        // space of the process that created the uffd, a VMM: a uffd acts only on its
+        // creator's memory and pagerd never creates one, so nothing pagerd's own code uses is
+        // written; the kernel checks `dst` against the ranges the VMM registered.
         let rc = unsafe { ioctl::copy(self.fd.as_raw_fd(), &mut arg) };
         fill_result(rc, arg.copy)
     }
 
-    /// Maps the zero page over the VMM's `dst..dst+len` and wakes the faulting threads.
-    pub fn zeropage(&self, dst: u64, len: u64) -> Result<(), FillError> {
-        self.zeropage_with(dst, len, Wake::Yes)
-    }
-
-    /// [`Self::zeropage`], waking the range's waiting threads or not.
-    pub fn zeropage_with(&self, dst: u64, len: u64, wake: Wake) -> Result<(), FillError> {
+    fn zeropage(&self, dst: VmmAddr, len: u64, wake: Wake) -> Result<(), FillError> {
         let mut arg = raw::uffdio_zeropage {
-            range: raw::uffdio_range { start: dst, len },
+            range: raw::uffdio_range { start: dst.0, len },
             mode: wake.mode(raw::UFFDIO_ZEROPAGE_MODE_DONTWAKE),
             zeropage: 0,
         };
@@ -221,11 +226,9 @@ impl Userfaultfd {
         fill_result(rc, arg.zeropage)
     }
 
-    /// Poisons the VMM's `dst..dst+len` and wakes the faulting threads: any access there gets
-    /// `SIGBUS` instead of waiting for a page that will never come.
-    pub fn poison(&self, dst: u64, len: u64) -> Result<(), FillError> {
+    fn poison(&self, dst: VmmAddr, len: u64) -> Result<(), FillError> {
         let mut arg = UffdioPoison {
-            range: raw::uffdio_range { start: dst, len },
+            range: raw::uffdio_range { start: dst.0, len },
             mode: 0,
             updated: 0,
         };
@@ -235,20 +238,17 @@ impl Userfaultfd {
         fill_result(rc, arg.updated)
     }
 
-    /// Wakes threads waiting on `dst..dst+len`.
-    pub fn wake(&self, dst: u64, len: u64) -> Result<(), Errno> {
-        let mut range = raw::uffdio_range { start: dst, len };
+    fn wake(&self, dst: VmmAddr, len: u64) -> Result<(), Errno> {
+        let mut range = raw::uffdio_range { start: dst.0, len };
         // SAFETY: `range` is a valid `uffdio_range`; waking touches no memory.
         unsafe { ioctl::wake(self.fd.as_raw_fd(), &mut range) }.map(drop)
     }
-}
 
-impl Userfaultfd {
-    /// Unregisters the VMM's `start..start+len` from the uffd: from now on the kernel serves
-    /// faults there itself (a missing anonymous page reads as zeros) and raises no events.
-    /// Threads waiting on the range are woken.
-    pub fn unregister(&self, start: u64, len: u64) -> Result<(), Errno> {
-        let mut range = raw::uffdio_range { start, len };
+    fn unregister(&self, start: VmmAddr, len: u64) -> Result<(), Errno> {
+        let mut range = raw::uffdio_range {
+            start: start.0,
+            len,
+        };
         // SAFETY: `range` is a valid `uffdio_range`; the kernel acts on the uffd's own mm.
         unsafe { ioctl::unregister(self.fd.as_raw_fd(), &mut range) }.map(drop)
     }
