@@ -75,7 +75,7 @@ fn vendored(name: &str) -> Option<PathBuf> {
 /// The Firecracker binary: `$FIRECRACKER`, `firecracker` on `PATH`, or the vendored one
 /// beside the workspace (`../shared/vendor/firecracker/`); `Err` says why there is none.
 pub fn binary() -> Result<PathBuf, String> {
-    if let Ok(path) = vmm_glue::firecracker::find_binary(None) {
+    if let Ok(path) = vmm_glue::find_binary(&vmm_glue::firecracker::BINARY, None) {
         return Ok(path);
     }
     vendored("firecracker").ok_or_else(|| {

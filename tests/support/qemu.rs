@@ -69,7 +69,7 @@ bad: .asciz "BAD\n"
 /// The QEMU binary, if this machine has one that can restore into a read-only file mapping;
 /// `Err` says why not.
 pub fn available() -> Result<PathBuf, String> {
-    let binary = qemu::find_binary(None).map_err(|e| e.to_string())?;
+    let binary = vmm_glue::find_binary(&qemu::BINARY, None).map_err(|e| e.to_string())?;
     let out = Command::new(&binary)
         .arg("--version")
         .output()

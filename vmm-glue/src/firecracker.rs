@@ -10,20 +10,34 @@
 //! snapshot: PATCH /vm Paused ─▶ PUT /snapshot/create Full ─▶ [PATCH /vm Resumed]
 //! ```
 //!
-//! The binary is found from an explicit path, then `$FIRECRACKER`, then `PATH`
-//! ([`find_binary`]). [`Api`] speaks to the process's API socket with the small client in
-//! [`crate::http`].
+//! [`Firecracker`] is its [`Hypervisor`]: the binary is found from an explicit path, then
+//! `$FIRECRACKER`, then `PATH` ([`BINARY`]). [`Api`] speaks to the process's API socket with the
+//! small client in [`crate::http`].
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use proto::model::{NetworkOverride, VmBackend};
+use proto::model::{NetworkOverride, VmBackend, VmmKind};
 use serde::Serialize;
+
+use crate::binary::BinaryLookup;
+use crate::hypervisor::{Capabilities, Hypervisor, HypervisorError, Launch, Restore, Snapshots};
 
 /// The environment variable naming the Firecracker binary.
 pub const FIRECRACKER_ENV: &str = "FIRECRACKER";
+
+/// Where the Firecracker binary is looked for.
+pub const BINARY: BinaryLookup = BinaryLookup {
+    display_name: "firecracker",
+    option: "--firecracker",
+    env: FIRECRACKER_ENV,
+    file_name: "firecracker",
+};
+
+/// Its log, in the VM's directory.
+const LOG_FILE: &str = "firecracker.log";
 
 /// How long one API call may take.
 const API_TIMEOUT: Duration = Duration::from_secs(30);
@@ -31,9 +45,6 @@ const API_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why a Firecracker call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FirecrackerError {
-    /// No binary was found.
-    #[error("no firecracker binary: give --firecracker PATH, set $FIRECRACKER, or put it on PATH")]
-    NotFound,
     /// The API socket never answered.
     #[error("the API socket {} did not come up within {timeout:?}", socket.display())]
     NotReady {
@@ -65,21 +76,6 @@ pub enum FirecrackerError {
         /// Firecracker's explanation.
         body: String,
     },
-}
-
-/// The Firecracker binary: `explicit`, else `$FIRECRACKER`, else `firecracker` on `PATH`.
-pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, FirecrackerError> {
-    if let Some(path) = explicit {
-        return Ok(path.to_owned());
-    }
-    if let Some(path) = std::env::var_os(FIRECRACKER_ENV).filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(path));
-    }
-    let path = std::env::var_os("PATH").ok_or(FirecrackerError::NotFound)?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("firecracker"))
-        .find(|candidate| candidate.is_file())
-        .ok_or(FirecrackerError::NotFound)
 }
 
 /// The command starting a Firecracker process that waits on `api_socket` for a snapshot load.
@@ -169,19 +165,12 @@ impl Api {
         timeout: Duration,
         mut alive: impl FnMut() -> bool,
     ) -> Result<(), FirecrackerError> {
-        let end = Instant::now() + timeout;
-        loop {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                return Ok(());
+        crate::ready::wait_accepting(&self.socket, timeout, &mut alive).map_err(|_| {
+            FirecrackerError::NotReady {
+                socket: self.socket.clone(),
+                timeout,
             }
-            if Instant::now() >= end || !alive() {
-                return Err(FirecrackerError::NotReady {
-                    socket: self.socket.clone(),
-                    timeout,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        })
     }
 
     fn call(
@@ -243,6 +232,84 @@ impl Api {
     }
 }
 
+/// Firecracker as pagerd launches it: restored with `PUT /snapshot/load`, memory from a
+/// fork's handoff socket or a memory file, snapshotted over its API.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Firecracker;
+
+impl Hypervisor for Firecracker {
+    fn kind(&self) -> VmmKind {
+        VmmKind::Firecracker
+    }
+
+    fn binary(&self) -> &'static BinaryLookup {
+        &BINARY
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            uffd_backend: true,
+            device_overrides: true,
+            jailer: true,
+        }
+    }
+
+    fn control_socket_name(&self) -> &'static str {
+        "api.sock"
+    }
+
+    fn log_file_name(&self) -> Option<&'static str> {
+        Some(LOG_FILE)
+    }
+
+    fn command(&self, launch: &Launch<'_>) -> Command {
+        command(
+            launch.binary,
+            launch.id,
+            launch.control_socket,
+            &launch.dir.join(LOG_FILE),
+        )
+    }
+
+    fn wait_ready(
+        &self,
+        socket: &Path,
+        timeout: Duration,
+        alive: &mut dyn FnMut() -> bool,
+    ) -> Result<(), HypervisorError> {
+        Ok(Api::new(socket).wait_ready(timeout, alive)?)
+    }
+
+    fn restore(&self, socket: &Path, restore: &Restore<'_>) -> Result<(), HypervisorError> {
+        let load = LoadRequest::new(
+            restore.vmstate,
+            restore.backend,
+            restore.memory,
+            restore.network_overrides,
+            restore.vsock,
+        );
+        Ok(Api::new(socket).load(&load)?)
+    }
+
+    fn snapshots(&self) -> Option<&dyn Snapshots> {
+        Some(self)
+    }
+}
+
+impl Snapshots for Firecracker {
+    fn pause(&self, socket: &Path) -> Result<(), HypervisorError> {
+        Ok(Api::new(socket).pause()?)
+    }
+
+    fn create(&self, socket: &Path, vmstate: &Path, memory: &Path) -> Result<(), HypervisorError> {
+        Ok(Api::new(socket).create_snapshot(vmstate, memory)?)
+    }
+
+    fn resume(&self, socket: &Path) -> Result<(), HypervisorError> {
+        Ok(Api::new(socket).resume()?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +347,166 @@ mod tests {
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["mem_backend"]["backend_type"], "File");
         assert!(v.get("network_overrides").is_none() && v.get("vsock_override").is_none());
+    }
+
+    #[test]
+    fn the_command_line_names_the_api_socket_and_the_log_in_the_vm_directory() {
+        let launch = Launch {
+            binary: Path::new("/opt/firecracker"),
+            id: "a",
+            dir: Path::new("/state/vms/a"),
+            control_socket: Path::new("/state/vms/a/api.sock"),
+            memory: Path::new("/state/sockets/a.sock"),
+            memory_size: 1 << 20,
+        };
+        let command = Firecracker.command(&launch);
+        assert_eq!(command.get_program(), "/opt/firecracker");
+        let args: Vec<_> = command.get_args().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            args,
+            [
+                "--api-sock",
+                "/state/vms/a/api.sock",
+                "--id",
+                "a",
+                "--log-path",
+                "/state/vms/a/firecracker.log",
+                "--level",
+                "Warning"
+            ]
+        );
+    }
+
+    /// An API server on `socket` answering `answers` requests in turn (status, body) and
+    /// returning each request's method, path and JSON body.
+    fn fake_api(
+        socket: &Path,
+        answers: Vec<(u16, &'static str)>,
+    ) -> std::thread::JoinHandle<Vec<(String, serde_json::Value)>> {
+        use std::io::{Read, Write};
+        let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for (status, body) in answers {
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let text = loop {
+                    let n = conn.read(&mut chunk).unwrap();
+                    assert_ne!(n, 0, "the client closed mid-request");
+                    request.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&request).into_owned();
+                    if let Some((head, sent)) = text.split_once("\r\n\r\n") {
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        if sent.len() >= length {
+                            break text;
+                        }
+                    }
+                };
+                let (head, sent) = text.split_once("\r\n\r\n").unwrap();
+                let request_line = head.lines().next().unwrap();
+                let mut words = request_line.split(' ');
+                let call = format!("{} {}", words.next().unwrap(), words.next().unwrap());
+                seen.push((call, serde_json::from_str(sent).unwrap()));
+                let answer = format!(
+                    "HTTP/1.1 {status} \r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                conn.write_all(answer.as_bytes()).unwrap();
+            }
+            seen
+        })
+    }
+
+    #[test]
+    fn a_restore_loads_the_snapshot_with_the_fork_as_memory_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let server = fake_api(&socket, vec![(204, "")]);
+        let restore = Restore {
+            vmstate: Path::new("/s/vmstate"),
+            backend: VmBackend::Uffd,
+            memory: Path::new("/state/sockets/a.sock"),
+            network_overrides: &[],
+            vsock: None,
+        };
+        Firecracker.restore(&socket, &restore).unwrap();
+        let seen = server.join().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].0, "PUT /snapshot/load");
+        assert_eq!(
+            seen[0].1["mem_backend"],
+            serde_json::json!({"backend_type": "Uffd", "backend_path": "/state/sockets/a.sock"})
+        );
+        assert_eq!(seen[0].1["snapshot_path"], "/s/vmstate");
+    }
+
+    #[test]
+    fn a_refused_load_carries_firecrackers_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let server = fake_api(&socket, vec![(400, r#"{"fault_message":"bad"}"#)]);
+        let restore = Restore {
+            vmstate: Path::new("/s/vmstate"),
+            backend: VmBackend::File,
+            memory: Path::new("/m"),
+            network_overrides: &[],
+            vsock: None,
+        };
+        let error = Firecracker.restore(&socket, &restore).unwrap_err();
+        server.join().unwrap();
+        assert!(
+            matches!(
+                &error,
+                HypervisorError::Firecracker(FirecrackerError::Refused { status: 400, body, .. })
+                    if body.contains("bad")
+            ),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_pauses_creates_and_resumes_over_the_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let server = fake_api(&socket, vec![(204, ""), (204, ""), (204, "")]);
+        let snapshots = Firecracker.snapshots().unwrap();
+        snapshots.pause(&socket).unwrap();
+        snapshots
+            .create(&socket, Path::new("/o/vmstate"), Path::new("/o/memory"))
+            .unwrap();
+        snapshots.resume(&socket).unwrap();
+        let seen = server.join().unwrap();
+        let calls: Vec<_> = seen.iter().map(|(call, _)| call.as_str()).collect();
+        assert_eq!(calls, ["PATCH /vm", "PUT /snapshot/create", "PATCH /vm"]);
+        assert_eq!(seen[0].1, serde_json::json!({"state": "Paused"}));
+        assert_eq!(
+            seen[1].1,
+            serde_json::json!({
+                "snapshot_type": "Full",
+                "snapshot_path": "/o/vmstate",
+                "mem_file_path": "/o/memory",
+            })
+        );
+        assert_eq!(seen[2].1, serde_json::json!({"state": "Resumed"}));
+    }
+
+    #[test]
+    fn waiting_ends_when_the_process_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let error = Firecracker
+            .wait_ready(&socket, Duration::from_secs(60), &mut || false)
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                HypervisorError::Firecracker(FirecrackerError::NotReady { .. })
+            ),
+            "{error:?}"
+        );
     }
 }

@@ -14,19 +14,33 @@
 //! `MAP_PRIVATE` as writable RAM: unwritten pages come from the (shared) page cache, writes
 //! stay in the clone. The machine ([`machine_args`]) must be the same on both sides, so the
 //! bundle's maker and pagerd take it from here. TCG is used: it works on every host,
-//! including nested ones where KVM guests at CPL0 are emulated.
+//! including nested ones where KVM guests at CPL0 are emulated. [`Qemu`] is its
+//! [`Hypervisor`]: clones from the FUSE view only, no per-clone devices, no `vm.snapshot`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use proto::model::VmmKind;
 use serde_json::{json, Value};
+
+use crate::binary::BinaryLookup;
+use crate::hypervisor::{Capabilities, Hypervisor, HypervisorError, Launch, Restore, Snapshots};
 
 /// The environment variable naming the QEMU binary.
 pub const QEMU_ENV: &str = "QEMU";
 /// The binary looked for on `PATH`.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+/// Where the QEMU binary is looked for.
+pub const BINARY: BinaryLookup = BinaryLookup {
+    display_name: "QEMU",
+    option: "--qemu",
+    env: QEMU_ENV,
+    file_name: QEMU_BINARY,
+};
 
 /// How long a QMP exchange or an incoming migration may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,9 +48,15 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why a QEMU call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
-    /// No binary was found.
-    #[error("no QEMU binary: give --qemu PATH, set $QEMU, or put qemu-system-x86_64 on PATH")]
-    NotFound,
+    /// The QMP socket never accepted a connection.
+    #[error("cannot reach QEMU's QMP socket {}", socket.display())]
+    NotReady {
+        /// The socket.
+        socket: PathBuf,
+        /// The last attempt's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Talking to QMP failed.
     #[error("QMP on {}", socket.display())]
     Io {
@@ -57,21 +77,6 @@ pub enum QemuError {
     /// The incoming migration failed or did not finish.
     #[error("the incoming migration ended as {0}")]
     Migration(String),
-}
-
-/// The QEMU binary: `explicit`, else `$QEMU`, else `qemu-system-x86_64` on `PATH`.
-pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, QemuError> {
-    if let Some(path) = explicit {
-        return Ok(path.to_owned());
-    }
-    if let Some(path) = std::env::var_os(QEMU_ENV).filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(path));
-    }
-    let path = std::env::var_os("PATH").ok_or(QemuError::NotFound)?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(QEMU_BINARY))
-        .find(|candidate| candidate.is_file())
-        .ok_or(QemuError::NotFound)
 }
 
 /// How guest RAM maps the memory file.
@@ -242,6 +247,72 @@ impl Qmp {
     }
 }
 
+/// QEMU as pagerd launches it: RAM the FUSE memory file, mapped privately, on the command
+/// line; device state restored over QMP.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Qemu;
+
+impl Hypervisor for Qemu {
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    fn binary(&self) -> &'static BinaryLookup {
+        &BINARY
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        // It takes its memory from the FUSE view only; no per-clone devices yet.
+        Capabilities {
+            uffd_backend: false,
+            device_overrides: false,
+            jailer: false,
+        }
+    }
+
+    fn control_socket_name(&self) -> &'static str {
+        "qmp.sock"
+    }
+
+    fn log_file_name(&self) -> Option<&'static str> {
+        None
+    }
+
+    fn command(&self, launch: &Launch<'_>) -> Command {
+        let mut command = Command::new(launch.binary);
+        command.args(clone_args(
+            launch.memory,
+            launch.memory_size,
+            launch.control_socket,
+        ));
+        command
+    }
+
+    fn wait_ready(
+        &self,
+        socket: &Path,
+        timeout: Duration,
+        alive: &mut dyn FnMut() -> bool,
+    ) -> Result<(), HypervisorError> {
+        crate::ready::wait_accepting(socket, timeout, alive).map_err(|source| {
+            HypervisorError::Qemu(QemuError::NotReady {
+                socket: socket.to_owned(),
+                source,
+            })
+        })
+    }
+
+    /// The memory is on the command line already; only the device state comes over QMP.
+    fn restore(&self, socket: &Path, restore: &Restore<'_>) -> Result<(), HypervisorError> {
+        Ok(Qmp::connect(socket)?.restore(restore.vmstate)?)
+    }
+
+    fn snapshots(&self) -> Option<&dyn Snapshots> {
+        // A clone's RAM is private, which `x-ignore-shared` does not leave out of the stream.
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,5 +335,108 @@ mod tests {
         );
         let source = machine_args(Path::new("/m"), 4096, RamMapping::Shared, Path::new("/q"));
         assert!(source.join(" ").contains("mem-path=/m,share=on"));
+    }
+
+    #[test]
+    fn a_clone_maps_the_snapshots_file_and_listens_on_its_qmp_socket() {
+        let launch = Launch {
+            binary: Path::new("/usr/bin/qemu-system-x86_64"),
+            id: "a",
+            dir: Path::new("/state/vms/a"),
+            control_socket: Path::new("/state/vms/a/qmp.sock"),
+            memory: Path::new("/fuse/snapshots/s/memory"),
+            memory_size: 4096,
+        };
+        let command = Qemu.command(&launch);
+        assert_eq!(command.get_program(), "/usr/bin/qemu-system-x86_64");
+        let args: Vec<String> = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            clone_args(
+                Path::new("/fuse/snapshots/s/memory"),
+                4096,
+                Path::new("/state/vms/a/qmp.sock")
+            )
+        );
+        assert!(args
+            .iter()
+            .any(|a| a.contains("mem-path=/fuse/snapshots/s/memory,share=off")));
+    }
+
+    #[test]
+    fn a_restore_negotiates_migrates_in_waits_and_continues() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("qmp.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut writer = conn.try_clone().unwrap();
+            let mut reader = BufReader::new(conn);
+            writer.write_all(b"{\"QMP\": {}}\n").unwrap();
+            let mut commands = Vec::new();
+            let mut queried = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap() == 0 {
+                    return commands;
+                }
+                let request: Value = serde_json::from_str(&line).unwrap();
+                let command = request["execute"].as_str().unwrap().to_owned();
+                let answer = match command.as_str() {
+                    // Still running once, then done; an event in between is skipped.
+                    "query-migrate" if queried == 0 => {
+                        queried += 1;
+                        "{\"event\": \"MIGRATION\"}\n{\"return\": {\"status\": \"active\"}}\n"
+                    }
+                    "query-migrate" => "{\"return\": {\"status\": \"completed\"}}\n",
+                    _ => "{\"return\": {}}\n",
+                };
+                commands.push((command, request["arguments"].clone()));
+                writer.write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        let restore = Restore {
+            vmstate: Path::new("/s/vmstate"),
+            backend: proto::model::VmBackend::File,
+            memory: Path::new("/fuse/memory"),
+            network_overrides: &[],
+            vsock: None,
+        };
+        Qemu.restore(&socket, &restore).unwrap();
+        let commands = server.join().unwrap();
+        let names: Vec<_> = commands.iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "qmp_capabilities",
+                "migrate-set-capabilities",
+                "migrate-incoming",
+                "query-migrate",
+                "query-migrate",
+                "cont"
+            ]
+        );
+        assert_eq!(commands[2].1, json!({"uri": "file:/s/vmstate"}));
+        assert_eq!(
+            commands[1].1["capabilities"][0],
+            json!({"capability": "x-ignore-shared", "state": true})
+        );
+    }
+
+    #[test]
+    fn a_socket_that_never_comes_up_is_reported_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("qmp.sock");
+        let error = Qemu
+            .wait_ready(&socket, Duration::from_secs(60), &mut || false)
+            .unwrap_err();
+        assert!(
+            matches!(error, HypervisorError::Qemu(QemuError::NotReady { .. })),
+            "{error:?}"
+        );
     }
 }

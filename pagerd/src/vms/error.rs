@@ -4,6 +4,7 @@ use proto::model::{VmState, VmmKind};
 use proto::Id;
 use vmm_glue::firecracker::FirecrackerError;
 use vmm_glue::qemu::QemuError;
+use vmm_glue::HypervisorError;
 
 use crate::lifecycle::LifecycleError;
 use crate::store::StoreError;
@@ -96,4 +97,134 @@ pub(crate) enum VmError {
     /// Reading or writing records failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl VmError {
+    /// A hypervisor call for VM `vm` failed: Firecracker's API or QEMU's QMP.
+    pub(crate) fn hypervisor(vm: Id, error: HypervisorError) -> Self {
+        match error {
+            HypervisorError::Firecracker(source) => Self::Api { vm, source },
+            HypervisorError::Qemu(source) => Self::Qmp { vm, source },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use proto::control::{ControlError, ErrorCode};
+
+    use super::*;
+
+    fn vm() -> Id {
+        "a".parse().unwrap()
+    }
+
+    #[test]
+    fn hypervisor_failures_name_the_vm_and_keep_the_hypervisors_words() {
+        let firecracker = FirecrackerError::NotReady {
+            socket: PathBuf::from("/v/api.sock"),
+            timeout: Duration::from_secs(10),
+        };
+        let error = VmError::hypervisor(vm(), firecracker.into());
+        assert!(matches!(&error, VmError::Api { vm, .. } if vm.as_str() == "a"));
+        assert_eq!(
+            crate::errors::error_chain(&error),
+            "VM `a`: the API socket /v/api.sock did not come up within 10s"
+        );
+        let qemu = QemuError::Migration("failed".into());
+        let error = VmError::hypervisor(vm(), qemu.into());
+        assert!(matches!(&error, VmError::Qmp { .. }));
+        assert_eq!(
+            crate::errors::error_chain(&error),
+            "VM `a`: the incoming migration ended as failed"
+        );
+    }
+
+    #[test]
+    fn each_error_answers_with_its_stable_code() {
+        let io = || std::io::Error::other("x");
+        let cases = [
+            (VmError::NotFound(vm()), ErrorCode::NotFound),
+            (VmError::Exists(vm()), ErrorCode::Conflict),
+            (
+                VmError::WrongState {
+                    vm: vm(),
+                    state: VmState::Starting,
+                },
+                ErrorCode::Conflict,
+            ),
+            (VmError::NoVmState(vm()), ErrorCode::InvalidArgument),
+            (
+                VmError::Unsupported {
+                    vmm: VmmKind::Qemu,
+                    operation: "vm.snapshot",
+                },
+                ErrorCode::InvalidArgument,
+            ),
+            (VmError::NoFuse, ErrorCode::Unavailable),
+            (VmError::NoBinary("none".into()), ErrorCode::Unavailable),
+            (VmError::NoJailUid, ErrorCode::Unavailable),
+            (
+                VmError::WaitTimedOut {
+                    vm: vm(),
+                    state: VmState::Exited,
+                    timeout_ms: 1,
+                },
+                ErrorCode::Unavailable,
+            ),
+            (
+                VmError::StartFailed {
+                    vm: vm(),
+                    reason: "why".into(),
+                },
+                ErrorCode::Internal,
+            ),
+            (
+                VmError::hypervisor(vm(), QemuError::Migration("x".into()).into()),
+                ErrorCode::Internal,
+            ),
+            (
+                VmError::Io {
+                    action: "x".into(),
+                    source: io(),
+                },
+                ErrorCode::Internal,
+            ),
+            (
+                VmError::Lifecycle(LifecycleError::NotFound {
+                    kind: "snapshot",
+                    id: vm(),
+                }),
+                ErrorCode::NotFound,
+            ),
+            (
+                VmError::Lifecycle(LifecycleError::Exists {
+                    kind: "snapshot",
+                    id: vm(),
+                }),
+                ErrorCode::Conflict,
+            ),
+        ];
+        for (error, code) in cases {
+            let text = error.to_string();
+            let answer = ControlError::from(error);
+            assert_eq!(answer.code, code, "{text}");
+            assert!(answer.message.starts_with(&text), "{}", answer.message);
+        }
+    }
+
+    #[test]
+    fn unsupported_operations_name_the_hypervisor() {
+        let error = VmError::Unsupported {
+            vmm: VmmKind::Qemu,
+            operation: "tap and vsock overrides",
+        };
+        assert_eq!(
+            error.to_string(),
+            "tap and vsock overrides is not supported for qemu VMs"
+        );
+    }
 }

@@ -18,7 +18,9 @@
 //!
 //! The lifecycle stays the one place that decides what exists: this module reaches it only
 //! through [`VmHost`]. A live VM record (`starting`, `running`) is itself a reference on its
-//! snapshot, read by the lifecycle from the store (`store::vms`). `reconcile.rs` adopts VMs
+//! snapshot, read by the lifecycle from the store (`store::vms`). What differs between
+//! Firecracker and QEMU is `vmm_glue`'s [`Hypervisor`], picked once per VM from the snapshot's
+//! [`VmmKind`]. `request.rs` checks a start request against it; `reconcile.rs` adopts VMs
 //! after a restart and runs the janitor; `snapshot.rs` is `vm.snapshot`.
 
 mod console;
@@ -27,7 +29,10 @@ mod host;
 mod jail;
 mod process;
 mod reconcile;
+mod request;
 mod snapshot;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -38,21 +43,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use proto::model::{NetworkOverride, VmBackend, VmCounts, VmInfo, VmState, VmmKind};
+use proto::model::{JailInfo, VmBackend, VmCounts, VmInfo, VmState, VmmKind};
 use proto::Id;
 use rustix::process::Signal;
-use vmm_glue::firecracker::{self, Api, LoadRequest};
-use vmm_glue::qemu::{self, Qmp};
+use vmm_glue::hypervisor::{Launch, Restore};
+use vmm_glue::Hypervisor;
 
 pub(crate) use error::VmError;
 pub(crate) use host::VmHost;
 pub(crate) use jail::JailOptions;
+pub(crate) use request::StartRequest;
 
 use crate::lifecycle::LifecycleError;
 use crate::registry::unix_ms;
 use crate::store::vms::VmRecord;
 use crate::store::Store;
-use process::Process;
+use process::HalfStarted;
 
 /// How long a hypervisor's API socket may take to come up.
 const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,23 +82,14 @@ pub(crate) struct VmOptions {
     pub jail: Option<JailOptions>,
 }
 
-/// A `vm.start` request.
-#[derive(Debug, Clone)]
-pub(crate) struct StartRequest {
-    /// The snapshot.
-    pub snapshot: Id,
-    /// The VM's id, or generated.
-    pub vm: Option<Id>,
-    /// Where its memory comes from.
-    pub backend: VmBackend,
-    /// Tap devices.
-    pub network_overrides: Vec<NetworkOverride>,
-    /// The vsock socket.
-    pub vsock: Option<PathBuf>,
-    /// What its fork prefetches (the daemon's default when absent).
-    pub prefetch: Option<proto::prefetch::Prefetch>,
-    /// The uid starting it: it owns the VM and its fork.
-    pub owner: u32,
+impl VmOptions {
+    /// The binary given for hypervisor `kind`, if any.
+    fn binary(&self, kind: VmmKind) -> Option<&Path> {
+        match kind {
+            VmmKind::Firecracker => self.firecracker.as_deref(),
+            VmmKind::Qemu => self.qemu.as_deref(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -225,38 +222,17 @@ impl Vms {
             .vmstate
             .clone()
             .ok_or_else(|| VmError::NoVmState(request.snapshot.clone()))?;
-        let unsupported = |operation| VmError::Unsupported {
-            vmm: vmstate.vmm,
-            operation,
-        };
-        let binary = match vmstate.vmm {
-            VmmKind::Firecracker => firecracker::find_binary(self.options.firecracker.as_deref())
-                .map_err(|e| VmError::NoBinary(e.to_string()))?,
-            VmmKind::Qemu => {
-                // QEMU takes its memory from the FUSE view only; no per-clone devices yet.
-                if request.backend != VmBackend::File {
-                    return Err(unsupported("the uffd backend (use --backend file)"));
-                }
-                if !request.network_overrides.is_empty() || request.vsock.is_some() {
-                    return Err(unsupported("tap and vsock overrides"));
-                }
-                qemu::find_binary(self.options.qemu.as_deref())
-                    .map_err(|e| VmError::NoBinary(e.to_string()))?
-            }
-        };
+        let hypervisor = vmm_glue::hypervisor::for_kind(vmstate.vmm);
+        request.check_supported(hypervisor)?;
+        let binary = vmm_glue::find_binary(hypervisor.binary(), self.options.binary(vmstate.vmm))
+            .map_err(|e| VmError::NoBinary(e.to_string()))?;
         let memory_size = snapshot.size.unwrap_or(0);
         let jail_options = self
             .options
             .jail
             .as_ref()
-            .filter(|_| vmstate.vmm == VmmKind::Firecracker);
-        let memory_file = match request.backend {
-            // A jailed clone maps the snapshot's own file, hard-linked into its chroot (the
-            // FUSE view is another filesystem); the VM's record is its reference.
-            VmBackend::File if jail_options.is_some() => Some(snapshot.path.clone()),
-            VmBackend::File => Some(snapshot.fuse_file.clone().ok_or(VmError::NoFuse)?),
-            VmBackend::Uffd => None,
-        };
+            .filter(|_| hypervisor.capabilities().jailer);
+        let memory_file = request::memory_file(request.backend, jail_options.is_some(), &snapshot)?;
         let (id, dir, jail) = {
             let table = self.lock();
             let id = match &request.vm {
@@ -299,10 +275,7 @@ impl Vms {
                 pid: None,
                 fork: None,
                 memory_file: memory_file.clone(),
-                api_socket: match &jail {
-                    Some(jail) => jail::api_socket(jail),
-                    None => dir.join(api_socket_name(vmstate.vmm)),
-                },
+                api_socket: control_socket(hypervisor, &dir, jail.as_ref()),
                 console_log: dir.join("console.log"),
                 network_overrides: request.network_overrides.clone(),
                 vsock: request.vsock.clone(),
@@ -322,17 +295,16 @@ impl Vms {
                 pidfd: None,
             },
         );
-        let mut started = None;
         let target = Target {
-            vmm: vmstate.vmm,
+            hypervisor,
             binary,
             vmstate: vmstate.path.clone(),
             memory_size,
             jail,
         };
-        let launched = self.launch(&id, &dir, &target, memory_file, &request, &mut started);
-        match (launched, started) {
-            (Ok(()), Some(process)) => {
+        match self.launch(&id, &dir, &target, memory_file, &request) {
+            Ok(started) => {
+                let process = started.running();
                 let pidfd = Arc::new(process.pidfd);
                 let info = self.update(&id, |slot| {
                     slot.record.info.state = VmState::Running;
@@ -342,18 +314,9 @@ impl Vms {
                 tracing::info!(vm = %id, snapshot = %info.snapshot, backend = %info.backend, pid = ?info.pid, "VM running");
                 Ok(info)
             }
-            (result, process) => {
-                let reason = match result {
-                    Err(e) => crate::errors::error_chain(&e),
-                    Ok(()) => "the hypervisor was not started".into(),
-                };
-                if let Some(mut process) = process {
-                    let _ = process::signal(&process.pidfd, Signal::KILL);
-                    process::wait_exit(&process.pidfd, Some(KILL_TIMEOUT));
-                    if let Some(child) = process.child.as_mut() {
-                        let _ = child.wait();
-                    }
-                }
+            // A hypervisor it started is killed by now: its guard was dropped on the way out.
+            Err(e) => {
+                let reason = crate::errors::error_chain(&e);
                 let info = self.update(&id, |slot| {
                     slot.record.info.state = VmState::Failed;
                     slot.record.info.reason = Some(reason.clone());
@@ -365,8 +328,8 @@ impl Vms {
         }
     }
 
-    /// The steps of a start that can fail; the process, once spawned, is left in `started`
-    /// for the caller to keep or kill.
+    /// The steps of a start that can fail. The hypervisor, once spawned, is returned in its
+    /// guard for the caller to keep; on an error the guard is dropped, which kills it.
     fn launch(
         &self,
         id: &Id,
@@ -374,8 +337,8 @@ impl Vms {
         target: &Target,
         memory_file: Option<PathBuf>,
         request: &StartRequest,
-        started: &mut Option<Process>,
-    ) -> Result<(), VmError> {
+    ) -> Result<HalfStarted, VmError> {
+        let hypervisor = target.hypervisor;
         let binary = &target.binary;
         let memory = match memory_file {
             Some(file) => file,
@@ -390,10 +353,7 @@ impl Vms {
                 fork.handoff_socket
             }
         };
-        let api_socket = match &target.jail {
-            Some(jail) => jail::api_socket(jail),
-            None => dir.join(api_socket_name(target.vmm)),
-        };
+        let api_socket = control_socket(hypervisor, dir, target.jail.as_ref());
         let console_path = dir.join("console.log");
         let console =
             console::open(&console_path).map_err(io(format!("open {}", console_path.display())))?;
@@ -403,8 +363,8 @@ impl Vms {
             }
             _ => {}
         }
-        let command = match (target.vmm, &target.jail, &self.options.jail) {
-            (VmmKind::Firecracker, Some(jail), Some(options)) => {
+        let command = match (&target.jail, &self.options.jail) {
+            (Some(jail), Some(options)) => {
                 jail::remove(jail);
                 if request.backend == VmBackend::File {
                     jail::mount_memory(jail, &memory)
@@ -412,43 +372,40 @@ impl Vms {
                 }
                 options.command(binary, id, jail)
             }
-            (VmmKind::Firecracker, _, _) => {
-                let log_path = dir.join("firecracker.log");
-                console::open(&log_path).map_err(io(format!("create {}", log_path.display())))?;
-                firecracker::command(binary, id.as_str(), &api_socket, &log_path)
-            }
-            (VmmKind::Qemu, _, _) => {
-                let mut command = std::process::Command::new(binary);
-                command.args(qemu::clone_args(&memory, target.memory_size, &api_socket));
-                command
+            _ => {
+                if let Some(name) = hypervisor.log_file_name() {
+                    let log_path = dir.join(name);
+                    console::open(&log_path)
+                        .map_err(io(format!("create {}", log_path.display())))?;
+                }
+                hypervisor.command(&Launch {
+                    binary,
+                    id: id.as_str(),
+                    dir,
+                    control_socket: &api_socket,
+                    memory: &memory,
+                    memory_size: target.memory_size,
+                })
             }
         };
         let process =
             process::spawn(command, &console).map_err(io(format!("start {}", binary.display())))?;
-        let identity = process.identity;
-        let pidfd = process.pidfd.try_clone().map_err(io("duplicate a pidfd"))?;
-        *started = Some(process);
+        let started = HalfStarted::new(process, KILL_TIMEOUT);
+        let identity = started.process().identity;
+        let pidfd = started
+            .process()
+            .pidfd
+            .try_clone()
+            .map_err(io("duplicate a pidfd"))?;
         self.update(id, |slot| {
             slot.record.info.pid = Some(identity.pid);
             slot.record.start_time = Some(identity.start_time);
         })?;
-        let alive = || !process::wait_exit(&pidfd, Some(Duration::ZERO));
-        if target.vmm == VmmKind::Qemu {
-            wait_socket(&api_socket, alive).map_err(io("reach QEMU's QMP socket"))?;
-            let qmp_error = |source| VmError::Qmp {
-                vm: id.clone(),
-                source,
-            };
-            let mut qmp = Qmp::connect(&api_socket).map_err(qmp_error)?;
-            return qmp.restore(&target.vmstate).map_err(qmp_error);
-        }
-        let api = Api::new(&api_socket);
-        let api_error = |source| VmError::Api {
-            vm: id.clone(),
-            source,
-        };
-        api.wait_ready(API_READY_TIMEOUT, alive)
-            .map_err(api_error)?;
+        let hypervisor_error = |source| VmError::hypervisor(id.clone(), source);
+        let mut alive = || !process::wait_exit(&pidfd, Some(Duration::ZERO));
+        hypervisor
+            .wait_ready(&api_socket, API_READY_TIMEOUT, &mut alive)
+            .map_err(hypervisor_error)?;
         // Jailed: what it loads, hard-linked into its chroot, under the names it sees.
         let (vmstate, memory) = match &target.jail {
             Some(jail) => {
@@ -465,14 +422,17 @@ impl Vms {
             }
             None => (target.vmstate.clone(), memory),
         };
-        let load = LoadRequest::new(
-            &vmstate,
-            request.backend,
-            &memory,
-            &request.network_overrides,
-            request.vsock.as_deref(),
-        );
-        api.load(&load).map_err(api_error)
+        let restore = Restore {
+            vmstate: &vmstate,
+            backend: request.backend,
+            memory: &memory,
+            network_overrides: &request.network_overrides,
+            vsock: request.vsock.as_deref(),
+        };
+        hypervisor
+            .restore(&api_socket, &restore)
+            .map_err(hypervisor_error)?;
+        Ok(started)
     }
 
     /// Follows a VM's hypervisor until it exits, on a thread of its own.
@@ -589,30 +549,18 @@ impl Vms {
 /// What a VM is started from.
 #[derive(Debug)]
 struct Target {
-    vmm: VmmKind,
+    hypervisor: &'static dyn Hypervisor,
     binary: PathBuf,
     vmstate: PathBuf,
     memory_size: u64,
     /// Firecracker through its jailer.
-    jail: Option<proto::model::JailInfo>,
+    jail: Option<JailInfo>,
 }
 
-/// The name of the hypervisor's control socket in the VM's directory.
-fn api_socket_name(vmm: VmmKind) -> &'static str {
-    match vmm {
-        VmmKind::Firecracker => "api.sock",
-        VmmKind::Qemu => "qmp.sock",
-    }
-}
-
-/// Waits until `socket` accepts a connection, while `alive` says the process lives.
-fn wait_socket(socket: &Path, mut alive: impl FnMut() -> bool) -> std::io::Result<()> {
-    let end = Instant::now() + API_READY_TIMEOUT;
-    loop {
-        match std::os::unix::net::UnixStream::connect(socket) {
-            Ok(_) => return Ok(()),
-            Err(e) if Instant::now() >= end || !alive() => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
-        }
+/// The hypervisor's control socket, seen from outside: in the VM's directory, or in its jail.
+fn control_socket(hypervisor: &dyn Hypervisor, dir: &Path, jail: Option<&JailInfo>) -> PathBuf {
+    match jail {
+        Some(jail) => jail::api_socket(jail),
+        None => dir.join(hypervisor.control_socket_name()),
     }
 }

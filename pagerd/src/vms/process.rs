@@ -1,5 +1,6 @@
 //! Hypervisor processes: started in a session of their own (so they outlive a pagerd restart
-//! and no terminal signal reaches them), followed by pidfd, stopped by signal.
+//! and no terminal signal reaches them), followed by pidfd, stopped by signal. A process not
+//! yet known to run its guest is held by [`HalfStarted`], which kills it if the start fails.
 
 use std::fs::File;
 use std::io;
@@ -22,6 +23,58 @@ pub(crate) struct Process {
     pub identity: VmmIdentity,
     /// Present when this daemon is the parent.
     pub child: Option<Child>,
+}
+
+impl Process {
+    /// Kills it (SIGKILL through the pidfd), waits up to `timeout` for it to be gone, and
+    /// collects its exit status when this daemon is its parent.
+    pub(crate) fn kill(mut self, timeout: Duration) {
+        let _ = signal(&self.pidfd, Signal::KILL);
+        wait_exit(&self.pidfd, Some(timeout));
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A hypervisor spawned for a VM that is not running yet: dropped before [`Self::running`],
+/// it is killed, so no step of a failed start leaves it behind.
+#[derive(Debug)]
+pub(crate) struct HalfStarted {
+    process: Option<Process>,
+    kill_timeout: Duration,
+}
+
+impl HalfStarted {
+    /// Holds `process`; a kill waits up to `kill_timeout` for it to be gone.
+    pub(crate) fn new(process: Process, kill_timeout: Duration) -> Self {
+        Self {
+            process: Some(process),
+            kill_timeout,
+        }
+    }
+
+    /// The process held.
+    pub(crate) fn process(&self) -> &Process {
+        self.process
+            .as_ref()
+            .expect("a HalfStarted holds its process until running or dropped")
+    }
+
+    /// The start succeeded: the process is the caller's to follow.
+    pub(crate) fn running(mut self) -> Process {
+        self.process
+            .take()
+            .expect("a HalfStarted holds its process until running or dropped")
+    }
+}
+
+impl Drop for HalfStarted {
+    fn drop(&mut self) {
+        if let Some(process) = self.process.take() {
+            process.kill(self.kill_timeout);
+        }
+    }
 }
 
 /// Starts `command` in a new session with stdin from `/dev/null` and stdout and stderr into
@@ -140,5 +193,42 @@ mod tests {
         assert!(adopt(p.identity).is_none());
         let text = std::fs::read_to_string(dir.path().join("c")).unwrap();
         assert_eq!(text, "hi\n");
+    }
+
+    fn sleeper(dir: &std::path::Path) -> Process {
+        let console = File::create(dir.join("console")).unwrap();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        spawn(cmd, &console).unwrap()
+    }
+
+    #[test]
+    fn a_half_started_process_dropped_is_killed_and_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let process = sleeper(dir.path());
+        let identity = process.identity;
+        let pidfd = process.pidfd.try_clone().unwrap();
+        let guard = HalfStarted::new(process, Duration::from_secs(10));
+        assert_eq!(guard.process().identity, identity);
+        drop(guard);
+        assert!(
+            wait_exit(&pidfd, Some(Duration::ZERO)),
+            "killed by the drop"
+        );
+        assert!(adopt(identity).is_none(), "reaped, not a zombie");
+    }
+
+    #[test]
+    fn a_half_started_process_that_runs_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let guard = HalfStarted::new(sleeper(dir.path()), Duration::from_secs(10));
+        let process = guard.running();
+        assert!(
+            !wait_exit(&process.pidfd, Some(Duration::ZERO)),
+            "still running"
+        );
+        let identity = process.identity;
+        process.kill(Duration::from_secs(10));
+        assert!(adopt(identity).is_none());
     }
 }

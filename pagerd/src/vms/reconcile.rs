@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use proto::model::VmState;
-use rustix::process::Signal;
 
 use crate::store::VmmIdentity;
 
@@ -48,8 +47,7 @@ impl Vms {
                     continue;
                 }
                 (VmState::Starting, Some(process)) => {
-                    let _ = process::signal(&process.pidfd, Signal::KILL);
-                    process::wait_exit(&process.pidfd, Some(KILL_TIMEOUT));
+                    process.kill(KILL_TIMEOUT);
                     record.info.state = VmState::Failed;
                     record.info.reason = Some("pagerd restarted while it was starting".into());
                     report.failed.push(id.clone());

@@ -2,9 +2,8 @@
 
 use std::path::Path;
 
-use proto::model::{SnapshotInfo, VmState, VmmKind};
+use proto::model::{SnapshotInfo, VmState};
 use proto::Id;
-use vmm_glue::firecracker::Api;
 
 use crate::lifecycle::LifecycleError;
 
@@ -22,19 +21,19 @@ impl Vms {
                 state: info.state,
             });
         }
-        if info.vmm != VmmKind::Firecracker {
+        let Some(snapshots) = vmm_glue::hypervisor::for_kind(info.vmm).snapshots() else {
             return Err(VmError::Unsupported {
                 vmm: info.vmm,
                 operation: "vm.snapshot",
             });
-        }
+        };
         if self.host.snapshot(&new).is_ok() {
             return Err(VmError::Lifecycle(LifecycleError::Exists {
                 kind: "snapshot",
                 id: new,
             }));
         }
-        // Where Firecracker writes the snapshot: the VM's directory, or for a jailed VM a
+        // Where the hypervisor writes the snapshot: the VM's directory, or for a jailed VM a
         // directory of its chroot it may write, named as it sees it.
         let name = format!(".snapshot-{new}");
         let (out, seen_as) = match &info.jail {
@@ -50,29 +49,20 @@ impl Vms {
                 (out.clone(), out)
             }
         };
-        let api = Api::new(&info.api_socket);
-        let api_error = |source| VmError::Api {
-            vm: id.clone(),
-            source,
-        };
+        let socket = &info.api_socket;
+        let hypervisor_error = |source| VmError::hypervisor(id.clone(), source);
         let (vmstate, memory) = (out.join("vmstate"), out.join("memory"));
-        let result = api.pause().map_err(api_error).and_then(|()| {
-            let saved = api
-                .create_snapshot(&seen_as.join("vmstate"), &seen_as.join("memory"))
-                .map_err(api_error)
+        let result = snapshots.pause(socket).map_err(hypervisor_error).and_then(|()| {
+            let saved = snapshots
+                .create(socket, &seen_as.join("vmstate"), &seen_as.join("memory"))
+                .map_err(hypervisor_error)
                 .and_then(|()| {
                     self.host
-                        .register(
-                            new.clone(),
-                            &memory,
-                            &vmstate,
-                            VmmKind::Firecracker,
-                            info.owner,
-                        )
+                        .register(new.clone(), &memory, &vmstate, info.vmm, info.owner)
                         .map_err(VmError::from)
                 });
             if resume || saved.is_err() {
-                if let Err(e) = api.resume() {
+                if let Err(e) = snapshots.resume(socket) {
                     tracing::error!(vm = %id, error = %crate::errors::error_chain(&e), "cannot resume the VM after a snapshot");
                 }
             }

@@ -1,0 +1,513 @@
+//! VM supervision's decisions, over a stand-in for the lifecycle and a real state directory:
+//! what a start refuses before creating anything, what a failed start leaves behind, and how
+//! records move between states on stop, wait, exit, snapshot and reconciliation. No
+//! hypervisor runs: the ones started here are `true`, which exits at once.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::model::{ForkInfo, SnapshotInfo, VmBackend, VmInfo, VmState, VmmKind};
+use proto::prefetch::Prefetch;
+use proto::Id;
+
+use super::{Slot, StartRequest, VmError, VmHost, VmOptions, Vms};
+use crate::access::Access;
+use crate::lifecycle::LifecycleError;
+use crate::store::vms::VmRecord;
+use crate::store::Store;
+
+fn id(s: &str) -> Id {
+    s.parse().unwrap()
+}
+
+/// A snapshot as the lifecycle reports it: its memory file, its FUSE view's file if mounted,
+/// and its hypervisor state if it has one.
+pub(super) fn snapshot(fuse_file: Option<&str>, vmm: Option<VmmKind>) -> SnapshotInfo {
+    let vmstate = vmm.map(
+        |vmm| serde_json::json!({"vmm": vmm, "path": "/state/snapshots/s/vmstate", "size": 1}),
+    );
+    serde_json::from_value(serde_json::json!({
+        "id": "s",
+        "path": "/state/snapshots/s/memory",
+        "size": 4096,
+        "created_unix_ms": null,
+        "source": null,
+        "import": null,
+        "delete_pending": false,
+        "zero_pages": null,
+        "ref_count": null,
+        "forks": null,
+        "file_users": [],
+        "fuse_file": fuse_file,
+        "unreadable_fork_records": [],
+        "error": null,
+        "vmstate": vmstate,
+    }))
+    .unwrap()
+}
+
+/// The lifecycle, reduced to what `vms` asks of it, remembering the calls.
+#[derive(Debug, Default)]
+struct FakeHost {
+    snapshots: BTreeMap<Id, SnapshotInfo>,
+    created_forks: Mutex<Vec<Id>>,
+    closed_forks: Mutex<Vec<Id>>,
+    released: Mutex<Vec<Id>>,
+}
+
+impl VmHost for FakeHost {
+    fn snapshot(&self, id: &Id) -> Result<SnapshotInfo, LifecycleError> {
+        self.snapshots
+            .get(id)
+            .cloned()
+            .ok_or_else(|| LifecycleError::NotFound {
+                kind: "snapshot",
+                id: id.clone(),
+            })
+    }
+
+    fn create_fork(
+        &self,
+        id: Id,
+        snapshot: &Id,
+        _prefetch: Option<Prefetch>,
+        owner: u32,
+    ) -> Result<ForkInfo, LifecycleError> {
+        self.created_forks.lock().unwrap().push(id.clone());
+        Ok(serde_json::from_value(serde_json::json!({
+            "id": id,
+            "snapshot": snapshot,
+            "owner": owner,
+            "state": "waiting",
+            "handoff_socket": format!("/state/sockets/{id}.sock"),
+            "vmm_pid": null,
+            "uffd_features": null,
+            "worker": null,
+            "end_reason": null,
+            "last_handoff_error": null,
+            "created_unix_ms": 0,
+            "stats": proto::model::ForkStatsReport::default(),
+        }))
+        .unwrap())
+    }
+
+    fn close_fork(&self, id: &Id) -> Result<ForkInfo, LifecycleError> {
+        self.closed_forks.lock().unwrap().push(id.clone());
+        Err(LifecycleError::NotFound {
+            kind: "fork",
+            id: id.clone(),
+        })
+    }
+
+    fn register(
+        &self,
+        _id: Id,
+        _memory: &Path,
+        _vmstate: &Path,
+        _vmm: VmmKind,
+        _owner: u32,
+    ) -> Result<SnapshotInfo, LifecycleError> {
+        panic!("no snapshot is registered in these tests")
+    }
+
+    fn released(&self, snapshot: &Id) {
+        self.released.lock().unwrap().push(snapshot.clone());
+    }
+}
+
+/// VM supervision over `host` in a fresh state directory, hypervisor binaries `binary`.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    host: Arc<FakeHost>,
+    store: Store,
+    vms: Arc<Vms>,
+}
+
+impl Fixture {
+    fn new(snapshot_info: SnapshotInfo, binary: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(&dir.path().join("state"), Access::default()).unwrap();
+        let host = Arc::new(FakeHost {
+            snapshots: BTreeMap::from([(id("s"), snapshot_info)]),
+            ..FakeHost::default()
+        });
+        let options = VmOptions {
+            firecracker: Some(binary.to_owned()),
+            qemu: Some(binary.to_owned()),
+            console_cap: 1 << 20,
+            jail: None,
+        };
+        let vms = Vms::new(host.clone(), store.clone(), options);
+        Self {
+            _dir: dir,
+            host,
+            store,
+            vms,
+        }
+    }
+
+    /// A VM record in `state`, written and in the table.
+    fn insert(&self, vm: &str, vmm: VmmKind, state: VmState, fork: Option<&str>) -> Id {
+        let vm = id(vm);
+        let dir = self.store.create_vm_dir(&vm).unwrap();
+        let record = VmRecord {
+            info: VmInfo {
+                id: vm.clone(),
+                snapshot: id("s"),
+                owner: 0,
+                vmm,
+                backend: VmBackend::Uffd,
+                state,
+                pid: None,
+                fork: fork.map(id),
+                memory_file: None,
+                api_socket: dir.join("api.sock"),
+                console_log: dir.join("console.log"),
+                network_overrides: Vec::new(),
+                vsock: None,
+                exit_code: None,
+                exit_signal: None,
+                reason: None,
+                created_unix_ms: 0,
+                jail: None,
+            },
+            start_time: None,
+        };
+        self.store.write_vm(&record).unwrap();
+        self.vms.lock().insert(
+            vm.clone(),
+            Slot {
+                record,
+                pidfd: None,
+            },
+        );
+        vm
+    }
+
+    /// Starts a VM that must fail to start, and returns the reason it failed for.
+    fn failed_start(&self, request: StartRequest) -> String {
+        let vm = request.vm.clone();
+        match self.vms.start(request) {
+            Err(VmError::StartFailed { vm: failed, reason }) => {
+                assert_eq!(Some(failed), vm);
+                reason
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn on_disk(&self, vm: &Id) -> VmInfo {
+        let scan = self.store.scan_vms().unwrap();
+        scan.records
+            .into_iter()
+            .find(|r| &r.info.id == vm)
+            .expect("a record on disk")
+            .info
+    }
+}
+
+fn start(vm: &str, backend: VmBackend) -> StartRequest {
+    StartRequest {
+        snapshot: id("s"),
+        vm: Some(id(vm)),
+        backend,
+        network_overrides: Vec::new(),
+        vsock: None,
+        prefetch: None,
+        owner: 1000,
+    }
+}
+
+fn exits_at_once() -> PathBuf {
+    vmm_glue::find_binary(
+        &vmm_glue::BinaryLookup {
+            display_name: "true",
+            option: "--none",
+            env: "PAGERD_TEST_NO_SUCH_VARIABLE",
+            file_name: "true",
+        },
+        None,
+    )
+    .expect("`true` on PATH")
+}
+
+#[test]
+fn a_snapshot_without_hypervisor_state_starts_nothing() {
+    let f = Fixture::new(snapshot(Some("/fuse/s"), None), &exits_at_once());
+    let error = f.vms.start(start("a", VmBackend::File)).unwrap_err();
+    assert!(matches!(error, VmError::NoVmState(s) if s == id("s")));
+    assert!(f.vms.list().is_empty());
+    assert!(!f.store.vm_dir(&id("a")).exists());
+}
+
+#[test]
+fn a_refused_request_creates_no_vm_and_no_fork() {
+    let f = Fixture::new(
+        snapshot(Some("/fuse/s"), Some(VmmKind::Qemu)),
+        &exits_at_once(),
+    );
+    let error = f.vms.start(start("a", VmBackend::Uffd)).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            VmError::Unsupported {
+                vmm: VmmKind::Qemu,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(f.vms.list().is_empty());
+    assert!(!f.store.vm_dir(&id("a")).exists());
+    assert!(f.host.created_forks.lock().unwrap().is_empty());
+}
+
+#[test]
+fn the_file_backend_without_the_fuse_view_is_refused() {
+    let f = Fixture::new(snapshot(None, Some(VmmKind::Firecracker)), &exits_at_once());
+    let error = f.vms.start(start("a", VmBackend::File)).unwrap_err();
+    assert!(matches!(error, VmError::NoFuse), "{error}");
+    assert!(f.vms.list().is_empty());
+}
+
+#[test]
+fn a_binary_that_cannot_run_fails_the_vm_and_gives_back_its_fork() {
+    let f = Fixture::new(
+        snapshot(Some("/fuse/s"), Some(VmmKind::Firecracker)),
+        Path::new("/nonexistent/firecracker"),
+    );
+    let reason = f.failed_start(start("a", VmBackend::Uffd));
+    let vm = id("a");
+    assert!(
+        reason.starts_with("cannot start /nonexistent/firecracker"),
+        "{reason}"
+    );
+    let info = f.vms.get(&vm).unwrap();
+    assert_eq!(info.state, VmState::Failed);
+    assert_eq!(info.reason.as_deref(), Some(reason.as_str()));
+    assert_eq!(
+        info.fork,
+        Some(id("a")),
+        "a uffd VM gets a fork named like it"
+    );
+    assert_eq!(info.pid, None);
+    assert_eq!(info.api_socket, f.store.vm_dir(&vm).join("api.sock"));
+    assert_eq!(*f.host.closed_forks.lock().unwrap(), [id("a")]);
+    assert_eq!(*f.host.released.lock().unwrap(), [id("s")]);
+    assert_eq!(f.on_disk(&vm).state, VmState::Failed);
+    assert_eq!(f.vms.counts().failed, 1);
+    assert_eq!(
+        f.vms.vm_of_fork(&id("a")),
+        None,
+        "a failed VM holds no fork"
+    );
+}
+
+#[test]
+fn a_qemu_that_exits_before_its_qmp_socket_is_up_fails_the_vm() {
+    let f = Fixture::new(
+        snapshot(Some("/fuse/s/memory"), Some(VmmKind::Qemu)),
+        &exits_at_once(),
+    );
+    let reason = f.failed_start(start("a", VmBackend::File));
+    assert!(
+        reason.starts_with("VM `a`: cannot reach QEMU's QMP socket"),
+        "{reason}"
+    );
+    let info = f.vms.get(&id("a")).unwrap();
+    assert_eq!(info.state, VmState::Failed);
+    assert!(info.pid.is_some(), "it was started: its pid is recorded");
+    assert_eq!(info.memory_file, Some(PathBuf::from("/fuse/s/memory")));
+    assert_eq!(info.fork, None);
+    assert_eq!(info.api_socket, f.store.vm_dir(&id("a")).join("qmp.sock"));
+    assert!(f.host.created_forks.lock().unwrap().is_empty());
+    assert_eq!(*f.host.released.lock().unwrap(), [id("s")]);
+    assert!(
+        !f.store.vm_dir(&id("a")).join("firecracker.log").exists(),
+        "QEMU keeps no log of its own"
+    );
+}
+
+#[test]
+fn a_firecracker_that_exits_before_its_api_is_up_fails_the_vm() {
+    let f = Fixture::new(
+        snapshot(Some("/fuse/s/memory"), Some(VmmKind::Firecracker)),
+        &exits_at_once(),
+    );
+    let reason = f.failed_start(start("a", VmBackend::File));
+    assert!(reason.starts_with("VM `a`: the API socket"), "{reason}");
+    assert!(f.store.vm_dir(&id("a")).join("firecracker.log").exists());
+    assert_eq!(f.vms.get(&id("a")).unwrap().state, VmState::Failed);
+}
+
+#[test]
+fn an_id_in_use_is_refused() {
+    let f = Fixture::new(
+        snapshot(Some("/fuse/s"), Some(VmmKind::Firecracker)),
+        Path::new("/nonexistent/firecracker"),
+    );
+    f.insert("a", VmmKind::Firecracker, VmState::Failed, None);
+    let error = f.vms.start(start("a", VmBackend::File)).unwrap_err();
+    assert!(matches!(error, VmError::Exists(vm) if vm == id("a")));
+    assert!(f.host.released.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_starting_vm_cannot_be_stopped_and_an_ended_one_stops_as_it_is() {
+    let f = Fixture::new(snapshot(None, None), &exits_at_once());
+    let starting = f.insert("a", VmmKind::Firecracker, VmState::Starting, None);
+    let error = f.vms.stop(&starting, Duration::ZERO).unwrap_err();
+    assert!(matches!(
+        error,
+        VmError::WrongState {
+            state: VmState::Starting,
+            ..
+        }
+    ));
+    let failed = f.insert("b", VmmKind::Firecracker, VmState::Failed, None);
+    assert_eq!(
+        f.vms.stop(&failed, Duration::ZERO).unwrap().state,
+        VmState::Failed
+    );
+    assert!(matches!(
+        f.vms.stop(&id("c"), Duration::ZERO),
+        Err(VmError::NotFound(_))
+    ));
+}
+
+#[test]
+fn waiting_is_for_a_state_or_any_later_one() {
+    let f = Fixture::new(snapshot(None, None), &exits_at_once());
+    let starting = f.insert("a", VmmKind::Firecracker, VmState::Starting, None);
+    let error = f
+        .vms
+        .wait(&starting, VmState::Running, Duration::ZERO)
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        VmError::WaitTimedOut {
+            state: VmState::Running,
+            ..
+        }
+    ));
+    assert_eq!(
+        f.vms
+            .wait(&starting, VmState::Starting, Duration::ZERO)
+            .unwrap()
+            .state,
+        VmState::Starting
+    );
+    let failed = f.insert("b", VmmKind::Firecracker, VmState::Failed, None);
+    for state in [VmState::Starting, VmState::Running, VmState::Exited] {
+        assert_eq!(
+            f.vms.wait(&failed, state, Duration::ZERO).unwrap().state,
+            VmState::Failed
+        );
+    }
+    let exited = f.insert("c", VmmKind::Firecracker, VmState::Exited, None);
+    assert!(f
+        .vms
+        .wait(&exited, VmState::Failed, Duration::ZERO)
+        .is_err());
+}
+
+#[test]
+fn an_exit_ends_a_live_vm_and_gives_back_its_fork() {
+    let f = Fixture::new(snapshot(None, None), &exits_at_once());
+    let running = f.insert("a", VmmKind::Firecracker, VmState::Running, Some("a"));
+    assert_eq!(f.vms.vm_of_fork(&id("a")), Some(running.clone()));
+    f.vms
+        .exited(&running, Some(std::process::ExitStatus::from_raw(3 << 8)));
+    let info = f.vms.get(&running).unwrap();
+    assert_eq!(info.state, VmState::Exited);
+    assert_eq!((info.exit_code, info.exit_signal), (Some(3), None));
+    assert_eq!(f.on_disk(&running).state, VmState::Exited);
+    assert_eq!(*f.host.closed_forks.lock().unwrap(), [id("a")]);
+    assert_eq!(*f.host.released.lock().unwrap(), [id("s")]);
+    assert_eq!(f.vms.vm_of_fork(&id("a")), None);
+
+    let failed = f.insert("b", VmmKind::Firecracker, VmState::Failed, None);
+    f.vms
+        .exited(&failed, Some(std::process::ExitStatus::from_raw(9)));
+    let info = f.vms.get(&failed).unwrap();
+    assert_eq!(info.state, VmState::Failed, "a failed VM stays failed");
+    assert_eq!(info.exit_signal, Some(9));
+}
+
+#[test]
+fn counts_are_by_state() {
+    let f = Fixture::new(snapshot(None, None), &exits_at_once());
+    f.insert("a", VmmKind::Firecracker, VmState::Starting, None);
+    f.insert("b", VmmKind::Qemu, VmState::Running, None);
+    f.insert("c", VmmKind::Firecracker, VmState::Running, None);
+    f.insert("d", VmmKind::Firecracker, VmState::Exited, None);
+    let counts = f.vms.counts();
+    assert_eq!(
+        (
+            counts.starting,
+            counts.running,
+            counts.exited,
+            counts.failed
+        ),
+        (1, 2, 1, 0)
+    );
+}
+
+#[test]
+fn only_a_running_vm_of_a_hypervisor_that_snapshots_can_be_snapshotted() {
+    let f = Fixture::new(snapshot(None, None), &exits_at_once());
+    let qemu = f.insert("a", VmmKind::Qemu, VmState::Running, None);
+    let error = f.vms.snapshot(&qemu, id("new"), true).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            VmError::Unsupported {
+                vmm: VmmKind::Qemu,
+                operation: "vm.snapshot"
+            }
+        ),
+        "{error}"
+    );
+    let starting = f.insert("b", VmmKind::Firecracker, VmState::Starting, None);
+    let error = f.vms.snapshot(&starting, id("new"), true).unwrap_err();
+    assert!(matches!(error, VmError::WrongState { .. }), "{error}");
+    let error = f.vms.snapshot(&id("b"), id("s"), true).unwrap_err();
+    assert!(matches!(error, VmError::WrongState { .. }), "{error}");
+}
+
+#[test]
+fn a_firecracker_snapshot_to_an_existing_id_is_refused_before_pausing() {
+    let f = Fixture::new(snapshot(None, None), &exits_at_once());
+    let running = f.insert("a", VmmKind::Firecracker, VmState::Running, None);
+    let error = f.vms.snapshot(&running, id("s"), true).unwrap_err();
+    assert!(
+        matches!(error, VmError::Lifecycle(LifecycleError::Exists { .. })),
+        "{error}"
+    );
+}
+
+#[test]
+fn reconciling_fails_half_started_vms_and_ends_vanished_ones() {
+    let f = Fixture::new(snapshot(None, None), &exits_at_once());
+    let starting = f.insert("a", VmmKind::Firecracker, VmState::Starting, None);
+    let vanished = f.insert("b", VmmKind::Qemu, VmState::Running, Some("b"));
+    let exited = f.insert("c", VmmKind::Firecracker, VmState::Exited, None);
+    // A daemon starting afresh over the same state directory.
+    let vms = Vms::new(f.host.clone(), f.store.clone(), f.vms.options.clone());
+    let report = vms.reconcile().unwrap();
+    assert_eq!(report.failed, [id("a")]);
+    assert_eq!(report.exited, [id("b")]);
+    assert!(report.running.is_empty());
+    assert_eq!(vms.get(&starting).unwrap().state, VmState::Failed);
+    assert_eq!(
+        f.on_disk(&starting).reason.as_deref(),
+        Some("pagerd restarted while it was starting")
+    );
+    assert_eq!(vms.get(&vanished).unwrap().state, VmState::Exited);
+    assert_eq!(vms.get(&exited).unwrap().state, VmState::Exited);
+    assert_eq!(*f.host.closed_forks.lock().unwrap(), [id("b")]);
+    assert_eq!(*f.host.released.lock().unwrap(), [id("s"), id("s")]);
+}
