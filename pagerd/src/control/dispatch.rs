@@ -11,7 +11,6 @@ use super::registration::{self, RegisterRequest};
 use super::{Handler, RequestContext};
 use crate::errors::error_chain;
 use crate::lifecycle::{Lifecycle, LifecycleError};
-use crate::registry::RegistryError;
 use crate::serve::ServeError;
 use crate::upgrade::{Upgrade, UpgradeError};
 use crate::vms::{StartRequest, VmError, Vms, DEFAULT_STOP_TIMEOUT};
@@ -33,11 +32,7 @@ impl From<LifecycleError> for ControlError {
             LifecycleError::BadPath { .. } | LifecycleError::Snapshot(_) => {
                 ErrorCode::InvalidArgument
             }
-            LifecycleError::Registry(RegistryError::NoFork(_) | RegistryError::NoSnapshot(_)) => {
-                ErrorCode::NotFound
-            }
-            LifecycleError::Registry(RegistryError::Exists { .. }) => ErrorCode::Conflict,
-            LifecycleError::Registry(RegistryError::WaitTimedOut { .. })
+            LifecycleError::WaitTimedOut(_)
             | LifecycleError::TooLarge { .. }
             | LifecycleError::Quota { .. } => ErrorCode::Unavailable,
             LifecycleError::Serve(ServeError::SocketPathTooLong(_)) => ErrorCode::InvalidArgument,

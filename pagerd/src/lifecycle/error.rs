@@ -104,9 +104,45 @@ pub(crate) enum LifecycleError {
     /// The serving side failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
-    /// A wait ran out.
+    /// A fork did not reach the state waited for in time (always
+    /// [`RegistryError::WaitTimedOut`]; the registry's other refusals become [`NotFound`] and
+    /// [`Exists`]).
+    ///
+    /// [`NotFound`]: LifecycleError::NotFound
+    /// [`Exists`]: LifecycleError::Exists
     #[error(transparent)]
-    Registry(#[from] RegistryError),
+    WaitTimedOut(RegistryError),
+}
+
+impl LifecycleError {
+    /// No snapshot `id`.
+    pub(crate) fn no_snapshot(id: &Id) -> Self {
+        Self::NotFound {
+            kind: "snapshot",
+            id: id.clone(),
+        }
+    }
+
+    /// No fork `id`.
+    pub(crate) fn no_fork(id: &Id) -> Self {
+        Self::NotFound {
+            kind: "fork",
+            id: id.clone(),
+        }
+    }
+}
+
+/// The registry's refusals, as the lifecycle's: one "not found" and one "exists", whichever
+/// side noticed.
+impl From<RegistryError> for LifecycleError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::NoSnapshot(id) => Self::no_snapshot(&id),
+            RegistryError::NoFork(id) => Self::no_fork(&id),
+            RegistryError::Exists { kind, id } => Self::Exists { kind, id },
+            timed_out @ RegistryError::WaitTimedOut { .. } => Self::WaitTimedOut(timed_out),
+        }
+    }
 }
 
 fn list(ids: &[Id]) -> String {

@@ -489,10 +489,7 @@ impl Lifecycle {
             Some(meta) => Ok(meta.owner.unwrap_or(crate::owners::ROOT)),
             // A damaged snapshot whose metadata is gone: only the operators may remove it.
             None if catalog.damaged.contains_key(id) => Ok(crate::owners::ROOT),
-            None => Err(LifecycleError::NotFound {
-                kind: "snapshot",
-                id: id.clone(),
-            }),
+            None => Err(LifecycleError::no_snapshot(id)),
         }
     }
 
@@ -500,10 +497,7 @@ impl Lifecycle {
     pub fn snapshot(&self, id: &Id) -> Result<SnapshotInfo, LifecycleError> {
         let catalog = self.lock();
         if !catalog.taken(id) {
-            return Err(LifecycleError::NotFound {
-                kind: "snapshot",
-                id: id.clone(),
-            });
+            return Err(LifecycleError::no_snapshot(id));
         }
         let scan = self.store.scan_forks()?;
         Ok(self.snapshot_info(&catalog, id, &scan))
@@ -529,10 +523,7 @@ impl Lifecycle {
             return self.delete_damaged(&mut catalog, id);
         }
         let Some(meta) = catalog.metas.get(id).cloned() else {
-            return Err(LifecycleError::NotFound {
-                kind: "snapshot",
-                id: id.clone(),
-            });
+            return Err(LifecycleError::no_snapshot(id));
         };
         let (forks, file_users) = self.references_of(id)?;
         let vms = self.counted_vms(id)?;
@@ -758,24 +749,12 @@ impl Lifecycle {
 
     /// The uid that created fork `id`.
     pub fn fork_owner(&self, id: &Id) -> Result<u32, LifecycleError> {
-        self.registry
-            .fork(id)
-            .map(|f| f.owner())
-            .map_err(|_| LifecycleError::NotFound {
-                kind: "fork",
-                id: id.clone(),
-            })
+        Ok(self.registry.fork(id)?.owner())
     }
 
     /// Stops serving a fork, releases its reference and forgets it.
     pub fn close_fork(&self, id: &Id) -> Result<ForkInfo, LifecycleError> {
-        let fork = self
-            .registry
-            .fork(id)
-            .map_err(|_| LifecycleError::NotFound {
-                kind: "fork",
-                id: id.clone(),
-            })?;
+        let fork = self.registry.fork(id)?;
         self.server.stop(&fork);
         let mut catalog = self.lock();
         self.store.remove_fork(id)?;

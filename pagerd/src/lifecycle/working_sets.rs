@@ -60,10 +60,7 @@ impl Lifecycle {
         let meta = catalog
             .metas
             .get(id)
-            .ok_or_else(|| LifecycleError::NotFound {
-                kind: "snapshot",
-                id: id.clone(),
-            })?;
+            .ok_or_else(|| LifecycleError::no_snapshot(id))?;
         if meta.delete_pending {
             return Err(LifecycleError::DeletePending(id.clone()));
         }
