@@ -29,9 +29,10 @@ impl From<LifecycleError> for ControlError {
             LifecycleError::Exists { .. }
             | LifecycleError::InUse { .. }
             | LifecycleError::DeletePending(_) => ErrorCode::Conflict,
-            LifecycleError::BadPath { .. } | LifecycleError::Snapshot(_) => {
-                ErrorCode::InvalidArgument
-            }
+            LifecycleError::BadPath { .. }
+            | LifecycleError::NotLinkable { .. }
+            | LifecycleError::ChangedWhileImporting { .. }
+            | LifecycleError::Snapshot(_) => ErrorCode::InvalidArgument,
             LifecycleError::WaitTimedOut(_)
             | LifecycleError::TooLarge { .. }
             | LifecycleError::Quota { .. } => ErrorCode::Unavailable,
@@ -44,6 +45,7 @@ impl From<LifecycleError> for ControlError {
             }
             LifecycleError::CountsUnknown { .. }
             | LifecycleError::Broken { .. }
+            | LifecycleError::BrokenNeedsForce { .. }
             | LifecycleError::Store(_)
             | LifecycleError::Serve(_) => ErrorCode::Internal,
         };

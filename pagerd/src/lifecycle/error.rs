@@ -9,6 +9,7 @@ use proto::Id;
 use crate::registry::RegistryError;
 use crate::serve::ServeError;
 use crate::snapshot::SnapshotError;
+use crate::store::damage::{Damage, NotLinkable};
 use crate::store::StoreError;
 
 /// Why a lifecycle operation was refused or failed.
@@ -80,12 +81,20 @@ pub(crate) enum LifecycleError {
         records: Vec<PathBuf>,
     },
     /// The snapshot's files on disk are damaged.
-    #[error("snapshot `{snapshot}` is damaged: {why}")]
+    #[error("snapshot `{snapshot}` is damaged: {damage}")]
     Broken {
         /// The snapshot.
         snapshot: Id,
         /// What is wrong.
-        why: String,
+        damage: Damage,
+    },
+    /// A delete without `force` of a damaged snapshot.
+    #[error("snapshot `{snapshot}` is damaged: {damage}; only a forced delete removes it")]
+    BrokenNeedsForce {
+        /// The snapshot.
+        snapshot: Id,
+        /// What is wrong.
+        damage: Damage,
     },
     /// The path given cannot be a memory file.
     #[error("{}: {why}", path.display())]
@@ -94,6 +103,22 @@ pub(crate) enum LifecycleError {
         path: PathBuf,
         /// What is wrong.
         why: String,
+    },
+    /// A file to link is on another filesystem (or the state directory cannot be inspected).
+    #[error("{}: {reason}", path.display())]
+    NotLinkable {
+        /// The file.
+        path: PathBuf,
+        /// Why it cannot be linked.
+        reason: NotLinkable,
+    },
+    /// A linked file changed while it was being registered.
+    #[error("{}: {damage}", path.display())]
+    ChangedWhileImporting {
+        /// The file.
+        path: PathBuf,
+        /// What changed.
+        damage: Damage,
     },
     /// The memory file cannot be mapped.
     #[error(transparent)]

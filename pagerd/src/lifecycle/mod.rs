@@ -54,6 +54,7 @@ use crate::file_users::FileUsers;
 use crate::registry::{unix_ms, Fork, NewFork, Registry};
 use crate::serve::{ForkEvent, Server};
 use crate::snapshot::{Snapshot, ZERO_MAP_PAGE};
+use crate::store::damage::Damage;
 use crate::store::{ForkRecord, ForkScan, SnapshotMeta, Store, VmStateSource};
 use error::references;
 
@@ -86,7 +87,7 @@ pub(crate) struct ReconcileReport {
 #[derive(Debug, Default)]
 struct Catalog {
     metas: BTreeMap<Id, SnapshotMeta>,
-    damaged: BTreeMap<Id, String>,
+    damaged: BTreeMap<Id, Damage>,
     /// Registrations whose files are being brought in, outside the lock.
     importing: BTreeMap<Id, Importing>,
 }
@@ -281,7 +282,12 @@ impl Lifecycle {
             }
         }
         if mode == ImportMode::Link {
-            self.store.check_linkable(&source.meta).map_err(bad)?;
+            self.store.check_linkable(&source.meta).map_err(|reason| {
+                LifecycleError::NotLinkable {
+                    path: source.name.clone(),
+                    reason,
+                }
+            })?;
         }
         let mut catalog = self.lock();
         if catalog.taken(&id) {
@@ -369,9 +375,9 @@ impl Lifecycle {
             .map_err(LifecycleError::from)
             .and_then(|snapshot| match stored.file_changed(snapshot.file()) {
                 // A linked file written while it was being registered.
-                Some(why) => Err(LifecycleError::BadPath {
+                Some(damage) => Err(LifecycleError::ChangedWhileImporting {
                     path: source.name.clone(),
-                    why,
+                    damage,
                 }),
                 None => Ok(snapshot),
             });
@@ -410,7 +416,7 @@ impl Lifecycle {
             file_users,
             fuse_file: self.fuse.get().map(|m| m.memory_file(id)),
             unreadable_fork_records: scan.unreadable.iter().map(|u| u.path.clone()).collect(),
-            error: catalog.damaged.get(id).cloned(),
+            error: catalog.damaged.get(id).map(ToString::to_string),
             vmstate: meta.and_then(|m| m.vmstate).map(|v| VmStateInfo {
                 vmm: v.vmm,
                 path: self.store.vmstate_path(id),
@@ -513,11 +519,11 @@ impl Lifecycle {
         force: bool,
     ) -> Result<DeleteOutcome, LifecycleError> {
         let mut catalog = self.lock();
-        if let Some(why) = catalog.damaged.get(id) {
+        if let Some(damage) = catalog.damaged.get(id) {
             if !force {
-                return Err(LifecycleError::Broken {
+                return Err(LifecycleError::BrokenNeedsForce {
                     snapshot: id.clone(),
-                    why: format!("{why}; only a forced delete removes it"),
+                    damage: damage.clone(),
                 });
             }
             return self.delete_damaged(&mut catalog, id);
@@ -613,23 +619,23 @@ impl Lifecycle {
     /// Marks a snapshot damaged if its memory file changed since it was recorded (one
     /// `fstat`); `Err` if it is damaged, now or before.
     fn verify_unchanged(&self, catalog: &mut Catalog, id: &Id) -> Result<(), LifecycleError> {
-        if let Some(why) = catalog.damaged.get(id) {
+        if let Some(damage) = catalog.damaged.get(id) {
             return Err(LifecycleError::Broken {
                 snapshot: id.clone(),
-                why: why.clone(),
+                damage: damage.clone(),
             });
         }
         let (Some(meta), Ok(snapshot)) = (catalog.metas.get(id), self.registry.snapshot(id)) else {
             return Ok(());
         };
-        let Some(why) = meta.file_changed(snapshot.file()) else {
+        let Some(damage) = meta.file_changed(snapshot.file()) else {
             return Ok(());
         };
-        tracing::error!(snapshot = %id, %why, "snapshot damaged: no new forks of it; forks already running may read changed bytes");
-        catalog.damaged.insert(id.clone(), why.clone());
+        tracing::error!(snapshot = %id, why = %damage, "snapshot damaged: no new forks of it; forks already running may read changed bytes");
+        catalog.damaged.insert(id.clone(), damage.clone());
         Err(LifecycleError::Broken {
             snapshot: id.clone(),
-            why,
+            damage,
         })
     }
 
