@@ -207,11 +207,11 @@ impl Dispatcher {
         let owner = registration::owner_of(context.peer());
         match request {
             Request::Status {} => {
-                let mut status = lc.status()?;
+                let mut status = lc.reports().status()?;
                 status.vms = self.vms.counts();
                 to_value(status)
             }
-            Request::Stats {} => to_value(lc.stats()),
+            Request::Stats {} => to_value(lc.reports().stats()),
             Request::SnapshotRegister {
                 snapshot,
                 path,
@@ -249,19 +249,19 @@ impl Dispatcher {
                         format!("`forks` must be 1 to {MAX_RECORD_FORKS}, not {forks}"),
                     ));
                 }
-                to_value(lc.record_working_set(&snapshot, forks)?)
+                to_value(lc.working_sets().record(&snapshot, forks)?)
             }
             Request::SnapshotClearWorkingSet { snapshot } => {
                 may_change(caller, "snapshot", &snapshot, lc.snapshot_owner(&snapshot)?)?;
-                to_value(lc.clear_working_set(&snapshot)?)
+                to_value(lc.working_sets().clear(&snapshot)?)
             }
             Request::ForkCreate {
                 snapshot,
                 fork,
                 prefetch,
             } => to_value(lc.create_fork(fork, &snapshot, prefetch, owner)?),
-            Request::ForkList {} => to_value(lc.fork_list()),
-            Request::ForkGet { fork } => to_value(lc.fork(&fork)?),
+            Request::ForkList {} => to_value(lc.reports().fork_list()),
+            Request::ForkGet { fork } => to_value(lc.reports().fork(&fork)?),
             Request::ForkWait {
                 fork,
                 state,

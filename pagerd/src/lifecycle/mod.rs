@@ -23,6 +23,12 @@
 //! ([`Store::scan_forks`]); nothing stores a count. Processes holding a snapshot's memory file
 //! on the FUSE mount ([`FileUsers`]) are references too: they live only in memory, since the
 //! kernel tells the daemon when each handle is released.
+//!
+//! [`Lifecycle`] only decides what exists. What is reported about it (stats, lists, the
+//! status, the service manager's summary) is read through [`Lifecycle::reports`]
+//! (`report.rs`), and working sets are kept through [`Lifecycle::working_sets`]
+//! (`working_sets.rs`), which asks the lifecycle, under its lock, whether a snapshot may still
+//! take one. Refusals are [`LifecycleError`]s, with one `NotFound` whichever side noticed.
 
 mod error;
 mod memory_files;
@@ -639,6 +645,65 @@ impl Lifecycle {
         })
     }
 
+    /// A registered snapshot that is not on its way out (`not_found`, `conflict` otherwise).
+    fn forkable_snapshot(
+        &self,
+        catalog: &Catalog,
+        id: &Id,
+    ) -> Result<Arc<Snapshot>, LifecycleError> {
+        let meta = catalog
+            .metas
+            .get(id)
+            .ok_or_else(|| LifecycleError::no_snapshot(id))?;
+        if meta.delete_pending {
+            return Err(LifecycleError::DeletePending(id.clone()));
+        }
+        Ok(self.registry.snapshot(id)?)
+    }
+
+    /// Under the lock, runs `change` on snapshot `id` if new forks of it may be made
+    /// (unchanged, registered, not pending deletion); then describes it.
+    pub(super) fn change_forkable(
+        &self,
+        id: &Id,
+        change: impl FnOnce(&Arc<Snapshot>) -> Result<(), LifecycleError>,
+    ) -> Result<SnapshotInfo, LifecycleError> {
+        let mut catalog = self.lock();
+        self.verify_unchanged(&mut catalog, id)?;
+        change(&self.forkable_snapshot(&catalog, id)?)?;
+        let scan = self.store.scan_forks()?;
+        Ok(self.snapshot_info(&catalog, id, &scan))
+    }
+
+    /// Under the lock, runs `change` on mapped snapshot `id`, whatever its state; then
+    /// describes it.
+    pub(super) fn change_registered(
+        &self,
+        id: &Id,
+        change: impl FnOnce(&Arc<Snapshot>) -> Result<(), LifecycleError>,
+    ) -> Result<SnapshotInfo, LifecycleError> {
+        let catalog = self.lock();
+        change(&self.registry.snapshot(id)?)?;
+        let scan = self.store.scan_forks()?;
+        Ok(self.snapshot_info(&catalog, id, &scan))
+    }
+
+    /// Under the lock, runs `f` if `snapshot` is still the one registered under its id and
+    /// new forks of it may be made; `None` (without running it) if not.
+    pub(super) fn while_current<R>(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        f: impl FnOnce() -> R,
+    ) -> Option<R> {
+        let catalog = self.lock();
+        let id = snapshot.id();
+        let current = self
+            .registry
+            .snapshot(id)
+            .is_ok_and(|s| Arc::ptr_eq(&s, snapshot));
+        (current && catalog.forkable(id)).then(f)
+    }
+
     /// Checks every snapshot's memory file against its record (one `fstat` each) and marks
     /// the changed ones damaged. The daemon calls it about once a second.
     pub fn check_snapshot_files(&self) {
@@ -786,7 +851,7 @@ impl Lifecycle {
                 snapshot,
                 ticket,
                 trace,
-            } => self.on_recorded(&snapshot, ticket, trace),
+            } => self.working_sets().on_recorded(&snapshot, ticket, trace),
         }
     }
 

@@ -54,7 +54,7 @@ impl Lifecycle {
                 }
             }
         }
-        self.load_working_sets();
+        self.working_sets().load_stored();
         let scan = self.store.scan_forks()?;
         for unreadable in &scan.unreadable {
             tracing::error!(record = %unreadable.path.display(), error = %unreadable.error,
