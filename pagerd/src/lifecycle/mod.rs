@@ -35,6 +35,8 @@ mod memory_files;
 mod reconcile;
 mod recovery;
 mod report;
+#[cfg(test)]
+mod tests;
 mod working_sets;
 
 use std::collections::{BTreeMap, BTreeSet};
