@@ -28,8 +28,10 @@
 //! written by temp file, fsync, rename, fsync of the directory. Whatever a crash leaves behind
 //! (`.tmp-*`, `.trash-*`, sockets) is removed by [`Store::remove_leftovers`].
 //!
-//! Modes and groups follow the [`Access`] policy the store was opened with; [`Store::open`]
-//! brings an existing directory to it, and [`Store::verify_memory`] a snapshot's memory file.
+//! Modes and groups follow the [`Access`] policy the store was opened with;
+//! [`Store::open_with`] brings an existing directory to it, and [`Store::verify_memory`] a
+//! snapshot's memory file. What it finds wrong with a snapshot is a [`damage::Damage`], typed,
+//! whose `Display` is the message reported.
 
 pub mod atomic;
 pub mod damage;
