@@ -1,5 +1,6 @@
 //! The lifecycle's decisions, on a state directory in a temporary directory and small memory
-//! files: references and deferred deletes, quotas, owners, damaged snapshots, and not found.
+//! files: references and deferred deletes, quotas, owners, damaged snapshots, working-set
+//! recordings, and not found.
 //! No VMM ever connects, so nothing here needs userfaultfd, FUSE or KVM.
 
 use std::path::PathBuf;
@@ -364,4 +365,25 @@ fn whatever_is_missing_is_one_not_found() {
         );
         assert_eq!(code(e), ErrorCode::NotFound, "case {i}");
     }
+}
+
+#[test]
+fn a_recording_is_armed_only_on_a_forkable_snapshot_and_any_snapshot_clears() {
+    let fx = Fixture::roomy();
+    let sets = fx.lifecycle.working_sets();
+    fx.register("base", 1, ROOT).unwrap();
+    let armed = sets.record(&id("base"), 2).unwrap();
+    assert_eq!(armed.recording.map(|r| r.forks_wanted), Some(2));
+    let cleared = sets.clear(&id("base")).unwrap();
+    assert!(cleared.recording.is_none() && cleared.working_set.is_none());
+
+    fx.fork("f", "base", ROOT).unwrap();
+    fx.lifecycle
+        .delete_snapshot(&id("base"), true, false)
+        .unwrap();
+    match sets.record(&id("base"), 1) {
+        Err(e @ LifecycleError::DeletePending(_)) => assert_eq!(code(e), ErrorCode::Conflict),
+        other => panic!("a recording of a snapshot on its way out: {other:?}"),
+    }
+    assert!(sets.clear(&id("base")).unwrap().delete_pending);
 }
