@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::access::Access;
+pub use crate::fuse::FuseMode;
 use crate::fuse::FuseOptions;
 use proto::Id;
 
@@ -258,19 +259,6 @@ fn parse_fork(s: &str) -> Result<(Id, Id), String> {
         .parse()
         .map_err(|e| format!("{e}"))?;
     Ok((id, snapshot))
-}
-
-/// Which read path the mount offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum FuseMode {
-    /// No FUSE mount.
-    Off,
-    /// pagerd answers reads into the FUSE page cache.
-    Cached,
-    /// The kernel maps the backing file directly (FUSE passthrough); refuse to start without.
-    Passthrough,
-    /// Passthrough where the kernel offers it, cached otherwise.
-    Auto,
 }
 
 /// A uid range `FIRST:COUNT` (none of them root).

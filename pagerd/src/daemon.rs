@@ -196,7 +196,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
                     if Instant::now() >= next_pass {
                         lifecycle.recheck_file_users();
                         lifecycle.check_snapshot_files();
-                        notify::status(&lifecycle.summary());
+                        notify::status(&lifecycle.reports().summary());
                         next_pass = Instant::now() + JANITOR_PERIOD;
                     }
                 }
@@ -225,7 +225,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         }
     }
     for (id, snapshot) in &config.forks {
-        if lifecycle.fork(id).is_err() {
+        if lifecycle.reports().fork(id).is_err() {
             lifecycle
                 .create_fork(Some(id.clone()), snapshot, None, crate::owners::ROOT)
                 .map_err(|source| DaemonError::CommandLine {
@@ -306,7 +306,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     let _ = writeln!(stdout, "pagerd ready control={}", control_path.display());
     let _ = stdout.flush();
     drop(stdout);
-    notify::ready(&lifecycle.summary());
+    notify::ready(&lifecycle.reports().summary());
 
     let next = loop {
         let signal = signals.wait().map_err(DaemonError::Signals)?;

@@ -3,27 +3,34 @@
 //! ```text
 //!   VMM ──uffd handoff──▶ serve::acceptor ──Session──▶ serve::worker (×cores) ──UFFDIO_COPY──▶ VMM
 //!                                 │                          ▲
-//!   ctl ──JSON──▶ control ──▶ daemon::Daemon ──▶ registry (snapshots, forks, stats)
+//!   ctl ──JSON──▶ control ──▶ lifecycle ──▶ store (on disk), registry (snapshots, forks, stats)
 //!   VMM ──mmap MAP_PRIVATE──▶ FUSE mount ──▶ fuse::fs (open = reference, read / passthrough)
 //! ```
 //!
-//! - [`snapshot`]: an immutable memory file mapped once, read-only, with its zero-page map.
-//! - [`serve`]: handoff sockets, worker threads, and the fault path.
-//! - [`registry`]: snapshots and forks in memory, waiting on state changes; [`fork_state`]:
-//!   a fork's states, each with its data, and the one place that moves it between them.
-//! - [`store`]: the state directory (snapshot and fork records, written atomically);
-//!   [`lifecycle`]: every change of what exists, made durable first, and restart reconciliation.
-//! - [`fuse`]: the read-only FUSE mount with one memory file per snapshot, for VMMs that can
-//!   only map a file; [`file_users`]: the processes holding those files (references too).
-//! - [`control`]: the JSON control socket; [`daemon`] answers it and runs everything;
-//!   [`registration`]: who may register which file (descriptors, not paths, from non-root).
-//! - [`access`]: who may read guest memory — the modes and group of everything pagerd makes;
-//!   [`owners`]: who may change which object, and how many forks each user may hold.
-//! - [`vms`]: hypervisors launched from snapshots, wired to pagerd, and supervised.
-//! - [`working_set`]: the pages a snapshot's forks touch, recorded, stored beside it, and
+//! The modules are internal (only [`config`] and [`metrics`] are public), so they are named
+//! here, not linked:
+//!
+//! - `snapshot`: an immutable memory file mapped once, read-only, with its zero-page map.
+//! - `serve`: handoff sockets, worker threads, and the fault path.
+//! - `registry`: snapshots and forks in memory, waiting on state changes; `fork_state`: a
+//!   fork's states, each with its data, and the one place that moves it between them.
+//! - `memory`: typed places in memory (a VMM's addresses, a memory file's offsets and pages)
+//!   and the source a fork's pages come from.
+//! - `store`: the state directory (snapshot and fork records, written atomically, and why a
+//!   snapshot is damaged); `lifecycle`: every change of what exists, made durable first, and
+//!   restart reconciliation, with the reports and working sets read from it.
+//! - `fuse`: the read-only FUSE mount with one memory file per snapshot, for VMMs that can
+//!   only map a file; `file_users`: the processes holding those files (references too).
+//! - `control`: the JSON control socket; `daemon` starts and stops everything;
+//!   `control::registration`: who may register which file (descriptors, not paths, from
+//!   non-root); `admission`: how many connections are served at once, and for whom.
+//! - `access`: who may read guest memory — the modes and group of everything pagerd makes;
+//!   `owners`: who may change which object, and how many forks each user may hold.
+//! - `vms`: hypervisors launched from snapshots, wired to pagerd, and supervised.
+//! - `working_set`: the pages a snapshot's forks touch, recorded, stored beside it, and
 //!   replayed into new forks before their guests ask.
-//! - [`upgrade`]: replacing the daemon's program in place, keeping every fork served;
-//!   [`trusted`]: files only root can change (programs to execute, memory files to link).
+//! - `upgrade`: replacing the daemon's program in place, keeping every fork served;
+//!   `trusted`: files only root can change (programs to execute, memory files to link).
 
 mod access;
 mod admission;

@@ -285,7 +285,7 @@ impl EncodeMetric for LatencyMetric {
 
 fn exposition(lifecycle: &Lifecycle) -> Result<String, Box<dyn std::error::Error>> {
     let mut registry = Registry::with_prefix("pagerd");
-    let totals = lifecycle.stats().totals;
+    let totals = lifecycle.reports().stats().totals;
     counter(
         &mut registry,
         "faults",
@@ -389,7 +389,7 @@ fn exposition(lifecycle: &Lifecycle) -> Result<String, Box<dyn std::error::Error
         LatencyMetric(latency),
     );
 
-    let status = lifecycle.status()?;
+    let status = lifecycle.reports().status()?;
     let forks: Family<Labels, Gauge> = Family::default();
     for (state, n) in [
         ("waiting", status.forks.waiting),

@@ -348,3 +348,118 @@ impl Registry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> Id {
+        s.parse().unwrap()
+    }
+
+    fn new_fork(fork: &str) -> NewFork {
+        NewFork {
+            id: id(fork),
+            snapshot: id("base"),
+            owner: 0,
+            handoff_socket: PathBuf::from(format!("/nonexistent/{fork}.sock")),
+            created: SystemTime::now(),
+            prefetch: Prefetch::default(),
+        }
+    }
+
+    #[test]
+    fn forks_are_added_once_found_and_removed_once() {
+        let registry = Registry::new();
+        let fork = registry
+            .add_fork(new_fork("f1"), ForkPhase::Waiting)
+            .unwrap();
+        assert_eq!(fork.snapshot(), &id("base"));
+        assert!(Arc::ptr_eq(&registry.fork(&id("f1")).unwrap(), &fork));
+        assert!(matches!(
+            registry.add_fork(new_fork("f1"), ForkPhase::Waiting),
+            Err(RegistryError::Exists { kind: "fork", .. })
+        ));
+        assert!(matches!(
+            registry.fork(&id("f2")),
+            Err(RegistryError::NoFork(_))
+        ));
+        assert!(Arc::ptr_eq(
+            &registry.remove_fork(&id("f1")).unwrap(),
+            &fork
+        ));
+        assert!(registry.fork(&id("f1")).is_err());
+        assert!(matches!(
+            registry.remove_fork(&id("f1")),
+            Err(RegistryError::NoFork(_))
+        ));
+        assert!(registry.forks().is_empty() && registry.snapshots().is_empty());
+        assert!(matches!(
+            registry.snapshot(&id("base")),
+            Err(RegistryError::NoSnapshot(_))
+        ));
+    }
+
+    #[test]
+    fn totals_never_go_down_when_a_fork_is_forgotten() {
+        let registry = Registry::new();
+        let f1 = registry
+            .add_fork(new_fork("f1"), ForkPhase::Waiting)
+            .unwrap();
+        let f2 = registry
+            .add_fork(new_fork("f2"), ForkPhase::Waiting)
+            .unwrap();
+        crate::stats::bump(&f1.stats.faults, 5);
+        crate::stats::bump(&f2.stats.pages_copied, 3);
+        assert_eq!(registry.totals().faults, 5);
+        registry.remove_fork(&id("f1")).unwrap();
+        crate::stats::bump(&f1.stats.faults, 100);
+        let totals = registry.totals();
+        assert_eq!(
+            (totals.faults, totals.pages_copied),
+            (5, 3),
+            "a forgotten fork counts as it was when it went, once"
+        );
+        registry.remove_fork(&id("f2")).unwrap();
+        assert_eq!(registry.totals().pages_copied, 3);
+    }
+
+    #[test]
+    fn a_wait_returns_at_once_when_the_state_is_there_and_times_out_when_it_never_comes() {
+        let registry = Registry::new();
+        registry
+            .add_fork(new_fork("f1"), ForkPhase::Waiting)
+            .unwrap();
+        let waited = registry
+            .wait_for_state(&id("f1"), ForkState::Waiting, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(waited.id(), &id("f1"));
+        match registry.wait_for_state(&id("f1"), ForkState::Serving, Duration::from_millis(20)) {
+            Err(RegistryError::WaitTimedOut {
+                want: ForkState::Serving,
+                now: ForkState::Waiting,
+                timeout_ms: 20,
+                ..
+            }) => {}
+            other => panic!("a wait for a state that never comes: {other:?}"),
+        }
+        assert!(matches!(
+            registry.wait_for_state(&id("f9"), ForkState::Waiting, Duration::ZERO),
+            Err(RegistryError::NoFork(_))
+        ));
+        registry
+            .add_fork(
+                new_fork("ended"),
+                ForkPhase::Ended {
+                    reason: proto::model::EndReason::Closed,
+                    served: None,
+                    vmm_pid: None,
+                },
+            )
+            .unwrap();
+        let past = registry
+            .wait_for_state(&id("ended"), ForkState::Serving, Duration::ZERO)
+            .unwrap();
+        assert_eq!(past.id(), &id("ended"), "an ended fork is past serving");
+    }
+}

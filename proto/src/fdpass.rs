@@ -8,7 +8,8 @@
 //! a VMM with many regions works; the size is capped at [`MAX_MESSAGE_BYTES`]. Each `recvmsg`
 //! has room for the most fds one message can carry (`SCM_MAX_FD`, 253), so the kernel never
 //! truncates the control data, and every fd it does install is owned at once, so a refused
-//! handoff closes all of them, however many a peer sent.
+//! handoff closes all of them, however many a peer sent. That one read, [`recv_with_fds`], is
+//! also how the daemon's control connections receive the descriptors sent with requests.
 //!
 //! ```text
 //!   VMM                                   pagerd
@@ -17,11 +18,13 @@
 //!   write(json[n..])  ─────────────────▶ HandoffReceiver::poll: … complete → validate
 //! ```
 
-use std::io::{self, IoSlice, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice, IoSliceMut, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use nix::sys::socket::{getsockopt, sendmsg, sockopt, ControlMessage, MsgFlags};
+use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
 
 use crate::handoff::{self, GuestRegionUffdMapping, HandoffError, MAX_MESSAGE_BYTES};
 
@@ -29,8 +32,8 @@ use crate::handoff::{self, GuestRegionUffdMapping, HandoffError, MAX_MESSAGE_BYT
 const USERFAULTFD_LINK: &str = "anon_inode:[userfaultfd]";
 /// The most fds one `SCM_RIGHTS` message can carry (the kernel's `SCM_MAX_FD`). Each `recvmsg`
 /// makes room for this many, so the kernel never has to truncate (and drop) any.
-const SCM_MAX_FD: usize = 253;
-/// Bytes read per `recvmsg`.
+pub const SCM_MAX_FD: usize = 253;
+/// Bytes read per `recvmsg` of a handoff.
 const CHUNK_BYTES: usize = 64 * 1024;
 
 /// Sends `bytes` with `fds` attached to the first byte, then the rest of the bytes.
@@ -102,83 +105,54 @@ pub struct HandoffReceiver {
     fds_truncated: bool,
 }
 
-/// One `recvmsg` worth of data.
-struct Chunk {
-    len: usize,
-    fds: Vec<OwnedFd>,
-    truncated: bool,
+/// What one [`recv_with_fds`] gave.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes read into the buffer (0: the peer closed the connection).
+    pub len: usize,
+    /// Every descriptor the kernel installed with those bytes, owned.
+    pub fds: Vec<OwnedFd>,
+    /// The kernel truncated the control data (some descriptors may have been dropped).
+    pub truncated: bool,
 }
 
-/// Room for the control messages of one `recvmsg`: one `SCM_RIGHTS` message with
-/// [`SCM_MAX_FD`] fds, in `u64`s so the buffer is aligned for `cmsghdr`.
-fn cmsg_buffer() -> Vec<u64> {
-    // SAFETY: CMSG_SPACE only computes a size.
-    let bytes = unsafe { libc::CMSG_SPACE((SCM_MAX_FD * std::mem::size_of::<RawFd>()) as u32) };
-    vec![0; (bytes as usize).div_ceil(8)]
+/// Whether [`recv_with_fds`] waits for data on a blocking socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Wait as the socket does (its own timeouts apply).
+    AsSocket,
+    /// Return `WouldBlock` at once when nothing has arrived (`MSG_DONTWAIT`).
+    Never,
 }
 
-/// One `recvmsg`: the bytes go to `buf`; every fd the kernel installed is returned owned,
-/// whatever else happens (a truncated control buffer, an unexpected message type), so none
-/// can leak.
-fn recv_chunk(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Chunk> {
-    let mut cmsg = cmsg_buffer();
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
+/// One `recvmsg`: the bytes go to `buf`; every descriptor that came with them is returned
+/// owned (close-on-exec), whatever else happens (a truncated control buffer, other message
+/// types), so none can leak. There is room for [`SCM_MAX_FD`] descriptors, the most one
+/// message carries. Interrupted calls are retried.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], wait: Wait) -> io::Result<Received> {
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let flags = match wait {
+        Wait::AsSocket => RecvFlags::CMSG_CLOEXEC,
+        Wait::Never => RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
     };
-    // SAFETY: `msghdr` is plain old data; all zeros is an empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(cmsg.as_slice()) as _;
-    let n = loop {
-        // SAFETY: `msg` points at `iov` (describing `buf`) and at `cmsg`, both valid for
-        // writes of the lengths given, and both outlive the call.
-        let n = unsafe {
-            libc::recvmsg(
-                sock.as_raw_fd(),
-                &mut msg,
-                libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            break n.unsigned_abs();
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+    let msg = loop {
+        let mut iov = [IoSliceMut::new(buf)];
+        match recvmsg(sock, &mut iov, &mut control, flags) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => break other?,
         }
     };
-    // Take ownership of every fd first, before anything can return early.
     let mut fds = Vec::new();
-    // SAFETY: `msg` was filled by the kernel: `msg_control`/`msg_controllen` describe the
-    // control messages it wrote into `cmsg`, which is still alive and aligned for `cmsghdr`.
-    let mut hdr = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    while !hdr.is_null() {
-        // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR only return headers inside the control buffer.
-        let h = unsafe { &*hdr };
-        if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
-            // SAFETY: CMSG_LEN only computes a size.
-            let header = unsafe { libc::CMSG_LEN(0) } as usize;
-            let count = (h.cmsg_len as usize).saturating_sub(header) / std::mem::size_of::<RawFd>();
-            // SAFETY: the data of this header holds `count` ints inside the buffer.
-            let data = unsafe { libc::CMSG_DATA(hdr) }.cast::<RawFd>();
-            for i in 0..count {
-                // SAFETY: `i < count`, inside the header's data; the data may be unaligned.
-                let fd = unsafe { data.add(i).read_unaligned() };
-                // SAFETY: the kernel just installed this descriptor in this process for this
-                // message; nothing else owns it, so it is wrapped exactly once.
-                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
         }
-        // SAFETY: `hdr` is a header inside the buffer `msg` describes.
-        hdr = unsafe { libc::CMSG_NXTHDR(&msg, hdr) };
     }
-    Ok(Chunk {
-        len: n,
+    Ok(Received {
+        len: msg.bytes,
         fds,
-        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+        truncated: msg.flags.contains(ReturnFlags::CTRUNC),
     })
 }
 
@@ -194,7 +168,7 @@ impl HandoffReceiver {
     pub fn poll(&mut self, sock: impl AsFd) -> Result<Option<ReceivedHandoff>, HandoffError> {
         let mut buf = vec![0u8; CHUNK_BYTES];
         loop {
-            let chunk = match recv_chunk(sock.as_fd(), &mut buf) {
+            let chunk = match recv_with_fds(sock.as_fd(), &mut buf, Wait::Never) {
                 Ok(chunk) => chunk,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) => return Err(HandoffError::Io(e)),
@@ -256,7 +230,7 @@ mod tests {
             let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
             send_with_fds(&a, b"[]", &borrowed).unwrap();
             let mut buf = vec![0u8; 64];
-            let chunk = recv_chunk(b.as_fd(), &mut buf).unwrap();
+            let chunk = recv_with_fds(b.as_fd(), &mut buf, Wait::AsSocket).unwrap();
             assert_eq!(chunk.len, 2);
             assert_eq!(chunk.fds.len(), count, "every fd arrives, none is dropped");
             assert!(!chunk.truncated);
@@ -267,6 +241,24 @@ mod tests {
                 other => panic!("{count} fds: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_read_that_may_not_wait_reports_would_block_and_received_fds_close_on_exec() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut buf = [0u8; 8];
+        let nothing = recv_with_fds(b.as_fd(), &mut buf, Wait::Never).unwrap_err();
+        assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
+        let fd = dev_null();
+        send_with_fds(&a, b"x", &[fd.as_fd()]).unwrap();
+        let got = recv_with_fds(b.as_fd(), &mut buf, Wait::AsSocket).unwrap();
+        assert_eq!((got.len, got.fds.len(), got.truncated), (1, 1, false));
+        let flags = nix::fcntl::fcntl(&got.fds[0], nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(
+            flags & libc::FD_CLOEXEC,
+            0,
+            "received descriptors close on exec"
+        );
     }
 
     #[test]

@@ -2,17 +2,17 @@
 //! answering each, closing on idleness or abuse.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSliceMut, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use proto::control::{parse_line, response, ControlError, ErrorCode};
+use proto::fdpass::{recv_with_fds, Wait};
 use proto::framing::{Frame, FrameError, LineBuffer};
 use serde_json::Value;
 
-use super::{Handler, Peer, RequestContext, CHUNK_BYTES, MAX_FDS_PER_CONNECTION, SCM_MAX_FD};
+use super::{Handler, Peer, RequestContext, CHUNK_BYTES, MAX_FDS_PER_CONNECTION};
 
 /// A request line and the descriptors that came with it.
 #[derive(Debug, Default)]
@@ -41,7 +41,6 @@ struct LineReader<'a> {
     /// Complete lines, and at most one refusal last, in the order they arrived.
     ready: VecDeque<Next>,
     chunk: Vec<u8>,
-    cmsg: Vec<u8>,
     closed: bool,
 }
 
@@ -53,7 +52,6 @@ impl<'a> LineReader<'a> {
             partial_fds: Vec::new(),
             ready: VecDeque::new(),
             chunk: vec![0; CHUNK_BYTES],
-            cmsg: nix::cmsg_space!([RawFd; SCM_MAX_FD]),
             closed: false,
         }
     }
@@ -88,33 +86,13 @@ impl<'a> LineReader<'a> {
     /// One `recvmsg`: its bytes split into lines; its descriptors go to the line holding the
     /// last byte that came with them.
     fn receive(&mut self) -> io::Result<()> {
-        let mut iov = [IoSliceMut::new(&mut self.chunk)];
-        let msg = loop {
-            match recvmsg::<()>(
-                self.stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut self.cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                other => break other.map_err(io::Error::from)?,
-            }
-        };
-        let mut fds = Vec::new();
-        for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                // SAFETY: the kernel just installed these descriptors in this process for
-                // this message; nothing else owns them, so each is wrapped exactly once.
-                fds.extend(
-                    raw.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
-            }
-        }
-        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        let received = recv_with_fds(self.stream.as_fd(), &mut self.chunk, Wait::AsSocket)?;
+        let fds = received.fds;
+        if received.truncated {
+            // The descriptors that did arrive are closed with `fds`.
             return Err(io::Error::other("passed descriptors were truncated"));
         }
-        let len = msg.bytes;
+        let len = received.len;
         if len == 0 {
             // A last line without its newline still counts, as it always has.
             self.closed = true;

@@ -11,7 +11,6 @@ use super::registration::{self, RegisterRequest};
 use super::{Handler, RequestContext};
 use crate::errors::error_chain;
 use crate::lifecycle::{Lifecycle, LifecycleError};
-use crate::registry::RegistryError;
 use crate::serve::ServeError;
 use crate::upgrade::{Upgrade, UpgradeError};
 use crate::vms::{StartRequest, VmError, Vms, DEFAULT_STOP_TIMEOUT};
@@ -30,14 +29,11 @@ impl From<LifecycleError> for ControlError {
             LifecycleError::Exists { .. }
             | LifecycleError::InUse { .. }
             | LifecycleError::DeletePending(_) => ErrorCode::Conflict,
-            LifecycleError::BadPath { .. } | LifecycleError::Snapshot(_) => {
-                ErrorCode::InvalidArgument
-            }
-            LifecycleError::Registry(RegistryError::NoFork(_) | RegistryError::NoSnapshot(_)) => {
-                ErrorCode::NotFound
-            }
-            LifecycleError::Registry(RegistryError::Exists { .. }) => ErrorCode::Conflict,
-            LifecycleError::Registry(RegistryError::WaitTimedOut { .. })
+            LifecycleError::BadPath { .. }
+            | LifecycleError::NotLinkable { .. }
+            | LifecycleError::ChangedWhileImporting { .. }
+            | LifecycleError::Snapshot(_) => ErrorCode::InvalidArgument,
+            LifecycleError::WaitTimedOut(_)
             | LifecycleError::TooLarge { .. }
             | LifecycleError::Quota { .. } => ErrorCode::Unavailable,
             LifecycleError::Serve(ServeError::SocketPathTooLong(_)) => ErrorCode::InvalidArgument,
@@ -49,6 +45,7 @@ impl From<LifecycleError> for ControlError {
             }
             LifecycleError::CountsUnknown { .. }
             | LifecycleError::Broken { .. }
+            | LifecycleError::BrokenNeedsForce { .. }
             | LifecycleError::Store(_)
             | LifecycleError::Serve(_) => ErrorCode::Internal,
         };
@@ -210,11 +207,11 @@ impl Dispatcher {
         let owner = registration::owner_of(context.peer());
         match request {
             Request::Status {} => {
-                let mut status = lc.status()?;
+                let mut status = lc.reports().status()?;
                 status.vms = self.vms.counts();
                 to_value(status)
             }
-            Request::Stats {} => to_value(lc.stats()),
+            Request::Stats {} => to_value(lc.reports().stats()),
             Request::SnapshotRegister {
                 snapshot,
                 path,
@@ -252,19 +249,19 @@ impl Dispatcher {
                         format!("`forks` must be 1 to {MAX_RECORD_FORKS}, not {forks}"),
                     ));
                 }
-                to_value(lc.record_working_set(&snapshot, forks)?)
+                to_value(lc.working_sets().record(&snapshot, forks)?)
             }
             Request::SnapshotClearWorkingSet { snapshot } => {
                 may_change(caller, "snapshot", &snapshot, lc.snapshot_owner(&snapshot)?)?;
-                to_value(lc.clear_working_set(&snapshot)?)
+                to_value(lc.working_sets().clear(&snapshot)?)
             }
             Request::ForkCreate {
                 snapshot,
                 fork,
                 prefetch,
             } => to_value(lc.create_fork(fork, &snapshot, prefetch, owner)?),
-            Request::ForkList {} => to_value(lc.fork_list()),
-            Request::ForkGet { fork } => to_value(lc.fork(&fork)?),
+            Request::ForkList {} => to_value(lc.reports().fork_list()),
+            Request::ForkGet { fork } => to_value(lc.reports().fork(&fork)?),
             Request::ForkWait {
                 fork,
                 state,

@@ -64,8 +64,6 @@ use connection::{answer, serve_connection};
 /// The most passed descriptors one connection may hold that no answered request has taken
 /// yet; more close the connection.
 pub const MAX_FDS_PER_CONNECTION: usize = 16;
-/// The most descriptors one message can carry (the kernel's `SCM_MAX_FD`).
-const SCM_MAX_FD: usize = 253;
 /// Bytes read per `recvmsg`.
 const CHUNK_BYTES: usize = 64 * 1024;
 

@@ -20,6 +20,9 @@
 //! `default_permissions` so that the kernel enforces the modes above (those of
 //! [`crate::access`]): without a group, only root reads guest memory here.
 //!
+//! How to mount ([`FuseOptions`], with the read path of [`FuseMode`]) is defined here; the
+//! command line (`crate::config`) builds it, and nothing in this module reads the command line.
+//!
 //! [`FuseView::mount`] first detaches whatever a crashed daemon left on the mount point;
 //! [`FuseView::unmount`] removes the mount at shutdown (lazily, if VMMs still hold files).
 
@@ -37,8 +40,20 @@ use fuser::{BackgroundSession, MountOption, SessionACL};
 pub use proto::model::ReadPath;
 
 use crate::access::Access;
-use crate::config::FuseMode;
 use crate::lifecycle::{FuseMount, MemoryFiles};
+
+/// Which read path the mount offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FuseMode {
+    /// No FUSE mount.
+    Off,
+    /// pagerd answers reads into the FUSE page cache.
+    Cached,
+    /// The kernel maps the backing file directly (FUSE passthrough); refuse to start without.
+    Passthrough,
+    /// Passthrough where the kernel offers it, cached otherwise.
+    Auto,
+}
 
 /// How to mount.
 #[derive(Debug, Clone)]

@@ -9,6 +9,7 @@ use proto::Id;
 use crate::registry::RegistryError;
 use crate::serve::ServeError;
 use crate::snapshot::SnapshotError;
+use crate::store::damage::{Damage, NotLinkable};
 use crate::store::StoreError;
 
 /// Why a lifecycle operation was refused or failed.
@@ -80,12 +81,20 @@ pub(crate) enum LifecycleError {
         records: Vec<PathBuf>,
     },
     /// The snapshot's files on disk are damaged.
-    #[error("snapshot `{snapshot}` is damaged: {why}")]
+    #[error("snapshot `{snapshot}` is damaged: {damage}")]
     Broken {
         /// The snapshot.
         snapshot: Id,
         /// What is wrong.
-        why: String,
+        damage: Damage,
+    },
+    /// A delete without `force` of a damaged snapshot.
+    #[error("snapshot `{snapshot}` is damaged: {damage}; only a forced delete removes it")]
+    BrokenNeedsForce {
+        /// The snapshot.
+        snapshot: Id,
+        /// What is wrong.
+        damage: Damage,
     },
     /// The path given cannot be a memory file.
     #[error("{}: {why}", path.display())]
@@ -94,6 +103,22 @@ pub(crate) enum LifecycleError {
         path: PathBuf,
         /// What is wrong.
         why: String,
+    },
+    /// A file to link is on another filesystem (or the state directory cannot be inspected).
+    #[error("{}: {reason}", path.display())]
+    NotLinkable {
+        /// The file.
+        path: PathBuf,
+        /// Why it cannot be linked.
+        reason: NotLinkable,
+    },
+    /// A linked file changed while it was being registered.
+    #[error("{}: {damage}", path.display())]
+    ChangedWhileImporting {
+        /// The file.
+        path: PathBuf,
+        /// What changed.
+        damage: Damage,
     },
     /// The memory file cannot be mapped.
     #[error(transparent)]
@@ -104,9 +129,45 @@ pub(crate) enum LifecycleError {
     /// The serving side failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
-    /// A wait ran out.
+    /// A fork did not reach the state waited for in time (always
+    /// [`RegistryError::WaitTimedOut`]; the registry's other refusals become [`NotFound`] and
+    /// [`Exists`]).
+    ///
+    /// [`NotFound`]: LifecycleError::NotFound
+    /// [`Exists`]: LifecycleError::Exists
     #[error(transparent)]
-    Registry(#[from] RegistryError),
+    WaitTimedOut(RegistryError),
+}
+
+impl LifecycleError {
+    /// No snapshot `id`.
+    pub(crate) fn no_snapshot(id: &Id) -> Self {
+        Self::NotFound {
+            kind: "snapshot",
+            id: id.clone(),
+        }
+    }
+
+    /// No fork `id`.
+    pub(crate) fn no_fork(id: &Id) -> Self {
+        Self::NotFound {
+            kind: "fork",
+            id: id.clone(),
+        }
+    }
+}
+
+/// The registry's refusals, as the lifecycle's: one "not found" and one "exists", whichever
+/// side noticed.
+impl From<RegistryError> for LifecycleError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::NoSnapshot(id) => Self::no_snapshot(&id),
+            RegistryError::NoFork(id) => Self::no_fork(&id),
+            RegistryError::Exists { kind, id } => Self::Exists { kind, id },
+            timed_out @ RegistryError::WaitTimedOut { .. } => Self::WaitTimedOut(timed_out),
+        }
+    }
 }
 
 fn list(ids: &[Id]) -> String {

@@ -102,12 +102,7 @@ impl MemoryFiles for Lifecycle {
                     .registry
                     .snapshot(id)
                     .is_ok_and(|current| Arc::ptr_eq(&current, snapshot)) => {}
-            _ => {
-                return Err(LifecycleError::NotFound {
-                    kind: "snapshot",
-                    id: id.clone(),
-                })
-            }
+            _ => return Err(LifecycleError::no_snapshot(id)),
         }
         let handle = self.file_users.open(id.clone(), pid, backing);
         drop(catalog);

@@ -23,12 +23,20 @@
 //! ([`Store::scan_forks`]); nothing stores a count. Processes holding a snapshot's memory file
 //! on the FUSE mount ([`FileUsers`]) are references too: they live only in memory, since the
 //! kernel tells the daemon when each handle is released.
+//!
+//! [`Lifecycle`] only decides what exists. What is reported about it (stats, lists, the
+//! status, the service manager's summary) is read through [`Lifecycle::reports`]
+//! (`report.rs`), and working sets are kept through [`Lifecycle::working_sets`]
+//! (`working_sets.rs`), which asks the lifecycle, under its lock, whether a snapshot may still
+//! take one. Refusals are [`LifecycleError`]s, with one `NotFound` whichever side noticed.
 
 mod error;
 mod memory_files;
 mod reconcile;
 mod recovery;
 mod report;
+#[cfg(test)]
+mod tests;
 mod working_sets;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -54,6 +62,7 @@ use crate::file_users::FileUsers;
 use crate::registry::{unix_ms, Fork, ForkPhase, NewFork, Registry};
 use crate::serve::{ForkEvent, Server};
 use crate::snapshot::{Snapshot, ZERO_MAP_PAGE};
+use crate::store::damage::Damage;
 use crate::store::{ForkRecord, ForkScan, SnapshotMeta, Store, VmStateSource};
 use error::references;
 
@@ -86,7 +95,7 @@ pub(crate) struct ReconcileReport {
 #[derive(Debug, Default)]
 struct Catalog {
     metas: BTreeMap<Id, SnapshotMeta>,
-    damaged: BTreeMap<Id, String>,
+    damaged: BTreeMap<Id, Damage>,
     /// Registrations whose files are being brought in, outside the lock.
     importing: BTreeMap<Id, Importing>,
 }
@@ -281,7 +290,12 @@ impl Lifecycle {
             }
         }
         if mode == ImportMode::Link {
-            self.store.check_linkable(&source.meta).map_err(bad)?;
+            self.store.check_linkable(&source.meta).map_err(|reason| {
+                LifecycleError::NotLinkable {
+                    path: source.name.clone(),
+                    reason,
+                }
+            })?;
         }
         let mut catalog = self.lock();
         if catalog.taken(&id) {
@@ -369,9 +383,9 @@ impl Lifecycle {
             .map_err(LifecycleError::from)
             .and_then(|snapshot| match stored.file_changed(snapshot.file()) {
                 // A linked file written while it was being registered.
-                Some(why) => Err(LifecycleError::BadPath {
+                Some(damage) => Err(LifecycleError::ChangedWhileImporting {
                     path: source.name.clone(),
-                    why,
+                    damage,
                 }),
                 None => Ok(snapshot),
             });
@@ -410,7 +424,7 @@ impl Lifecycle {
             file_users,
             fuse_file: self.fuse.get().map(|m| m.memory_file(id)),
             unreadable_fork_records: scan.unreadable.iter().map(|u| u.path.clone()).collect(),
-            error: catalog.damaged.get(id).cloned(),
+            error: catalog.damaged.get(id).map(ToString::to_string),
             vmstate: meta.and_then(|m| m.vmstate).map(|v| VmStateInfo {
                 vmm: v.vmm,
                 path: self.store.vmstate_path(id),
@@ -489,10 +503,7 @@ impl Lifecycle {
             Some(meta) => Ok(meta.owner.unwrap_or(crate::owners::ROOT)),
             // A damaged snapshot whose metadata is gone: only the operators may remove it.
             None if catalog.damaged.contains_key(id) => Ok(crate::owners::ROOT),
-            None => Err(LifecycleError::NotFound {
-                kind: "snapshot",
-                id: id.clone(),
-            }),
+            None => Err(LifecycleError::no_snapshot(id)),
         }
     }
 
@@ -500,10 +511,7 @@ impl Lifecycle {
     pub fn snapshot(&self, id: &Id) -> Result<SnapshotInfo, LifecycleError> {
         let catalog = self.lock();
         if !catalog.taken(id) {
-            return Err(LifecycleError::NotFound {
-                kind: "snapshot",
-                id: id.clone(),
-            });
+            return Err(LifecycleError::no_snapshot(id));
         }
         let scan = self.store.scan_forks()?;
         Ok(self.snapshot_info(&catalog, id, &scan))
@@ -519,20 +527,17 @@ impl Lifecycle {
         force: bool,
     ) -> Result<DeleteOutcome, LifecycleError> {
         let mut catalog = self.lock();
-        if let Some(why) = catalog.damaged.get(id) {
+        if let Some(damage) = catalog.damaged.get(id) {
             if !force {
-                return Err(LifecycleError::Broken {
+                return Err(LifecycleError::BrokenNeedsForce {
                     snapshot: id.clone(),
-                    why: format!("{why}; only a forced delete removes it"),
+                    damage: damage.clone(),
                 });
             }
             return self.delete_damaged(&mut catalog, id);
         }
         let Some(meta) = catalog.metas.get(id).cloned() else {
-            return Err(LifecycleError::NotFound {
-                kind: "snapshot",
-                id: id.clone(),
-            });
+            return Err(LifecycleError::no_snapshot(id));
         };
         let (forks, file_users) = self.references_of(id)?;
         let vms = self.counted_vms(id)?;
@@ -622,24 +627,83 @@ impl Lifecycle {
     /// Marks a snapshot damaged if its memory file changed since it was recorded (one
     /// `fstat`); `Err` if it is damaged, now or before.
     fn verify_unchanged(&self, catalog: &mut Catalog, id: &Id) -> Result<(), LifecycleError> {
-        if let Some(why) = catalog.damaged.get(id) {
+        if let Some(damage) = catalog.damaged.get(id) {
             return Err(LifecycleError::Broken {
                 snapshot: id.clone(),
-                why: why.clone(),
+                damage: damage.clone(),
             });
         }
         let (Some(meta), Ok(snapshot)) = (catalog.metas.get(id), self.registry.snapshot(id)) else {
             return Ok(());
         };
-        let Some(why) = meta.file_changed(snapshot.file()) else {
+        let Some(damage) = meta.file_changed(snapshot.file()) else {
             return Ok(());
         };
-        tracing::error!(snapshot = %id, %why, "snapshot damaged: no new forks of it; forks already running may read changed bytes");
-        catalog.damaged.insert(id.clone(), why.clone());
+        tracing::error!(snapshot = %id, why = %damage, "snapshot damaged: no new forks of it; forks already running may read changed bytes");
+        catalog.damaged.insert(id.clone(), damage.clone());
         Err(LifecycleError::Broken {
             snapshot: id.clone(),
-            why,
+            damage,
         })
+    }
+
+    /// A registered snapshot that is not on its way out (`not_found`, `conflict` otherwise).
+    fn forkable_snapshot(
+        &self,
+        catalog: &Catalog,
+        id: &Id,
+    ) -> Result<Arc<Snapshot>, LifecycleError> {
+        let meta = catalog
+            .metas
+            .get(id)
+            .ok_or_else(|| LifecycleError::no_snapshot(id))?;
+        if meta.delete_pending {
+            return Err(LifecycleError::DeletePending(id.clone()));
+        }
+        Ok(self.registry.snapshot(id)?)
+    }
+
+    /// Under the lock, runs `change` on snapshot `id` if new forks of it may be made
+    /// (unchanged, registered, not pending deletion); then describes it.
+    pub(super) fn change_forkable(
+        &self,
+        id: &Id,
+        change: impl FnOnce(&Arc<Snapshot>) -> Result<(), LifecycleError>,
+    ) -> Result<SnapshotInfo, LifecycleError> {
+        let mut catalog = self.lock();
+        self.verify_unchanged(&mut catalog, id)?;
+        change(&self.forkable_snapshot(&catalog, id)?)?;
+        let scan = self.store.scan_forks()?;
+        Ok(self.snapshot_info(&catalog, id, &scan))
+    }
+
+    /// Under the lock, runs `change` on mapped snapshot `id`, whatever its state; then
+    /// describes it.
+    pub(super) fn change_registered(
+        &self,
+        id: &Id,
+        change: impl FnOnce(&Arc<Snapshot>) -> Result<(), LifecycleError>,
+    ) -> Result<SnapshotInfo, LifecycleError> {
+        let catalog = self.lock();
+        change(&self.registry.snapshot(id)?)?;
+        let scan = self.store.scan_forks()?;
+        Ok(self.snapshot_info(&catalog, id, &scan))
+    }
+
+    /// Under the lock, runs `f` if `snapshot` is still the one registered under its id and
+    /// new forks of it may be made; `None` (without running it) if not.
+    pub(super) fn while_current<R>(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        f: impl FnOnce() -> R,
+    ) -> Option<R> {
+        let catalog = self.lock();
+        let id = snapshot.id();
+        let current = self
+            .registry
+            .snapshot(id)
+            .is_ok_and(|s| Arc::ptr_eq(&s, snapshot));
+        (current && catalog.forkable(id)).then(f)
     }
 
     /// Checks every snapshot's memory file against its record (one `fstat` each) and marks
@@ -758,24 +822,12 @@ impl Lifecycle {
 
     /// The uid that created fork `id`.
     pub fn fork_owner(&self, id: &Id) -> Result<u32, LifecycleError> {
-        self.registry
-            .fork(id)
-            .map(|f| f.owner())
-            .map_err(|_| LifecycleError::NotFound {
-                kind: "fork",
-                id: id.clone(),
-            })
+        Ok(self.registry.fork(id)?.owner())
     }
 
     /// Stops serving a fork, releases its reference and forgets it.
     pub fn close_fork(&self, id: &Id) -> Result<ForkInfo, LifecycleError> {
-        let fork = self
-            .registry
-            .fork(id)
-            .map_err(|_| LifecycleError::NotFound {
-                kind: "fork",
-                id: id.clone(),
-            })?;
+        let fork = self.registry.fork(id)?;
         self.server.stop(&fork);
         let mut catalog = self.lock();
         self.store.remove_fork(id)?;
@@ -801,7 +853,7 @@ impl Lifecycle {
                 snapshot,
                 ticket,
                 trace,
-            } => self.on_recorded(&snapshot, ticket, trace),
+            } => self.working_sets().on_recorded(&snapshot, ticket, trace),
         }
     }
 

@@ -10,12 +10,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::registry::{ForkPhase, Transition};
 use proto::Id;
 
 use super::{recovery, time_of, Lifecycle, LifecycleError, ReconcileReport};
 use crate::snapshot::Snapshot;
+use crate::store::damage::Damage;
 use crate::store::SnapshotMeta;
 
 impl Lifecycle {
@@ -45,14 +47,14 @@ impl Lifecycle {
                     catalog.metas.insert(meta.id.clone(), meta);
                     report.snapshots += 1;
                 }
-                Err(why) => {
-                    tracing::error!(snapshot = %stored.id, %why, "damaged snapshot kept but not served");
+                Err(damage) => {
+                    tracing::error!(snapshot = %stored.id, why = %damage, "damaged snapshot kept but not served");
                     report.damaged_snapshots.push(stored.id.clone());
-                    catalog.damaged.insert(stored.id, why);
+                    catalog.damaged.insert(stored.id, damage);
                 }
             }
         }
-        self.load_working_sets();
+        self.working_sets().load_stored();
         let scan = self.store.scan_forks()?;
         for unreadable in &scan.unreadable {
             tracing::error!(record = %unreadable.path.display(), error = %unreadable.error,
@@ -135,15 +137,14 @@ impl Lifecycle {
 
     /// Maps a snapshot found in the state directory and checks its memory file against its
     /// record; `Err` says why it is damaged.
-    fn open_stored(&self, meta: SnapshotMeta) -> Result<(SnapshotMeta, Snapshot), String> {
+    fn open_stored(&self, meta: SnapshotMeta) -> Result<(SnapshotMeta, Snapshot), Damage> {
         let snapshot = Snapshot::open(meta.id.clone(), &self.store.memory_path(&meta.id))
-            .map_err(|e| crate::errors::error_chain(&e))?;
+            .map_err(|e| Damage::Unmappable(Arc::new(e)))?;
         if snapshot.size() != meta.size {
-            return Err(format!(
-                "memory file is {} bytes, recorded {}",
-                snapshot.size(),
-                meta.size
-            ));
+            return Err(Damage::SizeMismatch {
+                actual: snapshot.size(),
+                recorded: meta.size,
+            });
         }
         let meta = self.store.verify_memory(meta, snapshot.file())?;
         Ok((meta, snapshot))

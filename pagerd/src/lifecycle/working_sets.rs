@@ -1,5 +1,5 @@
-//! Working sets in the lifecycle: recording on request, storing what recordings learn,
-//! loading stored sets at start, and clearing them.
+//! Working-set bookkeeping ([`WorkingSets`]): recording on request, storing what recordings
+//! learn, loading stored sets at start, and clearing them.
 //!
 //! ```text
 //! snapshot.record ─▶ slot armed (the next N forks record)
@@ -10,70 +10,71 @@
 //! ```
 //!
 //! Stored sets live in the snapshot's directory, so deleting the snapshot deletes its set.
+//! Whether a snapshot may take a set (registered, unchanged, not on its way out) is the
+//! lifecycle's to decide: [`WorkingSets`] asks it, and changes a set only under its lock.
 
 use std::sync::Arc;
 
 use proto::model::SnapshotInfo;
 use proto::Id;
 
-use super::{now_ms, Catalog, Lifecycle, LifecycleError};
+use super::{now_ms, Lifecycle, LifecycleError};
 use crate::memory::{FilePage, MemorySource};
+use crate::registry::Registry;
 use crate::snapshot::Snapshot;
 use crate::store::atomic::remove_durably;
+use crate::store::Store;
 use crate::working_set::merge::{merge, Trace};
 use crate::working_set::slot::Ticket;
 use crate::working_set::{Plan, WorkingSet, FILE_NAME};
 
+/// The working sets of the snapshots the lifecycle keeps.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WorkingSets<'a> {
+    lifecycle: &'a Lifecycle,
+    store: &'a Store,
+    registry: &'a Registry,
+}
+
 impl Lifecycle {
+    /// The working sets of its snapshots.
+    pub fn working_sets(&self) -> WorkingSets<'_> {
+        WorkingSets {
+            lifecycle: self,
+            store: &self.store,
+            registry: &self.registry,
+        }
+    }
+}
+
+impl WorkingSets<'_> {
     /// Has the next `forks` uffd forks of `id` record its working set.
-    pub fn record_working_set(&self, id: &Id, forks: u32) -> Result<SnapshotInfo, LifecycleError> {
-        let mut catalog = self.lock();
-        self.verify_unchanged(&mut catalog, id)?;
-        let snapshot = self.forkable_snapshot(&catalog, id)?;
-        snapshot.working_set.arm(forks);
-        tracing::info!(snapshot = %id, forks, "recording the working set");
-        let scan = self.store.scan_forks()?;
-        Ok(self.snapshot_info(&catalog, id, &scan))
+    pub fn record(&self, id: &Id, forks: u32) -> Result<SnapshotInfo, LifecycleError> {
+        self.lifecycle.change_forkable(id, |snapshot| {
+            snapshot.working_set.arm(forks);
+            tracing::info!(snapshot = %id, forks, "recording the working set");
+            Ok(())
+        })
     }
 
     /// Deletes the stored working set of `id` and stops any recording.
-    pub fn clear_working_set(&self, id: &Id) -> Result<SnapshotInfo, LifecycleError> {
-        let catalog = self.lock();
-        let snapshot = self.registry.snapshot(id)?;
-        snapshot.working_set.clear();
-        let dir = self.store.snapshot_dir(id);
-        remove_durably(&dir, FILE_NAME).map_err(|e| crate::store::StoreError {
-            action: "cannot remove the working set in",
-            path: dir.clone(),
-            source: e,
-        })?;
-        tracing::info!(snapshot = %id, "working set cleared");
-        let scan = self.store.scan_forks()?;
-        Ok(self.snapshot_info(&catalog, id, &scan))
-    }
-
-    /// A registered snapshot that is not on its way out (`not_found`, `conflict` otherwise).
-    pub(super) fn forkable_snapshot(
-        &self,
-        catalog: &Catalog,
-        id: &Id,
-    ) -> Result<Arc<Snapshot>, LifecycleError> {
-        let meta = catalog
-            .metas
-            .get(id)
-            .ok_or_else(|| LifecycleError::NotFound {
-                kind: "snapshot",
-                id: id.clone(),
+    pub fn clear(&self, id: &Id) -> Result<SnapshotInfo, LifecycleError> {
+        self.lifecycle.change_registered(id, |snapshot| {
+            snapshot.working_set.clear();
+            let dir = self.store.snapshot_dir(id);
+            remove_durably(&dir, FILE_NAME).map_err(|e| crate::store::StoreError {
+                action: "cannot remove the working set in",
+                path: dir.clone(),
+                source: e,
             })?;
-        if meta.delete_pending {
-            return Err(LifecycleError::DeletePending(id.clone()));
-        }
-        Ok(self.registry.snapshot(id)?)
+            tracing::info!(snapshot = %id, "working set cleared");
+            Ok(())
+        })
     }
 
     /// A recording fork's first touches. Once its recording is complete, the merged set is
     /// written beside the snapshot and replayed into new forks from then on.
-    pub(crate) fn on_recorded(&self, snapshot: &Arc<Snapshot>, ticket: Ticket, trace: Trace) {
+    pub fn on_recorded(&self, snapshot: &Arc<Snapshot>, ticket: Ticket, trace: Trace) {
         let Some(done) = snapshot.working_set.submit(ticket, trace) else {
             return;
         };
@@ -87,33 +88,33 @@ impl Lifecycle {
             WorkingSet::write(&dir, &plan, snapshot.size(), forks, now_ms(), |off, len| {
                 snapshot.read_at(off, len)
             });
-        let catalog = self.lock();
-        let current = self
-            .registry
-            .snapshot(&id)
-            .is_ok_and(|s| Arc::ptr_eq(&s, snapshot));
-        if !current || !catalog.forkable(&id) || !snapshot.working_set.is_latest(done.ticket) {
+        let installed = self.lifecycle.while_current(snapshot, || {
+            if !snapshot.working_set.is_latest(done.ticket) {
+                return false;
+            }
+            match written.and_then(|pending| pending.commit()) {
+                Ok(set) => {
+                    tracing::info!(snapshot = %id, forks, pages = set.info().pages, runs = set.info().runs,
+                        bytes = set.info().file_bytes, "working set stored");
+                    snapshot.working_set.set(Some(Arc::new(set)));
+                }
+                Err(e) => {
+                    tracing::error!(snapshot = %id, error = %e, "cannot store the working set; forks are served on demand");
+                    snapshot
+                        .working_set
+                        .set_error(format!("cannot store the working set: {e}"));
+                }
+            }
+            true
+        });
+        if installed != Some(true) {
             tracing::info!(snapshot = %id, "a recording finished after its snapshot was deleted or its set cleared; dropped");
-            return;
-        }
-        match written.and_then(|pending| pending.commit()) {
-            Ok(set) => {
-                tracing::info!(snapshot = %id, forks, pages = set.info().pages, runs = set.info().runs,
-                    bytes = set.info().file_bytes, "working set stored");
-                snapshot.working_set.set(Some(Arc::new(set)));
-            }
-            Err(e) => {
-                tracing::error!(snapshot = %id, error = %e, "cannot store the working set; forks are served on demand");
-                snapshot
-                    .working_set
-                    .set_error(format!("cannot store the working set: {e}"));
-            }
         }
     }
 
     /// Loads the stored working set of every mapped snapshot (at start). A file that cannot
     /// be used is reported in `snapshot.get` and left alone; its snapshot records anew.
-    pub(super) fn load_working_sets(&self) {
+    pub fn load_stored(&self) {
         for snapshot in self.registry.snapshots() {
             let path = self.store.snapshot_dir(snapshot.id()).join(FILE_NAME);
             match WorkingSet::load(&path, snapshot.size()) {

@@ -9,6 +9,7 @@
 //! The change time catches writes that reset the modification time, at the price of also
 //! counting `chmod`, `chown`, and adding or removing names of a linked file as changes.
 
+use std::fmt;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -25,9 +26,83 @@ pub trait FileIdentityExt: Sized {
     /// The identity in a file's metadata.
     fn from_metadata(meta: &std::fs::Metadata) -> Self;
 
-    /// What differs between `self` (recorded) and `now`, as `size A→B, mtime …`; `None` if
-    /// nothing does.
-    fn changes(&self, now: &Self) -> Option<String>;
+    /// What differs between `self` (recorded) and `now`; `None` if nothing does.
+    fn changes(&self, now: &Self) -> Option<FileChanges>;
+}
+
+/// One way a file differs from its recorded identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Another file is in its place.
+    Inode {
+        /// `(dev, ino)` recorded.
+        recorded: (u64, u64),
+        /// `(dev, ino)` now.
+        now: (u64, u64),
+    },
+    /// Its size.
+    Size {
+        /// Recorded.
+        recorded: u64,
+        /// Now.
+        now: u64,
+    },
+    /// Its modification time, ns since the epoch.
+    Mtime {
+        /// Recorded.
+        recorded: i64,
+        /// Now.
+        now: i64,
+    },
+    /// Its change time, ns since the epoch.
+    Ctime {
+        /// Recorded.
+        recorded: i64,
+        /// Now.
+        now: i64,
+    },
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Inode { recorded, now } => write!(
+                f,
+                "inode {}:{}→{}:{} (another file is in its place)",
+                recorded.0, recorded.1, now.0, now.1
+            ),
+            Self::Size { recorded, now } => write!(f, "size {recorded}→{now}"),
+            Self::Mtime { recorded, now } => {
+                write!(f, "mtime {}→{}", seconds(recorded), seconds(now))
+            }
+            Self::Ctime { recorded, now } => {
+                write!(f, "ctime {}→{}", seconds(recorded), seconds(now))
+            }
+        }
+    }
+}
+
+/// Every way a file differs from its recorded identity (at least one), shown as
+/// `size A→B, mtime …`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileChanges(Vec<Change>);
+
+impl From<Vec<Change>> for FileChanges {
+    fn from(changes: Vec<Change>) -> Self {
+        Self(changes)
+    }
+}
+
+impl fmt::Display for FileChanges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, change) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            change.fmt(f)?;
+        }
+        Ok(())
+    }
 }
 
 impl FileIdentityExt for FileIdentity {
@@ -51,38 +126,34 @@ impl FileIdentityExt for FileIdentity {
         }
     }
 
-    fn changes(&self, now: &Self) -> Option<String> {
-        let mut parts = Vec::new();
+    fn changes(&self, now: &Self) -> Option<FileChanges> {
+        let mut changes = Vec::new();
         if self.dev != now.dev || self.ino != now.ino {
-            parts.push(format!(
-                "inode {}:{}→{}:{} (another file is in its place)",
-                self.dev, self.ino, now.dev, now.ino
-            ));
+            changes.push(Change::Inode {
+                recorded: (self.dev, self.ino),
+                now: (now.dev, now.ino),
+            });
         }
         if self.size != now.size {
-            parts.push(format!("size {}→{}", self.size, now.size));
+            changes.push(Change::Size {
+                recorded: self.size,
+                now: now.size,
+            });
         }
         if self.mtime_ns != now.mtime_ns {
-            parts.push(format!(
-                "mtime {}→{}",
-                seconds(self.mtime_ns),
-                seconds(now.mtime_ns)
-            ));
+            changes.push(Change::Mtime {
+                recorded: self.mtime_ns,
+                now: now.mtime_ns,
+            });
         }
         if self.ctime_ns != now.ctime_ns {
-            parts.push(format!(
-                "ctime {}→{}",
-                seconds(self.ctime_ns),
-                seconds(now.ctime_ns)
-            ));
+            changes.push(Change::Ctime {
+                recorded: self.ctime_ns,
+                now: now.ctime_ns,
+            });
         }
-        (!parts.is_empty()).then(|| parts.join(", "))
+        (!changes.is_empty()).then_some(FileChanges(changes))
     }
-}
-
-/// The reason a snapshot whose memory file changed is damaged.
-pub fn changed_reason(changes: &str) -> String {
-    format!("memory file changed after registration ({changes})")
 }
 
 /// Nanoseconds since the epoch as `seconds.nanoseconds`.
@@ -110,6 +181,14 @@ mod tests {
         file.set_modified(modified).unwrap();
         let after = FileIdentity::of(&file).unwrap();
         let changes = before.changes(&after).unwrap();
+        assert_eq!(
+            changes.0[0],
+            Change::Size {
+                recorded: 8192,
+                now: 4096
+            }
+        );
+        let changes = changes.to_string();
         assert!(
             changes.starts_with("size 8192→4096, mtime ") && changes.contains("→1.000000007"),
             "{changes}"

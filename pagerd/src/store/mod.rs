@@ -28,10 +28,13 @@
 //! written by temp file, fsync, rename, fsync of the directory. Whatever a crash leaves behind
 //! (`.tmp-*`, `.trash-*`, sockets) is removed by [`Store::remove_leftovers`].
 //!
-//! Modes and groups follow the [`Access`] policy the store was opened with; [`Store::open`]
-//! brings an existing directory to it, and [`Store::verify_memory`] a snapshot's memory file.
+//! Modes and groups follow the [`Access`] policy the store was opened with;
+//! [`Store::open_with`] brings an existing directory to it, and [`Store::verify_memory`] a
+//! snapshot's memory file. What it finds wrong with a snapshot is a [`damage::Damage`], typed,
+//! whose `Display` is the message reported.
 
 pub mod atomic;
+pub mod damage;
 mod forks;
 pub mod identity;
 pub mod import;
@@ -44,6 +47,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::Access;
 use atomic::{fsync_dir, temp_name, write_atomic, TEMP_PREFIX};
+use damage::{Damage, NotLinkable, RecordProblem};
 use identity::{FileIdentity, FileIdentityExt};
 use import::{ImportMethod, ImportMode};
 use proto::Id;
@@ -114,13 +118,11 @@ pub struct SnapshotMeta {
 impl SnapshotMeta {
     /// Why the memory file, open as `file`, is no longer what was recorded (an `fstat`);
     /// `None` while it is unchanged or nothing was recorded.
-    pub fn file_changed(&self, file: &std::fs::File) -> Option<String> {
+    pub fn file_changed(&self, file: &std::fs::File) -> Option<Damage> {
         let recorded = self.file.as_ref()?;
         match FileIdentity::of(file) {
-            Ok(now) => recorded
-                .changes(&now)
-                .map(|changes| identity::changed_reason(&changes)),
-            Err(e) => Some(format!("cannot inspect the memory file: {e}")),
+            Ok(now) => recorded.changes(&now).map(Damage::Changed),
+            Err(e) => Some(Damage::Uninspectable(e.into())),
         }
     }
 }
@@ -130,8 +132,8 @@ impl SnapshotMeta {
 pub struct StoredSnapshot {
     /// The directory name.
     pub id: Id,
-    /// Its metadata, or why it cannot be read.
-    pub meta: Result<SnapshotMeta, String>,
+    /// Its metadata, or why it cannot be used.
+    pub meta: Result<SnapshotMeta, Damage>,
 }
 
 /// Errors of store operations, with the path involved.
@@ -372,17 +374,13 @@ impl Store {
 
     /// Whether a file with metadata `source` can be linked into the state directory (same
     /// filesystem); `Err` says why not.
-    pub fn check_linkable(&self, source: &std::fs::Metadata) -> Result<(), String> {
+    pub fn check_linkable(&self, source: &std::fs::Metadata) -> Result<(), NotLinkable> {
         use std::os::unix::fs::MetadataExt;
-        let here = std::fs::metadata(self.snapshots_dir()).map_err(|e| e.to_string())?;
+        let here = std::fs::metadata(self.snapshots_dir()).map_err(NotLinkable::Unreadable)?;
         if here.dev() == source.dev() {
             Ok(())
         } else {
-            Err(
-                "it is on another filesystem than the state directory; a link needs the same \
-                 one (register it without link to copy it)"
-                    .into(),
-            )
+            Err(NotLinkable::OtherFilesystem)
         }
     }
 
@@ -395,9 +393,9 @@ impl Store {
         &self,
         mut meta: SnapshotMeta,
         file: &std::fs::File,
-    ) -> Result<SnapshotMeta, String> {
-        if let Some(why) = meta.file_changed(file) {
-            return Err(why);
+    ) -> Result<SnapshotMeta, Damage> {
+        if let Some(damage) = meta.file_changed(file) {
+            return Err(damage);
         }
         let mut rerecord = meta.file.is_none();
         if meta.import.is_private() {
@@ -410,10 +408,7 @@ impl Store {
             }
         }
         if rerecord {
-            meta.file = Some(
-                FileIdentity::of(file)
-                    .map_err(|e| format!("cannot inspect the memory file: {e}"))?,
-            );
+            meta.file = Some(FileIdentity::of(file).map_err(|e| Damage::Uninspectable(e.into()))?);
             if let Err(e) = self.write_snapshot_meta(&meta) {
                 tracing::warn!(snapshot = %meta.id, error = %crate::errors::error_chain(&e), "cannot record the memory file's identity");
             }
@@ -438,18 +433,22 @@ impl Store {
             let Ok(id) = name.parse::<Id>() else { continue };
             let meta_path = entry.path().join(META_FILE);
             let meta = std::fs::read(&meta_path)
-                .map_err(|e| e.to_string())
+                .map_err(|e| RecordProblem::Read(e.into()))
                 .and_then(|bytes| {
-                    serde_json::from_slice::<SnapshotMeta>(&bytes).map_err(|e| e.to_string())
+                    serde_json::from_slice::<SnapshotMeta>(&bytes)
+                        .map_err(|e| RecordProblem::Parse(e.into()))
                 })
                 .and_then(|m| {
                     if m.id == id {
                         Ok(m)
                     } else {
-                        Err(format!("it names snapshot `{}`", m.id))
+                        Err(RecordProblem::NamesAnother(m.id))
                     }
                 })
-                .map_err(|e| format!("{}: {e}", meta_path.display()));
+                .map_err(|problem| Damage::UnreadableRecord {
+                    path: meta_path,
+                    problem,
+                });
             found.push(StoredSnapshot { id, meta });
         }
         found.sort_by(|a, b| a.id.cmp(&b.id));

@@ -484,7 +484,6 @@ impl Vms {
         if let Some(fork) = info.fork.as_ref() {
             match self.host.close_fork(fork) {
                 Ok(_) | Err(LifecycleError::NotFound { .. }) => {}
-                Err(LifecycleError::Registry(crate::registry::RegistryError::NoFork(_))) => {}
                 Err(e) => {
                     tracing::error!(fork = %fork, error = %crate::errors::error_chain(&e), "cannot close a VM's fork")
                 }
