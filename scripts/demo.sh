@@ -71,7 +71,7 @@ for _ in $(seq 300); do
 done
 "$bin/pagerctl" snapshot get base
 for i in $(seq 9 12); do
-  prefetch=$([ "$i" = 12 ] && echo off || echo working-set)
+  prefetch=$([ "$i" = 12 ] && echo off || echo working_set)
   socket=$("$bin/pagerctl" fork create base --id "vm$i" --prefetch "$prefetch")
   "$bin/synthetic-vmm" --snapshot "$work/memory" --socket "$socket" --order random verify \
     >"$work/vm$i.out" || failed=1
@@ -79,7 +79,7 @@ for i in $(seq 9 12); do
   grep -q '"verified"' "$work/vm$i.out" || { echo "vm$i FAILED"; failed=1; }
   summary=$("$bin/pagerctl" fork get "vm$i" | grep -E '^  (faults|prefetched):' | tr -s ' ' | tr '\n' ';')
   echo "vm$i (prefetch $prefetch): $summary"
-  if [ "$prefetch" = working-set ] && echo "$summary" | grep -q 'prefetched: 0 pages replayed'; then
+  if [ "$prefetch" = working_set ] && echo "$summary" | grep -q 'prefetched: 0 pages replayed'; then
     echo "vm$i did not replay the working set"; failed=1
   fi
 done

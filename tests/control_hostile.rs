@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use proto::control::{request_line, ErrorCode, Request, Response};
+use proto::control::{request_line, ErrorCode, ForkList, Response, Status};
 use proto::model::{ForkState, StatusReport};
 use serde_json::Value;
 use testkit::{wait_until, write_snapshot, Daemon, Vmm, DEADLINE};
@@ -100,7 +100,7 @@ fn hostile_clients_are_refused_while_a_faulting_fork_is_served() {
         .map(|i| {
             let mut c = UnixStream::connect(daemon.control_socket()).unwrap();
             c.set_read_timeout(Some(DEADLINE)).unwrap();
-            writeln!(c, "{}", request_line(&Value::from(i), &Request::Status {})).unwrap();
+            writeln!(c, "{}", request_line(&Value::from(i), &Status {}.into())).unwrap();
             c
         })
         .collect();
@@ -320,7 +320,7 @@ fn group_members_hit_their_connection_limits_and_root_is_still_answered() {
         .map(|i| {
             let mut c = UnixStream::connect(&socket).unwrap();
             c.set_read_timeout(Some(DEADLINE)).unwrap();
-            writeln!(c, "{}", request_line(&Value::from(i), &Request::Status {})).unwrap();
+            writeln!(c, "{}", request_line(&Value::from(i), &Status {}.into())).unwrap();
             c
         })
         .collect();
@@ -362,7 +362,7 @@ fn a_client_that_reads_its_answers_late_gets_them_all() {
     stream
         .set_write_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let list = request_line(&Value::from(1), &Request::ForkList {}) + "\n";
+    let list = request_line(&Value::from(1), &ForkList {}.into()) + "\n";
     let mut batch = list.repeat(4);
     // Blank lines get no answer; they only make the batch larger than the socket's buffer.
     batch.push_str(&" \n".repeat(200_000));

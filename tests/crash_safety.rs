@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use proto::client::{Client, ClientError};
-use proto::control::{ErrorCode, Request};
+use proto::control::{
+    ErrorCode, ForkClose, ForkCreate, Request, SnapshotDelete, SnapshotGet, SnapshotRegister,
+};
 use proto::model::{ForkListEntry, ForkState};
 use serde_json::Value;
 use testkit::{id, write_snapshot, Daemon};
@@ -34,24 +36,30 @@ fn call(client: &Client, request: &Request) -> Option<Expect> {
 fn script(r: usize, mem: &Path) -> Vec<(Request, Vec<Expect>)> {
     let (s, t) = (id(&format!("s{r}")), id(&format!("t{r}")));
     let fork = |name: String| id(&name);
-    let create = |snapshot: &proto::Id, name: String| Request::ForkCreate {
-        snapshot: snapshot.clone(),
-        fork: Some(fork(name)),
-        prefetch: None,
+    let create = |snapshot: &proto::Id, name: String| {
+        Request::ForkCreate(ForkCreate {
+            snapshot: snapshot.clone(),
+            fork: Some(fork(name)),
+            prefetch: None,
+        })
     };
-    let close = |name: String| Request::ForkClose { fork: fork(name) };
-    let register = |snapshot: &proto::Id| Request::SnapshotRegister {
-        snapshot: snapshot.clone(),
-        path: Some(mem.to_owned()),
-        fd: false,
-        link: false,
-        vmstate: None,
-        vmm: None,
+    let close = |name: String| Request::ForkClose(ForkClose { fork: fork(name) });
+    let register = |snapshot: &proto::Id| {
+        Request::SnapshotRegister(SnapshotRegister {
+            snapshot: snapshot.clone(),
+            path: Some(mem.to_owned()),
+            fd: false,
+            link: false,
+            vmstate: None,
+            vmm: None,
+        })
     };
-    let delete = |snapshot: &proto::Id, defer: bool| Request::SnapshotDelete {
-        snapshot: snapshot.clone(),
-        defer,
-        force: false,
+    let delete = |snapshot: &proto::Id, defer: bool| {
+        Request::SnapshotDelete(SnapshotDelete {
+            snapshot: snapshot.clone(),
+            defer,
+            force: false,
+        })
     };
     use ErrorCode::{Conflict, NotFound};
     vec![
@@ -68,9 +76,9 @@ fn script(r: usize, mem: &Path) -> Vec<(Request, Vec<Expect>)> {
         (create(&s, format!("f{r}c")), vec![Some(Conflict)]),
         (close(format!("f{r}b")), vec![None]),
         (
-            Request::SnapshotGet {
+            Request::SnapshotGet(SnapshotGet {
                 snapshot: s.clone(),
-            },
+            }),
             vec![Some(NotFound)],
         ),
         (register(&t), vec![None]),
@@ -261,7 +269,7 @@ fn two_hundred_kills_leave_records_files_and_counts_consistent() {
     assert_eq!(anchored.state, ForkState::Serving, "{anchored:?}");
     assert_eq!(anchored.recovered, 1, "{anchored:?}");
     assert_eq!(
-        daemon.error_code(&Request::SnapshotDelete {
+        daemon.error_code(SnapshotDelete {
             snapshot: id("anchor"),
             defer: false,
             force: false,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use proto::control::{ErrorCode, Request};
+use proto::control::{ErrorCode, SnapshotDelete, SnapshotRegister};
 use proto::model::ReadPath;
 use testkit::{binary, cached_kib, id, wait_until, write_snapshot, Daemon, Vmm};
 
@@ -240,7 +240,7 @@ fn a_memory_file_held_by_a_process_blocks_deletes_until_the_process_dies() {
         assert_eq!(info.fuse_file.as_ref(), Some(&file), "{mode:?}: {info:?}");
         assert_eq!(info.file_users, users, "{mode:?}: {info:?}");
 
-        let err = daemon.refusal(&Request::SnapshotDelete {
+        let err = daemon.refusal(SnapshotDelete {
             snapshot: id("s"),
             defer: false,
             force: false,
@@ -454,7 +454,7 @@ fn registering_a_file_from_the_mount_itself_is_refused() {
     let mem = write_snapshot(&dir.path().join("mem"), 4 * MIB, 4, 0, 0);
     let daemon = Daemon::start(&[("s", &mem)], &[]);
     let looped: PathBuf = daemon.fuse_file("s");
-    let err = daemon.refusal(&Request::SnapshotRegister {
+    let err = daemon.refusal(SnapshotRegister {
         snapshot: id("again"),
         path: Some(looped),
         fd: false,

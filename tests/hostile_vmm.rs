@@ -8,7 +8,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use proto::control::{ErrorCode, Request};
+use proto::control::{ErrorCode, ForkGet};
 use proto::handoff::HandoffReply;
 use proto::model::{EndReason, ForkInfo, ForkState, RefusalReason};
 use serde_json::{json, Value};
@@ -365,7 +365,7 @@ fn forks_are_capped_by_max_forks_and_an_idle_fork_costs_little() {
     assert_eq!(refused.code, ErrorCode::Unavailable, "{refused:?}");
     assert!(refused.message.contains("max-forks"), "{refused:?}");
     assert_eq!(
-        daemon.error_code(&Request::ForkGet {
+        daemon.error_code(ForkGet {
             fork: id("one-too-many")
         }),
         ErrorCode::NotFound

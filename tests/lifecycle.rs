@@ -5,7 +5,10 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use proto::control::{request_line, ControlError, ErrorCode, Request};
+use proto::control::{
+    request_line, ControlError, ErrorCode, ForkCreate, ForkGet, Request, SnapshotDelete,
+    SnapshotGet, SnapshotRegister,
+};
 use proto::model::{DeleteOutcome, EndReason, ForkInfo, ForkState, ImportMethod, SnapshotInfo};
 use serde_json::Value;
 use testkit::{id, wait_until, write_snapshot, Daemon, SmallTmpfs, DEADLINE};
@@ -21,22 +24,22 @@ fn dir_names(dir: &Path) -> Vec<String> {
     names
 }
 
-fn snapshot_get(snapshot: &str) -> Request {
-    Request::SnapshotGet {
+fn snapshot_get(snapshot: &str) -> SnapshotGet {
+    SnapshotGet {
         snapshot: id(snapshot),
     }
 }
 
-fn snapshot_delete(snapshot: &str, defer: bool) -> Request {
-    Request::SnapshotDelete {
+fn snapshot_delete(snapshot: &str, defer: bool) -> SnapshotDelete {
+    SnapshotDelete {
         snapshot: id(snapshot),
         defer,
         force: false,
     }
 }
 
-fn register(snapshot: &str, path: impl Into<PathBuf>) -> Request {
-    Request::SnapshotRegister {
+fn register(snapshot: &str, path: impl Into<PathBuf>) -> SnapshotRegister {
+    SnapshotRegister {
         snapshot: id(snapshot),
         path: Some(path.into()),
         fd: false,
@@ -106,7 +109,7 @@ fn full_lifecycle_through_pagerctl_and_the_control_socket() {
     assert_eq!((fork.id, fork.state), (id("b"), ForkState::Serving));
 
     // Delete is refused, naming the forks, through both clients.
-    let err = daemon.refusal(&snapshot_delete("base", false));
+    let err = daemon.refusal(snapshot_delete("base", false));
     assert_eq!(err.code, ErrorCode::Conflict);
     for fork in ["a", "b", "c"] {
         assert!(err.message.contains(fork), "{}", err.message);
@@ -135,10 +138,7 @@ fn full_lifecycle_through_pagerctl_and_the_control_socket() {
     let run = daemon.pagerctl(&["snapshot", "rm", "base"]);
     assert!(run.success(), "{run:?}");
     assert_eq!(run.stdout.trim(), "deleted base");
-    assert_eq!(
-        daemon.error_code(&snapshot_get("base")),
-        ErrorCode::NotFound
-    );
+    assert_eq!(daemon.error_code(snapshot_get("base")), ErrorCode::NotFound);
     let run = daemon.pagerctl(&["snapshot", "get", "base"]);
     assert_eq!(run.code, Some(3), "not found exits with 3: {run:?}");
     assert!(!daemon.state_dir().join("snapshots/base").exists());
@@ -187,7 +187,7 @@ fn deferred_delete_waits_for_the_last_fork_and_allows_no_new_ones() {
         }
     );
     assert!(daemon.snapshot("base").delete_pending);
-    let err = daemon.refusal(&Request::ForkCreate {
+    let err = daemon.refusal(ForkCreate {
         snapshot: id("base"),
         fork: Some(id("late")),
         prefetch: None,
@@ -203,10 +203,7 @@ fn deferred_delete_waits_for_the_last_fork_and_allows_no_new_ones() {
     assert!(daemon.state_dir().join("snapshots/base/memory").exists());
     // The second fork is closed while its VMM still runs: that was the last reference.
     daemon.close_fork("second");
-    assert_eq!(
-        daemon.error_code(&snapshot_get("base")),
-        ErrorCode::NotFound
-    );
+    assert_eq!(daemon.error_code(snapshot_get("base")), ErrorCode::NotFound);
     assert!(!daemon.state_dir().join("snapshots/base").exists());
     second.kill();
 }
@@ -228,13 +225,10 @@ fn deferred_delete_finishes_at_restart_when_the_vmm_died_meanwhile() {
     daemon.respawn();
     // Its VMM is gone: reaped, and the deferred delete is done.
     assert_eq!(
-        daemon.error_code(&Request::ForkGet { fork: id("gone") }),
+        daemon.error_code(ForkGet { fork: id("gone") }),
         ErrorCode::NotFound
     );
-    assert_eq!(
-        daemon.error_code(&snapshot_get("base")),
-        ErrorCode::NotFound
-    );
+    assert_eq!(daemon.error_code(snapshot_get("base")), ErrorCode::NotFound);
     assert!(!daemon.state_dir().join("forks/gone.json").exists());
     // Its VMM outlived the daemon: its uffd was taken back, it is served again and still a
     // reference.
@@ -248,7 +242,7 @@ fn deferred_delete_finishes_at_restart_when_the_vmm_died_meanwhile() {
     assert!(idle.handoff_socket.exists());
     assert_eq!(daemon.ref_count("kept"), Some(2));
     assert_eq!(
-        daemon.error_code(&snapshot_delete("kept", false)),
+        daemon.error_code(snapshot_delete("kept", false)),
         ErrorCode::Conflict
     );
     alive.kill();
@@ -264,7 +258,7 @@ fn an_unreadable_fork_record_makes_deletes_fail_closed() {
     std::fs::write(&broken, br#"{"id":"broken","snapshot":"oth"#).unwrap();
 
     for snapshot in ["base", "other"] {
-        let err = daemon.refusal(&snapshot_delete(snapshot, false));
+        let err = daemon.refusal(snapshot_delete(snapshot, false));
         assert_eq!(err.code, ErrorCode::Internal);
         assert!(
             err.message.contains(broken.to_str().unwrap()),
@@ -281,7 +275,7 @@ fn an_unreadable_fork_record_makes_deletes_fail_closed() {
     // A restart keeps the record and keeps failing closed; so does a deferred delete.
     daemon.respawn();
     assert!(broken.exists());
-    let err = daemon.refusal(&snapshot_delete("other", true));
+    let err = daemon.refusal(snapshot_delete("other", true));
     assert_eq!(err.code, ErrorCode::Internal);
 
     std::fs::remove_file(&broken).unwrap();
@@ -290,8 +284,9 @@ fn an_unreadable_fork_record_makes_deletes_fail_closed() {
 }
 
 /// `request` as a line, with `field` set to `value` by hand: what a typed client cannot send.
-fn tampered(request: &Request, field: &str, value: Value) -> String {
-    let mut line: Value = serde_json::from_str(&request_line(&Value::from(1), request)).unwrap();
+fn tampered(request: impl Into<Request>, field: &str, value: Value) -> String {
+    let mut line: Value =
+        serde_json::from_str(&request_line(&Value::from(1), &request.into())).unwrap();
     line[field] = value;
     line.to_string()
 }
@@ -310,31 +305,31 @@ fn registration_checks_its_path_and_ids() {
     ];
     for path in paths {
         assert_eq!(
-            daemon.error_code(&register("s", &path)),
+            daemon.error_code(register("s", &path)),
             ErrorCode::InvalidArgument,
             "{path:?}"
         );
     }
     // An id and a field no typed client can send, by hand.
     let hostile = [
-        tampered(&register("s", &mem), "snapshot", Value::from("../../etc")),
-        tampered(&register("s", &mem), "extra", Value::from(1)),
+        tampered(register("s", &mem), "snapshot", Value::from("../../etc")),
+        tampered(register("s", &mem), "extra", Value::from(1)),
     ];
     for line in hostile {
         let refusal = daemon.raw_response(&line).into_result().unwrap_err();
         assert_eq!(refusal.code, ErrorCode::InvalidArgument, "{line}");
     }
     daemon.register_snapshot("s", &mem);
-    assert_eq!(daemon.error_code(&register("s", &mem)), ErrorCode::Conflict);
+    assert_eq!(daemon.error_code(register("s", &mem)), ErrorCode::Conflict);
     assert_eq!(
-        daemon.error_code(&Request::ForkCreate {
+        daemon.error_code(ForkCreate {
             snapshot: id("nope"),
             fork: None,
             prefetch: None,
         }),
         ErrorCode::NotFound
     );
-    let generated: ForkInfo = daemon.call(&Request::ForkCreate {
+    let generated: ForkInfo = daemon.call(ForkCreate {
         snapshot: id("s"),
         fork: None,
         prefetch: None,
@@ -358,7 +353,7 @@ fn a_full_disk_refuses_the_registration_and_loses_nothing() {
     assert_ne!(info.import, Some(ImportMethod::Hardlink));
     let vmm = daemon.attach_holding_vmm("small", "vm", &small);
 
-    let err = daemon.refusal(&register("big", &big));
+    let err = daemon.refusal(register("big", &big));
     assert_eq!(err.code, ErrorCode::Unavailable, "{err:?}");
     assert!(
         err.message.to_lowercase().contains("space"),
@@ -370,7 +365,7 @@ fn a_full_disk_refuses_the_registration_and_loses_nothing() {
         ["small"],
         "nothing half-written is left"
     );
-    assert_eq!(daemon.error_code(&snapshot_get("big")), ErrorCode::NotFound);
+    assert_eq!(daemon.error_code(snapshot_get("big")), ErrorCode::NotFound);
     assert_eq!(daemon.ref_count("small"), Some(1));
     vmm.finish();
     assert_eq!(daemon.wait_fork("vm", ForkState::Ended).stats.errors, 0);

@@ -10,7 +10,9 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use proto::control::{request_line, ErrorCode, Request, Response};
+use proto::control::{
+    request_line, ErrorCode, ForkCreate, Response, SnapshotGet, SnapshotRegister,
+};
 use proto::model::{ForkState, ImportMethod, SnapshotInfo};
 use serde_json::Value;
 use testkit::{binary, id, refused, wait_until, write_snapshot, Daemon, DEADLINE};
@@ -83,8 +85,8 @@ fn pagerctl_ok(daemon: &Daemon, args: &[&str]) -> SnapshotInfo {
 }
 
 /// A root-run `snapshot.register` by path alone (no descriptor).
-fn register_by_path(snapshot: &str, path: &Path) -> Request {
-    Request::SnapshotRegister {
+fn register_by_path(snapshot: &str, path: &Path) -> SnapshotRegister {
+    SnapshotRegister {
         snapshot: id(snapshot),
         path: Some(path.to_owned()),
         fd: false,
@@ -235,7 +237,7 @@ fn a_group_member_registers_only_files_it_can_read() {
 
     // By path, the member is told to pass a descriptor, whether or not it could read the file.
     for path in [&secret, &readable] {
-        let line = request_line(&Value::Null, &register_by_path("x", path));
+        let line = request_line(&Value::Null, &register_by_path("x", path).into());
         let out = connect_as(NOBODY, NOBODY, daemon.control_socket(), Some(&line));
         assert!(out.status.success(), "{}", stderr(&out));
         let answer: Response = serde_json::from_slice(&out.stdout).unwrap();
@@ -273,7 +275,7 @@ fn a_group_member_registers_only_files_it_can_read() {
         "{printed}"
     );
     assert_eq!(
-        daemon.error_code(&Request::SnapshotGet { snapshot: id("x") }),
+        daemon.error_code(SnapshotGet { snapshot: id("x") }),
         ErrorCode::NotFound
     );
     // … and a file the member can read is registered from its descriptor.
@@ -283,7 +285,7 @@ fn a_group_member_registers_only_files_it_can_read() {
     assert_eq!(info.source.as_deref(), Some(readable.as_path()), "{info:?}");
     assert!(std::fs::read(daemon.fuse_file("x")).unwrap() == std::fs::read(&readable).unwrap());
     // Root may still register by path.
-    daemon.call::<SnapshotInfo>(&register_by_path("y", &secret));
+    daemon.call(register_by_path("y", &secret));
 }
 
 #[test]
@@ -400,7 +402,7 @@ fn a_truncated_linked_file_answers_eio_and_the_daemon_keeps_serving() {
     let why = daemon.snapshot("linked").error.unwrap();
     assert!(why.contains(&format!("size {}→4096", 4 * MIB)), "{why}");
     assert_eq!(
-        daemon.error_code(&Request::ForkCreate {
+        daemon.error_code(ForkCreate {
             snapshot: id("linked"),
             fork: None,
             prefetch: None,
@@ -427,7 +429,7 @@ fn registration_leaves_the_source_mode_alone_and_refuses_symlinks() {
     let path = source.display().to_string();
     pagerctl_ok(&daemon, &["snapshot", "add", "copy", &path]);
     pagerctl_ok(&daemon, &["snapshot", "add", "--link", "link", &path]);
-    daemon.call::<SnapshotInfo>(&register_by_path("bypath", &source));
+    daemon.call(register_by_path("bypath", &source));
     assert_eq!(mode_of(&source), before, "the caller's file keeps its mode");
     assert_eq!(
         mode_of(&daemon.state_dir().join("snapshots/link/memory")).0,
@@ -437,7 +439,7 @@ fn registration_leaves_the_source_mode_alone_and_refuses_symlinks() {
 
     let link: PathBuf = dir.path().join("link.img");
     std::os::unix::fs::symlink(&source, &link).unwrap();
-    let err = daemon.refusal(&register_by_path("viasymlink", &link));
+    let err = daemon.refusal(register_by_path("viasymlink", &link));
     assert_eq!(err.code, ErrorCode::InvalidArgument, "{err:?}");
     assert!(
         err.message.contains("is a symlink; pass the target"),

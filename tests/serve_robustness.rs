@@ -5,7 +5,7 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 
-use proto::control::{ErrorCode, Request};
+use proto::control::{ErrorCode, ForkClose, ForkGet};
 use proto::handoff::{GuestRegionUffdMapping, HandoffRefusal};
 use proto::model::{EndReason, ForkState, RefusalReason};
 use serde_json::{json, Value};
@@ -70,7 +70,7 @@ fn a_vmm_killed_mid_fault_is_reaped_and_nothing_leaks() {
         assert_eq!(sessions, 1, "{status:?}");
         daemon.close_fork(&fork);
         assert_eq!(
-            daemon.error_code(&Request::ForkGet { fork: id(&fork) }),
+            daemon.error_code(ForkGet { fork: id(&fork) }),
             ErrorCode::NotFound
         );
     }
@@ -294,7 +294,7 @@ fn one_vmm_per_fork_and_closing_a_serving_fork_frees_it() {
     let closed = daemon.close_fork("solo");
     assert_eq!(closed.id, id("solo"));
     assert_eq!(
-        daemon.error_code(&Request::ForkClose { fork: id("solo") }),
+        daemon.error_code(ForkClose { fork: id("solo") }),
         ErrorCode::NotFound
     );
     daemon.wait_for_fd_count(fds_before, &listing_before);

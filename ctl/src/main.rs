@@ -21,6 +21,7 @@ use proto::client::{Client, ClientError};
 use proto::control::ErrorCode;
 use proto::model::{ForkState, NetworkOverride, VmBackend, VmState, VmmKind};
 use proto::prefetch::Prefetch;
+use proto::wire;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -104,7 +105,7 @@ enum VmCommand {
         id: Option<String>,
         /// Where guest memory comes from: `uffd` (a fork pagerd serves page by page) or
         /// `file` (pagerd's FUSE memory file, mapped privately).
-        #[arg(long, default_value = "uffd")]
+        #[arg(long, default_value = "uffd", value_parser = wire::parse::<VmBackend>)]
         backend: VmBackend,
         /// Give the snapshot's network interface IFACE the host tap device TAPDEV in this
         /// clone. Repeatable.
@@ -113,9 +114,9 @@ enum VmCommand {
         /// The vsock Unix socket path for this clone.
         #[arg(long)]
         vsock: Option<PathBuf>,
-        /// What its uffd fork gets installed before the guest asks: off, working-set,
+        /// What its uffd fork gets installed before the guest asks: off, working_set,
         /// graduate [default: the daemon's --prefetch].
-        #[arg(long, value_parser = parse_prefetch)]
+        #[arg(long, value_parser = wire::parse::<Prefetch>)]
         prefetch: Option<Prefetch>,
     },
     /// List VMs.
@@ -138,6 +139,7 @@ enum VmCommand {
         /// VM id.
         id: String,
         /// starting, running, exited or failed.
+        #[arg(value_parser = wire::parse::<VmState>)]
         state: VmState,
         /// How long to wait at most, in ms.
         #[arg(long, default_value_t = 10_000)]
@@ -204,7 +206,7 @@ enum SnapshotCommand {
         #[arg(long, requires = "vmm")]
         vmstate: Option<PathBuf>,
         /// The hypervisor --vmstate is for: firecracker or qemu.
-        #[arg(long, requires = "vmstate")]
+        #[arg(long, requires = "vmstate", value_parser = wire::parse::<VmmKind>)]
         vmm: Option<VmmKind>,
     },
     /// Delete a snapshot; refused while forks reference it, unless deferred.
@@ -251,10 +253,10 @@ enum ForkCommand {
         /// Fork id [default: generated].
         #[arg(long)]
         id: Option<String>,
-        /// What to install before the guest asks: off, working-set (the snapshot's recorded
+        /// What to install before the guest asks: off, working_set (the snapshot's recorded
         /// working set), graduate (then every other page, after which the fork needs nothing
         /// more from pagerd) [default: the daemon's --prefetch].
-        #[arg(long, value_parser = parse_prefetch)]
+        #[arg(long, value_parser = wire::parse::<Prefetch>)]
         prefetch: Option<Prefetch>,
     },
     /// List forks and processes holding memory files.
@@ -269,6 +271,7 @@ enum ForkCommand {
         /// Fork id.
         id: String,
         /// The state to wait for: waiting, serving, ended or detached.
+        #[arg(value_parser = wire::parse::<ForkState>)]
         state: ForkState,
         /// How long to wait at most, in ms.
         #[arg(long, default_value_t = 10_000)]
@@ -279,17 +282,6 @@ enum ForkCommand {
         /// Fork id.
         id: String,
     },
-}
-
-fn parse_prefetch(name: &str) -> Result<Prefetch, String> {
-    match name {
-        "off" => Ok(Prefetch::Off),
-        "working-set" | "working_set" => Ok(Prefetch::WorkingSet),
-        "graduate" => Ok(Prefetch::Graduate),
-        other => Err(format!(
-            "unknown prefetch `{other}` (off, working-set, graduate)"
-        )),
-    }
 }
 
 /// What a command printed and how it ends.

@@ -69,12 +69,12 @@ pub struct Config {
     #[arg(long, default_value = "1T", value_parser = parse_size)]
     pub max_snapshot_bytes_per_uid: u64,
     /// What a uffd fork gets installed before its guest asks, unless `fork.create` says:
-    /// `working-set` replays the snapshot's recorded working set when its VMM attaches;
+    /// `working_set` replays the snapshot's recorded working set when its VMM attaches;
     /// `graduate` then fills every other page at low priority and lets the fork go once all
     /// are present (each fork then holds a private copy of all non-zero memory); `off` serves
     /// faults only.
-    #[arg(long, value_enum, default_value = "working-set")]
-    pub prefetch: PrefetchMode,
+    #[arg(long, default_value = "working_set", value_parser = proto::wire::parse::<proto::prefetch::Prefetch>)]
+    pub prefetch: proto::prefetch::Prefetch,
     /// A snapshot without a working set records one from its first this many uffd forks
     /// (pages touched by more than half of them are kept); 0 records only on
     /// `snapshot.record`.
@@ -149,27 +149,6 @@ pub struct Config {
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
-}
-
-/// `--prefetch`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum PrefetchMode {
-    /// Serve faults only.
-    Off,
-    /// Replay the recorded working set.
-    WorkingSet,
-    /// Replay the working set, then fill the rest and let the fork go.
-    Graduate,
-}
-
-impl From<PrefetchMode> for proto::prefetch::Prefetch {
-    fn from(mode: PrefetchMode) -> Self {
-        match mode {
-            PrefetchMode::Off => Self::Off,
-            PrefetchMode::WorkingSet => Self::WorkingSet,
-            PrefetchMode::Graduate => Self::Graduate,
-        }
-    }
 }
 
 /// How log lines are written.

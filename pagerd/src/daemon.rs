@@ -172,7 +172,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         store.clone(),
         registry.clone(),
         server,
-        config.prefetch.into(),
+        config.prefetch,
         crate::lifecycle::SnapshotLimits {
             max_size: config.max_snapshot_size,
             per_uid_bytes: config.max_snapshot_bytes_per_uid,

@@ -9,10 +9,14 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::control::{request_line, ControlError, ErrorCode, Request, Response};
+use crate::control::{
+    request_line, Call, ControlError, DaemonUpgrade, ErrorCode, ForkClose, ForkCreate, ForkGet,
+    ForkList, ForkWait, Request, Response, SnapshotClearWorkingSet, SnapshotDelete, SnapshotGet,
+    SnapshotList, SnapshotRecord, SnapshotRegister, Stats, Status, VmGet, VmList, VmSnapshot,
+    VmStart, VmStop, VmWait,
+};
 use crate::ids::Id;
 use crate::model::{
     DeleteOutcome, ForkInfo, ForkListEntry, ForkState, NetworkOverride, SnapshotInfo, StatsReport,
@@ -76,14 +80,22 @@ pub fn parse_id(text: &str) -> Result<Id, ClientError> {
 #[derive(Debug, Clone)]
 pub struct Client {
     path: PathBuf,
+    timeout: Duration,
 }
 
 impl Client {
-    /// A client of the socket at `path`.
+    /// A client of the socket at `path`, giving up on an answer after [`IO_TIMEOUT`].
     pub fn new(path: &Path) -> Self {
         Self {
             path: path.to_owned(),
+            timeout: IO_TIMEOUT,
         }
+    }
+
+    /// The same client, giving up on an answer after `timeout` (waits add their own).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// The socket path.
@@ -93,17 +105,7 @@ impl Client {
 
     /// Sends one request and returns the daemon's result as JSON.
     pub fn call_value(&self, request: &Request) -> Result<Value, ClientError> {
-        self.call_value_with_fd(request, None)
-    }
-
-    /// Sends one request with a descriptor attached to its line (`SCM_RIGHTS`) and returns
-    /// the daemon's result as JSON.
-    pub fn call_value_with_fd(
-        &self,
-        request: &Request,
-        fd: Option<BorrowedFd<'_>>,
-    ) -> Result<Value, ClientError> {
-        self.call_value_with_fds(request, fd.as_slice())
+        self.call_value_with_fds(request, &[])
     }
 
     /// Sends one request with descriptors attached to its line (`SCM_RIGHTS`) and returns
@@ -118,16 +120,17 @@ impl Client {
             source,
         })?;
         let extra = match request {
-            Request::ForkWait { timeout_ms, .. } | Request::VmWait { timeout_ms, .. } => {
+            Request::ForkWait(ForkWait { timeout_ms, .. })
+            | Request::VmWait(VmWait { timeout_ms, .. }) => {
                 Duration::from_millis(timeout_ms.unwrap_or(10_000))
             }
-            Request::VmStop { timeout_ms, .. } => {
+            Request::VmStop(VmStop { timeout_ms, .. }) => {
                 Duration::from_millis(timeout_ms.unwrap_or(5_000))
             }
             _ => Duration::ZERO,
         };
         stream
-            .set_read_timeout(Some(IO_TIMEOUT + extra))
+            .set_read_timeout(Some(self.timeout + extra))
             .map_err(ClientError::Io)?;
         let line = request_line(&Value::from(1), request) + "\n";
         crate::fdpass::send_with_fds(&stream, line.as_bytes(), fds).map_err(ClientError::Io)?;
@@ -140,20 +143,29 @@ impl Client {
         response.into_result().map_err(ClientError::Refused)
     }
 
-    /// Sends one request and decodes the result as `T`.
-    pub fn call<T: DeserializeOwned>(&self, request: &Request) -> Result<T, ClientError> {
-        let value = self.call_value(request)?;
+    /// Sends one request and decodes the daemon's answer as that request's answer type.
+    pub fn call<C: Call>(&self, call: C) -> Result<C::Answer, ClientError> {
+        self.call_with_fds(call, &[])
+    }
+
+    /// [`Self::call`] with descriptors attached to the request's line.
+    pub fn call_with_fds<C: Call>(
+        &self,
+        call: C,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<C::Answer, ClientError> {
+        let value = self.call_value_with_fds(&call.into(), fds)?;
         serde_json::from_value(value).map_err(|e| ClientError::Malformed(e.to_string()))
     }
 
     /// `status`.
     pub fn status(&self) -> Result<StatusReport, ClientError> {
-        self.call(&Request::Status {})
+        self.call(Status {})
     }
 
     /// `stats`.
     pub fn stats(&self) -> Result<StatsReport, ClientError> {
-        self.call(&Request::Stats {})
+        self.call(Stats {})
     }
 
     /// `snapshot.register` of the file at `path`, opened here (a symlink is refused, as the
@@ -177,7 +189,7 @@ impl Client {
         file: BorrowedFd<'_>,
         link: bool,
     ) -> Result<SnapshotInfo, ClientError> {
-        let request = Request::SnapshotRegister {
+        let call = SnapshotRegister {
             snapshot: parse_id(id)?,
             path: Some(name.to_owned()),
             fd: true,
@@ -185,8 +197,7 @@ impl Client {
             vmstate: None,
             vmm: None,
         };
-        let value = self.call_value_with_fd(&request, Some(file))?;
-        serde_json::from_value(value).map_err(|e| ClientError::Malformed(e.to_string()))
+        self.call_with_fds(call, &[file])
     }
 
     /// `snapshot.register` by path alone: the daemon opens the file itself, which it allows
@@ -197,7 +208,7 @@ impl Client {
         path: &Path,
         link: bool,
     ) -> Result<SnapshotInfo, ClientError> {
-        self.call(&Request::SnapshotRegister {
+        self.call(SnapshotRegister {
             snapshot: parse_id(id)?,
             path: Some(path.to_owned()),
             fd: false,
@@ -219,7 +230,7 @@ impl Client {
     ) -> Result<SnapshotInfo, ClientError> {
         let memory_file = open_memory_file(memory)?;
         let state_file = open_memory_file(vmstate)?;
-        let request = Request::SnapshotRegister {
+        let call = SnapshotRegister {
             snapshot: parse_id(id)?,
             path: Some(memory.to_owned()),
             fd: true,
@@ -227,9 +238,7 @@ impl Client {
             vmstate: Some(vmstate.to_owned()),
             vmm: Some(vmm),
         };
-        let value =
-            self.call_value_with_fds(&request, &[memory_file.as_fd(), state_file.as_fd()])?;
-        serde_json::from_value(value).map_err(|e| ClientError::Malformed(e.to_string()))
+        self.call_with_fds(call, &[memory_file.as_fd(), state_file.as_fd()])
     }
 
     /// `snapshot.delete`; `force` removes a damaged snapshot.
@@ -239,7 +248,7 @@ impl Client {
         defer: bool,
         force: bool,
     ) -> Result<DeleteOutcome, ClientError> {
-        self.call(&Request::SnapshotDelete {
+        self.call(SnapshotDelete {
             snapshot: parse_id(id)?,
             defer,
             force,
@@ -248,12 +257,12 @@ impl Client {
 
     /// `snapshot.list`.
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, ClientError> {
-        self.call(&Request::SnapshotList {})
+        self.call(SnapshotList {})
     }
 
     /// `snapshot.get`.
     pub fn snapshot(&self, id: &str) -> Result<SnapshotInfo, ClientError> {
-        self.call(&Request::SnapshotGet {
+        self.call(SnapshotGet {
             snapshot: parse_id(id)?,
         })
     }
@@ -270,7 +279,7 @@ impl Client {
         fork: Option<&str>,
         prefetch: Option<Prefetch>,
     ) -> Result<ForkInfo, ClientError> {
-        self.call(&Request::ForkCreate {
+        self.call(ForkCreate {
             snapshot: parse_id(snapshot)?,
             fork: fork.map(parse_id).transpose()?,
             prefetch,
@@ -283,7 +292,7 @@ impl Client {
         snapshot: &str,
         forks: Option<u32>,
     ) -> Result<SnapshotInfo, ClientError> {
-        self.call(&Request::SnapshotRecord {
+        self.call(SnapshotRecord {
             snapshot: parse_id(snapshot)?,
             forks,
         })
@@ -291,19 +300,19 @@ impl Client {
 
     /// `snapshot.clear_working_set`.
     pub fn clear_working_set(&self, snapshot: &str) -> Result<SnapshotInfo, ClientError> {
-        self.call(&Request::SnapshotClearWorkingSet {
+        self.call(SnapshotClearWorkingSet {
             snapshot: parse_id(snapshot)?,
         })
     }
 
     /// `fork.list`.
     pub fn forks(&self) -> Result<Vec<ForkListEntry>, ClientError> {
-        self.call(&Request::ForkList {})
+        self.call(ForkList {})
     }
 
     /// `fork.get`.
     pub fn fork(&self, id: &str) -> Result<ForkInfo, ClientError> {
-        self.call(&Request::ForkGet {
+        self.call(ForkGet {
             fork: parse_id(id)?,
         })
     }
@@ -315,7 +324,7 @@ impl Client {
         state: ForkState,
         timeout: Duration,
     ) -> Result<ForkInfo, ClientError> {
-        self.call(&Request::ForkWait {
+        self.call(ForkWait {
             fork: parse_id(id)?,
             state,
             timeout_ms: Some(millis(timeout)),
@@ -324,7 +333,7 @@ impl Client {
 
     /// `fork.close`.
     pub fn close_fork(&self, id: &str) -> Result<ForkInfo, ClientError> {
-        self.call(&Request::ForkClose {
+        self.call(ForkClose {
             fork: parse_id(id)?,
         })
     }
@@ -351,7 +360,7 @@ impl Client {
         vsock: Option<PathBuf>,
         prefetch: Option<Prefetch>,
     ) -> Result<VmInfo, ClientError> {
-        self.call(&Request::VmStart {
+        self.call(VmStart {
             snapshot: parse_id(snapshot)?,
             vm: vm.map(parse_id).transpose()?,
             backend,
@@ -363,17 +372,17 @@ impl Client {
 
     /// `vm.list`.
     pub fn vms(&self) -> Result<Vec<VmInfo>, ClientError> {
-        self.call(&Request::VmList {})
+        self.call(VmList {})
     }
 
     /// `vm.get`.
     pub fn vm(&self, id: &str) -> Result<VmInfo, ClientError> {
-        self.call(&Request::VmGet { vm: parse_id(id)? })
+        self.call(VmGet { vm: parse_id(id)? })
     }
 
     /// `vm.stop`.
     pub fn stop_vm(&self, id: &str, timeout: Option<Duration>) -> Result<VmInfo, ClientError> {
-        self.call(&Request::VmStop {
+        self.call(VmStop {
             vm: parse_id(id)?,
             timeout_ms: timeout.map(millis),
         })
@@ -386,7 +395,7 @@ impl Client {
         state: VmState,
         timeout: Duration,
     ) -> Result<VmInfo, ClientError> {
-        self.call(&Request::VmWait {
+        self.call(VmWait {
             vm: parse_id(id)?,
             state,
             timeout_ms: Some(millis(timeout)),
@@ -400,7 +409,7 @@ impl Client {
         snapshot: &str,
         resume: bool,
     ) -> Result<SnapshotInfo, ClientError> {
-        self.call(&Request::VmSnapshot {
+        self.call(VmSnapshot {
             vm: parse_id(id)?,
             snapshot: parse_id(snapshot)?,
             resume,
@@ -412,7 +421,7 @@ impl Client {
         &self,
         binary: Option<std::path::PathBuf>,
     ) -> Result<crate::model::UpgradeStarted, ClientError> {
-        self.call(&Request::DaemonUpgrade { binary })
+        self.call(DaemonUpgrade { binary })
     }
 }
 

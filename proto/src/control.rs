@@ -13,11 +13,17 @@
 //! are rejected. `docs/protocol.md` lists every request. [`ErrorCode::exit_code`] is the
 //! CLI's exit status for each error.
 
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::ids::Id;
-use crate::model::{ForkState, NetworkOverride, VmBackend, VmState, VmmKind};
+use crate::model::{
+    DeleteOutcome, ForkInfo, ForkListEntry, ForkState, NetworkOverride, SnapshotInfo, StatsReport,
+    StatusReport, UpgradeStarted, VmBackend, VmInfo, VmState, VmmKind,
+};
 use crate::prefetch::Prefetch;
 
 /// The protocol version this daemon speaks.
@@ -25,195 +31,330 @@ pub const PROTOCOL_VERSION: u64 = 1;
 /// The longest request line accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
-/// Every request the daemon understands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", deny_unknown_fields)]
-pub enum Request {
+/// A request's parameters, tied by the type system to what the daemon answers.
+pub trait Call: Serialize + DeserializeOwned + Into<Request> {
+    /// The answer's type.
+    type Answer: Serialize + DeserializeOwned;
+}
+
+/// Declares [`Request`] (one variant per op, carrying its parameter struct), each op's wire
+/// name (written once, here), and the answer of each parameter struct ([`Call`]).
+macro_rules! requests {
+    ($( $(#[$doc:meta])* $op:literal => $variant:ident -> $answer:ty; )*) => {
+        /// Every request the daemon understands, by its `op`.
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(tag = "op")]
+        pub enum Request {
+            $( $(#[$doc])* #[serde(rename = $op)] $variant($variant), )*
+        }
+
+        impl Request {
+            /// The request's `op` on the wire.
+            pub fn op(&self) -> &'static str {
+                match self {
+                    $( Self::$variant(_) => $op, )*
+                }
+            }
+        }
+
+        $(
+            impl Call for $variant {
+                type Answer = $answer;
+            }
+
+            impl From<$variant> for Request {
+                fn from(call: $variant) -> Self {
+                    Self::$variant(call)
+                }
+            }
+        )*
+    };
+}
+
+requests! {
     /// Daemon health, version and counts.
-    #[serde(rename = "status")]
-    Status {},
+    "status" => Status -> StatusReport;
     /// Summed serving counters.
-    #[serde(rename = "stats")]
-    Stats {},
-    /// Registers a memory file as a snapshot: copied (reflinked where the filesystem can)
-    /// into the state directory, or linked with `link`; never modified afterwards.
-    #[serde(rename = "snapshot.register")]
-    SnapshotRegister {
-        /// The new snapshot's id.
-        snapshot: Id,
-        /// Absolute path of the memory file; with `fd`, only the name recorded.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        path: Option<std::path::PathBuf>,
-        /// The memory file comes as a descriptor passed with this line (`SCM_RIGHTS`), opened
-        /// for reading by the client. Required unless the client is root.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        fd: bool,
-        /// Link the file instead of copying it. The file must then never be written,
-        /// truncated or replaced in place again while the snapshot exists; a change marks
-        /// the snapshot damaged.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        link: bool,
-        /// The hypervisor's device state saved with the memory (always copied, mode as the
-        /// memory's); with `fd`, it is the second descriptor and this only its recorded name.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        vmstate: Option<std::path::PathBuf>,
-        /// Which hypervisor `vmstate` is for (required with it).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        vmm: Option<VmmKind>,
-    },
+    "stats" => Stats -> StatsReport;
+    /// Registers a memory file as a snapshot.
+    "snapshot.register" => SnapshotRegister -> SnapshotInfo;
     /// Deletes a snapshot no fork references.
-    #[serde(rename = "snapshot.delete")]
-    SnapshotDelete {
-        /// Its id.
-        snapshot: Id,
-        /// If forks reference it, delete it when the last one ends instead of refusing.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        defer: bool,
-        /// Delete a damaged snapshot (still refused while anything references it).
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        force: bool,
-    },
+    "snapshot.delete" => SnapshotDelete -> DeleteOutcome;
     /// Every snapshot.
-    #[serde(rename = "snapshot.list")]
-    SnapshotList {},
+    "snapshot.list" => SnapshotList -> Vec<SnapshotInfo>;
     /// One snapshot.
-    #[serde(rename = "snapshot.get")]
-    SnapshotGet {
-        /// Its id.
-        snapshot: Id,
-    },
-    /// Records the working set of a snapshot from its next `forks` uffd forks (default 1),
-    /// merged with nothing before: the new set replaces the stored one once they are done.
-    #[serde(rename = "snapshot.record")]
-    SnapshotRecord {
-        /// Its id.
-        snapshot: Id,
-        /// How many forks to record (1 to 16).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        forks: Option<u32>,
-    },
-    /// Deletes a snapshot's stored working set (and any recording in progress).
-    #[serde(rename = "snapshot.clear_working_set")]
-    SnapshotClearWorkingSet {
-        /// Its id.
-        snapshot: Id,
-    },
-    /// Creates a fork and returns the handoff socket its VMM must be given.
-    #[serde(rename = "fork.create")]
-    ForkCreate {
-        /// The snapshot to fork.
-        snapshot: Id,
-        /// The fork's id; generated when absent.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        fork: Option<Id>,
-        /// What to install before the guest asks (default: the daemon's `--prefetch`).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        prefetch: Option<Prefetch>,
-    },
+    "snapshot.get" => SnapshotGet -> SnapshotInfo;
+    /// Records a snapshot's working set from its next forks.
+    "snapshot.record" => SnapshotRecord -> SnapshotInfo;
+    /// Deletes a snapshot's stored working set.
+    "snapshot.clear_working_set" => SnapshotClearWorkingSet -> SnapshotInfo;
+    /// Creates a fork.
+    "fork.create" => ForkCreate -> ForkInfo;
     /// Every fork.
-    #[serde(rename = "fork.list")]
-    ForkList {},
+    "fork.list" => ForkList -> Vec<ForkListEntry>;
     /// One fork, with its counters.
-    #[serde(rename = "fork.get")]
-    ForkGet {
-        /// Its id.
-        fork: Id,
-    },
-    /// Waits until a fork reaches a state (`serving` is also satisfied by `ended`).
-    #[serde(rename = "fork.wait")]
-    ForkWait {
-        /// Its id.
-        fork: Id,
-        /// The state to wait for.
-        state: ForkState,
-        /// How long to wait at most, in ms (default 10000, at most 600000).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        timeout_ms: Option<u64>,
-    },
+    "fork.get" => ForkGet -> ForkInfo;
+    /// Waits until a fork reaches a state.
+    "fork.wait" => ForkWait -> ForkInfo;
     /// Stops serving a fork and forgets it.
-    #[serde(rename = "fork.close")]
-    ForkClose {
-        /// Its id.
-        fork: Id,
-    },
-    /// Starts a hypervisor restored from a snapshot with saved device state, its memory
-    /// served by pagerd.
-    #[serde(rename = "vm.start")]
-    VmStart {
-        /// The snapshot to restore.
-        snapshot: Id,
-        /// The VM's id; generated when absent.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        vm: Option<Id>,
-        /// How it gets its memory (default `uffd`).
-        #[serde(default)]
-        backend: VmBackend,
-        /// Host tap devices for the snapshot's network interfaces.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        network_overrides: Vec<NetworkOverride>,
-        /// The vsock Unix socket path for this clone.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        vsock: Option<std::path::PathBuf>,
-        /// What its `uffd` fork gets installed before the guest asks (default: the daemon's
-        /// `--prefetch`); not for the `file` backend.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        prefetch: Option<Prefetch>,
-    },
+    "fork.close" => ForkClose -> ForkInfo;
+    /// Starts a hypervisor restored from a snapshot.
+    "vm.start" => VmStart -> VmInfo;
     /// Every launched VM.
-    #[serde(rename = "vm.list")]
-    VmList {},
+    "vm.list" => VmList -> Vec<VmInfo>;
     /// One launched VM.
-    #[serde(rename = "vm.get")]
-    VmGet {
-        /// Its id.
-        vm: Id,
-    },
-    /// Stops a VM: SIGTERM, then SIGKILL after the timeout.
-    #[serde(rename = "vm.stop")]
-    VmStop {
-        /// Its id.
-        vm: Id,
-        /// How long to wait after SIGTERM before SIGKILL, in ms (default 5000).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        timeout_ms: Option<u64>,
-    },
-    /// Waits until a VM reaches a state (`running` is also satisfied by `exited` and
-    /// `failed`, `exited` by `failed`).
-    #[serde(rename = "vm.wait")]
-    VmWait {
-        /// Its id.
-        vm: Id,
-        /// The state to wait for.
-        state: VmState,
-        /// How long to wait at most, in ms (default 10000, at most 600000).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        timeout_ms: Option<u64>,
-    },
-    /// Pauses a running VM, saves its device state and memory as a new snapshot (a new
-    /// fan-out parent), then resumes it or leaves it paused.
-    #[serde(rename = "vm.snapshot")]
-    VmSnapshot {
-        /// The VM.
-        vm: Id,
-        /// The new snapshot's id.
-        snapshot: Id,
-        /// Resume the VM afterwards (otherwise it stays paused).
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        resume: bool,
-    },
-    /// Replaces the daemon's program in place (same pid): every live fork is taken back and
-    /// served by the new program.
-    #[serde(rename = "daemon.upgrade")]
-    DaemonUpgrade {
-        /// The new program (absolute path); default: the one the daemon was started from.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        binary: Option<std::path::PathBuf>,
-    },
+    "vm.get" => VmGet -> VmInfo;
+    /// Stops a VM.
+    "vm.stop" => VmStop -> VmInfo;
+    /// Waits until a VM reaches a state.
+    "vm.wait" => VmWait -> VmInfo;
+    /// Saves a running VM as a new snapshot.
+    "vm.snapshot" => VmSnapshot -> SnapshotInfo;
+    /// Replaces the daemon's program in place.
+    "daemon.upgrade" => DaemonUpgrade -> UpgradeStarted;
+}
+
+/// `status`: daemon health, version and counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {}
+
+/// `stats`: summed serving counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stats {}
+
+/// `snapshot.register`: registers a memory file as a snapshot: copied (reflinked where the
+/// filesystem can) into the state directory, or linked with `link`; never modified
+/// afterwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRegister {
+    /// The new snapshot's id.
+    pub snapshot: Id,
+    /// Absolute path of the memory file; with `fd`, only the name recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// The memory file comes as a descriptor passed with this line (`SCM_RIGHTS`), opened
+    /// for reading by the client. Required unless the client is root.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fd: bool,
+    /// Link the file instead of copying it. The file must then never be written,
+    /// truncated or replaced in place again while the snapshot exists; a change marks
+    /// the snapshot damaged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub link: bool,
+    /// The hypervisor's device state saved with the memory (always copied, mode as the
+    /// memory's); with `fd`, it is the second descriptor and this only its recorded name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmstate: Option<PathBuf>,
+    /// Which hypervisor `vmstate` is for (required with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<VmmKind>,
+}
+
+/// `snapshot.delete`: deletes a snapshot no fork references.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotDelete {
+    /// Its id.
+    pub snapshot: Id,
+    /// If forks reference it, delete it when the last one ends instead of refusing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub defer: bool,
+    /// Delete a damaged snapshot (still refused while anything references it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+}
+
+/// `snapshot.list`: every snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotList {}
+
+/// `snapshot.get`: one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotGet {
+    /// Its id.
+    pub snapshot: Id,
+}
+
+/// `snapshot.record`: records the working set of a snapshot from its next `forks` uffd forks
+/// (default 1), merged with nothing before: the new set replaces the stored one once they are
+/// done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRecord {
+    /// Its id.
+    pub snapshot: Id,
+    /// How many forks to record (1 to 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forks: Option<u32>,
+}
+
+/// `snapshot.clear_working_set`: deletes a snapshot's stored working set (and any recording
+/// in progress).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotClearWorkingSet {
+    /// Its id.
+    pub snapshot: Id,
+}
+
+/// `fork.create`: creates a fork and returns the handoff socket its VMM must be given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkCreate {
+    /// The snapshot to fork.
+    pub snapshot: Id,
+    /// The fork's id; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork: Option<Id>,
+    /// What to install before the guest asks (default: the daemon's `--prefetch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<Prefetch>,
+}
+
+/// `fork.list`: every fork.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkList {}
+
+/// `fork.get`: one fork, with its counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkGet {
+    /// Its id.
+    pub fork: Id,
+}
+
+/// `fork.wait`: waits until a fork reaches a state (`serving` is also satisfied by `ended`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkWait {
+    /// Its id.
+    pub fork: Id,
+    /// The state to wait for.
+    pub state: ForkState,
+    /// How long to wait at most, in ms (default 10000, at most 600000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// `fork.close`: stops serving a fork and forgets it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkClose {
+    /// Its id.
+    pub fork: Id,
+}
+
+/// `vm.start`: starts a hypervisor restored from a snapshot with saved device state, its
+/// memory served by pagerd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStart {
+    /// The snapshot to restore.
+    pub snapshot: Id,
+    /// The VM's id; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<Id>,
+    /// How it gets its memory (default `uffd`).
+    #[serde(default)]
+    pub backend: VmBackend,
+    /// Host tap devices for the snapshot's network interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// The vsock Unix socket path for this clone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<PathBuf>,
+    /// What its `uffd` fork gets installed before the guest asks (default: the daemon's
+    /// `--prefetch`); not for the `file` backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<Prefetch>,
+}
+
+/// `vm.list`: every launched VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmList {}
+
+/// `vm.get`: one launched VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmGet {
+    /// Its id.
+    pub vm: Id,
+}
+
+/// `vm.stop`: stops a VM: SIGTERM, then SIGKILL after the timeout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStop {
+    /// Its id.
+    pub vm: Id,
+    /// How long to wait after SIGTERM before SIGKILL, in ms (default 5000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// `vm.wait`: waits until a VM reaches a state (`running` is also satisfied by `exited` and
+/// `failed`, `exited` by `failed`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmWait {
+    /// Its id.
+    pub vm: Id,
+    /// The state to wait for.
+    pub state: VmState,
+    /// How long to wait at most, in ms (default 10000, at most 600000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// `vm.snapshot`: pauses a running VM, saves its device state and memory as a new snapshot
+/// (a new fan-out parent), then resumes it or leaves it paused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSnapshot {
+    /// The VM.
+    pub vm: Id,
+    /// The new snapshot's id.
+    pub snapshot: Id,
+    /// Resume the VM afterwards (otherwise it stays paused).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume: bool,
+}
+
+/// `daemon.upgrade`: replaces the daemon's program in place (same pid): every live fork is
+/// taken back and served by the new program.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonUpgrade {
+    /// The new program (absolute path); default: the one the daemon was started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<PathBuf>,
 }
 
 /// Stable error codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ErrorCode {
     /// The thing named does not exist.
     NotFound,
@@ -231,25 +372,11 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [ErrorCode; 6] = [
-        ErrorCode::NotFound,
-        ErrorCode::Conflict,
-        ErrorCode::InvalidArgument,
-        ErrorCode::Unavailable,
-        ErrorCode::Internal,
-        ErrorCode::PermissionDenied,
-    ];
+    pub const ALL: &'static [Self] = <Self as strum::VariantArray>::VARIANTS;
 
     /// The wire name.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::NotFound => "not_found",
-            Self::Conflict => "conflict",
-            Self::InvalidArgument => "invalid_argument",
-            Self::Unavailable => "unavailable",
-            Self::Internal => "internal",
-            Self::PermissionDenied => "permission_denied",
-        }
+        self.into()
     }
 
     /// The exit status `pagerctl` ends with when the daemon answers this error (see
@@ -263,12 +390,6 @@ impl ErrorCode {
             Self::Internal => 7,
             Self::PermissionDenied => 10,
         }
-    }
-}
-
-impl std::fmt::Display for ErrorCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -406,48 +527,48 @@ mod tests {
         assert_eq!(p.id, Value::from("abc"));
         assert_eq!(
             p.request.unwrap(),
-            Request::ForkCreate {
+            Request::ForkCreate(ForkCreate {
                 snapshot: "s1".parse().unwrap(),
                 fork: None,
                 prefetch: None,
-            }
+            })
         );
         assert_eq!(
             parse_line(br#"{"v":1,"op":"status"}"#).request.unwrap(),
-            Request::Status {}
+            Request::Status(Status {})
         );
     }
 
     #[test]
     fn request_lines_round_trip() {
         let requests = [
-            Request::Status {},
-            Request::ForkCreate {
+            Request::Status(Status {}),
+            Request::ForkCreate(ForkCreate {
                 snapshot: "s1".parse().unwrap(),
                 fork: None,
                 prefetch: Some(Prefetch::Graduate),
-            },
-            Request::SnapshotRecord {
+            }),
+            Request::SnapshotRecord(SnapshotRecord {
                 snapshot: "s1".parse().unwrap(),
                 forks: Some(2),
-            },
-            Request::SnapshotClearWorkingSet {
+            }),
+            Request::SnapshotClearWorkingSet(SnapshotClearWorkingSet {
                 snapshot: "s1".parse().unwrap(),
-            },
-            Request::SnapshotDelete {
+            }),
+            Request::SnapshotDelete(SnapshotDelete {
                 snapshot: "s1".parse().unwrap(),
                 defer: true,
                 force: false,
-            },
-            Request::SnapshotRegister {
+            }),
+            Request::SnapshotRegister(SnapshotRegister {
                 snapshot: "s1".parse().unwrap(),
                 path: Some("/m".into()),
                 fd: true,
                 link: true,
                 vmstate: Some("/v".into()),
                 vmm: Some(VmmKind::Firecracker),
-            },
-            Request::VmStart {
+            }),
+            Request::VmStart(VmStart {
                 snapshot: "s1".parse().unwrap(),
                 vm: Some("vm1".parse().unwrap()),
                 backend: VmBackend::File,
@@ -457,17 +578,17 @@ mod tests {
                 }],
                 vsock: Some("/v.sock".into()),
                 prefetch: Some(Prefetch::Off),
-            },
-            Request::VmSnapshot {
+            }),
+            Request::VmSnapshot(VmSnapshot {
                 vm: "vm1".parse().unwrap(),
                 snapshot: "s2".parse().unwrap(),
                 resume: true,
-            },
-            Request::ForkWait {
+            }),
+            Request::ForkWait(ForkWait {
                 fork: "f".parse().unwrap(),
                 state: ForkState::Ended,
                 timeout_ms: Some(5),
-            },
+            }),
         ];
         for request in requests {
             let line = request_line(&Value::from(9), &request);
@@ -492,7 +613,8 @@ mod tests {
             let echoed = response(parsed.id.clone(), Ok(Value::Null)).to_string();
             let read: Response = serde_json::from_str(&echoed).unwrap();
             assert_eq!(read.id, parsed.id, "{line} → {echoed}");
-            let again = parse_line(request_line(&parsed.id, &Request::Status {}).as_bytes());
+            let again =
+                parse_line(request_line(&parsed.id, &Request::Status(Status {})).as_bytes());
             assert_eq!(again.id, parsed.id, "{line}");
         }
     }

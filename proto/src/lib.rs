@@ -16,6 +16,7 @@
 //! - [`framing`]: a connection's bytes split into request lines, over-long and over-deep
 //!   lines refused as soon as they show it.
 //! - [`prefetch`]: working sets (recorded, replayed) and the prefetch policy of a fork.
+//! - [`wire`]: how every wire enum gets its names (once, from its variants).
 //! - [`handoff`]: the message a VMM sends with its userfaultfd, its parsing and validation;
 //!   [`fdpass`]: sending and receiving it with the fd over a Unix socket.
 
@@ -29,5 +30,6 @@ pub mod ids;
 pub mod json;
 pub mod model;
 pub mod prefetch;
+pub mod wire;
 
 pub use ids::Id;

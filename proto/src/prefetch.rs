@@ -8,8 +8,23 @@
 use serde::{Deserialize, Serialize};
 
 /// What pagerd installs in a uffd fork before the guest asks for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Prefetch {
     /// Nothing: every page is served when the guest faults on it.
     Off,
@@ -24,11 +39,7 @@ pub enum Prefetch {
 impl Prefetch {
     /// The wire name.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Off => "off",
-            Self::WorkingSet => "working_set",
-            Self::Graduate => "graduate",
-        }
+        self.into()
     }
 
     /// Whether the recorded working set is replayed.

@@ -8,7 +8,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use proto::client::Client;
-use proto::control::{ControlError, ErrorCode, Request, Response};
+use proto::control::{
+    Call, ControlError, ErrorCode, ForkClose, ForkCreate, ForkGet, ForkList, Request, Response,
+    SnapshotDelete, SnapshotGet, SnapshotList, Status,
+};
 use proto::model::{
     DeleteOutcome, FileUserInfo, ForkInfo, ForkListEntry, ForkState, SnapshotInfo, StatusReport,
 };
@@ -288,21 +291,21 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("not a response envelope ({e}): {reply}"))
     }
 
-    /// Sends a request and decodes its result as `T`; panics (with the daemon's log) if it
+    /// Sends a request and decodes its answer; panics (with the daemon's log) if it
     /// is refused.
-    pub fn call<T: DeserializeOwned>(&self, request: &Request) -> T {
+    pub fn call<C: Call + std::fmt::Debug + Clone>(&self, call: C) -> C::Answer {
         self.client
-            .call(request)
-            .unwrap_or_else(|e| panic!("{request:?} failed: {e:?}\n{}", self.log()))
+            .call(call.clone())
+            .unwrap_or_else(|e| panic!("{call:?} failed: {e:?}\n{}", self.log()))
     }
 
     /// The daemon's refusal of `request` (panics if it succeeds).
-    pub fn refusal(&self, request: &Request) -> ControlError {
-        refused(self.client.call_value(request))
+    pub fn refusal(&self, request: impl Into<Request>) -> ControlError {
+        refused(self.client.call_value(&request.into()))
     }
 
     /// The error code `request` is refused with (panics if it succeeds).
-    pub fn error_code(&self, request: &Request) -> ErrorCode {
+    pub fn error_code(&self, request: impl Into<Request>) -> ErrorCode {
         self.refusal(request).code
     }
 
@@ -332,7 +335,7 @@ impl Daemon {
 
     /// Daemon health and counts.
     pub fn status(&self) -> StatusReport {
-        self.call(&Request::Status {})
+        self.call(Status {})
     }
 
     /// Registers a memory file as snapshot `snapshot` (a copy), passing it as a descriptor
@@ -345,7 +348,7 @@ impl Daemon {
 
     /// Deletes snapshot `snapshot` (when its last reference ends, with `defer`).
     pub fn delete_snapshot(&self, snapshot: &str, defer: bool) -> DeleteOutcome {
-        self.call(&Request::SnapshotDelete {
+        self.call(SnapshotDelete {
             snapshot: id(snapshot),
             defer,
             force: false,
@@ -354,14 +357,14 @@ impl Daemon {
 
     /// One snapshot.
     pub fn snapshot(&self, snapshot: &str) -> SnapshotInfo {
-        self.call(&Request::SnapshotGet {
+        self.call(SnapshotGet {
             snapshot: id(snapshot),
         })
     }
 
     /// Every snapshot.
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
-        self.call(&Request::SnapshotList {})
+        self.call(SnapshotList {})
     }
 
     /// A snapshot's reference count (`None` when the daemon cannot know it).
@@ -371,7 +374,7 @@ impl Daemon {
 
     /// Every fork and every process holding a memory file.
     pub fn forks(&self) -> Vec<ForkListEntry> {
-        self.call(&Request::ForkList {})
+        self.call(ForkList {})
     }
 
     /// The processes holding memory files on the FUSE mount, from `fork.list`.
@@ -398,7 +401,7 @@ impl Daemon {
         fork: &str,
         prefetch: Option<proto::prefetch::Prefetch>,
     ) -> PathBuf {
-        let info: ForkInfo = self.call(&Request::ForkCreate {
+        let info: ForkInfo = self.call(ForkCreate {
             snapshot: id(snapshot),
             fork: Some(id(fork)),
             prefetch,
@@ -469,7 +472,7 @@ impl Daemon {
 
     /// A fork's record.
     pub fn fork(&self, fork: &str) -> ForkInfo {
-        self.call(&Request::ForkGet { fork: id(fork) })
+        self.call(ForkGet { fork: id(fork) })
     }
 
     /// Waits (server side) until the fork reaches `state`, and returns its record.
@@ -481,7 +484,7 @@ impl Daemon {
 
     /// Stops serving a fork and forgets it.
     pub fn close_fork(&self, fork: &str) -> ForkInfo {
-        self.call(&Request::ForkClose { fork: id(fork) })
+        self.call(ForkClose { fork: id(fork) })
     }
 
     /// Control connections the daemon has accepted and not yet closed (the client hangs up

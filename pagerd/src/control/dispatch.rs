@@ -4,10 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::control::{ControlError, ErrorCode, Request};
+use proto::control::{
+    Call, ControlError, DaemonUpgrade, ErrorCode, ForkClose, ForkCreate, ForkGet, ForkList,
+    ForkWait, Request, SnapshotClearWorkingSet, SnapshotDelete, SnapshotGet, SnapshotList,
+    SnapshotRecord, SnapshotRegister, Stats, Status, VmGet, VmList, VmSnapshot, VmStart, VmStop,
+    VmWait,
+};
 use serde_json::Value;
 
-use super::registration::{self, RegisterRequest};
+use super::registration;
 use super::{Handler, RequestContext};
 use crate::errors::error_chain;
 use crate::lifecycle::{Lifecycle, LifecycleError};
@@ -77,10 +82,6 @@ impl From<VmError> for ControlError {
         };
         ControlError::new(code, error_chain(&e))
     }
-}
-
-fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ControlError> {
-    serde_json::to_value(v).map_err(|e| ControlError::new(ErrorCode::Internal, e.to_string()))
 }
 
 /// Answers requests from the lifecycle and the launched VMs.
@@ -159,10 +160,7 @@ impl Handler for Dispatcher {
         if !tracing::enabled!(tracing::Level::DEBUG) {
             return self.dispatch(request, context);
         }
-        let op = serde_json::to_value(&request)
-            .ok()
-            .and_then(|v| v.get("op").and_then(Value::as_str).map(str::to_owned))
-            .unwrap_or_default();
+        let op = request.op();
         let started = std::time::Instant::now();
         let outcome = self.dispatch(request, context);
         tracing::debug!(
@@ -177,152 +175,209 @@ impl Handler for Dispatcher {
 }
 
 impl Dispatcher {
-    /// The one `match` from a request to the lifecycle.
+    /// The one `match` from a request to its handler. Each handler returns its request's own
+    /// answer type ([`Call::Answer`]), checked here by the compiler; only then is it encoded.
     fn dispatch(
         &self,
         request: Request,
         context: &mut RequestContext,
     ) -> Result<Value, ControlError> {
-        let lc = &self.lifecycle;
-        let launches = matches!(
-            request,
-            Request::VmStart { .. } | Request::VmStop { .. } | Request::VmSnapshot { .. }
-        );
-        let privileged = registration::may_register_by_path(context.peer());
-        if launches && !privileged {
-            // The hypervisor runs as the daemon's user and opens the paths it is given.
-            return Err(ControlError::new(
-                ErrorCode::PermissionDenied,
-                "only root and pagerd's own user may start, stop or snapshot VMs",
-            ));
-        }
-        if matches!(request, Request::DaemonUpgrade { .. }) && !privileged {
-            // The daemon executes the program it is given, as its own user.
-            return Err(ControlError::new(
-                ErrorCode::PermissionDenied,
-                "only root and pagerd's own user may upgrade the daemon",
-            ));
-        }
-        let caller = context.peer().map(|p| p.uid);
-        let owner = registration::owner_of(context.peer());
+        refuse_unprivileged(&request, context)?;
+        let cx = context;
         match request {
-            Request::Status {} => {
-                let mut status = lc.reports().status()?;
-                status.vms = self.vms.counts();
-                to_value(status)
+            Request::Status(c) => encode::<Status>(self.status(c)),
+            Request::Stats(c) => encode::<Stats>(self.stats(c)),
+            Request::SnapshotRegister(c) => {
+                encode::<SnapshotRegister>(registration::register(&self.lifecycle, c, cx))
             }
-            Request::Stats {} => to_value(lc.reports().stats()),
-            Request::SnapshotRegister {
-                snapshot,
-                path,
-                fd,
-                link,
-                vmstate,
-                vmm,
-            } => {
-                let request = RegisterRequest {
-                    snapshot,
-                    path,
-                    fd,
-                    link,
-                    vmstate,
-                    vmm,
-                };
-                to_value(registration::register(lc, request, context)?)
+            Request::SnapshotDelete(c) => encode::<SnapshotDelete>(self.snapshot_delete(c, cx)),
+            Request::SnapshotList(c) => encode::<SnapshotList>(self.snapshot_list(c)),
+            Request::SnapshotGet(c) => encode::<SnapshotGet>(self.snapshot_get(c)),
+            Request::SnapshotRecord(c) => encode::<SnapshotRecord>(self.snapshot_record(c, cx)),
+            Request::SnapshotClearWorkingSet(c) => {
+                encode::<SnapshotClearWorkingSet>(self.snapshot_clear_working_set(c, cx))
             }
-            Request::SnapshotDelete {
-                snapshot,
-                defer,
-                force,
-            } => {
-                may_change(caller, "snapshot", &snapshot, lc.snapshot_owner(&snapshot)?)?;
-                to_value(lc.delete_snapshot(&snapshot, defer, force)?)
-            }
-            Request::SnapshotList {} => to_value(lc.snapshots()?),
-            Request::SnapshotGet { snapshot } => to_value(lc.snapshot(&snapshot)?),
-            Request::SnapshotRecord { snapshot, forks } => {
-                may_change(caller, "snapshot", &snapshot, lc.snapshot_owner(&snapshot)?)?;
-                let forks = forks.unwrap_or(1);
-                if !(1..=MAX_RECORD_FORKS).contains(&forks) {
-                    return Err(ControlError::new(
-                        ErrorCode::InvalidArgument,
-                        format!("`forks` must be 1 to {MAX_RECORD_FORKS}, not {forks}"),
-                    ));
-                }
-                to_value(lc.working_sets().record(&snapshot, forks)?)
-            }
-            Request::SnapshotClearWorkingSet { snapshot } => {
-                may_change(caller, "snapshot", &snapshot, lc.snapshot_owner(&snapshot)?)?;
-                to_value(lc.working_sets().clear(&snapshot)?)
-            }
-            Request::ForkCreate {
-                snapshot,
-                fork,
-                prefetch,
-            } => to_value(lc.create_fork(fork, &snapshot, prefetch, owner)?),
-            Request::ForkList {} => to_value(lc.reports().fork_list()),
-            Request::ForkGet { fork } => to_value(lc.reports().fork(&fork)?),
-            Request::ForkWait {
-                fork,
-                state,
-                timeout_ms,
-            } => to_value(lc.wait_fork(&fork, state, wait_timeout(timeout_ms))?),
-            Request::ForkClose { fork } => {
-                may_change(caller, "fork", &fork, lc.fork_owner(&fork)?)?;
-                if let Some(vm) = self.vms.vm_of_fork(&fork) {
-                    // Closing it would freeze the guest while the VM still reads `running`.
-                    return Err(ControlError::new(
-                        ErrorCode::Conflict,
-                        format!("fork `{fork}` serves VM `{vm}`; stop the VM instead (vm.stop)"),
-                    ));
-                }
-                to_value(lc.close_fork(&fork)?)
-            }
-            Request::VmStart {
-                snapshot,
-                vm,
-                backend,
-                network_overrides,
-                vsock,
-                prefetch,
-            } => to_value(self.vms.start(StartRequest {
-                snapshot,
-                vm,
-                backend,
-                network_overrides,
-                vsock,
-                prefetch,
-                owner,
-            })?),
-            Request::VmList {} => to_value(self.vms.list()),
-            Request::VmGet { vm } => to_value(self.vms.get(&vm)?),
-            Request::VmStop { vm, timeout_ms } => {
-                let timeout = timeout_ms
-                    .map_or(DEFAULT_STOP_TIMEOUT, Duration::from_millis)
-                    .min(MAX_WAIT);
-                to_value(self.vms.stop(&vm, timeout)?)
-            }
-            Request::VmWait {
-                vm,
-                state,
-                timeout_ms,
-            } => to_value(self.vms.wait(&vm, state, wait_timeout(timeout_ms))?),
-            Request::VmSnapshot {
-                vm,
-                snapshot,
-                resume,
-            } => to_value(self.vms.snapshot(&vm, snapshot, resume)?),
-            Request::DaemonUpgrade { binary } => {
-                let binary = self.upgrade.request(binary)?;
-                // The caller hears "ok" before the control socket goes away.
-                let upgrade = self.upgrade.clone();
-                context.after_reply(move || upgrade.start());
-                to_value(proto::model::UpgradeStarted {
-                    pid: std::process::id(),
-                    binary,
-                    version: env!("CARGO_PKG_VERSION").to_owned(),
-                })
-            }
+            Request::ForkCreate(c) => encode::<ForkCreate>(self.fork_create(c, cx)),
+            Request::ForkList(c) => encode::<ForkList>(self.fork_list(c)),
+            Request::ForkGet(c) => encode::<ForkGet>(self.fork_get(c)),
+            Request::ForkWait(c) => encode::<ForkWait>(self.fork_wait(c)),
+            Request::ForkClose(c) => encode::<ForkClose>(self.fork_close(c, cx)),
+            Request::VmStart(c) => encode::<VmStart>(self.vm_start(c, cx)),
+            Request::VmList(c) => encode::<VmList>(self.vm_list(c)),
+            Request::VmGet(c) => encode::<VmGet>(self.vm_get(c)),
+            Request::VmStop(c) => encode::<VmStop>(self.vm_stop(c)),
+            Request::VmWait(c) => encode::<VmWait>(self.vm_wait(c)),
+            Request::VmSnapshot(c) => encode::<VmSnapshot>(self.vm_snapshot(c)),
+            Request::DaemonUpgrade(c) => encode::<DaemonUpgrade>(self.daemon_upgrade(c, cx)),
         }
     }
+
+    fn status(&self, _: Status) -> Answer<Status> {
+        let mut status = self.lifecycle.reports().status()?;
+        status.vms = self.vms.counts();
+        Ok(status)
+    }
+
+    fn stats(&self, _: Stats) -> Answer<Stats> {
+        Ok(self.lifecycle.reports().stats())
+    }
+
+    fn snapshot_delete(&self, c: SnapshotDelete, cx: &RequestContext) -> Answer<SnapshotDelete> {
+        let lc = &self.lifecycle;
+        may_change(
+            caller(cx),
+            "snapshot",
+            &c.snapshot,
+            lc.snapshot_owner(&c.snapshot)?,
+        )?;
+        Ok(lc.delete_snapshot(&c.snapshot, c.defer, c.force)?)
+    }
+
+    fn snapshot_list(&self, _: SnapshotList) -> Answer<SnapshotList> {
+        Ok(self.lifecycle.snapshots()?)
+    }
+
+    fn snapshot_get(&self, c: SnapshotGet) -> Answer<SnapshotGet> {
+        Ok(self.lifecycle.snapshot(&c.snapshot)?)
+    }
+
+    fn snapshot_record(&self, c: SnapshotRecord, cx: &RequestContext) -> Answer<SnapshotRecord> {
+        let lc = &self.lifecycle;
+        may_change(
+            caller(cx),
+            "snapshot",
+            &c.snapshot,
+            lc.snapshot_owner(&c.snapshot)?,
+        )?;
+        let forks = c.forks.unwrap_or(1);
+        if !(1..=MAX_RECORD_FORKS).contains(&forks) {
+            return Err(ControlError::new(
+                ErrorCode::InvalidArgument,
+                format!("`forks` must be 1 to {MAX_RECORD_FORKS}, not {forks}"),
+            ));
+        }
+        Ok(lc.working_sets().record(&c.snapshot, forks)?)
+    }
+
+    fn snapshot_clear_working_set(
+        &self,
+        c: SnapshotClearWorkingSet,
+        cx: &RequestContext,
+    ) -> Answer<SnapshotClearWorkingSet> {
+        let lc = &self.lifecycle;
+        may_change(
+            caller(cx),
+            "snapshot",
+            &c.snapshot,
+            lc.snapshot_owner(&c.snapshot)?,
+        )?;
+        Ok(lc.working_sets().clear(&c.snapshot)?)
+    }
+
+    fn fork_create(&self, c: ForkCreate, cx: &RequestContext) -> Answer<ForkCreate> {
+        let owner = registration::owner_of(cx.peer());
+        Ok(self
+            .lifecycle
+            .create_fork(c.fork, &c.snapshot, c.prefetch, owner)?)
+    }
+
+    fn fork_list(&self, _: ForkList) -> Answer<ForkList> {
+        Ok(self.lifecycle.reports().fork_list())
+    }
+
+    fn fork_get(&self, c: ForkGet) -> Answer<ForkGet> {
+        Ok(self.lifecycle.reports().fork(&c.fork)?)
+    }
+
+    fn fork_wait(&self, c: ForkWait) -> Answer<ForkWait> {
+        Ok(self
+            .lifecycle
+            .wait_fork(&c.fork, c.state, wait_timeout(c.timeout_ms))?)
+    }
+
+    fn fork_close(&self, c: ForkClose, cx: &RequestContext) -> Answer<ForkClose> {
+        let lc = &self.lifecycle;
+        let fork = c.fork;
+        may_change(caller(cx), "fork", &fork, lc.fork_owner(&fork)?)?;
+        if let Some(vm) = self.vms.vm_of_fork(&fork) {
+            // Closing it would freeze the guest while the VM still reads `running`.
+            return Err(ControlError::new(
+                ErrorCode::Conflict,
+                format!("fork `{fork}` serves VM `{vm}`; stop the VM instead (vm.stop)"),
+            ));
+        }
+        Ok(lc.close_fork(&fork)?)
+    }
+
+    fn vm_start(&self, c: VmStart, cx: &RequestContext) -> Answer<VmStart> {
+        let owner = registration::owner_of(cx.peer());
+        Ok(self.vms.start(StartRequest { call: c, owner })?)
+    }
+
+    fn vm_list(&self, _: VmList) -> Answer<VmList> {
+        Ok(self.vms.list())
+    }
+
+    fn vm_get(&self, c: VmGet) -> Answer<VmGet> {
+        Ok(self.vms.get(&c.vm)?)
+    }
+
+    fn vm_stop(&self, c: VmStop) -> Answer<VmStop> {
+        let timeout = c
+            .timeout_ms
+            .map_or(DEFAULT_STOP_TIMEOUT, Duration::from_millis)
+            .min(MAX_WAIT);
+        Ok(self.vms.stop(&c.vm, timeout)?)
+    }
+
+    fn vm_wait(&self, c: VmWait) -> Answer<VmWait> {
+        Ok(self.vms.wait(&c.vm, c.state, wait_timeout(c.timeout_ms))?)
+    }
+
+    fn vm_snapshot(&self, c: VmSnapshot) -> Answer<VmSnapshot> {
+        Ok(self.vms.snapshot(&c.vm, c.snapshot, c.resume)?)
+    }
+
+    fn daemon_upgrade(&self, c: DaemonUpgrade, cx: &mut RequestContext) -> Answer<DaemonUpgrade> {
+        let binary = self.upgrade.request(c.binary)?;
+        // The caller hears "ok" before the control socket goes away.
+        let upgrade = self.upgrade.clone();
+        cx.after_reply(move || upgrade.start());
+        Ok(proto::model::UpgradeStarted {
+            pid: std::process::id(),
+            binary,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        })
+    }
+}
+
+/// What a handler of `C` answers.
+type Answer<C> = Result<<C as Call>::Answer, ControlError>;
+
+/// A handler's answer on the wire; `C` names the request, so an answer of another type does
+/// not compile.
+fn encode<C: Call>(answer: Answer<C>) -> Result<Value, ControlError> {
+    serde_json::to_value(answer?).map_err(|e| ControlError::new(ErrorCode::Internal, e.to_string()))
+}
+
+/// The uid asking, if known.
+fn caller(cx: &RequestContext) -> Option<u32> {
+    cx.peer().map(|p| p.uid)
+}
+
+/// Refuses what only root and pagerd's own user may ask: launching, stopping or snapshotting
+/// VMs (the hypervisor runs as the daemon's user and opens the paths it is given), and
+/// upgrading the daemon (it executes the program it is given, as its own user).
+fn refuse_unprivileged(request: &Request, cx: &RequestContext) -> Result<(), ControlError> {
+    if registration::may_register_by_path(cx.peer()) {
+        return Ok(());
+    }
+    let refused = match request {
+        Request::VmStart(_) | Request::VmStop(_) | Request::VmSnapshot(_) => {
+            "only root and pagerd's own user may start, stop or snapshot VMs"
+        }
+        Request::DaemonUpgrade(_) => "only root and pagerd's own user may upgrade the daemon",
+        _ => return Ok(()),
+    };
+    Err(ControlError::new(ErrorCode::PermissionDenied, refused))
 }

@@ -19,30 +19,12 @@
 
 use std::path::PathBuf;
 
-use proto::control::{ControlError, ErrorCode};
+use proto::control::{ControlError, ErrorCode, SnapshotRegister};
 use proto::model::SnapshotInfo;
-use proto::Id;
 
 use super::{Peer, RequestContext};
 use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::store::import::{ImportMode, Source};
-
-/// A `snapshot.register` request's fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RegisterRequest {
-    /// The new snapshot's id.
-    pub snapshot: Id,
-    /// The memory file's path (with `fd`: only its name for the record).
-    pub path: Option<PathBuf>,
-    /// The file comes as a descriptor passed with the request.
-    pub fd: bool,
-    /// Link instead of copy ([`ImportMode::Link`]).
-    pub link: bool,
-    /// The hypervisor state's path (with `fd`: its name; the second descriptor).
-    pub vmstate: Option<PathBuf>,
-    /// The hypervisor it is for.
-    pub vmm: Option<proto::model::VmmKind>,
-}
 
 /// The message refusing a path-only registration from someone who is not root.
 pub const PASS_A_DESCRIPTOR: &str = "only root may register a file by path; pass the file as a \
@@ -63,7 +45,7 @@ pub fn owner_of(peer: Option<Peer>) -> u32 {
 /// descriptor it passed, or from a path if it may register by path.
 pub fn register(
     lifecycle: &Lifecycle,
-    request: RegisterRequest,
+    request: SnapshotRegister,
     context: &mut RequestContext,
 ) -> Result<SnapshotInfo, ControlError> {
     let mode = if request.link {

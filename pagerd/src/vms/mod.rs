@@ -217,11 +217,11 @@ impl Vms {
     /// Starts a VM from a snapshot and returns it running, or the reason it failed (it is
     /// then recorded as `failed`).
     pub fn start(self: &Arc<Self>, request: StartRequest) -> Result<VmInfo, VmError> {
-        let snapshot = self.host.snapshot(&request.snapshot)?;
+        let snapshot = self.host.snapshot(&request.call.snapshot)?;
         let vmstate = snapshot
             .vmstate
             .clone()
-            .ok_or_else(|| VmError::NoVmState(request.snapshot.clone()))?;
+            .ok_or_else(|| VmError::NoVmState(request.call.snapshot.clone()))?;
         let hypervisor = vmm_glue::hypervisor::for_kind(vmstate.vmm);
         request.check_supported(hypervisor)?;
         let binary = vmm_glue::find_binary(hypervisor.binary(), self.options.binary(vmstate.vmm))
@@ -232,10 +232,11 @@ impl Vms {
             .jail
             .as_ref()
             .filter(|_| hypervisor.capabilities().jailer);
-        let memory_file = request::memory_file(request.backend, jail_options.is_some(), &snapshot)?;
+        let memory_file =
+            request::memory_file(request.call.backend, jail_options.is_some(), &snapshot)?;
         let (id, dir, jail) = {
             let table = self.lock();
-            let id = match &request.vm {
+            let id = match &request.call.vm {
                 Some(id) if table.contains_key(id) => return Err(VmError::Exists(id.clone())),
                 Some(id) => id.clone(),
                 None => self.generated_id(&table),
@@ -267,18 +268,18 @@ impl Vms {
         let record = VmRecord {
             info: VmInfo {
                 id: id.clone(),
-                snapshot: request.snapshot.clone(),
+                snapshot: request.call.snapshot.clone(),
                 owner: request.owner,
                 vmm: vmstate.vmm,
-                backend: request.backend,
+                backend: request.call.backend,
                 state: VmState::Starting,
                 pid: None,
                 fork: None,
                 memory_file: memory_file.clone(),
                 api_socket: control_socket(hypervisor, &dir, jail.as_ref()),
                 console_log: dir.join("console.log"),
-                network_overrides: request.network_overrides.clone(),
-                vsock: request.vsock.clone(),
+                network_overrides: request.call.network_overrides.clone(),
+                vsock: request.call.vsock.clone(),
                 exit_code: None,
                 exit_signal: None,
                 reason: None,
@@ -345,8 +346,8 @@ impl Vms {
             None => {
                 let fork = self.host.create_fork(
                     id.clone(),
-                    &request.snapshot,
-                    request.prefetch,
+                    &request.call.snapshot,
+                    request.call.prefetch,
                     request.owner,
                 )?;
                 self.update(id, |slot| slot.record.info.fork = Some(fork.id.clone()))?;
@@ -366,7 +367,7 @@ impl Vms {
         let command = match (&target.jail, &self.options.jail) {
             (Some(jail), Some(options)) => {
                 jail::remove(jail);
-                if request.backend == VmBackend::File {
+                if request.call.backend == VmBackend::File {
                     jail::mount_memory(jail, &memory)
                         .map_err(io(format!("mount {} into the jail", memory.display())))?;
                 }
@@ -413,7 +414,7 @@ impl Vms {
                     jail::link_into(jail, file, name)
                         .map_err(io(format!("link {} into the jail", file.display())))
                 };
-                let memory = match request.backend {
+                let memory = match request.call.backend {
                     VmBackend::Uffd => linked(&memory, "handoff.sock")?,
                     // Mounted before the jailer ran.
                     VmBackend::File => PathBuf::from("/memory"),
@@ -424,10 +425,10 @@ impl Vms {
         };
         let restore = Restore {
             vmstate: &vmstate,
-            backend: request.backend,
+            backend: request.call.backend,
             memory: &memory,
-            network_overrides: &request.network_overrides,
-            vsock: request.vsock.as_deref(),
+            network_overrides: &request.call.network_overrides,
+            vsock: request.call.vsock.as_deref(),
         };
         hypervisor
             .restore(&api_socket, &restore)

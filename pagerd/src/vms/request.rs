@@ -11,27 +11,17 @@
 
 use std::path::PathBuf;
 
-use proto::model::{NetworkOverride, SnapshotInfo, VmBackend};
-use proto::Id;
+use proto::control::VmStart;
+use proto::model::{SnapshotInfo, VmBackend};
 use vmm_glue::Hypervisor;
 
 use super::VmError;
 
-/// A `vm.start` request.
+/// A `vm.start` request as the client sent it, and who sent it.
 #[derive(Debug, Clone)]
 pub(crate) struct StartRequest {
-    /// The snapshot.
-    pub snapshot: Id,
-    /// The VM's id, or generated.
-    pub vm: Option<Id>,
-    /// Where its memory comes from.
-    pub backend: VmBackend,
-    /// Tap devices.
-    pub network_overrides: Vec<NetworkOverride>,
-    /// The vsock socket.
-    pub vsock: Option<PathBuf>,
-    /// What its fork prefetches (the daemon's default when absent).
-    pub prefetch: Option<proto::prefetch::Prefetch>,
+    /// What was asked, untouched.
+    pub call: VmStart,
     /// The uid starting it: it owns the VM and its fork.
     pub owner: u32,
 }
@@ -44,10 +34,11 @@ impl StartRequest {
             vmm: hypervisor.kind(),
             operation,
         };
-        if self.backend == VmBackend::Uffd && !can.uffd_backend {
+        let call = &self.call;
+        if call.backend == VmBackend::Uffd && !can.uffd_backend {
             return Err(unsupported("the uffd backend (use --backend file)"));
         }
-        let overrides = !self.network_overrides.is_empty() || self.vsock.is_some();
+        let overrides = !call.network_overrides.is_empty() || call.vsock.is_some();
         if overrides && !can.device_overrides {
             return Err(unsupported("tap and vsock overrides"));
         }
@@ -72,7 +63,7 @@ pub(super) fn memory_file(
 
 #[cfg(test)]
 mod tests {
-    use proto::model::VmmKind;
+    use proto::model::{NetworkOverride, VmmKind};
     use vmm_glue::hypervisor::for_kind;
 
     use super::super::tests::snapshot;
@@ -80,12 +71,14 @@ mod tests {
 
     fn request(backend: VmBackend) -> StartRequest {
         StartRequest {
-            snapshot: "s".parse().unwrap(),
-            vm: None,
-            backend,
-            network_overrides: Vec::new(),
-            vsock: None,
-            prefetch: None,
+            call: VmStart {
+                snapshot: "s".parse().unwrap(),
+                vm: None,
+                backend,
+                network_overrides: Vec::new(),
+                vsock: None,
+                prefetch: None,
+            },
             owner: 0,
         }
     }
@@ -104,11 +97,11 @@ mod tests {
     #[test]
     fn firecracker_takes_either_backend_and_its_overrides() {
         let mut with_devices = request(VmBackend::Uffd);
-        with_devices.network_overrides.push(NetworkOverride {
+        with_devices.call.network_overrides.push(NetworkOverride {
             iface_id: "eth0".into(),
             host_dev_name: "tap0".into(),
         });
-        with_devices.vsock = Some("/v.sock".into());
+        with_devices.call.vsock = Some("/v.sock".into());
         for request in [request(VmBackend::File), with_devices] {
             assert_eq!(refusal(VmmKind::Firecracker, &request), None);
         }
@@ -122,7 +115,7 @@ mod tests {
         );
         assert_eq!(refusal(VmmKind::Qemu, &request(VmBackend::File)), None);
         let mut tap = request(VmBackend::File);
-        tap.network_overrides.push(NetworkOverride {
+        tap.call.network_overrides.push(NetworkOverride {
             iface_id: "eth0".into(),
             host_dev_name: "tap0".into(),
         });
@@ -131,7 +124,7 @@ mod tests {
             Some("tap and vsock overrides")
         );
         let mut vsock = request(VmBackend::File);
-        vsock.vsock = Some("/v.sock".into());
+        vsock.call.vsock = Some("/v.sock".into());
         assert_eq!(
             refusal(VmmKind::Qemu, &vsock),
             Some("tap and vsock overrides")

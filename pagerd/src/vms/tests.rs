@@ -189,7 +189,7 @@ impl Fixture {
 
     /// Starts a VM that must fail to start, and returns the reason it failed for.
     fn failed_start(&self, request: StartRequest) -> String {
-        let vm = request.vm.clone();
+        let vm = request.call.vm.clone();
         match self.vms.start(request) {
             Err(VmError::StartFailed { vm: failed, reason }) => {
                 assert_eq!(Some(failed), vm);
@@ -211,12 +211,14 @@ impl Fixture {
 
 fn start(vm: &str, backend: VmBackend) -> StartRequest {
     StartRequest {
-        snapshot: id("s"),
-        vm: Some(id(vm)),
-        backend,
-        network_overrides: Vec::new(),
-        vsock: None,
-        prefetch: None,
+        call: proto::control::VmStart {
+            snapshot: id("s"),
+            vm: Some(id(vm)),
+            backend,
+            network_overrides: Vec::new(),
+            vsock: None,
+            prefetch: None,
+        },
         owner: 1000,
     }
 }

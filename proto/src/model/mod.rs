@@ -15,8 +15,23 @@ mod vm;
 pub use vm::{JailInfo, NetworkOverride, VmBackend, VmInfo, VmState, VmStateInfo, VmmKind};
 
 /// Where a fork is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ForkState {
     /// The handoff socket listens; no VMM has handed over a uffd yet.
     Waiting,
@@ -32,44 +47,34 @@ pub enum ForkState {
 
 impl ForkState {
     /// Every state, in life order.
-    pub const ALL: [ForkState; 4] = [
-        ForkState::Waiting,
-        ForkState::Serving,
-        ForkState::Ended,
-        ForkState::Detached,
-    ];
+    pub const ALL: &'static [Self] = <Self as strum::VariantArray>::VARIANTS;
 
     /// The wire name.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Waiting => "waiting",
-            Self::Serving => "serving",
-            Self::Ended => "ended",
-            Self::Detached => "detached",
-        }
-    }
-}
-
-impl std::fmt::Display for ForkState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for ForkState {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| format!("unknown fork state `{s}` (waiting, serving, ended, detached)"))
+        self.into()
     }
 }
 
 /// Why serving a fork ended (or, for `detached`, why nobody serves it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum EndReason {
     /// The VMM process exited (its pidfd fired, or the kernel answered `ESRCH`).
     VmmExited,
@@ -98,31 +103,29 @@ pub enum EndReason {
 impl EndReason {
     /// The wire name.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::VmmExited => "vmm_exited",
-            Self::UffdGone => "uffd_gone",
-            Self::Closed => "closed",
-            Self::Shutdown => "shutdown",
-            Self::ReadFailed => "read_failed",
-            Self::UffdTampered => "uffd_tampered",
-            Self::UnservableFault => "unservable_fault",
-            Self::Livelock => "livelock",
-            Self::NoWorker => "no_worker",
-            Self::Graduated => "graduated",
-        }
-    }
-}
-
-impl std::fmt::Display for EndReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        self.into()
     }
 }
 
 /// Why a fork whose VMM outlived a daemon restart is `detached`: its uffd could not be taken
 /// back, so nothing serves it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum DetachedReason {
     /// The record predates pagerd keeping what recovery needs (regions, the uffd's identity).
     RecordTooOld,
@@ -140,25 +143,30 @@ pub enum DetachedReason {
 impl DetachedReason {
     /// The wire name.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::RecordTooOld => "record_too_old",
-            Self::UffdNotFound => "uffd_not_found",
-            Self::NotPermitted => "not_permitted",
-            Self::InvalidRecord => "invalid_record",
-            Self::SetupFailed => "setup_failed",
-        }
-    }
-}
-
-impl std::fmt::Display for DetachedReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        self.into()
     }
 }
 
 /// Why a handoff was refused: sent to the VMM on its connection and kept on the fork.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum RefusalReason {
     /// No file descriptor came with the message.
     NoFd,
@@ -214,8 +222,22 @@ pub enum RefusalReason {
 }
 
 /// How a snapshot's memory file was brought into the state directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ImportMethod {
     /// A second name for the operator's inode (asked for by name; the file must never be
     /// written again).
@@ -234,8 +256,22 @@ impl ImportMethod {
 }
 
 /// How reads of the FUSE memory files reach the snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ReadPath {
     /// pagerd answers every read.
     Cached,
@@ -375,8 +411,22 @@ pub struct ForkInfo {
 }
 
 /// How a process holds a memory file on the FUSE mount.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum FileUserState {
     /// The kernel holds an open handle (descriptors or mappings).
     Open,

@@ -8,8 +8,23 @@ use serde::{Deserialize, Serialize};
 use crate::ids::Id;
 
 /// Which hypervisor a snapshot's device state is for, and which one a VM runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum VmmKind {
     /// Firecracker (`PUT /snapshot/load`).
     Firecracker,
@@ -20,27 +35,7 @@ pub enum VmmKind {
 impl VmmKind {
     /// The wire name.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Firecracker => "firecracker",
-            Self::Qemu => "qemu",
-        }
-    }
-}
-
-impl std::fmt::Display for VmmKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for VmmKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Self::Firecracker, Self::Qemu]
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown hypervisor `{s}` (firecracker, qemu)"))
+        self.into()
     }
 }
 
@@ -56,8 +51,24 @@ pub struct VmStateInfo {
 }
 
 /// How a launched VM gets its guest memory from pagerd.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum VmBackend {
     /// A fork: the VMM hands its userfaultfd to pagerd, which serves every page.
     #[default]
@@ -69,33 +80,28 @@ pub enum VmBackend {
 impl VmBackend {
     /// The wire name.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Uffd => "uffd",
-            Self::File => "file",
-        }
-    }
-}
-
-impl std::fmt::Display for VmBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for VmBackend {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Self::Uffd, Self::File]
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown backend `{s}` (uffd, file)"))
+        self.into()
     }
 }
 
 /// Where a launched VM is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum VmState {
     /// The hypervisor process was started and is being restored.
     Starting,
@@ -109,43 +115,16 @@ pub enum VmState {
 
 impl VmState {
     /// Every state, in life order.
-    pub const ALL: [VmState; 4] = [
-        VmState::Starting,
-        VmState::Running,
-        VmState::Exited,
-        VmState::Failed,
-    ];
+    pub const ALL: &'static [Self] = <Self as strum::VariantArray>::VARIANTS;
 
     /// The wire name.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Starting => "starting",
-            Self::Running => "running",
-            Self::Exited => "exited",
-            Self::Failed => "failed",
-        }
+        self.into()
     }
 
     /// Whether the hypervisor process may still be alive.
     pub fn is_live(self) -> bool {
         matches!(self, Self::Starting | Self::Running)
-    }
-}
-
-impl std::fmt::Display for VmState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for VmState {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| format!("unknown VM state `{s}` (starting, running, exited, failed)"))
     }
 }
 

@@ -20,7 +20,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use proto::control::{parse_line, request_line, ErrorCode, Request, Response};
+use proto::control::{
+    parse_line, request_line, ErrorCode, ForkClose, ForkCreate, ForkWait, Request, Response,
+    SnapshotDelete,
+};
 use proto::framing::{Frame, LineBuffer};
 use serde_json::{json, Map, Value};
 
@@ -369,40 +372,40 @@ impl Generator {
     fn defuse(&self, request: Request) -> Option<Request> {
         let elsewhere = || "fz-gone".parse().expect("an id");
         match request {
-            Request::SnapshotDelete {
+            Request::SnapshotDelete(SnapshotDelete {
                 snapshot,
                 defer,
                 force,
-            } if snapshot.as_str() == self.protected.snapshot && !self.protected.member => {
-                Some(Request::SnapshotDelete {
+            }) if snapshot.as_str() == self.protected.snapshot && !self.protected.member => {
+                Some(Request::SnapshotDelete(SnapshotDelete {
                     snapshot: elsewhere(),
                     defer,
                     force,
-                })
+                }))
             }
-            Request::ForkClose { fork }
+            Request::ForkClose(ForkClose { fork })
                 if self.protected.fork(fork.as_str()) && !self.protected.member =>
             {
-                Some(Request::ForkClose { fork: elsewhere() })
+                Some(Request::ForkClose(ForkClose { fork: elsewhere() }))
             }
-            Request::ForkCreate {
+            Request::ForkCreate(ForkCreate {
                 snapshot,
                 fork: Some(fork),
                 prefetch,
-            } if self.protected.fork(fork.as_str()) => Some(Request::ForkCreate {
+            }) if self.protected.fork(fork.as_str()) => Some(Request::ForkCreate(ForkCreate {
                 snapshot,
                 fork: Some(elsewhere()),
                 prefetch,
-            }),
-            Request::ForkWait {
+            })),
+            Request::ForkWait(ForkWait {
                 fork,
                 state,
                 timeout_ms,
-            } if timeout_ms.is_none_or(|t| t > 2) => Some(Request::ForkWait {
+            }) if timeout_ms.is_none_or(|t| t > 2) => Some(Request::ForkWait(ForkWait {
                 fork,
                 state,
                 timeout_ms: Some(timeout_ms.unwrap_or(0) % 3),
-            }),
+            })),
             _ => None,
         }
     }

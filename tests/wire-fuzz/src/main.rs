@@ -36,8 +36,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use proto::control::{ErrorCode, Request};
-use proto::model::{ForkInfo, ForkListEntry, ForkState, SnapshotInfo, StatusReport};
+use proto::control::{
+    ErrorCode, ForkClose, ForkCreate, ForkGet, ForkList, Request, SnapshotDelete, SnapshotGet,
+    SnapshotList, Status,
+};
+use proto::model::{ForkInfo, ForkListEntry, ForkState, SnapshotInfo};
 use proto::Id;
 use testkit::{poll_until, write_snapshot, Daemon, Vmm};
 
@@ -509,12 +512,12 @@ impl<'a> Fuzz<'a> {
             Handled::Accepted => {
                 self.counts.accepted += 1;
                 // Served now: the fork takes no other handoff. Close it, make the next.
-                let closing = Request::ForkClose {
+                let closing = ForkClose {
                     fork: self.handoff_fork.0.clone(),
                 };
                 self.daemon
                     .client()
-                    .call::<ForkInfo>(&closing)
+                    .call(closing)
                     .map_err(|e| format!("closing a served handoff fork: {e:?}"))?;
                 self.new_handoff_fork()?;
             }
@@ -539,7 +542,7 @@ impl<'a> Fuzz<'a> {
         let info: ForkInfo = self
             .daemon
             .client()
-            .call(&Request::ForkCreate {
+            .call(ForkCreate {
                 snapshot: SNAPSHOT.parse().expect("an id"),
                 fork: Some(id.clone()),
                 prefetch: None,
@@ -555,7 +558,7 @@ impl<'a> Fuzz<'a> {
         self.counts.cleanups += 1;
         let client = self.daemon.client();
         let forks: Vec<ForkListEntry> = client
-            .call(&Request::ForkList {})
+            .call(ForkList {})
             .map_err(|e| format!("fork.list: {e:?}"))?;
         for entry in forks {
             let ForkListEntry::Uffd(fork) = entry else {
@@ -565,23 +568,23 @@ impl<'a> Fuzz<'a> {
                 continue;
             }
             // It may be gone already.
-            let _ = client.call_value(&Request::ForkClose { fork: fork.id });
+            let _ = client.call_value(&Request::ForkClose(ForkClose { fork: fork.id }));
         }
         let snapshots: Vec<SnapshotInfo> = client
-            .call(&Request::SnapshotList {})
+            .call(SnapshotList {})
             .map_err(|e| format!("snapshot.list: {e:?}"))?;
         for s in snapshots {
             if s.id.as_str() != SNAPSHOT {
-                let _ = client.call_value(&Request::SnapshotDelete {
+                let _ = client.call_value(&Request::SnapshotDelete(SnapshotDelete {
                     snapshot: s.id,
                     defer: false,
                     force: true,
-                });
+                }));
             }
         }
         let victim = self.victim()?;
         let base: SnapshotInfo = client
-            .call(&Request::SnapshotGet {
+            .call(SnapshotGet {
                 snapshot: SNAPSHOT.parse().expect("an id"),
             })
             .map_err(|e| format!("snapshot.get {SNAPSHOT}: {e:?}"))?;
@@ -604,7 +607,7 @@ impl<'a> Fuzz<'a> {
         let victim: ForkInfo = self
             .daemon
             .client()
-            .call(&Request::ForkGet {
+            .call(ForkGet {
                 fork: VICTIM.parse().expect("an id"),
             })
             .map_err(|e| format!("fork.get victim: {e:?}"))?;
@@ -641,11 +644,7 @@ impl<'a> Fuzz<'a> {
         }
         let victim_faults = self.victim().map(|v| v.stats.faults).unwrap_or(0);
         // The same daemon, healthy.
-        match self
-            .daemon
-            .client()
-            .call::<StatusReport>(&Request::Status {})
-        {
+        match self.daemon.client().call(Status {}) {
             Ok(status) if status.pid == self.daemon.pid() && status.healthy => {}
             other => self.violation(format!("status after the run: {other:?}")),
         }
