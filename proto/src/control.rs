@@ -189,6 +189,12 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
     },
+    /// Deletes an exited or failed VM: its record and directory; its id is free again.
+    #[serde(rename = "vm.delete")]
+    VmDelete {
+        /// Its id.
+        vm: Id,
+    },
     /// Pauses a running VM, saves its device state and memory as a new snapshot (a new
     /// fan-out parent), then resumes it or leaves it paused.
     #[serde(rename = "vm.snapshot")]
@@ -462,6 +468,9 @@ mod tests {
                 vm: "vm1".parse().unwrap(),
                 snapshot: "s2".parse().unwrap(),
                 resume: true,
+            },
+            Request::VmDelete {
+                vm: "vm1".parse().unwrap(),
             },
             Request::ForkWait {
                 fork: "f".parse().unwrap(),

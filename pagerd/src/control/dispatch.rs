@@ -60,8 +60,12 @@ impl From<VmError> for ControlError {
     fn from(e: VmError) -> Self {
         let code = match &e {
             VmError::NotFound(_) => ErrorCode::NotFound,
-            VmError::Exists(_) | VmError::WrongState { .. } => ErrorCode::Conflict,
-            VmError::NoVmState(_) | VmError::Unsupported { .. } => ErrorCode::InvalidArgument,
+            VmError::Exists(_) | VmError::WrongState { .. } | VmError::Live { .. } => {
+                ErrorCode::Conflict
+            }
+            VmError::NoVmState(_) | VmError::Unsupported { .. } | VmError::StartRejected { .. } => {
+                ErrorCode::InvalidArgument
+            }
             VmError::NoFuse
             | VmError::NoBinary(_)
             | VmError::NoJailUid
@@ -315,6 +319,10 @@ impl Dispatcher {
                 snapshot,
                 resume,
             } => to_value(self.vms.snapshot(&vm, snapshot, resume)?),
+            Request::VmDelete { vm } => {
+                may_change(caller, "VM", &vm, self.vms.get(&vm)?.owner)?;
+                to_value(self.vms.delete(&vm)?)
+            }
             Request::DaemonUpgrade { binary } => {
                 let binary = self.upgrade.request(binary)?;
                 // The caller hears "ok" before the control socket goes away.
