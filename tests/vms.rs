@@ -8,7 +8,8 @@
 //!
 //! Failed starts: a real Firecracker refusing a corrupt vmstate, a stand-in hypervisor (a
 //! shell script) that exits at once, and a missing binary, each reported with its cause; ended
-//! VMs deleted (`vm rm`, and past `--vm-retention`), their ids then free.
+//! VMs deleted (`vm rm`, and past `--vm-retention`), their ids then free, and never by a
+//! `--group` member that does not own them.
 //!
 //! Skipped (and counted as such) where Firecracker, `/dev/kvm`, QEMU >= 8.2 or `cc` is missing.
 
@@ -579,4 +580,25 @@ fn a_running_vm_cannot_be_deleted_and_an_exited_one_frees_its_id() {
         "a fresh console log"
     );
     stop(&daemon, "again");
+}
+
+#[test]
+fn a_group_member_cannot_delete_a_vm_it_does_not_own() {
+    let tenants = testkit::tenants::tenants();
+    let dir = tempfile::tempdir().unwrap();
+    let binary = script(dir.path(), "exit 3");
+    let daemon = daemon_with_hypervisor(&binary, &["--group", testkit::tenants::GROUP]);
+    let failed = daemon.pagerctl(&["vm", "start", "base", "--id", "roots"]);
+    assert_eq!(failed.code, exit(ErrorCode::Internal), "{failed:?}");
+    let refused = tenants.member.pagerctl(&daemon, &["vm", "rm", "roots"]);
+    assert_eq!(
+        refused.code,
+        exit(ErrorCode::PermissionDenied),
+        "{refused:?}"
+    );
+    assert!(refused.stderr.contains("belongs to uid 0"), "{refused:?}");
+    let kept: VmInfo = ctl_json(&daemon, &["vm", "get", "roots"]);
+    assert_eq!(kept.state, VmState::Failed);
+    assert!(daemon.state_dir().join("vms/roots/vm.json").exists());
+    assert_eq!(delete(&daemon, "roots").owner, 0);
 }
