@@ -6,11 +6,17 @@
 //! QEMU clones (TCG) map the FUSE memory file privately and take their device state from a
 //! migration stream saved with `x-ignore-shared`.
 //!
+//! Failed starts: a real Firecracker refusing a corrupt vmstate, a stand-in hypervisor (a
+//! shell script) that exits at once, and a missing binary, each reported with its cause; ended
+//! VMs deleted (`vm rm`, and past `--vm-retention`), their ids then free, and never by a
+//! `--group` member that does not own them.
+//!
 //! Skipped (and counted as such) where Firecracker, `/dev/kvm`, QEMU >= 8.2 or `cc` is missing.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
+use proto::control::ErrorCode;
 use proto::model::{EndReason, ForkState, SnapshotInfo, VmBackend, VmInfo, VmState, VmmKind};
 use proto::prefetch::Prefetch;
 use testkit::firecracker::{self, count, wait_ok, Fixture, VmReaper};
@@ -32,19 +38,7 @@ fn setup(test: &str) -> Option<(Daemon, Fixture)> {
     };
     let binary = firecracker::binary().expect("the fixture was made with it");
     let daemon = Daemon::start(&[], &["--firecracker", &binary.display().to_string()]);
-    let info: SnapshotInfo = ctl_json(
-        &daemon,
-        &[
-            "snapshot",
-            "add",
-            "base",
-            &fixture.memory.display().to_string(),
-            "--vmstate",
-            &fixture.vmstate.display().to_string(),
-            "--vmm",
-            "firecracker",
-        ],
-    );
+    let info = add_bundle(&daemon, "base", &fixture.memory, &fixture.vmstate);
     let vmstate = info.vmstate.expect("the snapshot keeps its vmstate");
     assert_eq!(vmstate.vmm, VmmKind::Firecracker);
     assert_eq!(
@@ -53,6 +47,28 @@ fn setup(test: &str) -> Option<(Daemon, Fixture)> {
         "the vmstate is copied in"
     );
     Some((daemon, fixture))
+}
+
+/// Registers `memory` with the Firecracker `vmstate` as snapshot `id` (`pagerctl snapshot add`).
+fn add_bundle(
+    daemon: &Daemon,
+    id: &str,
+    memory: &std::path::Path,
+    vmstate: &std::path::Path,
+) -> SnapshotInfo {
+    ctl_json(
+        daemon,
+        &[
+            "snapshot",
+            "add",
+            id,
+            memory.to_str().unwrap(),
+            "--vmstate",
+            vmstate.to_str().unwrap(),
+            "--vmm",
+            "firecracker",
+        ],
+    )
 }
 
 /// Runs `pagerctl --json ARGS`, which must succeed, and decodes its answer.
@@ -81,6 +97,44 @@ fn start_vm(daemon: &Daemon, snapshot: &str, id: &str, backend: VmBackend) -> Vm
     }
     vm
 }
+/// The exit status `pagerctl` ends with for `code`.
+fn exit(code: ErrorCode) -> Option<i32> {
+    Some(i32::from(code.exit_code()))
+}
+
+/// A daemon whose "Firecracker" is `binary` (extra `args` too), with snapshot `base`: a small
+/// memory file and a vmstate that no hypervisor reads.
+fn daemon_with_hypervisor(binary: &std::path::Path, args: &[&str]) -> Daemon {
+    let mut all = vec!["--firecracker", binary.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let daemon = Daemon::start(&[], &all);
+    let memory = testkit::write_snapshot(&daemon.scratch().join("memory"), 1 << 20, 5, 0, 0);
+    let vmstate = daemon.scratch().join("vmstate");
+    std::fs::write(&vmstate, b"device state").unwrap();
+    add_bundle(&daemon, "base", &memory, &vmstate);
+    daemon
+}
+
+/// A stand-in hypervisor: a shell script in `dir` that runs `body`.
+fn script(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("fake-firecracker");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// `pagerctl vm rm ID`, which must succeed: the VM and its directory are gone. Returns the VM
+/// as it was.
+fn delete(daemon: &Daemon, id: &str) -> VmInfo {
+    let deleted: VmInfo = ctl_json(daemon, &["vm", "rm", id]);
+    assert_eq!(deleted.id.as_str(), id);
+    assert!(!daemon.state_dir().join("vms").join(id).exists());
+    let missing = daemon.pagerctl(&["vm", "get", id]);
+    assert_eq!(missing.code, exit(ErrorCode::NotFound), "{missing:?}");
+    deleted
+}
+
 fn stop(daemon: &Daemon, id: &str) -> VmInfo {
     let vm: VmInfo = ctl_json(daemon, &["vm", "stop", id, "--timeout-ms", "5000"]);
     assert_eq!(vm.state, VmState::Exited, "{vm:?}");
@@ -365,4 +419,186 @@ fn a_graduated_clone_runs_on_without_pagerd() {
     let before = count(&vm.console_log, "OK");
     daemon.sigkill();
     wait_ok(&vm, before + 2);
+}
+
+#[test]
+fn a_hypervisor_that_exits_at_once_is_reported_with_its_exit_code_and_last_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = script(
+        dir.path(),
+        "echo 'Firecracker v0 starting'; echo 'Error: KVM is not usable here' >&2; exit 3",
+    );
+    let daemon = daemon_with_hypervisor(&binary, &[]);
+    let refused = daemon.pagerctl(&["vm", "start", "base", "--id", "a"]);
+    assert_eq!(refused.code, exit(ErrorCode::Internal), "{refused:?}");
+    let last = "Firecracker v0 starting\nError: KVM is not usable here";
+    assert!(
+        refused
+            .stderr
+            .contains("the process ended before its API socket")
+            && refused.stderr.contains(&format!(
+                "the hypervisor exited with code 3; its last output:\n{last}"
+            )),
+        "the cause, not a timeout: {refused:?}"
+    );
+    let vm: VmInfo = ctl_json(&daemon, &["vm", "get", "a"]);
+    assert_eq!(vm.state, VmState::Failed);
+    assert_eq!((vm.exit_code, vm.exit_signal), (Some(3), None), "{vm:?}");
+    assert_eq!(vm.last_output.as_deref(), Some(last));
+    assert!(
+        vm.reason.as_deref().is_some_and(|r| r.ends_with(last)),
+        "{vm:?}"
+    );
+    let fork = daemon.pagerctl(&["fork", "get", "a"]);
+    assert_eq!(
+        fork.code,
+        exit(ErrorCode::NotFound),
+        "its fork went: {fork:?}"
+    );
+
+    // Deleted, its id is free: the same start fails the same way, not as a taken id.
+    assert_eq!(delete(&daemon, "a").state, VmState::Failed);
+    let again = daemon.pagerctl(&["vm", "start", "base", "--id", "a"]);
+    assert_eq!(again.code, exit(ErrorCode::Internal), "{again:?}");
+    assert!(again.stderr.contains("exited with code 3"), "{again:?}");
+    let rm = daemon.pagerctl(&["vm", "rm", "a", "nope"]);
+    assert_eq!(rm.code, exit(ErrorCode::NotFound), "{rm:?}");
+    assert!(rm.stdout.contains("deleted a"), "{rm:?}");
+    assert!(rm.stderr.contains("no VM `nope`"), "{rm:?}");
+    assert!(!daemon.state_dir().join("vms/a").exists());
+}
+
+#[test]
+fn a_missing_hypervisor_binary_is_unavailable_and_names_the_daemon_option() {
+    let daemon = daemon_with_hypervisor(std::path::Path::new("/nonexistent/firecracker"), &[]);
+    let refused = daemon.pagerctl(&["vm", "start", "base", "--id", "a"]);
+    assert_eq!(refused.code, exit(ErrorCode::Unavailable), "{refused:?}");
+    assert!(
+        refused.stderr.contains(
+            "no firecracker binary at /nonexistent/firecracker, which pagerd's daemon option \
+             --firecracker names"
+        ),
+        "{refused:?}"
+    );
+    let vms: Vec<VmInfo> = ctl_json(&daemon, &["vm", "ls"]);
+    assert!(vms.is_empty(), "nothing was started: {vms:?}");
+    wait_until("the daemon to log the missing binary", DEADLINE, || {
+        daemon.log().contains("no hypervisor binary")
+    });
+}
+
+#[test]
+fn ended_vm_records_are_deleted_once_past_the_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = script(dir.path(), "exit 3");
+    let daemon = daemon_with_hypervisor(&binary, &["--vm-retention", "1s"]);
+    let refused = daemon.pagerctl(&["vm", "start", "base", "--id", "short-lived"]);
+    assert_eq!(refused.code, exit(ErrorCode::Internal), "{refused:?}");
+    wait_until("the failed VM's record to go", DEADLINE, || {
+        daemon.pagerctl(&["vm", "get", "short-lived"]).code == exit(ErrorCode::NotFound)
+    });
+    assert!(!daemon.state_dir().join("vms/short-lived").exists());
+    wait_until("the daemon to log the deletion", DEADLINE, || {
+        daemon
+            .log()
+            .contains("VM record past --vm-retention deleted")
+    });
+}
+
+#[test]
+fn a_corrupt_vmstate_is_the_callers_bad_input_and_firecrackers_words_are_kept() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let test = "a_corrupt_vmstate_is_the_callers_bad_input_and_firecrackers_words_are_kept";
+    let Some((daemon, fixture)) = setup(test) else {
+        return;
+    };
+    let _reaper = VmReaper::new(&daemon.state_dir());
+    let mut vmstate = std::fs::read(&fixture.vmstate).unwrap();
+    vmstate.truncate(vmstate.len() / 2);
+    let corrupt = daemon.scratch().join("corrupt-vmstate");
+    std::fs::write(&corrupt, &vmstate).unwrap();
+    add_bundle(&daemon, "corrupt", &fixture.memory, &corrupt);
+    let refused = daemon.pagerctl(&["vm", "start", "corrupt", "--id", "bad"]);
+    assert_eq!(
+        refused.code,
+        exit(ErrorCode::InvalidArgument),
+        "{refused:?}"
+    );
+    assert!(
+        refused.stderr.contains("PUT /snapshot/load answered 400"),
+        "{refused:?}"
+    );
+    let vm: VmInfo = ctl_json(&daemon, &["vm", "get", "bad"]);
+    assert_eq!(vm.state, VmState::Failed);
+    assert_eq!(
+        vm.exit_code,
+        Some(1),
+        "Firecracker exits after a refused load: {vm:?}"
+    );
+    let console = std::fs::read_to_string(&vm.console_log).unwrap();
+    let output = vm.last_output.clone().expect("Firecracker said why");
+    assert!(
+        console.trim_end().ends_with(&output),
+        "the end of {console:?} is {output:?}"
+    );
+    assert!(
+        vm.reason.as_deref().is_some_and(|r| r.ends_with(&output)),
+        "{vm:?}"
+    );
+    assert_eq!(delete(&daemon, "bad").state, VmState::Failed);
+}
+
+#[test]
+fn a_running_vm_cannot_be_deleted_and_an_exited_one_frees_its_id() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let test = "a_running_vm_cannot_be_deleted_and_an_exited_one_frees_its_id";
+    let Some((daemon, _fixture)) = setup(test) else {
+        return;
+    };
+    let _reaper = VmReaper::new(&daemon.state_dir());
+    let first = start_vm(&daemon, "base", "again", VmBackend::Uffd);
+    wait_ok(&first, 1);
+    let refused = daemon.pagerctl(&["vm", "rm", "again"]);
+    assert_eq!(refused.code, exit(ErrorCode::Conflict), "{refused:?}");
+    assert!(refused.stderr.contains("stop it first"), "{refused:?}");
+    let still: VmInfo = ctl_json(&daemon, &["vm", "get", "again"]);
+    assert_eq!(still.state, VmState::Running);
+    stop(&daemon, "again");
+    let taken = daemon.pagerctl(&["vm", "start", "base", "--id", "again"]);
+    assert_eq!(
+        taken.code,
+        exit(ErrorCode::Conflict),
+        "an exited VM keeps its id: {taken:?}"
+    );
+    assert_eq!(delete(&daemon, "again").state, VmState::Exited);
+    let second = start_vm(&daemon, "base", "again", VmBackend::Uffd);
+    assert_ne!(second.pid, first.pid);
+    wait_ok(&second, 1);
+    assert_eq!(
+        count(&second.console_log, "READY"),
+        0,
+        "a fresh console log"
+    );
+    stop(&daemon, "again");
+}
+
+#[test]
+fn a_group_member_cannot_delete_a_vm_it_does_not_own() {
+    let tenants = testkit::tenants::tenants();
+    let dir = tempfile::tempdir().unwrap();
+    let binary = script(dir.path(), "exit 3");
+    let daemon = daemon_with_hypervisor(&binary, &["--group", testkit::tenants::GROUP]);
+    let failed = daemon.pagerctl(&["vm", "start", "base", "--id", "roots"]);
+    assert_eq!(failed.code, exit(ErrorCode::Internal), "{failed:?}");
+    let refused = tenants.member.pagerctl(&daemon, &["vm", "rm", "roots"]);
+    assert_eq!(
+        refused.code,
+        exit(ErrorCode::PermissionDenied),
+        "{refused:?}"
+    );
+    assert!(refused.stderr.contains("belongs to uid 0"), "{refused:?}");
+    let kept: VmInfo = ctl_json(&daemon, &["vm", "get", "roots"]);
+    assert_eq!(kept.state, VmState::Failed);
+    assert!(daemon.state_dir().join("vms/roots/vm.json").exists());
+    assert_eq!(delete(&daemon, "roots").owner, 0);
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use proto::client::{Client, ClientError};
-use proto::control::ErrorCode;
+use proto::control::{ErrorCode, VmDelete};
 use proto::model::{ForkState, NetworkOverride, VmBackend, VmState, VmmKind};
 use proto::prefetch::Prefetch;
 use proto::wire;
@@ -144,6 +144,14 @@ enum VmCommand {
         /// How long to wait at most, in ms.
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
+    },
+    /// Delete exited or failed VMs: their records and directories (console logs included);
+    /// their ids are free again. A running VM is refused: stop it first. Every id is tried;
+    /// the exit status is the first failure's.
+    Rm {
+        /// VM ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
     },
     /// Save a running VM as a new snapshot (pause, full snapshot, register), then leave it
     /// paused unless --resume.
@@ -456,6 +464,7 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
             let r = client.wait_vm(id, *state, Duration::from_millis(*timeout_ms))?;
             done(&r, render::vm(&r))
         }
+        Command::Vm(VmCommand::Rm { ids }) => delete_vms(&client, ids, cli.json)?,
         Command::Vm(VmCommand::Snapshot { id, new, resume }) => {
             let r = client.snapshot_vm(id, new, *resume)?;
             done(&r, render::snapshot_table(std::slice::from_ref(&r)))
@@ -475,6 +484,44 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
                 ),
             )
         }
+    })
+}
+
+/// `vm rm`: one `vm.delete` per id, each tried. One id answers as any command; with several,
+/// `--json` prints one array with, per id, the deleted VM or `{"error": …}`, refusals are
+/// reported as they come, and the exit status is the first refusal's.
+fn delete_vms(client: &Client, ids: &[String], json: bool) -> Result<Outcome, ClientError> {
+    let delete = |id: &str| proto::client::parse_id(id).and_then(|vm| client.call(VmDelete { vm }));
+    if let [id] = ids {
+        let vm = delete(id)?;
+        return Ok(done(&vm, format!("deleted {}\n", vm.id)));
+    }
+    let mut answers = Vec::new();
+    let mut text = String::new();
+    let mut exit = 0;
+    for id in ids {
+        match delete(id) {
+            Ok(vm) => {
+                text += &format!("deleted {}\n", vm.id);
+                answers.push(serde_json::to_value(&vm).unwrap_or(Value::Null));
+            }
+            Err(e @ ClientError::Refused(_)) => {
+                if !json {
+                    report(&e, false);
+                }
+                answers.push(serde_json::json!({ "error": error_json(&e) }));
+                if exit == 0 {
+                    exit = exit_code(&e);
+                }
+            }
+            // The daemon cannot be reached: the next ids would fail the same way.
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Outcome {
+        json: Value::Array(answers),
+        text,
+        exit,
     })
 }
 
@@ -501,17 +548,24 @@ fn exit_code(e: &ClientError) -> u8 {
     error_code(e).map_or(EXIT_UNREACHABLE, ErrorCode::exit_code)
 }
 
+/// A failed call as `--json` shows it: the daemon's error, or one made alike.
+fn error_json(e: &ClientError) -> Value {
+    match e {
+        ClientError::Refused(refusal) => serde_json::to_value(refusal).unwrap_or(Value::Null),
+        other => serde_json::json!({
+            "code": error_code(other).map_or("unreachable", ErrorCode::as_str),
+            "message": chain(other).join(": "),
+        }),
+    }
+}
+
 /// Prints a failed call: the numbered chain on stderr, or JSON on stdout.
 fn report(e: &ClientError, json: bool) {
     if json {
-        let error = match e {
-            ClientError::Refused(refusal) => serde_json::to_value(refusal).unwrap_or(Value::Null),
-            other => serde_json::json!({
-                "code": error_code(other).map_or("unreachable", ErrorCode::as_str),
-                "message": chain(other).join(": "),
-            }),
-        };
-        emit(&format!("{}\n", serde_json::json!({ "error": error })));
+        emit(&format!(
+            "{}\n",
+            serde_json::json!({ "error": error_json(e) })
+        ));
         return;
     }
     eprintln!("pagerctl: error");

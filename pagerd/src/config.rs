@@ -138,6 +138,10 @@ pub struct Config {
     /// is larger than this, in KiB.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub console_log_max_kib: u64,
+    /// How long the records of exited and failed VMs are kept (then deleted as by
+    /// `vm.delete`, their ids free again): N followed by s, m, h or d; 0 keeps them for ever.
+    #[arg(long, default_value = crate::vms::DEFAULT_RETENTION, value_parser = crate::vms::parse_retention)]
+    pub vm_retention: Duration,
     /// Log filter (tracing's env-filter syntax, e.g. `info,pagerd=debug`); `RUST_LOG`
     /// overrides it.
     #[arg(long, default_value = "info")]

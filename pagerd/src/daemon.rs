@@ -250,6 +250,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
             firecracker: config.firecracker.clone(),
             qemu: config.qemu.clone(),
             console_cap: config.console_log_max_kib.saturating_mul(1024),
+            retention: Some(config.vm_retention).filter(|d| !d.is_zero()),
             jail: match (&config.jailer, group) {
                 (Some(jailer), Some(gid)) => {
                     let base = config.state_dir.join("jail");

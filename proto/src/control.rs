@@ -108,6 +108,8 @@ requests! {
     "vm.stop" => VmStop -> VmInfo;
     /// Waits until a VM reaches a state.
     "vm.wait" => VmWait -> VmInfo;
+    /// Deletes an exited or failed VM.
+    "vm.delete" => VmDelete -> VmInfo;
     /// Saves a running VM as a new snapshot.
     "vm.snapshot" => VmSnapshot -> SnapshotInfo;
     /// Replaces the daemon's program in place.
@@ -311,6 +313,15 @@ pub struct VmWait {
     /// How long to wait at most, in ms (default 10000, at most 600000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+}
+
+/// `vm.delete`: deletes an exited or failed VM: its record and directory; its id is free
+/// again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmDelete {
+    /// Its id.
+    pub vm: Id,
 }
 
 /// `vm.snapshot`: pauses a running VM, saves its device state and memory as a new snapshot
@@ -583,6 +594,9 @@ mod tests {
                 vm: "vm1".parse().unwrap(),
                 snapshot: "s2".parse().unwrap(),
                 resume: true,
+            }),
+            Request::VmDelete(VmDelete {
+                vm: "vm1".parse().unwrap(),
             }),
             Request::ForkWait(ForkWait {
                 fork: "f".parse().unwrap(),

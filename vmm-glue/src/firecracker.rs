@@ -24,6 +24,10 @@ use serde::Serialize;
 
 use crate::binary::BinaryLookup;
 use crate::hypervisor::{Capabilities, Hypervisor, HypervisorError, Launch, Restore, Snapshots};
+use crate::ready::NotReady;
+
+/// The API path that restores a snapshot.
+const SNAPSHOT_LOAD: &str = "/snapshot/load";
 
 /// The environment variable naming the Firecracker binary.
 pub const FIRECRACKER_ENV: &str = "FIRECRACKER";
@@ -53,6 +57,12 @@ pub enum FirecrackerError {
         /// How long it was given.
         timeout: Duration,
     },
+    /// The process ended before its API socket answered.
+    #[error("the process ended before its API socket {} came up", socket.display())]
+    Ended {
+        /// The socket.
+        socket: PathBuf,
+    },
     /// Talking to the API failed.
     #[error("{method} {path} failed")]
     Io {
@@ -76,6 +86,23 @@ pub enum FirecrackerError {
         /// Firecracker's explanation.
         body: String,
     },
+}
+
+impl FirecrackerError {
+    /// Whether Firecracker refused the snapshot it was asked to load as bad input (`400` to
+    /// `PUT /snapshot/load`: an unreadable or incompatible vmstate, a memory file that does
+    /// not fit it), rather than failing itself.
+    pub fn rejected_snapshot(&self) -> bool {
+        matches!(
+            self,
+            Self::Refused {
+                method: "PUT",
+                path: SNAPSHOT_LOAD,
+                status: 400,
+                ..
+            }
+        )
+    }
 }
 
 /// The command starting a Firecracker process that waits on `api_socket` for a snapshot load.
@@ -165,11 +192,10 @@ impl Api {
         timeout: Duration,
         mut alive: impl FnMut() -> bool,
     ) -> Result<(), FirecrackerError> {
-        crate::ready::wait_accepting(&self.socket, timeout, &mut alive).map_err(|_| {
-            FirecrackerError::NotReady {
-                socket: self.socket.clone(),
-                timeout,
-            }
+        let socket = self.socket.clone();
+        crate::ready::wait_accepting(&self.socket, timeout, &mut alive).map_err(|e| match e {
+            NotReady::Ended => FirecrackerError::Ended { socket },
+            NotReady::TimedOut(_) => FirecrackerError::NotReady { socket, timeout },
         })
     }
 
@@ -204,7 +230,7 @@ impl Api {
 
     /// `PUT /snapshot/load`.
     pub fn load(&self, request: &LoadRequest<'_>) -> Result<(), FirecrackerError> {
-        self.call("PUT", "/snapshot/load", request)
+        self.call("PUT", SNAPSHOT_LOAD, request)
     }
 
     /// `PATCH /vm {"state":"Paused"}`.
@@ -495,7 +521,7 @@ mod tests {
     }
 
     #[test]
-    fn waiting_ends_when_the_process_is_gone() {
+    fn waiting_ends_when_the_process_is_gone_and_says_so() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
         let error = Firecracker
@@ -504,9 +530,44 @@ mod tests {
         assert!(
             matches!(
                 error,
+                HypervisorError::Firecracker(FirecrackerError::Ended { .. })
+            ),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "the process ended before its API socket {} came up",
+                socket.display()
+            )
+        );
+        let error = Firecracker
+            .wait_ready(&socket, Duration::ZERO, &mut || true)
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
                 HypervisorError::Firecracker(FirecrackerError::NotReady { .. })
             ),
             "{error:?}"
         );
+    }
+
+    #[test]
+    fn only_a_refused_load_is_a_rejected_snapshot() {
+        let refused = |method, path, status| FirecrackerError::Refused {
+            method,
+            path,
+            status,
+            body: String::new(),
+        };
+        assert!(refused("PUT", "/snapshot/load", 400).rejected_snapshot());
+        assert!(!refused("PUT", "/snapshot/load", 500).rejected_snapshot());
+        assert!(!refused("PUT", "/snapshot/create", 400).rejected_snapshot());
+        assert!(!refused("PATCH", "/vm", 400).rejected_snapshot());
+        let ended = FirecrackerError::Ended {
+            socket: PathBuf::from("/a"),
+        };
+        assert!(!ended.rejected_snapshot());
     }
 }

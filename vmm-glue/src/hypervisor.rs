@@ -35,6 +35,17 @@ pub enum HypervisorError {
     Qemu(#[from] QemuError),
 }
 
+impl HypervisorError {
+    /// Whether the hypervisor refused the snapshot it was asked to restore as bad input (the
+    /// caller's bundle), rather than failing itself.
+    pub fn rejected_snapshot(&self) -> bool {
+        match self {
+            Self::Firecracker(e) => e.rejected_snapshot(),
+            Self::Qemu(e) => e.rejected_snapshot(),
+        }
+    }
+}
+
 /// What a hypervisor can do beyond restoring a snapshot from pagerd's FUSE view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {

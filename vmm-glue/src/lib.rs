@@ -25,7 +25,7 @@ use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-pub use binary::{find_binary, BinaryLookup, BinaryNotFound};
+pub use binary::{find_binary, BinaryLookup, BinaryNotFound, NamedBy};
 pub use hypervisor::{Hypervisor, HypervisorError};
 pub use proto::handoff::GuestRegionUffdMapping;
 

@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 
 use crate::binary::BinaryLookup;
 use crate::hypervisor::{Capabilities, Hypervisor, HypervisorError, Launch, Restore, Snapshots};
+use crate::ready::NotReady;
 
 /// The environment variable naming the QEMU binary.
 pub const QEMU_ENV: &str = "QEMU";
@@ -57,6 +58,12 @@ pub enum QemuError {
         #[source]
         source: std::io::Error,
     },
+    /// The process ended before its QMP socket answered.
+    #[error("QEMU ended before its QMP socket {} came up", socket.display())]
+    Ended {
+        /// The socket.
+        socket: PathBuf,
+    },
     /// Talking to QMP failed.
     #[error("QMP on {}", socket.display())]
     Io {
@@ -77,6 +84,15 @@ pub enum QemuError {
     /// The incoming migration failed or did not finish.
     #[error("the incoming migration ended as {0}")]
     Migration(String),
+}
+
+impl QemuError {
+    /// Whether QEMU refused the device state it was asked to restore as bad input: the
+    /// incoming migration ended `failed` (a QEMU that exits on it instead is reported by its
+    /// exit status and output).
+    pub fn rejected_snapshot(&self) -> bool {
+        matches!(self, Self::Migration(status) if status.starts_with("failed"))
+    }
 }
 
 /// How guest RAM maps the memory file.
@@ -294,10 +310,11 @@ impl Hypervisor for Qemu {
         timeout: Duration,
         alive: &mut dyn FnMut() -> bool,
     ) -> Result<(), HypervisorError> {
-        crate::ready::wait_accepting(socket, timeout, alive).map_err(|source| {
-            HypervisorError::Qemu(QemuError::NotReady {
-                socket: socket.to_owned(),
-                source,
+        let socket = socket.to_owned();
+        crate::ready::wait_accepting(&socket, timeout, alive).map_err(|e| {
+            HypervisorError::Qemu(match e {
+                NotReady::Ended => QemuError::Ended { socket },
+                NotReady::TimedOut(source) => QemuError::NotReady { socket, source },
             })
         })
     }
@@ -435,8 +452,25 @@ mod tests {
             .wait_ready(&socket, Duration::from_secs(60), &mut || false)
             .unwrap_err();
         assert!(
+            matches!(error, HypervisorError::Qemu(QemuError::Ended { .. })),
+            "{error:?}"
+        );
+        let error = Qemu
+            .wait_ready(&socket, Duration::ZERO, &mut || true)
+            .unwrap_err();
+        assert!(
             matches!(error, HypervisorError::Qemu(QemuError::NotReady { .. })),
             "{error:?}"
         );
+    }
+
+    #[test]
+    fn a_failed_incoming_migration_is_a_rejected_snapshot() {
+        assert!(QemuError::Migration("failed bad stream".into()).rejected_snapshot());
+        assert!(!QemuError::Migration("active after 30s".into()).rejected_snapshot());
+        let ended = QemuError::Ended {
+            socket: PathBuf::from("/q"),
+        };
+        assert!(!ended.rejected_snapshot());
     }
 }

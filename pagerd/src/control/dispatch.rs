@@ -7,8 +7,8 @@ use std::time::Duration;
 use proto::control::{
     Call, ControlError, DaemonUpgrade, ErrorCode, ForkClose, ForkCreate, ForkGet, ForkList,
     ForkWait, Request, SnapshotClearWorkingSet, SnapshotDelete, SnapshotGet, SnapshotList,
-    SnapshotRecord, SnapshotRegister, Stats, Status, VmGet, VmList, VmSnapshot, VmStart, VmStop,
-    VmWait,
+    SnapshotRecord, SnapshotRegister, Stats, Status, VmDelete, VmGet, VmList, VmSnapshot, VmStart,
+    VmStop, VmWait,
 };
 use serde_json::Value;
 
@@ -62,8 +62,12 @@ impl From<VmError> for ControlError {
     fn from(e: VmError) -> Self {
         let code = match &e {
             VmError::NotFound(_) => ErrorCode::NotFound,
-            VmError::Exists(_) | VmError::WrongState { .. } => ErrorCode::Conflict,
-            VmError::NoVmState(_) | VmError::Unsupported { .. } => ErrorCode::InvalidArgument,
+            VmError::Exists(_) | VmError::WrongState { .. } | VmError::Live { .. } => {
+                ErrorCode::Conflict
+            }
+            VmError::NoVmState(_) | VmError::Unsupported { .. } | VmError::StartRejected { .. } => {
+                ErrorCode::InvalidArgument
+            }
             VmError::NoFuse
             | VmError::NoBinary(_)
             | VmError::NoJailUid
@@ -207,6 +211,7 @@ impl Dispatcher {
             Request::VmGet(c) => encode::<VmGet>(self.vm_get(c)),
             Request::VmStop(c) => encode::<VmStop>(self.vm_stop(c)),
             Request::VmWait(c) => encode::<VmWait>(self.vm_wait(c)),
+            Request::VmDelete(c) => encode::<VmDelete>(self.vm_delete(c, cx)),
             Request::VmSnapshot(c) => encode::<VmSnapshot>(self.vm_snapshot(c)),
             Request::DaemonUpgrade(c) => encode::<DaemonUpgrade>(self.daemon_upgrade(c, cx)),
         }
@@ -332,6 +337,11 @@ impl Dispatcher {
 
     fn vm_wait(&self, c: VmWait) -> Answer<VmWait> {
         Ok(self.vms.wait(&c.vm, c.state, wait_timeout(c.timeout_ms))?)
+    }
+
+    fn vm_delete(&self, c: VmDelete, cx: &RequestContext) -> Answer<VmDelete> {
+        may_change(caller(cx), "VM", &c.vm, self.vms.get(&c.vm)?.owner)?;
+        Ok(self.vms.delete(&c.vm)?)
     }
 
     fn vm_snapshot(&self, c: VmSnapshot) -> Answer<VmSnapshot> {

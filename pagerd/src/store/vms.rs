@@ -10,6 +10,8 @@
 //!   firecracker.log              Firecracker's own log (warnings and worse)
 //!   .snapshot-<new>/             vm.snapshot's output before it is registered (a leftover
 //!                                is removed at start)
+//! STATE/vms/.tmp-<id>-…/         a deleted VM's directory, moved aside before it is removed
+//!                                (a leftover is removed at start)
 //! ```
 //!
 //! A record in state `starting` or `running` is a reference on its snapshot (besides the
@@ -22,7 +24,7 @@ use proto::model::VmInfo;
 use proto::Id;
 use serde::{Deserialize, Serialize};
 
-use super::atomic::{write_atomic, TEMP_PREFIX};
+use super::atomic::{fsync_dir, temp_name, write_atomic, TEMP_PREFIX};
 use super::{at, to_json, Store, StoreError};
 
 /// The record's file name in a VM's directory.
@@ -79,6 +81,35 @@ impl Store {
             .apply(&dir, self.access.dir_mode())
             .map_err(at("cannot set the mode of", &dir))?;
         Ok(dir)
+    }
+
+    /// Takes a deleted VM's directory out of every listing at once: renamed to a temp name
+    /// (which a scan skips and [`Self::remove_vm_leftovers`] removes). Returns where it went,
+    /// for the caller to remove.
+    pub fn retire_vm_dir(&self, id: &Id) -> Result<PathBuf, StoreError> {
+        let dir = self.vms_dir();
+        let from = self.vm_dir(id);
+        let to = dir.join(temp_name(id.as_str()));
+        std::fs::rename(&from, &to).map_err(at("cannot move aside", &from))?;
+        fsync_dir(&dir).map_err(at("cannot sync", &dir))?;
+        Ok(to)
+    }
+
+    /// Removes the directories of deleted VMs that a crash left behind. Returns them.
+    pub fn remove_vm_leftovers(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let dir = self.vms_dir();
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(at("cannot list", &dir))? {
+            let entry = entry.map_err(at("cannot list", &dir))?;
+            let retired = entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
+                && entry.file_type().is_ok_and(|t| t.is_dir());
+            if retired {
+                let path = entry.path();
+                std::fs::remove_dir_all(&path).map_err(at("cannot remove", &path))?;
+                removed.push(path);
+            }
+        }
+        Ok(removed)
     }
 
     /// Writes a VM's record atomically.

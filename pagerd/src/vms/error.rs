@@ -46,6 +46,24 @@ pub(crate) enum VmError {
         /// Its state.
         state: VmState,
     },
+    /// A VM still (or not yet) running cannot be deleted.
+    #[error(
+        "VM `{vm}` is {state}: only an exited or failed VM can be deleted; stop it first (vm.stop)"
+    )]
+    Live {
+        /// The VM.
+        vm: Id,
+        /// Its state.
+        state: VmState,
+    },
+    /// The hypervisor refused the snapshot it was given; the VM is `failed` with this reason.
+    #[error("VM `{vm}` failed to start: {reason}")]
+    StartRejected {
+        /// The VM.
+        vm: Id,
+        /// Why.
+        reason: String,
+    },
     /// Starting it failed; the VM is `failed` with this reason.
     #[error("VM `{vm}` failed to start: {reason}")]
     StartFailed {
@@ -156,7 +174,21 @@ mod tests {
                 },
                 ErrorCode::Conflict,
             ),
+            (
+                VmError::Live {
+                    vm: vm(),
+                    state: VmState::Running,
+                },
+                ErrorCode::Conflict,
+            ),
             (VmError::NoVmState(vm()), ErrorCode::InvalidArgument),
+            (
+                VmError::StartRejected {
+                    vm: vm(),
+                    reason: "refused".into(),
+                },
+                ErrorCode::InvalidArgument,
+            ),
             (
                 VmError::Unsupported {
                     vmm: VmmKind::Qemu,

@@ -6,10 +6,12 @@
 //!            ─▶ uffd: fork <id> (handoff socket) | file: the FUSE memory file
 //!            ─▶ spawn the hypervisor (setsid; stdout+stderr ─▶ console.log; pidfd)
 //!            ─▶ vm.json gets pid + start time ─▶ API up ─▶ PUT /snapshot/load
-//!            ─▶ running (a supervisor thread waits on the pidfd)   | failed (reason; killed)
+//!            ─▶ running (a supervisor thread waits on the pidfd)
+//!            | failed (reason; exit status and last console lines if it ended by itself)
 //! exit:      pidfd readable ─▶ exited (status when pagerd is the parent) ─▶ fork closed
 //!            ─▶ deferred delete of the snapshot finished if it waited for this VM
 //! vm.stop:   SIGTERM ─▶ (timeout) SIGKILL, through the pidfd
+//! vm.delete: exited | failed ─▶ record and directory removed, id free (also past retention)
 //! snapshot:  PATCH /vm Paused ─▶ PUT /snapshot/create (Full) into VMDIR/.snapshot-<new>/
 //!            ─▶ registered (copied) as snapshot <new> with its vmstate ─▶ [resumed]
 //! restart:   vm.json running + same pid and start time ─▶ adopted (pidfd), still running;
@@ -20,16 +22,22 @@
 //! through [`VmHost`]. A live VM record (`starting`, `running`) is itself a reference on its
 //! snapshot, read by the lifecycle from the store (`store::vms`). What differs between
 //! Firecracker and QEMU is `vmm_glue`'s [`Hypervisor`], picked once per VM from the snapshot's
-//! [`VmmKind`]. `request.rs` checks a start request against it; `reconcile.rs` adopts VMs
-//! after a restart and runs the janitor; `snapshot.rs` is `vm.snapshot`.
+//! [`VmmKind`]. `request.rs` checks a start request against it; `failure.rs` says why a start
+//! failed (the hypervisor's exit and last output) and whose fault it was; `reconcile.rs`
+//! adopts VMs after a restart and runs the janitor; `snapshot.rs` is `vm.snapshot`;
+//! `delete.rs` is `vm.delete`, which `retention.rs` also applies to records past
+//! `--vm-retention`.
 
 mod console;
+mod delete;
 mod error;
+mod failure;
 mod host;
 mod jail;
 mod process;
 mod reconcile;
 mod request;
+mod retention;
 mod snapshot;
 #[cfg(test)]
 mod tests;
@@ -53,21 +61,25 @@ pub(crate) use error::VmError;
 pub(crate) use host::VmHost;
 pub(crate) use jail::JailOptions;
 pub(crate) use request::StartRequest;
+pub(crate) use retention::{parse_retention, DEFAULT_RETENTION};
 
 use crate::lifecycle::LifecycleError;
 use crate::registry::unix_ms;
 use crate::store::vms::VmRecord;
 use crate::store::Store;
+use failure::{EarlyExit, StartFailure};
 use process::HalfStarted;
 
+/// The hypervisor's stdout and stderr, in the VM's directory.
+const CONSOLE_LOG: &str = "console.log";
 /// How long a hypervisor's API socket may take to come up.
 const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `vm.stop` waits after SIGTERM before SIGKILL, unless told.
 pub(crate) const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a SIGKILLed hypervisor may take to be gone.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often console logs are checked against their cap.
-const CONSOLE_CHECK_PERIOD: Duration = Duration::from_secs(1);
+/// How often the janitor caps console logs and looks for records past their retention.
+const JANITOR_PERIOD: Duration = Duration::from_secs(1);
 
 /// How VMs are launched.
 #[derive(Debug, Clone)]
@@ -80,6 +92,8 @@ pub(crate) struct VmOptions {
     pub console_cap: u64,
     /// Firecracker runs through its jailer when set.
     pub jail: Option<JailOptions>,
+    /// How long ended VMs' records are kept (`--vm-retention`; `None`: for ever).
+    pub retention: Option<Duration>,
 }
 
 impl VmOptions {
@@ -225,7 +239,10 @@ impl Vms {
         let hypervisor = vmm_glue::hypervisor::for_kind(vmstate.vmm);
         request.check_supported(hypervisor)?;
         let binary = vmm_glue::find_binary(hypervisor.binary(), self.options.binary(vmstate.vmm))
-            .map_err(|e| VmError::NoBinary(e.to_string()))?;
+            .map_err(|e| {
+                tracing::warn!(vmm = %vmstate.vmm, error = %e, "cannot start a VM: no hypervisor binary");
+                VmError::NoBinary(e.to_string())
+            })?;
         let memory_size = snapshot.size.unwrap_or(0);
         let jail_options = self
             .options
@@ -277,13 +294,15 @@ impl Vms {
                 fork: None,
                 memory_file: memory_file.clone(),
                 api_socket: control_socket(hypervisor, &dir, jail.as_ref()),
-                console_log: dir.join("console.log"),
+                console_log: dir.join(CONSOLE_LOG),
                 network_overrides: request.call.network_overrides.clone(),
                 vsock: request.call.vsock.clone(),
                 exit_code: None,
                 exit_signal: None,
                 reason: None,
+                last_output: None,
                 created_unix_ms: unix_ms(SystemTime::now()),
+                ended_unix_ms: None,
                 jail: jail.clone(),
             },
             start_time: None,
@@ -316,21 +335,30 @@ impl Vms {
                 Ok(info)
             }
             // A hypervisor it started is killed by now: its guard was dropped on the way out.
-            Err(e) => {
-                let reason = crate::errors::error_chain(&e);
+            Err(failure) => {
+                let reason = failure.reason();
                 let info = self.update(&id, |slot| {
-                    slot.record.info.state = VmState::Failed;
-                    slot.record.info.reason = Some(reason.clone());
+                    let info = &mut slot.record.info;
+                    info.state = VmState::Failed;
+                    info.reason = Some(reason.clone());
+                    info.ended_unix_ms = Some(unix_ms(SystemTime::now()));
+                    if let Some(exit) = &failure.exit {
+                        info.exit_code = exit.code;
+                        info.exit_signal = exit.signal;
+                        info.last_output = Some(exit.output.clone()).filter(|o| !o.is_empty());
+                    }
                 })?;
                 self.release(&info);
                 tracing::warn!(vm = %id, %reason, "VM failed to start");
-                Err(VmError::StartFailed { vm: id, reason })
+                Err(failure.into_error(id))
             }
         }
     }
 
     /// The steps of a start that can fail. The hypervisor, once spawned, is returned in its
-    /// guard for the caller to keep; on an error the guard is dropped, which kills it.
+    /// guard for the caller to keep; on an error it is given [`failure::EXIT_GRACE`] to end
+    /// by itself (its status and last output then go with the error), then the guard is
+    /// dropped, which kills it.
     fn launch(
         &self,
         id: &Id,
@@ -338,7 +366,29 @@ impl Vms {
         target: &Target,
         memory_file: Option<PathBuf>,
         request: &StartRequest,
-    ) -> Result<HalfStarted, VmError> {
+    ) -> Result<HalfStarted, StartFailure> {
+        let (mut started, memory) = self.spawn(id, dir, target, memory_file, request)?;
+        match self.restore(id, dir, target, request, &started, memory) {
+            Ok(()) => Ok(started),
+            Err(error) => {
+                let exit = started
+                    .ended(failure::EXIT_GRACE)
+                    .map(|status| Box::new(EarlyExit::new(status, &dir.join(CONSOLE_LOG))));
+                Err(StartFailure { error, exit })
+            }
+        }
+    }
+
+    /// Spawns the hypervisor (after the VM's fork, when it has one) and records its pid.
+    /// Returns it in its guard, with the memory it is to be given.
+    fn spawn(
+        &self,
+        id: &Id,
+        dir: &Path,
+        target: &Target,
+        memory_file: Option<PathBuf>,
+        request: &StartRequest,
+    ) -> Result<(HalfStarted, PathBuf), VmError> {
         let hypervisor = target.hypervisor;
         let binary = &target.binary;
         let memory = match memory_file {
@@ -355,7 +405,7 @@ impl Vms {
             }
         };
         let api_socket = control_socket(hypervisor, dir, target.jail.as_ref());
-        let console_path = dir.join("console.log");
+        let console_path = dir.join(CONSOLE_LOG);
         let console =
             console::open(&console_path).map_err(io(format!("open {}", console_path.display())))?;
         match std::fs::remove_file(&api_socket) {
@@ -393,17 +443,28 @@ impl Vms {
             process::spawn(command, &console).map_err(io(format!("start {}", binary.display())))?;
         let started = HalfStarted::new(process, KILL_TIMEOUT);
         let identity = started.process().identity;
-        let pidfd = started
-            .process()
-            .pidfd
-            .try_clone()
-            .map_err(io("duplicate a pidfd"))?;
         self.update(id, |slot| {
             slot.record.info.pid = Some(identity.pid);
             slot.record.start_time = Some(identity.start_time);
         })?;
+        Ok((started, memory))
+    }
+
+    /// Waits for the spawned hypervisor's control socket and restores the snapshot into it.
+    fn restore(
+        &self,
+        id: &Id,
+        dir: &Path,
+        target: &Target,
+        request: &StartRequest,
+        started: &HalfStarted,
+        memory: PathBuf,
+    ) -> Result<(), VmError> {
+        let hypervisor = target.hypervisor;
+        let api_socket = control_socket(hypervisor, dir, target.jail.as_ref());
+        let pidfd = &started.process().pidfd;
         let hypervisor_error = |source| VmError::hypervisor(id.clone(), source);
-        let mut alive = || !process::wait_exit(&pidfd, Some(Duration::ZERO));
+        let mut alive = || !process::wait_exit(pidfd, Some(Duration::ZERO));
         hypervisor
             .wait_ready(&api_socket, API_READY_TIMEOUT, &mut alive)
             .map_err(hypervisor_error)?;
@@ -432,8 +493,7 @@ impl Vms {
         };
         hypervisor
             .restore(&api_socket, &restore)
-            .map_err(hypervisor_error)?;
-        Ok(started)
+            .map_err(hypervisor_error)
     }
 
     /// Follows a VM's hypervisor until it exits, on a thread of its own.
@@ -461,6 +521,7 @@ impl Vms {
             slot.pidfd = None;
             if slot.record.info.state.is_live() {
                 slot.record.info.state = VmState::Exited;
+                slot.record.info.ended_unix_ms = Some(unix_ms(SystemTime::now()));
             }
             slot.record.info.exit_code = status.and_then(|s| s.code());
             slot.record.info.exit_signal = status.and_then(|s| s.signal());

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
@@ -59,6 +59,16 @@ impl HalfStarted {
         self.process
             .as_ref()
             .expect("a HalfStarted holds its process until running or dropped")
+    }
+
+    /// Waits up to `grace` for the process to end by itself (a hypervisor whose start failed
+    /// often exits, saying why); if it did, collects and returns its exit status.
+    pub(crate) fn ended(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let process = self.process.as_mut()?;
+        if !wait_exit(&process.pidfd, Some(grace)) {
+            return None;
+        }
+        process.child.as_mut()?.wait().ok()
     }
 
     /// The start succeeded: the process is the caller's to follow.
@@ -216,6 +226,24 @@ mod tests {
             "killed by the drop"
         );
         assert!(adopt(identity).is_none(), "reaped, not a zombie");
+    }
+
+    #[test]
+    fn a_half_started_process_that_ends_by_itself_gives_its_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = File::create(dir.path().join("console")).unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "exit 3"]);
+        let mut guard = HalfStarted::new(spawn(cmd, &console).unwrap(), Duration::from_secs(10));
+        let status = guard.ended(Duration::from_secs(10)).expect("it exits");
+        assert_eq!(status.code(), Some(3));
+        drop(guard);
+
+        let mut guard = HalfStarted::new(sleeper(dir.path()), Duration::from_secs(10));
+        assert_eq!(guard.ended(Duration::ZERO), None, "still running");
+        let identity = guard.process().identity;
+        drop(guard);
+        assert!(adopt(identity).is_none(), "killed by the drop");
     }
 
     #[test]

@@ -1,22 +1,29 @@
 //! Launched VMs after a daemon start: records read back, live hypervisors adopted, the
-//! others marked exited; and the janitor that watches them.
+//! others marked exited; and the janitor that caps their console logs and deletes the records
+//! past `--vm-retention`.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use proto::model::VmState;
 
+use crate::registry::unix_ms;
 use crate::store::VmmIdentity;
 
 use super::snapshot::remove_snapshot_leftovers;
 use super::{
-    console, process, Slot, VmError, VmReconcileReport, Vms, CONSOLE_CHECK_PERIOD, KILL_TIMEOUT,
+    console, process, Slot, VmError, VmReconcileReport, Vms, JANITOR_PERIOD, KILL_TIMEOUT,
 };
 
 impl Vms {
     /// Takes up the VMs of the state directory after a start: live ones are adopted, gone ones
     /// marked exited, half-started ones killed and failed. Starts the console-log janitor.
     pub fn reconcile(self: &Arc<Self>) -> Result<VmReconcileReport, VmError> {
+        for path in self.store.remove_vm_leftovers()? {
+            tracing::info!(dir = %path.display(), "removed a VM directory a deletion left behind");
+        }
         let scan = self.store.scan_vms()?;
         for (path, error) in &scan.unreadable {
             tracing::error!(record = %path.display(), %error, "unreadable VM record; it is not listed");
@@ -67,6 +74,7 @@ impl Vms {
                 (VmState::Exited | VmState::Failed, _) => {}
             }
             if ended {
+                record.info.ended_unix_ms = Some(unix_ms(SystemTime::now()));
                 self.store.write_vm(&record)?;
             }
             let info = record.info.clone();
@@ -89,26 +97,35 @@ impl Vms {
     fn start_janitor(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
-            .name("pagerd-consoles".into())
-            .spawn(move || loop {
-                std::thread::sleep(CONSOLE_CHECK_PERIOD);
-                let Some(vms) = weak.upgrade() else { return };
-                let logs: Vec<PathBuf> = vms
-                    .lock()
-                    .values()
-                    .filter(|s| s.record.info.state.is_live())
-                    .map(|s| s.record.info.console_log.clone())
-                    .collect();
-                for log in logs {
-                    if let Err(e) = console::cap(&log, vms.options.console_cap) {
-                        if e.kind() != std::io::ErrorKind::NotFound {
-                            tracing::warn!(log = %log.display(), error = %e, "cannot cap a console log");
-                        }
-                    }
+            .name("pagerd-vms".into())
+            .spawn(move || {
+                let mut reported = BTreeSet::new();
+                loop {
+                    std::thread::sleep(JANITOR_PERIOD);
+                    let Some(vms) = weak.upgrade() else { return };
+                    vms.remove_expired(unix_ms(SystemTime::now()), &mut reported);
+                    vms.cap_consoles();
                 }
             });
         if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the console-log janitor; console logs are not capped");
+            tracing::error!(error = %e, "cannot start the VM janitor; console logs are not capped and VM records are kept");
+        }
+    }
+
+    /// Rotates the console logs of live VMs past their cap.
+    fn cap_consoles(&self) {
+        let logs: Vec<PathBuf> = self
+            .lock()
+            .values()
+            .filter(|s| s.record.info.state.is_live())
+            .map(|s| s.record.info.console_log.clone())
+            .collect();
+        for log in logs {
+            if let Err(e) = console::cap(&log, self.options.console_cap) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(log = %log.display(), error = %e, "cannot cap a console log");
+                }
+            }
         }
     }
 }

@@ -1,7 +1,8 @@
 //! VM supervision's decisions, over a stand-in for the lifecycle and a real state directory:
 //! what a start refuses before creating anything, what a failed start leaves behind, and how
-//! records move between states on stop, wait, exit, snapshot and reconciliation. No
-//! hypervisor runs: the ones started here are `true`, which exits at once.
+//! records move between states on stop, wait, exit, snapshot, reconciliation, deletion and
+//! retention. No hypervisor runs: the ones started here are `true`, which exits at once, and
+//! shell scripts that say something and exit.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -139,6 +140,7 @@ impl Fixture {
             qemu: Some(binary.to_owned()),
             console_cap: 1 << 20,
             jail: None,
+            retention: None,
         };
         let vms = Vms::new(host.clone(), store.clone(), options);
         Self {
@@ -171,7 +173,9 @@ impl Fixture {
                 exit_code: None,
                 exit_signal: None,
                 reason: None,
+                last_output: None,
                 created_unix_ms: 0,
+                ended_unix_ms: None,
                 jail: None,
             },
             start_time: None,
@@ -275,16 +279,47 @@ fn the_file_backend_without_the_fuse_view_is_refused() {
     assert!(f.vms.list().is_empty());
 }
 
+/// A stand-in hypervisor: a shell script in `dir` running `body`.
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
 #[test]
-fn a_binary_that_cannot_run_fails_the_vm_and_gives_back_its_fork() {
+fn a_missing_binary_starts_nothing_and_names_the_daemon_option() {
     let f = Fixture::new(
         snapshot(Some("/fuse/s"), Some(VmmKind::Firecracker)),
         Path::new("/nonexistent/firecracker"),
     );
+    let error = f.vms.start(start("a", VmBackend::Uffd)).unwrap_err();
+    assert!(matches!(error, VmError::NoBinary(_)), "{error}");
+    assert_eq!(
+        error.to_string(),
+        "cannot launch: no firecracker binary at /nonexistent/firecracker, which pagerd's \
+         daemon option --firecracker names; restart pagerd with --firecracker PATH naming the \
+         binary"
+    );
+    assert!(f.vms.list().is_empty());
+    assert!(!f.store.vm_dir(&id("a")).exists());
+    assert!(f.host.created_forks.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_binary_that_cannot_run_fails_the_vm_and_gives_back_its_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("firecracker");
+    std::fs::write(&binary, b"not a program").unwrap();
+    let f = Fixture::new(
+        snapshot(Some("/fuse/s"), Some(VmmKind::Firecracker)),
+        &binary,
+    );
     let reason = f.failed_start(start("a", VmBackend::Uffd));
     let vm = id("a");
     assert!(
-        reason.starts_with("cannot start /nonexistent/firecracker"),
+        reason.starts_with(&format!("cannot start {}", binary.display())),
         "{reason}"
     );
     let info = f.vms.get(&vm).unwrap();
@@ -296,6 +331,8 @@ fn a_binary_that_cannot_run_fails_the_vm_and_gives_back_its_fork() {
         "a uffd VM gets a fork named like it"
     );
     assert_eq!(info.pid, None);
+    assert_eq!((info.exit_code, info.last_output), (None, None));
+    assert!(info.ended_unix_ms.is_some());
     assert_eq!(info.api_socket, f.store.vm_dir(&vm).join("api.sock"));
     assert_eq!(*f.host.closed_forks.lock().unwrap(), [id("a")]);
     assert_eq!(*f.host.released.lock().unwrap(), [id("s")]);
@@ -309,6 +346,145 @@ fn a_binary_that_cannot_run_fails_the_vm_and_gives_back_its_fork() {
 }
 
 #[test]
+fn a_hypervisor_that_exits_at_once_is_reported_with_its_code_and_last_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines: String = (1..=25).map(|n| format!("echo boot line {n}; ")).collect();
+    let binary = script(
+        dir.path(),
+        "firecracker",
+        &format!("{lines}echo 'Error: cannot open /dev/kvm' >&2; exit 3"),
+    );
+    let f = Fixture::new(
+        snapshot(Some("/fuse/s/memory"), Some(VmmKind::Firecracker)),
+        &binary,
+    );
+    let vm = id("a");
+    let error = f.vms.start(start("a", VmBackend::Uffd)).unwrap_err();
+    let VmError::StartFailed { reason, .. } = &error else {
+        panic!("a hypervisor's own failure is not the caller's: {error:?}");
+    };
+    let mut last: Vec<String> = (7..=25).map(|n| format!("boot line {n}")).collect();
+    last.push("Error: cannot open /dev/kvm".into());
+    let last = last.join("\n");
+    let socket = f.store.vm_dir(&vm).join("api.sock");
+    assert_eq!(
+        *reason,
+        format!(
+            "VM `a`: the process ended before its API socket {} came up; the hypervisor \
+             exited with code 3; its last output:\n{last}",
+            socket.display()
+        )
+    );
+    for info in [f.vms.get(&vm).unwrap(), f.on_disk(&vm)] {
+        assert_eq!(info.state, VmState::Failed);
+        assert_eq!((info.exit_code, info.exit_signal), (Some(3), None));
+        assert_eq!(info.last_output.as_deref(), Some(last.as_str()));
+        assert_eq!(info.reason.as_ref(), Some(reason));
+    }
+    assert_eq!(*f.host.closed_forks.lock().unwrap(), [id("a")]);
+
+    let killed = script(dir.path(), "crashes", "echo dying; kill -SEGV $$");
+    let f = Fixture::new(
+        snapshot(Some("/fuse/s/memory"), Some(VmmKind::Qemu)),
+        &killed,
+    );
+    let reason = f.failed_start(start("b", VmBackend::File));
+    assert!(
+        reason.ends_with("the hypervisor was killed by signal 11; its last output:\ndying"),
+        "{reason}"
+    );
+    assert!(
+        reason.starts_with("VM `b`: QEMU ended before its QMP socket"),
+        "{reason}"
+    );
+    let info = f.vms.get(&id("b")).unwrap();
+    assert_eq!((info.exit_code, info.exit_signal), (None, Some(11)));
+}
+
+#[test]
+fn deleting_refuses_a_live_vm_and_frees_the_id_of_an_ended_one() {
+    let f = Fixture::new(
+        snapshot(Some("/fuse/s/memory"), Some(VmmKind::Firecracker)),
+        &exits_at_once(),
+    );
+    for (vm, state) in [("a", VmState::Starting), ("b", VmState::Running)] {
+        let vm = f.insert(vm, VmmKind::Firecracker, state, None);
+        let error = f.vms.delete(&vm).unwrap_err();
+        assert!(
+            matches!(error, VmError::Live { state: s, .. } if s == state),
+            "{error}"
+        );
+        assert!(f.vms.get(&vm).is_ok() && f.store.vm_dir(&vm).join("vm.json").exists());
+    }
+    assert!(matches!(f.vms.delete(&id("c")), Err(VmError::NotFound(_))));
+
+    // A start that fails leaves a failed VM; deleting it frees its id for the next start.
+    f.failed_start(start("d", VmBackend::File));
+    let dir = f.store.vm_dir(&id("d"));
+    assert!(dir.join("console.log").exists());
+    let deleted = f.vms.delete(&id("d")).unwrap();
+    assert_eq!(deleted.state, VmState::Failed);
+    assert!(!dir.exists());
+    assert!(matches!(f.vms.get(&id("d")), Err(VmError::NotFound(_))));
+    let names: Vec<_> = std::fs::read_dir(f.store.vms_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "only a and b are left: {names:?}");
+    f.failed_start(start("d", VmBackend::File));
+    assert_eq!(f.vms.get(&id("d")).unwrap().state, VmState::Failed);
+}
+
+#[test]
+fn records_past_their_retention_are_deleted_and_live_ones_kept() {
+    let f = Fixture::new(snapshot(None, None), &exits_at_once());
+    let day = 86_400_000;
+    let now = 10 * day;
+    let ended = |vm: &str, state, ended_at: u64| {
+        let vm = f.insert(vm, VmmKind::Firecracker, state, None);
+        f.vms
+            .update(&vm, |slot| slot.record.info.ended_unix_ms = Some(ended_at))
+            .unwrap();
+        vm
+    };
+    let old = ended("old", VmState::Exited, now - 2 * day);
+    let failed = ended("failed", VmState::Failed, now - 2 * day);
+    let recent = ended("recent", VmState::Exited, now - day / 2);
+    let running = f.insert("running", VmmKind::Firecracker, VmState::Running, None);
+    let vms = Vms::new(
+        f.host.clone(),
+        f.store.clone(),
+        VmOptions {
+            retention: Some(Duration::from_secs(86_400)),
+            ..f.vms.options.clone()
+        },
+    );
+    for slot in f.vms.lock().values() {
+        vms.lock().insert(
+            slot.record.info.id.clone(),
+            Slot {
+                record: slot.record.clone(),
+                pidfd: None,
+            },
+        );
+    }
+    let mut reported = std::collections::BTreeSet::new();
+    let mut removed = vms.remove_expired(now, &mut reported);
+    removed.sort();
+    assert_eq!(removed, [failed.clone(), old.clone()]);
+    assert!(reported.is_empty());
+    for gone in [&old, &failed] {
+        assert!(!f.store.vm_dir(gone).exists());
+        assert!(vms.get(gone).is_err());
+    }
+    for kept in [&recent, &running] {
+        assert!(f.store.vm_dir(kept).join("vm.json").exists());
+        assert!(vms.get(kept).is_ok());
+    }
+    assert!(vms.remove_expired(now, &mut reported).is_empty());
+}
+
+#[test]
 fn a_qemu_that_exits_before_its_qmp_socket_is_up_fails_the_vm() {
     let f = Fixture::new(
         snapshot(Some("/fuse/s/memory"), Some(VmmKind::Qemu)),
@@ -316,7 +492,11 @@ fn a_qemu_that_exits_before_its_qmp_socket_is_up_fails_the_vm() {
     );
     let reason = f.failed_start(start("a", VmBackend::File));
     assert!(
-        reason.starts_with("VM `a`: cannot reach QEMU's QMP socket"),
+        reason.starts_with("VM `a`: QEMU ended before its QMP socket"),
+        "{reason}"
+    );
+    assert!(
+        reason.ends_with("; the hypervisor exited with code 0; it wrote nothing on its console"),
         "{reason}"
     );
     let info = f.vms.get(&id("a")).unwrap();
@@ -340,7 +520,11 @@ fn a_firecracker_that_exits_before_its_api_is_up_fails_the_vm() {
         &exits_at_once(),
     );
     let reason = f.failed_start(start("a", VmBackend::File));
-    assert!(reason.starts_with("VM `a`: the API socket"), "{reason}");
+    assert!(
+        reason.starts_with("VM `a`: the process ended before its API socket"),
+        "{reason}"
+    );
+    assert_eq!(f.vms.get(&id("a")).unwrap().exit_code, Some(0));
     assert!(f.store.vm_dir(&id("a")).join("firecracker.log").exists());
     assert_eq!(f.vms.get(&id("a")).unwrap().state, VmState::Failed);
 }
@@ -349,7 +533,7 @@ fn a_firecracker_that_exits_before_its_api_is_up_fails_the_vm() {
 fn an_id_in_use_is_refused() {
     let f = Fixture::new(
         snapshot(Some("/fuse/s"), Some(VmmKind::Firecracker)),
-        Path::new("/nonexistent/firecracker"),
+        &exits_at_once(),
     );
     f.insert("a", VmmKind::Firecracker, VmState::Failed, None);
     let error = f.vms.start(start("a", VmBackend::File)).unwrap_err();

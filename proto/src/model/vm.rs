@@ -180,15 +180,51 @@ pub struct VmInfo {
     pub network_overrides: Vec<NetworkOverride>,
     /// The vsock socket given to this clone.
     pub vsock: Option<PathBuf>,
-    /// Exit code, when it exited and pagerd was its parent.
+    /// Exit code, when it exited (or ended by itself while starting) and pagerd was its
+    /// parent.
     pub exit_code: Option<i32>,
     /// The signal that killed it, when it did and pagerd was its parent.
     pub exit_signal: Option<i32>,
     /// Why starting it failed.
     pub reason: Option<String>,
+    /// The last lines (at most 20, 4 KiB) of its console log, when it ended by itself while
+    /// starting: the hypervisor's own words about why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_output: Option<String>,
     /// Creation time, ms since the Unix epoch.
     pub created_unix_ms: u64,
+    /// When it became `exited` or `failed`, ms since the Unix epoch (absent in records of
+    /// VMs that ended before it was kept); `--vm-retention` counts from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_unix_ms: Option<u64>,
     /// Where and as whom it runs jailed (Firecracker started through its jailer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jail: Option<JailInfo>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_without_the_newer_fields_still_parse_and_absent_ones_are_not_written() {
+        let old = serde_json::json!({
+            "id": "a", "snapshot": "s", "vmm": "firecracker", "backend": "uffd",
+            "state": "failed", "pid": null, "fork": null, "memory_file": null,
+            "api_socket": "/v/a/api.sock", "console_log": "/v/a/console.log",
+            "vsock": null, "exit_code": null, "exit_signal": null, "reason": "why",
+            "created_unix_ms": 1,
+        });
+        let mut info: VmInfo = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(
+            (info.last_output.as_ref(), info.ended_unix_ms),
+            (None, None)
+        );
+        let written = serde_json::to_value(&info).unwrap();
+        assert!(written.get("last_output").is_none() && written.get("ended_unix_ms").is_none());
+        info.last_output = Some("Error: bad vmstate".into());
+        info.ended_unix_ms = Some(2);
+        let again: VmInfo = serde_json::from_value(serde_json::to_value(&info).unwrap()).unwrap();
+        assert_eq!(again, info);
+    }
 }
