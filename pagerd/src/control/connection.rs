@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSliceMut, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use proto::control::{parse_line, response, ControlError, ErrorCode};
@@ -198,9 +198,18 @@ pub(super) fn serve_connection(
             continue;
         }
         let parsed = parse_line(&line.bytes);
+        let (started, op) = (
+            Instant::now(),
+            crate::stats::control_op(parsed.request.as_ref().ok()),
+        );
         let outcome = parsed
             .request
             .and_then(|request| handler.handle_with(request, &mut context));
+        crate::stats::DAEMON.answered(
+            op,
+            outcome.as_ref().err().map(|e| e.code),
+            started.elapsed(),
+        );
         let after_reply = context.take_after_reply();
         drop(context);
         let written = answer(&stream, parsed.id, outcome);

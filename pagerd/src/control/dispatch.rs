@@ -288,15 +288,19 @@ impl Dispatcher {
                 network_overrides,
                 vsock,
                 prefetch,
-            } => to_value(self.vms.start(StartRequest {
-                snapshot,
-                vm,
-                backend,
-                network_overrides,
-                vsock,
-                prefetch,
-                owner,
-            })?),
+            } => to_value(
+                self.vms
+                    .start(StartRequest {
+                        snapshot,
+                        vm,
+                        backend,
+                        network_overrides,
+                        vsock,
+                        prefetch,
+                        owner,
+                    })
+                    .inspect_err(crate::metrics::vm_start_failed)?,
+            ),
             Request::VmList {} => to_value(self.vms.list()),
             Request::VmGet { vm } => to_value(self.vms.get(&vm)?),
             Request::VmStop { vm, timeout_ms } => {
