@@ -60,8 +60,9 @@ pub(crate) enum VmStartFailure {
     NoJailUid,
     /// The VM id is taken.
     Exists,
-    /// The hypervisor was started and failed: it exited, its API never came up, or it
-    /// refused the restore.
+    /// A step of the launch failed once the VM was recorded (it is then `failed`, with the
+    /// reason): its fork, its files, the hypervisor exiting, its API never coming up, the
+    /// restore refused.
     LaunchFailed,
     /// The state directory or an internal error.
     Other,

@@ -1,9 +1,10 @@
 //! Serving counters: each fork's own, and the daemon's.
 //!
 //! ```text
-//!   worker ──bump──▶ ForkStats (AtomicU64s, one fork)        ─┐
-//!          ──batch──▶ ForkStats' latency + FAULT_LATENCY     ─┼─▶ pagerctl stats, metrics
-//!   acceptor, control, lifecycle, daemon ──▶ DAEMON          ─┘
+//!   worker ──bump──▶ ForkStats (AtomicU64s, one fork) ──────────▶ pagerctl stats, metrics
+//!          ──batch──▶ ForkStats' latency ────────────────────────▶ pagerctl stats, metrics
+//!                   └▶ FAULT_LATENCY (every fork) ────────────────▶ metrics
+//!   acceptor, workers, control, lifecycle, daemon ──▶ DAEMON ────▶ metrics
 //! ```
 //!
 //! A fork's counters are `AtomicU64`s written with `Relaxed` ordering by the fork's one worker
