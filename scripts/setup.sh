@@ -6,6 +6,7 @@ set -euo pipefail
 packages=(
   libclang-dev # userfaultfd-sys generates its bindings with bindgen, which needs libclang
   systemd      # systemd-analyze checks the shipped unit (systemd need not be running)
+  prometheus   # the metrics tests scrape pagerd with a real Prometheus and run promtool
 )
 missing=()
 for p in "${packages[@]}"; do

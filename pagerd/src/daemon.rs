@@ -125,6 +125,7 @@ fn group_id(name: &str) -> Result<u32, DaemonError> {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
+    let began = Instant::now();
     config.make_paths_absolute().map_err(DaemonError::Paths)?;
     // Before any thread starts: it edits the environment.
     let inherited_control = upgrade::inherited_control(&config.control_socket());
@@ -277,7 +278,11 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     vms.reconcile().map_err(DaemonError::Vms)?;
     let upgrade = Arc::new(Upgrade::new(configured_program));
     let control_path = config.control_socket();
-    let handler = Arc::new(Dispatcher::new(lifecycle.clone(), vms, upgrade.clone()));
+    let handler = Arc::new(Dispatcher::new(
+        lifecycle.clone(),
+        vms.clone(),
+        upgrade.clone(),
+    ));
     let options = ControlOptions {
         idle_timeout: Duration::from_millis(config.control_idle_timeout_ms),
         group,
@@ -298,7 +303,11 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
         .metrics_addr
         .as_ref()
         .map(|addr| {
-            MetricsServer::start(addr, lifecycle.clone())
+            let sources = crate::metrics::Sources {
+                lifecycle: lifecycle.clone(),
+                vms: vms.clone(),
+            };
+            MetricsServer::start(addr, Arc::new(sources))
                 .map_err(|source| DaemonError::Metrics(addr.to_string(), source))
         })
         .transpose()?;
@@ -307,6 +316,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     let _ = writeln!(stdout, "pagerd ready control={}", control_path.display());
     let _ = stdout.flush();
     drop(stdout);
+    crate::stats::DAEMON.ready(began.elapsed());
     notify::ready(&lifecycle.reports().summary());
 
     let next = loop {

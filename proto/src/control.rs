@@ -49,6 +49,9 @@ macro_rules! requests {
         }
 
         impl Request {
+            /// Every `op` of the protocol.
+            pub const OPS: &'static [&'static str] = &[$($op),*];
+
             /// The request's `op` on the wire.
             pub fn op(&self) -> &'static str {
                 match self {

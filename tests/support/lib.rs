@@ -20,6 +20,8 @@
 //! - [`cached_kib`] (a file's own page cache) and [`SmallTmpfs`] (a disk to fill).
 //! - [`tenants`]: real users of the host (a group's members and an outsider), for attacks
 //!   run as an unprivileged member.
+//! - [`http_get`]: one HTTP GET over any stream; [`prometheus`]: a real Prometheus server
+//!   scraping a daemon, and `promtool check metrics`.
 //!
 //! This file keeps what every part shares (binaries, waiting, snapshots, skips); `daemon.rs`,
 //! `vmm.rs`, `handoff.rs` and `host.rs` hold the rest, re-exported here.
@@ -28,6 +30,8 @@ mod daemon;
 pub mod firecracker;
 mod handoff;
 mod host;
+mod http;
+pub mod prometheus;
 pub mod qemu;
 pub mod restore_guest;
 pub mod tenants;
@@ -36,6 +40,7 @@ mod vmm;
 pub use daemon::{CtlRun, Daemon, Launch};
 pub use handoff::{borrow_all, dev_null, new_uffd, raw_handoff, read_reply};
 pub use host::{cached_kib, HugePages, SmallTmpfs};
+pub use http::{http_get, HttpAnswer};
 pub use vmm::{proc_status_kb, Vmm};
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proto::control::{parse_line, response, ControlError, ErrorCode};
 use proto::fdpass::{recv_with_fds, Wait};
@@ -176,9 +176,18 @@ pub(super) fn serve_connection(
             continue;
         }
         let parsed = parse_line(&line.bytes);
+        let (started, op) = (
+            Instant::now(),
+            crate::stats::control_op(parsed.request.as_ref().ok()),
+        );
         let outcome = parsed
             .request
             .and_then(|request| handler.handle_with(request, &mut context));
+        crate::stats::DAEMON.answered(
+            op,
+            outcome.as_ref().err().map(|e| e.code),
+            started.elapsed(),
+        );
         let after_reply = context.take_after_reply();
         drop(context);
         let written = answer(&stream, parsed.id, outcome);

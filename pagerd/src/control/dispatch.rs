@@ -316,7 +316,10 @@ impl Dispatcher {
 
     fn vm_start(&self, c: VmStart, cx: &RequestContext) -> Answer<VmStart> {
         let owner = registration::owner_of(cx.peer());
-        Ok(self.vms.start(StartRequest { call: c, owner })?)
+        Ok(self
+            .vms
+            .start(StartRequest { call: c, owner })
+            .inspect_err(crate::metrics::vm_start_failed)?)
     }
 
     fn vm_list(&self, _: VmList) -> Answer<VmList> {

@@ -337,10 +337,12 @@ impl Lifecycle {
             },
         );
         drop(catalog);
+        let started = std::time::Instant::now();
         let imported = self.import(&id, &source, mode, vmstate.as_ref(), owner, &done);
         let mut catalog = self.lock();
         catalog.importing.remove(&id);
         let (stored, snapshot) = imported?;
+        crate::stats::DAEMON.imported(stored.import, started.elapsed());
         tracing::info!(snapshot = %id, source = %source.name.display(), import = ?stored.import, size = stored.size,
             zero_pages = snapshot.zero_page_count(), "snapshot registered");
         if let Err(e) = self.registry.add_snapshot(snapshot) {
