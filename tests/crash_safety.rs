@@ -36,7 +36,7 @@ fn call(client: &Client, request: &Request) -> Option<Expect> {
 fn script(r: usize, mem: &Path) -> Vec<(Request, Vec<Expect>)> {
     let (s, t) = (id(&format!("s{r}")), id(&format!("t{r}")));
     let fork = |name: String| id(&name);
-    let create = |snapshot: &proto::Id, name: String| {
+    let create = |snapshot: &proto::SnapshotId, name: String| {
         Request::ForkCreate(ForkCreate {
             snapshot: snapshot.clone(),
             fork: Some(fork(name)),
@@ -44,7 +44,7 @@ fn script(r: usize, mem: &Path) -> Vec<(Request, Vec<Expect>)> {
         })
     };
     let close = |name: String| Request::ForkClose(ForkClose { fork: fork(name) });
-    let register = |snapshot: &proto::Id| {
+    let register = |snapshot: &proto::SnapshotId| {
         Request::SnapshotRegister(SnapshotRegister {
             snapshot: snapshot.clone(),
             path: Some(mem.to_owned()),
@@ -54,7 +54,7 @@ fn script(r: usize, mem: &Path) -> Vec<(Request, Vec<Expect>)> {
             vmm: None,
         })
     };
-    let delete = |snapshot: &proto::Id, defer: bool| {
+    let delete = |snapshot: &proto::SnapshotId, defer: bool| {
         Request::SnapshotDelete(SnapshotDelete {
             snapshot: snapshot.clone(),
             defer,

@@ -11,7 +11,7 @@ use clap::Parser;
 use crate::access::Access;
 pub use crate::fuse::FuseMode;
 use crate::fuse::FuseOptions;
-use proto::Id;
+use proto::{ForkId, SnapshotId};
 
 /// pagerd: serves forked microVMs' memory from shared snapshot files over userfaultfd.
 #[derive(Debug, Clone, Parser)]
@@ -32,11 +32,11 @@ pub struct Config {
     pub group: Option<String>,
     /// A snapshot to register at start unless it already is, as ID=PATH to its memory file
     /// (copied into the state directory). Repeatable.
-    #[arg(long = "snapshot", value_parser = parse_pair)]
-    pub snapshots: Vec<(Id, PathBuf)>,
+    #[arg(long = "snapshot", value_parser = parse_pair::<proto::ids::Snapshot>)]
+    pub snapshots: Vec<(SnapshotId, PathBuf)>,
     /// A fork to create at start unless it exists, as ID=SNAPSHOT_ID. Repeatable.
     #[arg(long = "fork", value_parser = parse_fork)]
-    pub forks: Vec<(Id, Id)>,
+    pub forks: Vec<(ForkId, SnapshotId)>,
     /// Worker threads serving faults [default: the number of cores].
     #[arg(long)]
     pub workers: Option<usize>,
@@ -230,12 +230,12 @@ fn parse_per_uid(s: &str) -> Result<usize, String> {
     }
 }
 
-fn parse_pair(s: &str) -> Result<(Id, PathBuf), String> {
+fn parse_pair<K: proto::ids::Kind>(s: &str) -> Result<(proto::Id<K>, PathBuf), String> {
     let (id, rest) = s.split_once('=').ok_or("expected ID=VALUE")?;
     Ok((id.parse().map_err(|e| format!("{e}"))?, PathBuf::from(rest)))
 }
 
-fn parse_fork(s: &str) -> Result<(Id, Id), String> {
+fn parse_fork(s: &str) -> Result<(ForkId, SnapshotId), String> {
     let (id, snapshot) = parse_pair(s)?;
     let snapshot = snapshot
         .to_string_lossy()

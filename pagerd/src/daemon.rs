@@ -18,7 +18,6 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
-use proto::Id;
 
 use crate::access::{self, Access};
 use crate::config::{Config, LogFormat};
@@ -48,7 +47,7 @@ pub(crate) enum DaemonError {
     #[error("cannot set up `{id}` from the command line")]
     CommandLine {
         /// The snapshot or fork.
-        id: Id,
+        id: String,
         /// Why.
         #[source]
         source: LifecycleError,
@@ -220,7 +219,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
                     crate::owners::ROOT,
                 )
                 .map_err(|source| DaemonError::CommandLine {
-                    id: id.clone(),
+                    id: id.to_string(),
                     source,
                 })?;
         }
@@ -230,7 +229,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
             lifecycle
                 .create_fork(Some(id.clone()), snapshot, None, crate::owners::ROOT)
                 .map_err(|source| DaemonError::CommandLine {
-                    id: id.clone(),
+                    id: id.to_string(),
                     source,
                 })?;
         }

@@ -28,7 +28,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use proto::model::{FileUserInfo, FileUserState};
-use proto::Id;
+use proto::SnapshotId;
 
 use crate::registry::unix_ms;
 use crate::store::VmmIdentity;
@@ -86,7 +86,7 @@ fn parse_maps_line(line: &str) -> Option<(FileKey, &str)> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mapper {
     /// The snapshot whose memory file it maps.
-    pub snapshot: Id,
+    pub snapshot: SnapshotId,
     /// The process.
     pub pid: i32,
     /// The mapped file as its maps show it.
@@ -95,12 +95,16 @@ pub struct Mapper {
 
 /// Which snapshot a mapped path is the memory file of, given where memory files live
 /// (`roots`: the mount point, the state directory, and `/` for a detached mount).
-fn snapshot_of_path(path: &str, roots: &[PathBuf], snapshots: &BTreeSet<Id>) -> Option<Id> {
+fn snapshot_of_path(
+    path: &str,
+    roots: &[PathBuf],
+    snapshots: &BTreeSet<SnapshotId>,
+) -> Option<SnapshotId> {
     let path = Path::new(path.strip_suffix(" (deleted)").unwrap_or(path));
     roots.iter().find_map(|root| {
         let rel = path.strip_prefix(root.join("snapshots")).ok()?;
         let mut parts = rel.components();
-        let id: Id = parts.next()?.as_os_str().to_str()?.parse().ok()?;
+        let id: SnapshotId = parts.next()?.as_os_str().to_str()?.parse().ok()?;
         let file = parts.next()?.as_os_str();
         (file == crate::store::MEMORY_FILE && parts.next().is_none() && snapshots.contains(&id))
             .then_some(id)
@@ -109,7 +113,7 @@ fn snapshot_of_path(path: &str, roots: &[PathBuf], snapshots: &BTreeSet<Id>) -> 
 
 /// Every process (other than this one) that maps the memory file of one of `snapshots` under
 /// `roots`, once per process and snapshot.
-pub fn find_mappers(roots: &[PathBuf], snapshots: &BTreeSet<Id>) -> Vec<Mapper> {
+pub fn find_mappers(roots: &[PathBuf], snapshots: &BTreeSet<SnapshotId>) -> Vec<Mapper> {
     let me = std::process::id();
     let Ok(proc) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -153,7 +157,7 @@ fn process_maps(pid: i32, key: FileKey) -> Option<bool> {
 
 #[derive(Debug, Clone)]
 struct FileUser {
-    snapshot: Id,
+    snapshot: SnapshotId,
     pid: i32,
     process: Option<VmmIdentity>,
     file: Option<FileKey>,
@@ -189,7 +193,7 @@ impl FileUsers {
 
     /// Records that process `pid` opened `snapshot`'s memory file; returns the handle. `file`
     /// identifies the memory file in `/proc/<pid>/maps` (needed for passthrough users).
-    pub fn open(&self, snapshot: Id, pid: i32, file: Option<FileKey>) -> u64 {
+    pub fn open(&self, snapshot: SnapshotId, pid: i32, file: Option<FileKey>) -> u64 {
         let handle = self.handles.fetch_add(1, Ordering::Relaxed) + 1;
         let user = FileUser {
             snapshot,
@@ -221,7 +225,7 @@ impl FileUsers {
 
     /// The kernel released `handle`. Returns the snapshot if that ended the reference (it
     /// stays, as `mapped`, while a passthrough mapping outlives the handle).
-    pub fn release(&self, handle: u64) -> Option<Id> {
+    pub fn release(&self, handle: u64) -> Option<SnapshotId> {
         let mut users = self.lock();
         let user = users.get_mut(&handle)?;
         if user.still_maps() {
@@ -232,7 +236,7 @@ impl FileUsers {
     }
 
     /// Drops `mapped` users whose process no longer maps the file; returns their snapshots.
-    pub fn prune(&self) -> Vec<Id> {
+    pub fn prune(&self) -> Vec<SnapshotId> {
         let mut users = self.lock();
         let gone: Vec<u64> = users
             .iter()
@@ -268,7 +272,7 @@ impl FileUsers {
     }
 
     /// The users of one snapshot.
-    pub fn referencing(&self, snapshot: &Id) -> Vec<FileUserInfo> {
+    pub fn referencing(&self, snapshot: &SnapshotId) -> Vec<FileUserInfo> {
         let mut users = self.list();
         users.retain(|u| &u.snapshot == snapshot);
         users
@@ -305,7 +309,7 @@ mod tests {
             PathBuf::from("/tmp/s"),
             PathBuf::from("/"),
         ];
-        let snapshots: BTreeSet<Id> = ["base".parse().unwrap()].into();
+        let snapshots: BTreeSet<SnapshotId> = ["base".parse().unwrap()].into();
         let base = Some("base".parse().unwrap());
         assert_eq!(snapshot_of_path(path, &roots, &snapshots), base);
         assert_eq!(
@@ -335,7 +339,7 @@ mod tests {
     #[test]
     fn a_user_ends_at_release_unless_its_process_still_maps_the_file() {
         let users = FileUsers::default();
-        let snapshot: Id = "s".parse().unwrap();
+        let snapshot: SnapshotId = "s".parse().unwrap();
         let me = i32::try_from(std::process::id()).unwrap();
         let h = users.open(snapshot.clone(), me, None);
         assert_eq!(users.referencing(&snapshot).len(), 1);

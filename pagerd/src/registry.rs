@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use proto::model::{ForkInfo, ForkState, ForkStatsReport, HandoffErrorInfo};
 use proto::prefetch::Prefetch;
-use proto::Id;
+use proto::{ForkId, SnapshotId};
 
 pub use crate::fork_state::{ForkPhase, ForkStatus, ImpossibleTransition, Serving, Transition};
 use crate::snapshot::Snapshot;
@@ -22,8 +22,8 @@ use crate::stats::ForkStats;
 /// One fork of a snapshot.
 #[derive(Debug)]
 pub struct Fork {
-    id: Id,
-    snapshot: Id,
+    id: ForkId,
+    snapshot: SnapshotId,
     /// The uid that created it.
     owner: u32,
     handoff_socket: PathBuf,
@@ -38,12 +38,12 @@ pub struct Fork {
 
 impl Fork {
     /// The fork's id.
-    pub fn id(&self) -> &Id {
+    pub fn id(&self) -> &ForkId {
         &self.id
     }
 
     /// The snapshot it forks.
-    pub fn snapshot(&self) -> &Id {
+    pub fn snapshot(&self) -> &SnapshotId {
         &self.snapshot
     }
 
@@ -111,9 +111,9 @@ impl Fork {
 #[derive(Debug, Clone)]
 pub struct NewFork {
     /// Its id.
-    pub id: Id,
+    pub id: ForkId,
     /// The snapshot it forks.
-    pub snapshot: Id,
+    pub snapshot: SnapshotId,
     /// The uid that created it.
     pub owner: u32,
     /// Where its VMM hands over its uffd.
@@ -136,23 +136,23 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 pub enum RegistryError {
     /// No snapshot by that id.
     #[error("no snapshot `{0}`")]
-    NoSnapshot(Id),
+    NoSnapshot(SnapshotId),
     /// No fork by that id.
     #[error("no fork `{0}`")]
-    NoFork(Id),
+    NoFork(ForkId),
     /// The id is taken.
     #[error("{kind} `{id}` already exists")]
     Exists {
         /// "snapshot" or "fork".
         kind: &'static str,
         /// The id.
-        id: Id,
+        id: String,
     },
     /// The wait ran out.
     #[error("fork `{fork}` did not reach state {want:?} within {timeout_ms} ms (it is {now:?})")]
     WaitTimedOut {
         /// The fork.
-        fork: Id,
+        fork: ForkId,
         /// The state waited for.
         want: ForkState,
         /// The state it is in.
@@ -165,8 +165,8 @@ pub enum RegistryError {
 /// All snapshots and forks of the daemon.
 #[derive(Debug, Default)]
 pub struct Registry {
-    snapshots: Mutex<BTreeMap<Id, Arc<Snapshot>>>,
-    forks: Mutex<BTreeMap<Id, Arc<Fork>>>,
+    snapshots: Mutex<BTreeMap<SnapshotId, Arc<Snapshot>>>,
+    forks: Mutex<BTreeMap<ForkId, Arc<Fork>>>,
     /// The summed counters of every fork forgotten since the daemon started, so that totals
     /// never go down.
     retired: Mutex<ForkStatsReport>,
@@ -187,7 +187,7 @@ impl Registry {
         if map.contains_key(snapshot.id()) {
             return Err(RegistryError::Exists {
                 kind: "snapshot",
-                id: snapshot.id().clone(),
+                id: snapshot.id().to_string(),
             });
         }
         let snapshot = Arc::new(snapshot);
@@ -196,7 +196,7 @@ impl Registry {
     }
 
     /// A snapshot by id.
-    pub fn snapshot(&self, id: &Id) -> Result<Arc<Snapshot>, RegistryError> {
+    pub fn snapshot(&self, id: &SnapshotId) -> Result<Arc<Snapshot>, RegistryError> {
         let map = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         map.get(id)
             .cloned()
@@ -210,7 +210,7 @@ impl Registry {
     }
 
     /// Forgets a snapshot.
-    pub fn remove_snapshot(&self, id: &Id) -> Option<Arc<Snapshot>> {
+    pub fn remove_snapshot(&self, id: &SnapshotId) -> Option<Arc<Snapshot>> {
         let mut map = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         map.remove(id)
     }
@@ -227,7 +227,10 @@ impl Registry {
         } = new;
         let mut map = self.forks.lock().unwrap_or_else(|p| p.into_inner());
         if map.contains_key(&id) {
-            return Err(RegistryError::Exists { kind: "fork", id });
+            return Err(RegistryError::Exists {
+                kind: "fork",
+                id: id.to_string(),
+            });
         }
         let fork = Arc::new(Fork {
             id: id.clone(),
@@ -247,7 +250,7 @@ impl Registry {
     }
 
     /// A fork by id.
-    pub fn fork(&self, id: &Id) -> Result<Arc<Fork>, RegistryError> {
+    pub fn fork(&self, id: &ForkId) -> Result<Arc<Fork>, RegistryError> {
         let map = self.forks.lock().unwrap_or_else(|p| p.into_inner());
         map.get(id)
             .cloned()
@@ -261,7 +264,7 @@ impl Registry {
     }
 
     /// Forgets a fork.
-    pub fn remove_fork(&self, id: &Id) -> Result<Arc<Fork>, RegistryError> {
+    pub fn remove_fork(&self, id: &ForkId) -> Result<Arc<Fork>, RegistryError> {
         let mut map = self.forks.lock().unwrap_or_else(|p| p.into_inner());
         let fork = map
             .remove(id)
@@ -318,7 +321,7 @@ impl Registry {
     /// Waits until the fork is in `want` (or has gone past it), for at most `timeout`.
     pub fn wait_for_state(
         &self,
-        id: &Id,
+        id: &ForkId,
         want: ForkState,
         timeout: Duration,
     ) -> Result<Arc<Fork>, RegistryError> {
@@ -353,7 +356,7 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn id(s: &str) -> Id {
+    fn id<K: proto::ids::Kind>(s: &str) -> proto::Id<K> {
         s.parse().unwrap()
     }
 

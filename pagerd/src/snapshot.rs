@@ -25,7 +25,7 @@ use memmap2::{Mmap, MmapOptions};
 use crate::bitmap::Bitmap;
 use crate::memory::{CopySource, FileOffset, FilePage, MemorySource};
 use crate::working_set::slot::Slot;
-use proto::Id;
+use proto::SnapshotId;
 
 /// The granularity of the zero-page map.
 pub const ZERO_MAP_PAGE: u64 = 4096;
@@ -73,7 +73,7 @@ pub enum SnapshotError {
 /// An immutable memory file and what pagerd knows about it.
 #[derive(Debug)]
 pub struct Snapshot {
-    id: Id,
+    id: SnapshotId,
     file: File,
     map: Mmap,
     zero_pages: Bitmap,
@@ -84,7 +84,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Opens `path` (not following a symlink), maps it read-only and records its zero pages.
-    pub fn open(id: Id, path: &Path) -> Result<Self, SnapshotError> {
+    pub fn open(id: SnapshotId, path: &Path) -> Result<Self, SnapshotError> {
         let open_err = |source| SnapshotError::Open {
             path: path.to_owned(),
             source,
@@ -140,7 +140,7 @@ impl Snapshot {
     }
 
     /// The snapshot's id.
-    pub fn id(&self) -> &Id {
+    pub fn id(&self) -> &SnapshotId {
         &self.id
     }
 

@@ -219,7 +219,7 @@ pub(crate) fn exec(
     program: &Program,
     configured: &Path,
     control: Option<UnixListener>,
-    handoffs: Vec<(proto::Id, UnixListener)>,
+    handoffs: Vec<(proto::ForkId, UnixListener)>,
 ) -> io::Error {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let control_fd = control.and_then(keep_across_exec);
@@ -307,7 +307,7 @@ fn adopt_listener(fd: RawFd, path: &Path) -> Option<UnixListener> {
 /// environment).
 pub(crate) fn inherited_handoffs(
     sockets_dir: &Path,
-) -> std::collections::BTreeMap<proto::Id, UnixListener> {
+) -> std::collections::BTreeMap<proto::ForkId, UnixListener> {
     let Some(value) = std::env::var_os(HANDOFF_FDS_ENV) else {
         return Default::default();
     };
@@ -318,7 +318,7 @@ pub(crate) fn inherited_handoffs(
         .split(',')
         .filter_map(|entry| {
             let (id, fd) = entry.split_once('=')?;
-            let id: proto::Id = id.parse().ok()?;
+            let id: proto::ForkId = id.parse().ok()?;
             let fd: RawFd = fd.parse().ok()?;
             let listener = adopt_listener(fd, &sockets_dir.join(format!("{id}.sock")))?;
             Some((id, listener))

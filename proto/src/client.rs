@@ -17,7 +17,7 @@ use crate::control::{
     SnapshotList, SnapshotRecord, SnapshotRegister, Stats, Status, VmGet, VmList, VmSnapshot,
     VmStart, VmStop, VmWait,
 };
-use crate::ids::Id;
+use crate::ids::{Id, Kind};
 use crate::model::{
     DeleteOutcome, ForkInfo, ForkListEntry, ForkState, NetworkOverride, SnapshotInfo, StatsReport,
     StatusReport, VmBackend, VmInfo, VmState, VmmKind,
@@ -70,7 +70,7 @@ impl ClientError {
 }
 
 /// Parses an id given by a person, as a refusal the daemon would have given.
-pub fn parse_id(text: &str) -> Result<Id, ClientError> {
+pub fn parse_id<K: Kind>(text: &str) -> Result<Id<K>, ClientError> {
     text.parse().map_err(|e: crate::ids::InvalidId| {
         ClientError::Refused(ControlError::new(ErrorCode::InvalidArgument, e.to_string()))
     })

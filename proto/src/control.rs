@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::ids::Id;
+use crate::ids::{ForkId, SnapshotId, VmId};
 use crate::model::{
     DeleteOutcome, ForkInfo, ForkListEntry, ForkState, NetworkOverride, SnapshotInfo, StatsReport,
     StatusReport, UpgradeStarted, VmBackend, VmInfo, VmState, VmmKind,
@@ -136,7 +136,7 @@ pub struct Stats {}
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRegister {
     /// The new snapshot's id.
-    pub snapshot: Id,
+    pub snapshot: SnapshotId,
     /// Absolute path of the memory file; with `fd`, only the name recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
@@ -163,7 +163,7 @@ pub struct SnapshotRegister {
 #[serde(deny_unknown_fields)]
 pub struct SnapshotDelete {
     /// Its id.
-    pub snapshot: Id,
+    pub snapshot: SnapshotId,
     /// If forks reference it, delete it when the last one ends instead of refusing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub defer: bool,
@@ -182,7 +182,7 @@ pub struct SnapshotList {}
 #[serde(deny_unknown_fields)]
 pub struct SnapshotGet {
     /// Its id.
-    pub snapshot: Id,
+    pub snapshot: SnapshotId,
 }
 
 /// `snapshot.record`: records the working set of a snapshot from its next `forks` uffd forks
@@ -192,7 +192,7 @@ pub struct SnapshotGet {
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRecord {
     /// Its id.
-    pub snapshot: Id,
+    pub snapshot: SnapshotId,
     /// How many forks to record (1 to 16).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forks: Option<u32>,
@@ -204,7 +204,7 @@ pub struct SnapshotRecord {
 #[serde(deny_unknown_fields)]
 pub struct SnapshotClearWorkingSet {
     /// Its id.
-    pub snapshot: Id,
+    pub snapshot: SnapshotId,
 }
 
 /// `fork.create`: creates a fork and returns the handoff socket its VMM must be given.
@@ -212,10 +212,10 @@ pub struct SnapshotClearWorkingSet {
 #[serde(deny_unknown_fields)]
 pub struct ForkCreate {
     /// The snapshot to fork.
-    pub snapshot: Id,
+    pub snapshot: SnapshotId,
     /// The fork's id; generated when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fork: Option<Id>,
+    pub fork: Option<ForkId>,
     /// What to install before the guest asks (default: the daemon's `--prefetch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<Prefetch>,
@@ -231,7 +231,7 @@ pub struct ForkList {}
 #[serde(deny_unknown_fields)]
 pub struct ForkGet {
     /// Its id.
-    pub fork: Id,
+    pub fork: ForkId,
 }
 
 /// `fork.wait`: waits until a fork reaches a state (`serving` is also satisfied by `ended`).
@@ -239,7 +239,7 @@ pub struct ForkGet {
 #[serde(deny_unknown_fields)]
 pub struct ForkWait {
     /// Its id.
-    pub fork: Id,
+    pub fork: ForkId,
     /// The state to wait for.
     pub state: ForkState,
     /// How long to wait at most, in ms (default 10000, at most 600000).
@@ -252,7 +252,7 @@ pub struct ForkWait {
 #[serde(deny_unknown_fields)]
 pub struct ForkClose {
     /// Its id.
-    pub fork: Id,
+    pub fork: ForkId,
 }
 
 /// `vm.start`: starts a hypervisor restored from a snapshot with saved device state, its
@@ -261,10 +261,10 @@ pub struct ForkClose {
 #[serde(deny_unknown_fields)]
 pub struct VmStart {
     /// The snapshot to restore.
-    pub snapshot: Id,
+    pub snapshot: SnapshotId,
     /// The VM's id; generated when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vm: Option<Id>,
+    pub vm: Option<VmId>,
     /// How it gets its memory (default `uffd`).
     #[serde(default)]
     pub backend: VmBackend,
@@ -290,7 +290,7 @@ pub struct VmList {}
 #[serde(deny_unknown_fields)]
 pub struct VmGet {
     /// Its id.
-    pub vm: Id,
+    pub vm: VmId,
 }
 
 /// `vm.stop`: stops a VM: SIGTERM, then SIGKILL after the timeout.
@@ -298,7 +298,7 @@ pub struct VmGet {
 #[serde(deny_unknown_fields)]
 pub struct VmStop {
     /// Its id.
-    pub vm: Id,
+    pub vm: VmId,
     /// How long to wait after SIGTERM before SIGKILL, in ms (default 5000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
@@ -310,7 +310,7 @@ pub struct VmStop {
 #[serde(deny_unknown_fields)]
 pub struct VmWait {
     /// Its id.
-    pub vm: Id,
+    pub vm: VmId,
     /// The state to wait for.
     pub state: VmState,
     /// How long to wait at most, in ms (default 10000, at most 600000).
@@ -324,7 +324,7 @@ pub struct VmWait {
 #[serde(deny_unknown_fields)]
 pub struct VmDelete {
     /// Its id.
-    pub vm: Id,
+    pub vm: VmId,
 }
 
 /// `vm.snapshot`: pauses a running VM, saves its device state and memory as a new snapshot
@@ -333,9 +333,9 @@ pub struct VmDelete {
 #[serde(deny_unknown_fields)]
 pub struct VmSnapshot {
     /// The VM.
-    pub vm: Id,
+    pub vm: VmId,
     /// The new snapshot's id.
-    pub snapshot: Id,
+    pub snapshot: SnapshotId,
     /// Resume the VM afterwards (otherwise it stays paused).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resume: bool,

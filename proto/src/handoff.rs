@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::control::ErrorCode;
-use crate::ids::Id;
+use crate::ids::ForkId;
 use crate::model::RefusalReason;
 
 /// A 4 KiB page, the only normal page size pagerd serves.
@@ -81,7 +81,7 @@ pub struct HandoffReply {
     pub ok: bool,
     /// The fork now served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fork: Option<Id>,
+    pub fork: Option<ForkId>,
     /// Why it was refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<HandoffRefusal>,

@@ -32,4 +32,4 @@ pub mod model;
 pub mod prefetch;
 pub mod wire;
 
-pub use ids::Id;
+pub use ids::{ForkId, Id, SnapshotId, VmId};

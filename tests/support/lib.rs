@@ -227,8 +227,8 @@ pub fn compile_guest(
     Ok(elf)
 }
 
-/// A snapshot or fork id (panics if `text` is not a valid one), for building [`Request`]s.
-pub fn id(text: &str) -> Id {
+/// An id of any kind (panics if `text` is not a valid one), for building requests.
+pub fn id<K: proto::ids::Kind>(text: &str) -> Id<K> {
     text.parse()
         .unwrap_or_else(|e| panic!("`{text}` is not an id: {e}"))
 }

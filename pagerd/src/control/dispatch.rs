@@ -124,7 +124,7 @@ impl From<UpgradeError> for ControlError {
 fn may_change(
     caller: Option<u32>,
     kind: &str,
-    id: &proto::Id,
+    id: &impl std::fmt::Display,
     owner: u32,
 ) -> Result<(), ControlError> {
     if crate::owners::may_change(caller, owner) {

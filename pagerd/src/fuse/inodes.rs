@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::snapshot::Snapshot;
-use proto::Id;
+use proto::SnapshotId;
 
 /// The root directory.
 pub const ROOT: u64 = 1;
@@ -41,7 +41,7 @@ pub enum Node {
 struct Table {
     nodes: HashMap<u64, Node>,
     /// The directory inode of the latest instance seen of each snapshot id.
-    dirs: HashMap<Id, (Weak<Snapshot>, u64)>,
+    dirs: HashMap<SnapshotId, (Weak<Snapshot>, u64)>,
     next: u64,
 }
 

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use proto::model::FileUserInfo;
-use proto::Id;
+use proto::{ForkId, SnapshotId, VmId};
 
 use crate::registry::RegistryError;
 use crate::serve::ServeError;
@@ -21,7 +21,7 @@ pub(crate) enum LifecycleError {
         /// "snapshot" or "fork".
         kind: &'static str,
         /// The id.
-        id: Id,
+        id: String,
     },
     /// The memory file is larger than `--max-snapshot-size`.
     #[error("the memory file is {size} bytes, more than --max-snapshot-size ({max})")]
@@ -52,7 +52,7 @@ pub(crate) enum LifecycleError {
         /// "snapshot" or "fork".
         kind: &'static str,
         /// The id.
-        id: Id,
+        id: String,
     },
     /// Live forks, or processes holding its memory file, reference the snapshot.
     #[error(
@@ -61,22 +61,22 @@ pub(crate) enum LifecycleError {
     )]
     InUse {
         /// The snapshot.
-        snapshot: Id,
+        snapshot: SnapshotId,
         /// The forks referencing it.
-        forks: Vec<Id>,
+        forks: Vec<ForkId>,
         /// The processes holding its memory file on the FUSE mount.
         file_users: Vec<FileUserInfo>,
         /// The launched VMs running on it.
-        vms: Vec<Id>,
+        vms: Vec<VmId>,
     },
     /// The snapshot is being deleted; no new forks.
     #[error("snapshot `{0}` is pending deletion; no new forks of it are allowed")]
-    DeletePending(Id),
+    DeletePending(SnapshotId),
     /// Some fork record cannot be read, so no reference count can be trusted.
     #[error("cannot count the forks and VMs of snapshot `{snapshot}`: unreadable record(s) {}; repair or remove them", paths(records))]
     CountsUnknown {
         /// The snapshot.
-        snapshot: Id,
+        snapshot: SnapshotId,
         /// The unreadable records.
         records: Vec<PathBuf>,
     },
@@ -84,7 +84,7 @@ pub(crate) enum LifecycleError {
     #[error("snapshot `{snapshot}` is damaged: {damage}")]
     Broken {
         /// The snapshot.
-        snapshot: Id,
+        snapshot: SnapshotId,
         /// What is wrong.
         damage: Damage,
     },
@@ -92,7 +92,7 @@ pub(crate) enum LifecycleError {
     #[error("snapshot `{snapshot}` is damaged: {damage}; only a forced delete removes it")]
     BrokenNeedsForce {
         /// The snapshot.
-        snapshot: Id,
+        snapshot: SnapshotId,
         /// What is wrong.
         damage: Damage,
     },
@@ -141,18 +141,18 @@ pub(crate) enum LifecycleError {
 
 impl LifecycleError {
     /// No snapshot `id`.
-    pub(crate) fn no_snapshot(id: &Id) -> Self {
+    pub(crate) fn no_snapshot(id: &SnapshotId) -> Self {
         Self::NotFound {
             kind: "snapshot",
-            id: id.clone(),
+            id: id.to_string(),
         }
     }
 
     /// No fork `id`.
-    pub(crate) fn no_fork(id: &Id) -> Self {
+    pub(crate) fn no_fork(id: &ForkId) -> Self {
         Self::NotFound {
             kind: "fork",
-            id: id.clone(),
+            id: id.to_string(),
         }
     }
 }
@@ -170,11 +170,14 @@ impl From<RegistryError> for LifecycleError {
     }
 }
 
-fn list(ids: &[Id]) -> String {
-    ids.iter().map(Id::as_str).collect::<Vec<_>>().join(", ")
+fn list<K: proto::ids::Kind>(ids: &[proto::Id<K>]) -> String {
+    ids.iter()
+        .map(proto::Id::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-pub(super) fn references(forks: &[Id], file_users: &[FileUserInfo], vms: &[Id]) -> String {
+pub(super) fn references(forks: &[ForkId], file_users: &[FileUserInfo], vms: &[VmId]) -> String {
     let mut parts = Vec::new();
     if !vms.is_empty() {
         parts.push(format!("{} VM(s): {}", vms.len(), list(vms)));

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use proto::model::ReadPath;
-use proto::Id;
+use proto::SnapshotId;
 
 use super::{Catalog, Lifecycle, LifecycleError};
 use crate::file_users::FileKey;
@@ -32,7 +32,7 @@ pub(crate) struct FuseMount {
 
 impl FuseMount {
     /// Where snapshot `id`'s memory file is on this mount.
-    pub fn memory_file(&self, id: &Id) -> PathBuf {
+    pub fn memory_file(&self, id: &SnapshotId) -> PathBuf {
         self.path
             .join(SNAPSHOTS_DIR)
             .join(id.as_str())
@@ -44,7 +44,7 @@ impl FuseMount {
 pub(crate) trait MemoryFiles: std::fmt::Debug + Send + Sync + 'static {
     /// A snapshot whose memory file may be opened now: registered, mapped, not pending
     /// deletion.
-    fn openable_snapshot(&self, id: &Id) -> Option<Arc<Snapshot>>;
+    fn openable_snapshot(&self, id: &SnapshotId) -> Option<Arc<Snapshot>>;
 
     /// Every snapshot whose memory file may be opened now.
     fn openable_snapshots(&self) -> Vec<Arc<Snapshot>>;
@@ -65,7 +65,7 @@ pub(crate) trait MemoryFiles: std::fmt::Debug + Send + Sync + 'static {
 impl MemoryFiles for Lifecycle {
     /// A snapshot whose memory file may be opened now: registered, mapped, not pending
     /// deletion.
-    fn openable_snapshot(&self, id: &Id) -> Option<Arc<Snapshot>> {
+    fn openable_snapshot(&self, id: &SnapshotId) -> Option<Arc<Snapshot>> {
         let catalog = self.lock();
         catalog
             .forkable(id)
@@ -123,7 +123,7 @@ impl MemoryFiles for Lifecycle {
 
 impl Lifecycle {
     /// A file user of `snapshot` is gone: a delete may have been waiting for it.
-    fn after_file_user_left(&self, catalog: &mut Catalog, snapshot: &Id) {
+    fn after_file_user_left(&self, catalog: &mut Catalog, snapshot: &SnapshotId) {
         if let Err(e) = self.finish_pending_delete(catalog, snapshot) {
             tracing::error!(error = %crate::errors::error_chain(&e), snapshot = %snapshot, "cannot finish a pending delete");
         }

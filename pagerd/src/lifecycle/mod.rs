@@ -50,7 +50,7 @@ use proto::model::{
     VmStateInfo, VmmKind,
 };
 use proto::prefetch::Prefetch;
-use proto::Id;
+use proto::{ForkId, SnapshotId, VmId};
 use serde::Serialize;
 
 use crate::store::import::{ImportMethod, ImportMode, Source};
@@ -74,19 +74,19 @@ pub(crate) struct ReconcileReport {
     /// Snapshots mapped.
     pub snapshots: usize,
     /// Damaged snapshots (kept, not served).
-    pub damaged_snapshots: Vec<Id>,
+    pub damaged_snapshots: Vec<SnapshotId>,
     /// Forks waiting for a VMM again.
-    pub waiting: Vec<Id>,
+    pub waiting: Vec<ForkId>,
     /// Forks whose VMM outlived the previous daemon and whose uffd was taken back: served.
-    pub recovered: Vec<Id>,
+    pub recovered: Vec<ForkId>,
     /// Forks whose VMM outlived the previous daemon but whose uffd could not be taken back.
-    pub detached: Vec<Id>,
+    pub detached: Vec<ForkId>,
     /// Forks whose VMM is gone: their records were removed.
-    pub reaped: Vec<Id>,
+    pub reaped: Vec<ForkId>,
     /// Processes found still mapping a memory file (counted again as file users).
     pub file_users: usize,
     /// Deferred deletes finished.
-    pub deleted: Vec<Id>,
+    pub deleted: Vec<SnapshotId>,
     /// Unreadable fork records (kept; deletes are refused while they exist).
     pub unreadable_fork_records: Vec<PathBuf>,
 }
@@ -94,10 +94,10 @@ pub(crate) struct ReconcileReport {
 /// The in-memory copy of snapshot metadata, changed only together with the store.
 #[derive(Debug, Default)]
 struct Catalog {
-    metas: BTreeMap<Id, SnapshotMeta>,
-    damaged: BTreeMap<Id, Damage>,
+    metas: BTreeMap<SnapshotId, SnapshotMeta>,
+    damaged: BTreeMap<SnapshotId, Damage>,
     /// Registrations whose files are being brought in, outside the lock.
-    importing: BTreeMap<Id, Importing>,
+    importing: BTreeMap<SnapshotId, Importing>,
 }
 
 /// A registration under way.
@@ -137,7 +137,7 @@ impl Catalog {
     }
 
     /// Whether `id` names a snapshot, a damaged one, or one being imported.
-    fn taken(&self, id: &Id) -> bool {
+    fn taken(&self, id: &SnapshotId) -> bool {
         self.metas.contains_key(id)
             || self.damaged.contains_key(id)
             || self.importing.contains_key(id)
@@ -146,7 +146,7 @@ impl Catalog {
 
 impl Catalog {
     /// Registered, not damaged, and not on its way out.
-    fn forkable(&self, id: &Id) -> bool {
+    fn forkable(&self, id: &SnapshotId) -> bool {
         self.metas.get(id).is_some_and(|m| !m.delete_pending) && !self.damaged.contains_key(id)
     }
 }
@@ -208,7 +208,7 @@ impl Lifecycle {
         self.catalog.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn socket_path(&self, fork: &Id) -> PathBuf {
+    fn socket_path(&self, fork: &ForkId) -> PathBuf {
         self.store.sockets_dir().join(format!("{fork}.sock"))
     }
 
@@ -216,7 +216,7 @@ impl Lifecycle {
     /// of `owner` (a uid).
     pub fn register_snapshot_path(
         &self,
-        id: Id,
+        id: SnapshotId,
         path: &Path,
         mode: ImportMode,
         vmstate: Option<(&Path, VmmKind)>,
@@ -247,7 +247,7 @@ impl Lifecycle {
     /// (a uid) may delete it and change its working set.
     pub fn register_snapshot(
         &self,
-        id: Id,
+        id: SnapshotId,
         source: Source,
         mut mode: ImportMode,
         vmstate: Option<(Source, VmmKind)>,
@@ -301,7 +301,7 @@ impl Lifecycle {
         if catalog.taken(&id) {
             return Err(LifecycleError::Exists {
                 kind: "snapshot",
-                id,
+                id: id.to_string(),
             });
         }
         let used = catalog.bytes_of(owner);
@@ -358,7 +358,7 @@ impl Lifecycle {
     /// (called without the lock); on failure nothing of it is left.
     fn import(
         &self,
-        id: &Id,
+        id: &SnapshotId,
         source: &Source,
         mode: ImportMode,
         vmstate: Option<&(Source, VmmKind)>,
@@ -400,7 +400,7 @@ impl Lifecycle {
         }
     }
 
-    fn snapshot_info(&self, catalog: &Catalog, id: &Id, scan: &ForkScan) -> SnapshotInfo {
+    fn snapshot_info(&self, catalog: &Catalog, id: &SnapshotId, scan: &ForkScan) -> SnapshotInfo {
         let forks = scan.referencing(id);
         let (working_set, recording, working_set_error) = self
             .registry
@@ -445,7 +445,7 @@ impl Lifecycle {
 
     /// The launched VMs whose records say they may still run on `snapshot` (references too),
     /// as far as they can be read (for reports).
-    fn live_vms(&self, snapshot: &Id) -> Vec<Id> {
+    fn live_vms(&self, snapshot: &SnapshotId) -> Vec<VmId> {
         self.counted_vms(snapshot).unwrap_or_else(|e| match e {
             LifecycleError::CountsUnknown { .. } => self
                 .store
@@ -458,7 +458,7 @@ impl Lifecycle {
 
     /// The launched VMs running on `snapshot`, or, if some VM record cannot be read, a
     /// refusal naming it: counting fails closed, as with fork records.
-    fn counted_vms(&self, snapshot: &Id) -> Result<Vec<Id>, LifecycleError> {
+    fn counted_vms(&self, snapshot: &SnapshotId) -> Result<Vec<VmId>, LifecycleError> {
         let scan = self.store.scan_vms()?;
         if !scan.unreadable.is_empty() {
             for (path, error) in &scan.unreadable {
@@ -474,7 +474,7 @@ impl Lifecycle {
 
     /// Called when a launched VM stops using `snapshot`: finishes a deferred delete that
     /// waited for it.
-    pub fn vm_released(&self, snapshot: &Id) {
+    pub fn vm_released(&self, snapshot: &SnapshotId) {
         let mut catalog = self.lock();
         if let Err(e) = self.finish_pending_delete(&mut catalog, snapshot) {
             tracing::error!(snapshot = %snapshot, error = %crate::errors::error_chain(&e), "cannot finish a deferred delete");
@@ -485,7 +485,7 @@ impl Lifecycle {
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, LifecycleError> {
         let catalog = self.lock();
         let scan = self.store.scan_forks()?;
-        let ids: BTreeSet<Id> = catalog
+        let ids: BTreeSet<SnapshotId> = catalog
             .metas
             .keys()
             .chain(catalog.damaged.keys())
@@ -499,7 +499,7 @@ impl Lifecycle {
     }
 
     /// The uid that registered snapshot `id`.
-    pub fn snapshot_owner(&self, id: &Id) -> Result<u32, LifecycleError> {
+    pub fn snapshot_owner(&self, id: &SnapshotId) -> Result<u32, LifecycleError> {
         let catalog = self.lock();
         match catalog.metas.get(id) {
             Some(meta) => Ok(meta.owner.unwrap_or(crate::owners::ROOT)),
@@ -510,7 +510,7 @@ impl Lifecycle {
     }
 
     /// One snapshot.
-    pub fn snapshot(&self, id: &Id) -> Result<SnapshotInfo, LifecycleError> {
+    pub fn snapshot(&self, id: &SnapshotId) -> Result<SnapshotInfo, LifecycleError> {
         let catalog = self.lock();
         if !catalog.taken(id) {
             return Err(LifecycleError::no_snapshot(id));
@@ -524,7 +524,7 @@ impl Lifecycle {
     /// only once nothing references it (`force` changes nothing for a healthy one).
     pub fn delete_snapshot(
         &self,
-        id: &Id,
+        id: &SnapshotId,
         defer: bool,
         force: bool,
     ) -> Result<DeleteOutcome, LifecycleError> {
@@ -579,7 +579,10 @@ impl Lifecycle {
 
     /// The forks (read off their records) and the processes holding its memory file that
     /// reference snapshot `id`; fails closed when some fork record cannot be read.
-    fn references_of(&self, id: &Id) -> Result<(Vec<Id>, Vec<FileUserInfo>), LifecycleError> {
+    fn references_of(
+        &self,
+        id: &SnapshotId,
+    ) -> Result<(Vec<ForkId>, Vec<FileUserInfo>), LifecycleError> {
         let scan = self.store.scan_forks()?;
         let forks = scan
             .referencing(id)
@@ -595,7 +598,7 @@ impl Lifecycle {
     fn delete_damaged(
         &self,
         catalog: &mut Catalog,
-        id: &Id,
+        id: &SnapshotId,
     ) -> Result<DeleteOutcome, LifecycleError> {
         let (forks, file_users) = self.references_of(id)?;
         let vms = self.counted_vms(id)?;
@@ -617,7 +620,11 @@ impl Lifecycle {
         })
     }
 
-    fn remove_snapshot_now(&self, catalog: &mut Catalog, id: &Id) -> Result<(), LifecycleError> {
+    fn remove_snapshot_now(
+        &self,
+        catalog: &mut Catalog,
+        id: &SnapshotId,
+    ) -> Result<(), LifecycleError> {
         self.store.remove_snapshot(id)?;
         self.registry.remove_snapshot(id);
         catalog.metas.remove(id);
@@ -628,7 +635,11 @@ impl Lifecycle {
 
     /// Marks a snapshot damaged if its memory file changed since it was recorded (one
     /// `fstat`); `Err` if it is damaged, now or before.
-    fn verify_unchanged(&self, catalog: &mut Catalog, id: &Id) -> Result<(), LifecycleError> {
+    fn verify_unchanged(
+        &self,
+        catalog: &mut Catalog,
+        id: &SnapshotId,
+    ) -> Result<(), LifecycleError> {
         if let Some(damage) = catalog.damaged.get(id) {
             return Err(LifecycleError::Broken {
                 snapshot: id.clone(),
@@ -653,7 +664,7 @@ impl Lifecycle {
     fn forkable_snapshot(
         &self,
         catalog: &Catalog,
-        id: &Id,
+        id: &SnapshotId,
     ) -> Result<Arc<Snapshot>, LifecycleError> {
         let meta = catalog
             .metas
@@ -669,7 +680,7 @@ impl Lifecycle {
     /// (unchanged, registered, not pending deletion); then describes it.
     pub(super) fn change_forkable(
         &self,
-        id: &Id,
+        id: &SnapshotId,
         change: impl FnOnce(&Arc<Snapshot>) -> Result<(), LifecycleError>,
     ) -> Result<SnapshotInfo, LifecycleError> {
         let mut catalog = self.lock();
@@ -683,7 +694,7 @@ impl Lifecycle {
     /// describes it.
     pub(super) fn change_registered(
         &self,
-        id: &Id,
+        id: &SnapshotId,
         change: impl FnOnce(&Arc<Snapshot>) -> Result<(), LifecycleError>,
     ) -> Result<SnapshotInfo, LifecycleError> {
         let catalog = self.lock();
@@ -712,7 +723,7 @@ impl Lifecycle {
     /// the changed ones damaged. The daemon calls it about once a second.
     pub fn check_snapshot_files(&self) {
         let mut catalog = self.lock();
-        let ids: Vec<Id> = catalog.metas.keys().cloned().collect();
+        let ids: Vec<SnapshotId> = catalog.metas.keys().cloned().collect();
         for id in ids {
             let _ = self.verify_unchanged(&mut catalog, &id);
         }
@@ -723,7 +734,7 @@ impl Lifecycle {
     fn finish_pending_delete(
         &self,
         catalog: &mut Catalog,
-        id: &Id,
+        id: &SnapshotId,
     ) -> Result<bool, LifecycleError> {
         if !catalog.metas.get(id).is_some_and(|m| m.delete_pending) {
             return Ok(false);
@@ -745,8 +756,8 @@ impl Lifecycle {
     /// socket listens.
     pub fn create_fork(
         &self,
-        id: Option<Id>,
-        snapshot: &Id,
+        id: Option<ForkId>,
+        snapshot: &SnapshotId,
         prefetch: Option<Prefetch>,
         owner: u32,
     ) -> Result<ForkInfo, LifecycleError> {
@@ -761,7 +772,10 @@ impl Lifecycle {
         };
         let taken = self.registry.fork(&id).is_ok() || self.store.fork_exists(&id);
         if taken {
-            return Err(LifecycleError::Exists { kind: "fork", id });
+            return Err(LifecycleError::Exists {
+                kind: "fork",
+                id: id.to_string(),
+            });
         }
         let created = now_ms();
         self.store.write_fork(&ForkRecord {
@@ -798,10 +812,10 @@ impl Lifecycle {
         Ok(fork.info())
     }
 
-    fn generated_fork_id(&self) -> Id {
+    fn generated_fork_id(&self) -> ForkId {
         loop {
             let n = self.next_fork.fetch_add(1, Ordering::Relaxed);
-            let id: Id = format!("fork-{n}")
+            let id: ForkId = format!("fork-{n}")
                 .parse()
                 .expect("generated ids are valid");
             if self.registry.fork(&id).is_err() && !self.store.fork_exists(&id) {
@@ -823,12 +837,12 @@ impl Lifecycle {
     }
 
     /// The uid that created fork `id`.
-    pub fn fork_owner(&self, id: &Id) -> Result<u32, LifecycleError> {
+    pub fn fork_owner(&self, id: &ForkId) -> Result<u32, LifecycleError> {
         Ok(self.registry.fork(id)?.owner())
     }
 
     /// Stops serving a fork, releases its reference and forgets it.
-    pub fn close_fork(&self, id: &Id) -> Result<ForkInfo, LifecycleError> {
+    pub fn close_fork(&self, id: &ForkId) -> Result<ForkInfo, LifecycleError> {
         let fork = self.registry.fork(id)?;
         self.server.stop(&fork);
         let mut catalog = self.lock();
@@ -878,7 +892,7 @@ impl Lifecycle {
     /// Waits for a fork state.
     pub fn wait_fork(
         &self,
-        id: &Id,
+        id: &ForkId,
         state: ForkState,
         timeout: Duration,
     ) -> Result<ForkInfo, LifecycleError> {
@@ -887,7 +901,7 @@ impl Lifecycle {
 
     /// Stops accepting handoffs and returns every fork's handoff socket, still listening, for
     /// the program an upgrade executes.
-    pub fn hand_over_listeners(&self) -> Vec<(Id, std::os::unix::net::UnixListener)> {
+    pub fn hand_over_listeners(&self) -> Vec<(ForkId, std::os::unix::net::UnixListener)> {
         self.server.hand_over_listeners()
     }
 
@@ -905,7 +919,7 @@ impl Lifecycle {
 }
 
 /// The snapshot that already links the file with metadata `source`, if any.
-fn linked_as(catalog: &Catalog, source: &std::fs::Metadata) -> Option<Id> {
+fn linked_as(catalog: &Catalog, source: &std::fs::Metadata) -> Option<SnapshotId> {
     use std::os::unix::fs::MetadataExt;
     catalog
         .metas

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::registry::{ForkPhase, Transition};
-use proto::Id;
+use proto::{ForkId, SnapshotId};
 
 use super::{recovery, time_of, Lifecycle, LifecycleError, ReconcileReport};
 use crate::snapshot::Snapshot;
@@ -31,7 +31,7 @@ impl Lifecycle {
     pub fn reconcile(
         &self,
         fuse_mount: &Path,
-        mut handoffs: BTreeMap<Id, std::os::unix::net::UnixListener>,
+        mut handoffs: BTreeMap<ForkId, std::os::unix::net::UnixListener>,
     ) -> Result<ReconcileReport, LifecycleError> {
         let mut catalog = self.lock();
         let keep: Vec<PathBuf> = handoffs.keys().map(|id| self.socket_path(id)).collect();
@@ -109,7 +109,7 @@ impl Lifecycle {
             self.store.root().to_owned(),
             PathBuf::from("/"),
         ];
-        let snapshots: BTreeSet<Id> = catalog
+        let snapshots: BTreeSet<SnapshotId> = catalog
             .metas
             .keys()
             .chain(catalog.damaged.keys())
@@ -120,7 +120,7 @@ impl Lifecycle {
             self.file_users.adopt(mapper);
             report.file_users += 1;
         }
-        let pending: Vec<Id> = catalog
+        let pending: Vec<SnapshotId> = catalog
             .metas
             .values()
             .filter(|m| m.delete_pending)

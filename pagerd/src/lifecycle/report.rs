@@ -17,7 +17,7 @@ use std::time::Instant;
 use proto::model::{
     ForkCounts, ForkInfo, ForkListEntry, ForkState, FuseStatus, StatsReport, StatusReport, VmCounts,
 };
-use proto::Id;
+use proto::{ForkId, SnapshotId};
 
 use super::{FuseMount, Lifecycle, LifecycleError};
 use crate::file_users::FileUsers;
@@ -40,7 +40,7 @@ pub(crate) struct Reports<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Health {
     /// Snapshots kept but not served.
-    pub damaged_snapshots: Vec<Id>,
+    pub damaged_snapshots: Vec<SnapshotId>,
     /// Fork records that cannot be read (deletes are refused meanwhile).
     pub unreadable_fork_records: Vec<std::path::PathBuf>,
 }
@@ -90,7 +90,7 @@ impl Reports<'_> {
     }
 
     /// One uffd fork.
-    pub fn fork(&self, id: &Id) -> Result<ForkInfo, LifecycleError> {
+    pub fn fork(&self, id: &ForkId) -> Result<ForkInfo, LifecycleError> {
         Ok(self.registry.fork(id)?.info())
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use proto::control::{ControlError, ErrorCode};
 use proto::model::ForkState;
 use proto::prefetch::Prefetch;
-use proto::Id;
+use proto::{ForkId, SnapshotId};
 
 use super::{Lifecycle, LifecycleError, RecordJournal, SnapshotLimits};
 use crate::access::Access;
@@ -33,7 +33,7 @@ fn member() -> u32 {
     }
 }
 
-fn id(s: &str) -> Id {
+fn id<K: proto::ids::Kind>(s: &str) -> proto::Id<K> {
     s.parse().unwrap()
 }
 
@@ -339,23 +339,23 @@ fn a_damaged_snapshot_refuses_forks_and_goes_only_with_a_forced_delete() {
 fn whatever_is_missing_is_one_not_found() {
     let fx = Fixture::roomy();
     let lc = &fx.lifecycle;
-    let none = id("none");
+    let (snapshot, fork): (SnapshotId, ForkId) = (id("none"), id("none"));
     let missing: Vec<LifecycleError> = vec![
-        lc.snapshot(&none).unwrap_err(),
-        lc.snapshot_owner(&none).unwrap_err(),
-        lc.delete_snapshot(&none, true, true).unwrap_err(),
-        lc.create_fork(None, &none, None, ROOT).unwrap_err(),
-        lc.working_sets().record(&none, 1).unwrap_err(),
-        lc.working_sets().clear(&none).unwrap_err(),
-        lc.fork_owner(&none).unwrap_err(),
-        lc.close_fork(&none).unwrap_err(),
-        lc.reports().fork(&none).unwrap_err(),
-        lc.wait_fork(&none, ForkState::Serving, Duration::ZERO)
+        lc.snapshot(&snapshot).unwrap_err(),
+        lc.snapshot_owner(&snapshot).unwrap_err(),
+        lc.delete_snapshot(&snapshot, true, true).unwrap_err(),
+        lc.create_fork(None, &snapshot, None, ROOT).unwrap_err(),
+        lc.working_sets().record(&snapshot, 1).unwrap_err(),
+        lc.working_sets().clear(&snapshot).unwrap_err(),
+        lc.fork_owner(&fork).unwrap_err(),
+        lc.close_fork(&fork).unwrap_err(),
+        lc.reports().fork(&fork).unwrap_err(),
+        lc.wait_fork(&fork, ForkState::Serving, Duration::ZERO)
             .unwrap_err(),
     ];
     for (i, e) in missing.into_iter().enumerate() {
         assert!(
-            matches!(e, LifecycleError::NotFound { ref id, .. } if *id == none),
+            matches!(e, LifecycleError::NotFound { ref id, .. } if id == "none"),
             "case {i}: {e:?}"
         );
         let message = e.to_string();

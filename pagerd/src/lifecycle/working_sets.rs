@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use proto::model::SnapshotInfo;
-use proto::Id;
+use proto::SnapshotId;
 
 use super::{now_ms, Lifecycle, LifecycleError};
 use crate::memory::{FilePage, MemorySource};
@@ -49,7 +49,7 @@ impl Lifecycle {
 
 impl WorkingSets<'_> {
     /// Has the next `forks` uffd forks of `id` record its working set.
-    pub fn record(&self, id: &Id, forks: u32) -> Result<SnapshotInfo, LifecycleError> {
+    pub fn record(&self, id: &SnapshotId, forks: u32) -> Result<SnapshotInfo, LifecycleError> {
         self.lifecycle.change_forkable(id, |snapshot| {
             snapshot.working_set.arm(forks);
             tracing::info!(snapshot = %id, forks, "recording the working set");
@@ -58,7 +58,7 @@ impl WorkingSets<'_> {
     }
 
     /// Deletes the stored working set of `id` and stops any recording.
-    pub fn clear(&self, id: &Id) -> Result<SnapshotInfo, LifecycleError> {
+    pub fn clear(&self, id: &SnapshotId) -> Result<SnapshotInfo, LifecycleError> {
         self.lifecycle.change_registered(id, |snapshot| {
             snapshot.working_set.clear();
             let dir = self.store.snapshot_dir(id);

@@ -49,7 +49,7 @@ use crate::serve::worker::{Command, WorkerHandle};
 use crate::serve::AttachJournal;
 use crate::spare_fd::{self, SpareFd};
 use crate::sys;
-use proto::Id;
+use proto::{ForkId, SnapshotId};
 
 const WAKER: Token = Token(usize::MAX);
 /// The most handoff connections waiting for their message at once.
@@ -73,7 +73,7 @@ pub enum AcceptorCommand {
     /// Stop accepting for a fork: close its listener and pending connections.
     Forget {
         /// The fork.
-        fork: Id,
+        fork: ForkId,
         /// Signalled when done.
         done: Sender<()>,
     },
@@ -81,7 +81,7 @@ pub enum AcceptorCommand {
     /// backlogs and files intact), for the program an upgrade executes.
     HandOver {
         /// Receives the listeners.
-        done: Sender<Vec<(Id, std::os::unix::net::UnixListener)>>,
+        done: Sender<Vec<(ForkId, std::os::unix::net::UnixListener)>>,
     },
     /// Close everything and exit.
     Shutdown,
@@ -199,9 +199,9 @@ enum AttachError {
         "fork `{fork}` is {}: it takes one VMM, once",
         format!("{state:?}").to_lowercase()
     )]
-    AlreadyServing { fork: Id, state: ForkState },
+    AlreadyServing { fork: ForkId, state: ForkState },
     #[error("snapshot `{0}` is not being served")]
-    SnapshotGone(Id),
+    SnapshotGone(SnapshotId),
     #[error(
         "the uffd negotiated features {unsupported:#x} (of {features:#x}) that pagerd does not \
          serve; it serves {:#x}",
@@ -319,7 +319,7 @@ impl Acceptor {
         entry.insert(Listening { fork, listener });
     }
 
-    fn forget(&mut self, fork: &Id) {
+    fn forget(&mut self, fork: &ForkId) {
         let keys: Vec<usize> = self
             .listeners
             .iter()
@@ -340,7 +340,7 @@ impl Acceptor {
         }
     }
 
-    fn hand_over(&mut self) -> Vec<(Id, std::os::unix::net::UnixListener)> {
+    fn hand_over(&mut self) -> Vec<(ForkId, std::os::unix::net::UnixListener)> {
         // Accept no more (connections wait in the backlogs, for the next program), and finish
         // the handoffs already accepted: a VMM that connected just now must not be cut off.
         let registry = self.poll.registry();

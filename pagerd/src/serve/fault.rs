@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use proto::model::EndReason;
-use proto::Id;
+use proto::ForkId;
 
 use super::memory::ForkMemory;
 use super::record::Recorder;
@@ -67,7 +67,7 @@ impl EexistStreak {
 /// Whose faults these are, where they are counted, and who notes first touches.
 pub(super) struct FaultContext<'a> {
     /// The fork, for the log.
-    pub fork: &'a Id,
+    pub fork: &'a ForkId,
     /// Its counters.
     pub stats: &'a ForkStats,
     /// Set while it records its snapshot's working set.
@@ -329,7 +329,7 @@ mod tests {
     }
 
     struct Fixture {
-        id: Id,
+        id: ForkId,
         stats: ForkStats,
     }
 

@@ -197,7 +197,7 @@ impl Server {
 
     /// Stops accepting handoffs and returns every fork's handoff socket, still listening, for
     /// the program an upgrade executes.
-    pub fn hand_over_listeners(&self) -> Vec<(proto::Id, std::os::unix::net::UnixListener)> {
+    pub fn hand_over_listeners(&self) -> Vec<(proto::ForkId, std::os::unix::net::UnixListener)> {
         let (done, wait) = mpsc::channel();
         if !self.acceptor.send(AcceptorCommand::HandOver { done }) {
             return Vec::new();

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 use proto::model::EndReason;
-use proto::Id;
+use proto::{ForkId, SnapshotId};
 
 use super::memory::{Filled, ForkMemory};
 use super::region::Fill;
@@ -104,9 +104,9 @@ pub enum Step {
 /// Whose prefetch this is, where it is counted, and where a damaged set is reported.
 pub struct PrefetchContext<'a> {
     /// The fork, for the log.
-    pub fork: &'a Id,
+    pub fork: &'a ForkId,
     /// Its snapshot, for the log.
-    pub snapshot: &'a Id,
+    pub snapshot: &'a SnapshotId,
     /// Its counters.
     pub stats: &'a ForkStats,
     /// The snapshot's working-set slot, where damage is reported.
@@ -474,8 +474,8 @@ mod tests {
     }
 
     struct Fixture {
-        fork: Id,
-        snapshot: Id,
+        fork: ForkId,
+        snapshot: SnapshotId,
         stats: ForkStats,
         slot: Slot,
     }

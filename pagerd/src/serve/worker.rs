@@ -33,7 +33,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use proto::model::EndReason;
-use proto::Id;
+use proto::ForkId;
 
 use crate::registry::{Registry, Transition};
 use crate::serve::prefetch::{Phase, Step};
@@ -57,7 +57,7 @@ pub enum Command {
     /// Stop serving a fork; `done` is signalled once its descriptors are closed.
     Close {
         /// The fork.
-        fork: Id,
+        fork: ForkId,
         /// Signalled when done.
         done: Sender<()>,
     },

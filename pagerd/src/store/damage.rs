@@ -19,7 +19,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use proto::Id;
+use proto::SnapshotId;
 
 use super::identity::FileChanges;
 use crate::snapshot::SnapshotError;
@@ -73,7 +73,7 @@ pub enum RecordProblem {
     /// It is not valid metadata.
     Parse(Arc<serde_json::Error>),
     /// It describes another snapshot than its directory's.
-    NamesAnother(Id),
+    NamesAnother(SnapshotId),
 }
 
 impl fmt::Display for RecordProblem {

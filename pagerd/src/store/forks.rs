@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{at, to_json, Store, StoreError};
 use crate::store::atomic::{remove_durably, write_atomic, TEMP_PREFIX};
-use proto::Id;
+use proto::{ForkId, SnapshotId};
 
 /// The VMM serving a fork, identified so that a recycled pid is not mistaken for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,9 +43,9 @@ fn process_start_time(pid: i32) -> Option<u64> {
 #[serde(deny_unknown_fields)]
 pub struct ForkRecord {
     /// Fork id (also the file name).
-    pub id: Id,
+    pub id: ForkId,
     /// The snapshot it references: the only source of reference counts.
-    pub snapshot: Id,
+    pub snapshot: SnapshotId,
     /// Creation time, ms since the Unix epoch.
     pub created_unix_ms: u64,
     /// The VMM, once one has handed over its uffd.
@@ -113,7 +113,7 @@ pub struct ForkScan {
 
 impl ForkScan {
     /// Ids of the forks referencing `snapshot`, or `None` if some record is unreadable.
-    pub fn referencing(&self, snapshot: &Id) -> Option<Vec<Id>> {
+    pub fn referencing(&self, snapshot: &SnapshotId) -> Option<Vec<ForkId>> {
         self.unreadable.is_empty().then(|| {
             self.records
                 .iter()
@@ -134,7 +134,7 @@ impl Store {
     /// Keeps [`RESERVE_BYTES`] of the state disk for fork `id`'s attach record, so that a VMM
     /// attaching once the disk is full is still recorded ([`Self::release_fork_space`] frees
     /// them just before).
-    pub fn reserve_fork_space(&self, id: &Id) -> Result<(), StoreError> {
+    pub fn reserve_fork_space(&self, id: &ForkId) -> Result<(), StoreError> {
         use std::io::Write;
         let path = self.forks_dir().join(format!("{RESERVE_PREFIX}{id}"));
         let written = std::fs::OpenOptions::new()
@@ -151,7 +151,7 @@ impl Store {
     }
 
     /// Frees the space kept for fork `id` (if any).
-    pub fn release_fork_space(&self, id: &Id) {
+    pub fn release_fork_space(&self, id: &ForkId) {
         let _ = std::fs::remove_file(self.forks_dir().join(format!("{RESERVE_PREFIX}{id}")));
     }
 
@@ -163,12 +163,12 @@ impl Store {
     }
 
     /// Whether a record (readable or not) exists for fork `id`.
-    pub fn fork_exists(&self, id: &Id) -> bool {
+    pub fn fork_exists(&self, id: &ForkId) -> bool {
         self.forks_dir().join(fork_file(id)).exists()
     }
 
     /// Removes a fork record (its reference ends).
-    pub fn remove_fork(&self, id: &Id) -> Result<(), StoreError> {
+    pub fn remove_fork(&self, id: &ForkId) -> Result<(), StoreError> {
         self.release_fork_space(id);
         let dir = self.forks_dir();
         let name = fork_file(id);
@@ -196,7 +196,7 @@ impl Store {
     }
 }
 
-fn fork_file(id: &Id) -> String {
+fn fork_file(id: &ForkId) -> String {
     format!("{id}.json")
 }
 

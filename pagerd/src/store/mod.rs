@@ -50,7 +50,7 @@ use atomic::{fsync_dir, temp_name, write_atomic, TEMP_PREFIX};
 use damage::{Damage, NotLinkable, RecordProblem};
 use identity::{FileIdentity, FileIdentityExt};
 use import::{ImportMethod, ImportMode};
-use proto::Id;
+use proto::SnapshotId;
 
 pub use forks::{ForkRecord, ForkScan, RegionRecord, UffdRecord, VmmIdentity};
 
@@ -89,7 +89,7 @@ pub struct VmStateSource<'a> {
 #[serde(deny_unknown_fields)]
 pub struct SnapshotMeta {
     /// Snapshot id (also the directory name).
-    pub id: Id,
+    pub id: SnapshotId,
     /// Memory file size in bytes.
     pub size: u64,
     /// Granularity pagerd tracks the file in.
@@ -131,7 +131,7 @@ impl SnapshotMeta {
 #[derive(Debug)]
 pub struct StoredSnapshot {
     /// The directory name.
-    pub id: Id,
+    pub id: SnapshotId,
     /// Its metadata, or why it cannot be used.
     pub meta: Result<SnapshotMeta, Damage>,
 }
@@ -277,17 +277,17 @@ impl Store {
     }
 
     /// A snapshot's directory: its memory file, metadata, device state and working set.
-    pub fn snapshot_dir(&self, id: &Id) -> PathBuf {
+    pub fn snapshot_dir(&self, id: &SnapshotId) -> PathBuf {
         self.snapshots_dir().join(id.as_str())
     }
 
     /// The memory file of a snapshot.
-    pub fn memory_path(&self, id: &Id) -> PathBuf {
+    pub fn memory_path(&self, id: &SnapshotId) -> PathBuf {
         self.snapshot_dir(id).join(MEMORY_FILE)
     }
 
     /// The hypervisor state file of a snapshot (present when its metadata says so).
-    pub fn vmstate_path(&self, id: &Id) -> PathBuf {
+    pub fn vmstate_path(&self, id: &SnapshotId) -> PathBuf {
         self.snapshots_dir().join(id.as_str()).join(VMSTATE_FILE)
     }
 
@@ -298,7 +298,7 @@ impl Store {
     #[allow(clippy::too_many_arguments)]
     pub fn add_snapshot(
         &self,
-        id: &Id,
+        id: &SnapshotId,
         source: &std::fs::File,
         source_name: &Path,
         size: u64,
@@ -430,7 +430,9 @@ impl Store {
         for entry in std::fs::read_dir(&dir).map_err(at("cannot list", &dir))? {
             let entry = entry.map_err(at("cannot list", &dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Ok(id) = name.parse::<Id>() else { continue };
+            let Ok(id) = name.parse::<SnapshotId>() else {
+                continue;
+            };
             let meta_path = entry.path().join(META_FILE);
             let meta = std::fs::read(&meta_path)
                 .map_err(|e| RecordProblem::Read(e.into()))
@@ -457,7 +459,7 @@ impl Store {
 
     /// Removes a snapshot directory: renamed to a trash name first, so a crash leaves either
     /// the whole snapshot or trash that reconciliation removes.
-    pub fn remove_snapshot(&self, id: &Id) -> Result<(), StoreError> {
+    pub fn remove_snapshot(&self, id: &SnapshotId) -> Result<(), StoreError> {
         let dir = self.snapshots_dir();
         let trash = dir.join(format!("{TRASH_PREFIX}{}", temp_name(id.as_str())));
         let from = dir.join(id.as_str());
@@ -545,7 +547,7 @@ fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn id(s: &str) -> Id {
+    fn id<K: proto::ids::Kind>(s: &str) -> proto::Id<K> {
         s.parse().unwrap()
     }
 
@@ -556,7 +558,7 @@ mod tests {
         let src = dir.path().join("mem");
         std::fs::write(&src, vec![1u8; 8192]).unwrap();
         let (file, _) = import::open_source(&src).unwrap();
-        let add = |id: &Id| {
+        let add = |id: &SnapshotId| {
             store.add_snapshot(
                 id,
                 &file,

@@ -21,7 +21,7 @@
 use std::path::{Path, PathBuf};
 
 use proto::model::VmInfo;
-use proto::Id;
+use proto::{SnapshotId, VmId};
 use serde::{Deserialize, Serialize};
 
 use super::atomic::{fsync_dir, temp_name, write_atomic, TEMP_PREFIX};
@@ -53,7 +53,7 @@ pub struct VmScan {
 
 impl VmScan {
     /// The VMs whose hypervisor may still run on `snapshot`.
-    pub fn live_on(&self, snapshot: &Id) -> Vec<Id> {
+    pub fn live_on(&self, snapshot: &SnapshotId) -> Vec<VmId> {
         self.records
             .iter()
             .filter(|r| &r.info.snapshot == snapshot && r.info.state.is_live())
@@ -69,12 +69,12 @@ impl Store {
     }
 
     /// A VM's directory.
-    pub fn vm_dir(&self, id: &Id) -> PathBuf {
+    pub fn vm_dir(&self, id: &VmId) -> PathBuf {
         self.vms_dir().join(id.as_str())
     }
 
     /// Creates a new VM's directory; `AlreadyExists` if the id was used before.
-    pub fn create_vm_dir(&self, id: &Id) -> Result<PathBuf, StoreError> {
+    pub fn create_vm_dir(&self, id: &VmId) -> Result<PathBuf, StoreError> {
         let dir = self.vm_dir(id);
         std::fs::create_dir(&dir).map_err(at("cannot create", &dir))?;
         self.access
@@ -86,7 +86,7 @@ impl Store {
     /// Takes a deleted VM's directory out of every listing at once: renamed to a temp name
     /// (which a scan skips and [`Self::remove_vm_leftovers`] removes). Returns where it went,
     /// for the caller to remove.
-    pub fn retire_vm_dir(&self, id: &Id) -> Result<PathBuf, StoreError> {
+    pub fn retire_vm_dir(&self, id: &VmId) -> Result<PathBuf, StoreError> {
         let dir = self.vms_dir();
         let from = self.vm_dir(id);
         let to = dir.join(temp_name(id.as_str()));

@@ -12,21 +12,21 @@
 //! rename and the removal leaves a `.tmp-` directory, removed at the next start.
 
 use proto::model::VmInfo;
-use proto::Id;
+use proto::VmId;
 
 use super::{VmError, Vms};
 
 impl Vms {
     /// Deletes an ended VM: its record and its directory (console log included). Returns the
     /// VM as it was.
-    pub fn delete(&self, id: &Id) -> Result<VmInfo, VmError> {
+    pub fn delete(&self, id: &VmId) -> Result<VmInfo, VmError> {
         let info = self.remove(id)?;
         tracing::info!(vm = %id, state = %info.state, "VM deleted");
         Ok(info)
     }
 
     /// Forgets an ended VM and removes its directory; refuses a live one.
-    pub(super) fn remove(&self, id: &Id) -> Result<VmInfo, VmError> {
+    pub(super) fn remove(&self, id: &VmId) -> Result<VmInfo, VmError> {
         let (info, retired) = {
             let mut table = self.lock();
             let slot = table.get(id).ok_or_else(|| VmError::NotFound(id.clone()))?;

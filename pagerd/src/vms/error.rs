@@ -1,7 +1,7 @@
 //! Why a VM operation was refused or failed.
 
 use proto::model::{VmState, VmmKind};
-use proto::Id;
+use proto::{SnapshotId, VmId};
 use vmm_glue::firecracker::FirecrackerError;
 use vmm_glue::qemu::QemuError;
 use vmm_glue::HypervisorError;
@@ -14,13 +14,13 @@ use crate::store::StoreError;
 pub(crate) enum VmError {
     /// No such VM.
     #[error("no VM `{0}`")]
-    NotFound(Id),
+    NotFound(VmId),
     /// The id is taken.
     #[error("VM `{0}` already exists")]
-    Exists(Id),
+    Exists(VmId),
     /// The snapshot has no hypervisor state to start from.
     #[error("snapshot `{0}` has no saved hypervisor state; register it with --vmstate")]
-    NoVmState(Id),
+    NoVmState(SnapshotId),
     /// That hypervisor cannot do this (yet).
     #[error("{operation} is not supported for {vmm} VMs")]
     Unsupported {
@@ -42,7 +42,7 @@ pub(crate) enum VmError {
     #[error("VM `{vm}` is {state}")]
     WrongState {
         /// The VM.
-        vm: Id,
+        vm: VmId,
         /// Its state.
         state: VmState,
     },
@@ -52,7 +52,7 @@ pub(crate) enum VmError {
     )]
     Live {
         /// The VM.
-        vm: Id,
+        vm: VmId,
         /// Its state.
         state: VmState,
     },
@@ -60,7 +60,7 @@ pub(crate) enum VmError {
     #[error("VM `{vm}` failed to start: {reason}")]
     StartRejected {
         /// The VM.
-        vm: Id,
+        vm: VmId,
         /// Why.
         reason: String,
     },
@@ -68,7 +68,7 @@ pub(crate) enum VmError {
     #[error("VM `{vm}` failed to start: {reason}")]
     StartFailed {
         /// The VM.
-        vm: Id,
+        vm: VmId,
         /// Why.
         reason: String,
     },
@@ -76,7 +76,7 @@ pub(crate) enum VmError {
     #[error("VM `{vm}`")]
     Api {
         /// The VM.
-        vm: Id,
+        vm: VmId,
         /// What failed.
         #[source]
         source: FirecrackerError,
@@ -85,7 +85,7 @@ pub(crate) enum VmError {
     #[error("VM `{vm}`")]
     Qmp {
         /// The VM.
-        vm: Id,
+        vm: VmId,
         /// What failed.
         #[source]
         source: QemuError,
@@ -94,7 +94,7 @@ pub(crate) enum VmError {
     #[error("VM `{vm}` did not reach {state} within {timeout_ms} ms")]
     WaitTimedOut {
         /// The VM.
-        vm: Id,
+        vm: VmId,
         /// The state waited for.
         state: VmState,
         /// How long.
@@ -119,7 +119,7 @@ pub(crate) enum VmError {
 
 impl VmError {
     /// A hypervisor call for VM `vm` failed: Firecracker's API or QEMU's QMP.
-    pub(crate) fn hypervisor(vm: Id, error: HypervisorError) -> Self {
+    pub(crate) fn hypervisor(vm: VmId, error: HypervisorError) -> Self {
         match error {
             HypervisorError::Firecracker(source) => Self::Api { vm, source },
             HypervisorError::Qemu(source) => Self::Qmp { vm, source },
@@ -136,7 +136,7 @@ mod tests {
 
     use super::*;
 
-    fn vm() -> Id {
+    fn vm() -> VmId {
         "a".parse().unwrap()
     }
 
@@ -181,7 +181,10 @@ mod tests {
                 },
                 ErrorCode::Conflict,
             ),
-            (VmError::NoVmState(vm()), ErrorCode::InvalidArgument),
+            (
+                VmError::NoVmState("s".parse().unwrap()),
+                ErrorCode::InvalidArgument,
+            ),
             (
                 VmError::StartRejected {
                     vm: vm(),
@@ -228,14 +231,14 @@ mod tests {
             (
                 VmError::Lifecycle(LifecycleError::NotFound {
                     kind: "snapshot",
-                    id: vm(),
+                    id: "s".into(),
                 }),
                 ErrorCode::NotFound,
             ),
             (
                 VmError::Lifecycle(LifecycleError::Exists {
                     kind: "snapshot",
-                    id: vm(),
+                    id: "s".into(),
                 }),
                 ErrorCode::Conflict,
             ),

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use proto::Id;
+use proto::VmId;
 
 use super::{console, VmError};
 
@@ -97,7 +97,7 @@ impl StartFailure {
 
     /// The error answered for VM `vm`: the hypervisor's refusal of the snapshot is the
     /// caller's bad input; anything else is a failure.
-    pub(crate) fn into_error(self, vm: Id) -> VmError {
+    pub(crate) fn into_error(self, vm: VmId) -> VmError {
         let reason = self.reason();
         let rejected = match &self.error {
             VmError::Api { source, .. } => source.rejected_snapshot(),
@@ -121,7 +121,7 @@ mod tests {
 
     use super::*;
 
-    fn vm() -> Id {
+    fn vm() -> VmId {
         "a".parse().unwrap()
     }
 

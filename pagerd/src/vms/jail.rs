@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use proto::model::JailInfo;
-use proto::Id;
+use proto::VmId;
 
 /// The API socket's path inside the chroot.
 pub(super) const API_SOCKET: &str = "/run/firecracker.socket";
@@ -45,7 +45,7 @@ pub(crate) struct JailOptions {
 
 impl JailOptions {
     /// The jail of VM `id` run from `binary`: a uid not in `in_use`, and its chroot.
-    pub fn jail(&self, binary: &Path, id: &Id, in_use: &BTreeSet<u32>) -> Option<JailInfo> {
+    pub fn jail(&self, binary: &Path, id: &VmId, in_use: &BTreeSet<u32>) -> Option<JailInfo> {
         let uid = (0..self.uids)
             .filter_map(|n| self.first_uid.checked_add(n))
             .find(|uid| !in_use.contains(uid))?;
@@ -58,7 +58,7 @@ impl JailOptions {
     }
 
     /// The command that starts `binary` jailed as `jail`.
-    pub fn command(&self, binary: &Path, id: &Id, jail: &JailInfo) -> Command {
+    pub fn command(&self, binary: &Path, id: &VmId, jail: &JailInfo) -> Command {
         let base = jail
             .root
             .parent()
@@ -169,7 +169,7 @@ mod tests {
 
     #[test]
     fn each_vm_gets_a_free_uid_and_a_chroot_of_its_own() {
-        let id: Id = "a".parse().unwrap();
+        let id: VmId = "a".parse().unwrap();
         let fc = Path::new("/opt/fc/firecracker");
         let jail = options().jail(fc, &id, &BTreeSet::from([900_000])).unwrap();
         assert_eq!(jail.uid, 900_001);
@@ -191,7 +191,7 @@ mod tests {
 
     #[test]
     fn the_jailer_is_told_the_uid_the_group_and_the_base() {
-        let id: Id = "a".parse().unwrap();
+        let id: VmId = "a".parse().unwrap();
         let fc = Path::new("/opt/fc/firecracker");
         let jail = options().jail(fc, &id, &BTreeSet::new()).unwrap();
         let command = options().command(fc, &id, &jail);

@@ -52,7 +52,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use proto::model::{JailInfo, VmBackend, VmCounts, VmInfo, VmState, VmmKind};
-use proto::Id;
+use proto::{ForkId, VmId};
 use rustix::process::Signal;
 use vmm_glue::hypervisor::{Launch, Restore};
 use vmm_glue::Hypervisor;
@@ -118,7 +118,7 @@ pub(crate) struct Vms {
     host: Arc<dyn VmHost>,
     store: Store,
     options: VmOptions,
-    table: Mutex<BTreeMap<Id, Slot>>,
+    table: Mutex<BTreeMap<VmId, Slot>>,
     changed: Condvar,
     next: AtomicU64,
 }
@@ -127,11 +127,11 @@ pub(crate) struct Vms {
 #[derive(Debug, Default, serde::Serialize)]
 pub(crate) struct VmReconcileReport {
     /// Still running: adopted.
-    pub running: Vec<Id>,
+    pub running: Vec<VmId>,
     /// Gone while pagerd was away.
-    pub exited: Vec<Id>,
+    pub exited: Vec<VmId>,
     /// Caught half-started: killed.
-    pub failed: Vec<Id>,
+    pub failed: Vec<VmId>,
 }
 
 fn rank(state: VmState) -> u8 {
@@ -161,12 +161,12 @@ impl Vms {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<Id, Slot>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<VmId, Slot>> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Changes a VM's record, writes it, and wakes waiters. Returns the new record.
-    fn update(&self, id: &Id, change: impl FnOnce(&mut Slot)) -> Result<VmInfo, VmError> {
+    fn update(&self, id: &VmId, change: impl FnOnce(&mut Slot)) -> Result<VmInfo, VmError> {
         let mut table = self.lock();
         let slot = table
             .get_mut(id)
@@ -189,7 +189,7 @@ impl Vms {
     }
 
     /// The live VM whose memory fork `fork` serves, if any.
-    pub fn vm_of_fork(&self, fork: &Id) -> Option<Id> {
+    pub fn vm_of_fork(&self, fork: &ForkId) -> Option<VmId> {
         self.lock()
             .values()
             .find(|s| s.record.info.fork.as_ref() == Some(fork) && s.record.info.state.is_live())
@@ -211,17 +211,17 @@ impl Vms {
     }
 
     /// One VM.
-    pub fn get(&self, id: &Id) -> Result<VmInfo, VmError> {
+    pub fn get(&self, id: &VmId) -> Result<VmInfo, VmError> {
         self.lock()
             .get(id)
             .map(|s| s.record.info.clone())
             .ok_or_else(|| VmError::NotFound(id.clone()))
     }
 
-    fn generated_id(&self, table: &BTreeMap<Id, Slot>) -> Id {
+    fn generated_id(&self, table: &BTreeMap<VmId, Slot>) -> VmId {
         loop {
             let n = self.next.fetch_add(1, Ordering::Relaxed);
-            let id: Id = format!("vm-{n}").parse().expect("generated ids are valid");
+            let id: VmId = format!("vm-{n}").parse().expect("generated ids are valid");
             if !table.contains_key(&id) && !self.store.vm_dir(&id).exists() {
                 return id;
             }
@@ -361,7 +361,7 @@ impl Vms {
     /// dropped, which kills it.
     fn launch(
         &self,
-        id: &Id,
+        id: &VmId,
         dir: &Path,
         target: &Target,
         memory_file: Option<PathBuf>,
@@ -383,7 +383,7 @@ impl Vms {
     /// Returns it in its guard, with the memory it is to be given.
     fn spawn(
         &self,
-        id: &Id,
+        id: &VmId,
         dir: &Path,
         target: &Target,
         memory_file: Option<PathBuf>,
@@ -395,7 +395,7 @@ impl Vms {
             Some(file) => file,
             None => {
                 let fork = self.host.create_fork(
-                    id.clone(),
+                    id.to_kind(),
                     &request.call.snapshot,
                     request.call.prefetch,
                     request.owner,
@@ -453,7 +453,7 @@ impl Vms {
     /// Waits for the spawned hypervisor's control socket and restores the snapshot into it.
     fn restore(
         &self,
-        id: &Id,
+        id: &VmId,
         dir: &Path,
         target: &Target,
         request: &StartRequest,
@@ -499,7 +499,7 @@ impl Vms {
     /// Follows a VM's hypervisor until it exits, on a thread of its own.
     fn supervise(
         self: &Arc<Self>,
-        id: Id,
+        id: VmId,
         pidfd: Arc<OwnedFd>,
         child: Option<std::process::Child>,
     ) {
@@ -516,7 +516,7 @@ impl Vms {
         }
     }
 
-    fn exited(&self, id: &Id, status: Option<ExitStatus>) {
+    fn exited(&self, id: &VmId, status: Option<ExitStatus>) {
         let updated = self.update(id, |slot| {
             slot.pidfd = None;
             if slot.record.info.state.is_live() {
@@ -555,7 +555,7 @@ impl Vms {
     }
 
     /// Stops a VM: SIGTERM, then SIGKILL once `timeout` passes. Returns it exited.
-    pub fn stop(&self, id: &Id, timeout: Duration) -> Result<VmInfo, VmError> {
+    pub fn stop(&self, id: &VmId, timeout: Duration) -> Result<VmInfo, VmError> {
         let (pidfd, state) = {
             let table = self.lock();
             let slot = table.get(id).ok_or_else(|| VmError::NotFound(id.clone()))?;
@@ -581,7 +581,7 @@ impl Vms {
     }
 
     /// Waits until a VM reaches `state` or a later one.
-    pub fn wait(&self, id: &Id, state: VmState, timeout: Duration) -> Result<VmInfo, VmError> {
+    pub fn wait(&self, id: &VmId, state: VmState, timeout: Duration) -> Result<VmInfo, VmError> {
         let end = Instant::now() + timeout;
         let mut table = self.lock();
         loop {

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use proto::model::VmInfo;
-use proto::Id;
+use proto::VmId;
 
 use super::{VmError, Vms};
 
@@ -56,8 +56,8 @@ pub(crate) fn expired(info: &VmInfo, retention: Option<Duration>, now_ms: u64) -
 impl Vms {
     /// Deletes every ended VM past its retention at `now_ms`; a removal that fails is logged
     /// once (`reported` remembers it) and tried again next time. Returns the VMs deleted.
-    pub(super) fn remove_expired(&self, now_ms: u64, reported: &mut BTreeSet<Id>) -> Vec<Id> {
-        let due: Vec<Id> = self
+    pub(super) fn remove_expired(&self, now_ms: u64, reported: &mut BTreeSet<VmId>) -> Vec<VmId> {
+        let due: Vec<VmId> = self
             .lock()
             .values()
             .filter(|s| expired(&s.record.info, self.options.retention, now_ms))

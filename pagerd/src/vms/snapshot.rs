@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use proto::model::{SnapshotInfo, VmState};
-use proto::Id;
+use proto::{SnapshotId, VmId};
 
 use crate::lifecycle::LifecycleError;
 
@@ -13,7 +13,12 @@ impl Vms {
     /// Saves a running VM as snapshot `new`: paused, written by the hypervisor into the VM's
     /// directory, registered (copied in) with its device state, then resumed if `resume`
     /// (or if anything failed).
-    pub fn snapshot(&self, id: &Id, new: Id, resume: bool) -> Result<SnapshotInfo, VmError> {
+    pub fn snapshot(
+        &self,
+        id: &VmId,
+        new: SnapshotId,
+        resume: bool,
+    ) -> Result<SnapshotInfo, VmError> {
         let info = self.get(id)?;
         if info.state != VmState::Running {
             return Err(VmError::WrongState {
@@ -30,7 +35,7 @@ impl Vms {
         if self.host.snapshot(&new).is_ok() {
             return Err(VmError::Lifecycle(LifecycleError::Exists {
                 kind: "snapshot",
-                id: new,
+                id: new.to_string(),
             }));
         }
         // Where the hypervisor writes the snapshot: the VM's directory, or for a jailed VM a

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use proto::model::{ForkInfo, SnapshotInfo, VmBackend, VmInfo, VmState, VmmKind};
 use proto::prefetch::Prefetch;
-use proto::Id;
+use proto::{ForkId, SnapshotId, VmId};
 
 use super::{Slot, StartRequest, VmError, VmHost, VmOptions, Vms};
 use crate::access::Access;
@@ -20,7 +20,7 @@ use crate::lifecycle::LifecycleError;
 use crate::store::vms::VmRecord;
 use crate::store::Store;
 
-fn id(s: &str) -> Id {
+fn id<K: proto::ids::Kind>(s: &str) -> proto::Id<K> {
     s.parse().unwrap()
 }
 
@@ -53,27 +53,27 @@ pub(super) fn snapshot(fuse_file: Option<&str>, vmm: Option<VmmKind>) -> Snapsho
 /// The lifecycle, reduced to what `vms` asks of it, remembering the calls.
 #[derive(Debug, Default)]
 struct FakeHost {
-    snapshots: BTreeMap<Id, SnapshotInfo>,
-    created_forks: Mutex<Vec<Id>>,
-    closed_forks: Mutex<Vec<Id>>,
-    released: Mutex<Vec<Id>>,
+    snapshots: BTreeMap<SnapshotId, SnapshotInfo>,
+    created_forks: Mutex<Vec<ForkId>>,
+    closed_forks: Mutex<Vec<ForkId>>,
+    released: Mutex<Vec<SnapshotId>>,
 }
 
 impl VmHost for FakeHost {
-    fn snapshot(&self, id: &Id) -> Result<SnapshotInfo, LifecycleError> {
+    fn snapshot(&self, id: &SnapshotId) -> Result<SnapshotInfo, LifecycleError> {
         self.snapshots
             .get(id)
             .cloned()
             .ok_or_else(|| LifecycleError::NotFound {
                 kind: "snapshot",
-                id: id.clone(),
+                id: id.to_string(),
             })
     }
 
     fn create_fork(
         &self,
-        id: Id,
-        snapshot: &Id,
+        id: ForkId,
+        snapshot: &SnapshotId,
         _prefetch: Option<Prefetch>,
         owner: u32,
     ) -> Result<ForkInfo, LifecycleError> {
@@ -95,17 +95,17 @@ impl VmHost for FakeHost {
         .unwrap())
     }
 
-    fn close_fork(&self, id: &Id) -> Result<ForkInfo, LifecycleError> {
+    fn close_fork(&self, id: &ForkId) -> Result<ForkInfo, LifecycleError> {
         self.closed_forks.lock().unwrap().push(id.clone());
         Err(LifecycleError::NotFound {
             kind: "fork",
-            id: id.clone(),
+            id: id.to_string(),
         })
     }
 
     fn register(
         &self,
-        _id: Id,
+        _id: SnapshotId,
         _memory: &Path,
         _vmstate: &Path,
         _vmm: VmmKind,
@@ -114,7 +114,7 @@ impl VmHost for FakeHost {
         panic!("no snapshot is registered in these tests")
     }
 
-    fn released(&self, snapshot: &Id) {
+    fn released(&self, snapshot: &SnapshotId) {
         self.released.lock().unwrap().push(snapshot.clone());
     }
 }
@@ -152,7 +152,7 @@ impl Fixture {
     }
 
     /// A VM record in `state`, written and in the table.
-    fn insert(&self, vm: &str, vmm: VmmKind, state: VmState, fork: Option<&str>) -> Id {
+    fn insert(&self, vm: &str, vmm: VmmKind, state: VmState, fork: Option<&str>) -> VmId {
         let vm = id(vm);
         let dir = self.store.create_vm_dir(&vm).unwrap();
         let record = VmRecord {
@@ -203,7 +203,7 @@ impl Fixture {
         }
     }
 
-    fn on_disk(&self, vm: &Id) -> VmInfo {
+    fn on_disk(&self, vm: &VmId) -> VmInfo {
         let scan = self.store.scan_vms().unwrap();
         scan.records
             .into_iter()

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::Id;
+use crate::ids::{ForkId, SnapshotId, VmId};
 use crate::prefetch::{Prefetch, RecordingInfo, WorkingSetInfo};
 
 mod vm;
@@ -367,9 +367,9 @@ impl std::ops::AddAssign<&ForkStatsReport> for ForkStatsReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForkInfo {
     /// Fork id.
-    pub id: Id,
+    pub id: ForkId,
     /// Snapshot id.
-    pub snapshot: Id,
+    pub snapshot: SnapshotId,
     /// The uid that created it (root for forks created before owners were kept).
     #[serde(default)]
     pub owner: u32,
@@ -440,7 +440,7 @@ pub struct FileUserInfo {
     /// `file-<handle>`.
     pub id: String,
     /// The snapshot whose memory file it holds.
-    pub snapshot: Id,
+    pub snapshot: SnapshotId,
     /// The process, from the FUSE request (0 if the kernel could not name it).
     pub pid: i32,
     /// How it holds the file.
@@ -473,7 +473,7 @@ pub enum ForkListEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
     /// Snapshot id.
-    pub id: Id,
+    pub id: SnapshotId,
     /// The memory file in the state directory.
     pub path: PathBuf,
     /// Memory file size in bytes (absent when the metadata is unreadable).
@@ -500,7 +500,7 @@ pub struct SnapshotInfo {
     /// record is unreadable.
     pub ref_count: Option<usize>,
     /// The forks' ids; `null` when unknown.
-    pub forks: Option<Vec<Id>>,
+    pub forks: Option<Vec<ForkId>>,
     /// Processes holding its memory file on the FUSE mount.
     pub file_users: Vec<FileUserInfo>,
     /// Its memory file on the FUSE mount, for VMMs that map a file (when mounted).
@@ -515,7 +515,7 @@ pub struct SnapshotInfo {
     pub vmstate: Option<VmStateInfo>,
     /// Launched VMs still using it (starting or running).
     #[serde(default)]
-    pub vms: Vec<Id>,
+    pub vms: Vec<VmId>,
     /// The recorded working set replayed into new forks, if any.
     #[serde(default)]
     pub working_set: Option<WorkingSetInfo>,
@@ -562,13 +562,13 @@ pub struct FileIdentity {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteOutcome {
     /// The snapshot.
-    pub id: Id,
+    pub id: SnapshotId,
     /// Gone now.
     pub deleted: bool,
     /// Marked for deletion when its last reference ends.
     pub pending: bool,
     /// The forks it waits for.
-    pub forks: Vec<Id>,
+    pub forks: Vec<ForkId>,
     /// The processes holding its memory file it waits for.
     pub file_users: Vec<FileUserInfo>,
 }
@@ -646,7 +646,7 @@ pub struct StatusReport {
     #[serde(default)]
     pub vms: VmCounts,
     /// Snapshots kept but not served.
-    pub damaged_snapshots: Vec<Id>,
+    pub damaged_snapshots: Vec<SnapshotId>,
     /// Fork records that cannot be read (deletes are refused while they exist).
     pub unreadable_fork_records: Vec<PathBuf>,
     /// Descriptors the daemon has open.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::Id;
+use crate::ids::{ForkId, SnapshotId, VmId};
 
 /// Which hypervisor a snapshot's device state is for, and which one a VM runs.
 #[derive(
@@ -153,9 +153,9 @@ pub struct JailInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
     /// VM id.
-    pub id: Id,
+    pub id: VmId,
     /// The snapshot it was restored from.
-    pub snapshot: Id,
+    pub snapshot: SnapshotId,
     /// The uid that started it (root for VMs started before owners were kept).
     #[serde(default)]
     pub owner: u32,
@@ -168,7 +168,7 @@ pub struct VmInfo {
     /// The hypervisor's pid (once started).
     pub pid: Option<i32>,
     /// The fork serving its memory (uffd backend).
-    pub fork: Option<Id>,
+    pub fork: Option<ForkId>,
     /// The memory file it maps (file backend).
     pub memory_file: Option<PathBuf>,
     /// The hypervisor's API socket.

@@ -370,7 +370,9 @@ impl Generator {
 
     /// A harmless version of `request`, if it needs one.
     fn defuse(&self, request: Request) -> Option<Request> {
-        let elsewhere = || "fz-gone".parse().expect("an id");
+        fn elsewhere<K: proto::ids::Kind>() -> proto::Id<K> {
+            "fz-gone".parse().expect("an id")
+        }
         match request {
             Request::SnapshotDelete(SnapshotDelete {
                 snapshot,

@@ -41,7 +41,7 @@ use proto::control::{
     SnapshotList, Status,
 };
 use proto::model::{ForkInfo, ForkListEntry, ForkState, SnapshotInfo};
-use proto::Id;
+use proto::ForkId;
 use testkit::{poll_until, write_snapshot, Daemon, Vmm};
 
 use crate::fds::FdFactory;
@@ -136,7 +136,7 @@ struct Fuzz<'a> {
     handoffs: handoff::Generator,
     file_size: u64,
     connection: Option<control::Connection>,
-    handoff_fork: (Id, PathBuf),
+    handoff_fork: (ForkId, PathBuf),
     next_handoff_fork: u64,
     hanging: Hanging,
     counts: Counts,
@@ -535,7 +535,7 @@ impl<'a> Fuzz<'a> {
     }
 
     fn new_handoff_fork(&mut self) -> Result<(), String> {
-        let id: Id = format!("{HANDOFF_PREFIX}{}", self.next_handoff_fork)
+        let id: ForkId = format!("{HANDOFF_PREFIX}{}", self.next_handoff_fork)
             .parse()
             .expect("an id");
         self.next_handoff_fork += 1;
