@@ -394,3 +394,176 @@ fn refuse_unprivileged(request: &Request, cx: &RequestContext) -> Result<(), Con
     };
     Err(ControlError::new(ErrorCode::PermissionDenied, refused))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use proto::{ForkId, SnapshotId};
+
+    use super::*;
+    use crate::control::Peer;
+    use crate::owners::ForkQuotaError;
+    use crate::store::StoreError;
+
+    fn code(e: impl Into<ControlError>) -> ErrorCode {
+        e.into().code
+    }
+
+    fn store_error(kind: std::io::ErrorKind) -> LifecycleError {
+        LifecycleError::Store(StoreError {
+            action: "write",
+            path: PathBuf::from("/state/x"),
+            source: kind.into(),
+        })
+    }
+
+    #[test]
+    fn lifecycle_refusals_map_to_their_codes() {
+        let s: SnapshotId = "s".parse().unwrap();
+        let f: ForkId = "f".parse().unwrap();
+        let not_found = LifecycleError::NotFound {
+            kind: "fork",
+            id: "f".into(),
+        };
+        let message = ControlError::from(LifecycleError::NotFound {
+            kind: "fork",
+            id: "f".into(),
+        })
+        .message;
+        assert!(message.contains("`f`"), "{message}");
+        let cases = [
+            (not_found, ErrorCode::NotFound),
+            (
+                LifecycleError::Exists {
+                    kind: "snapshot",
+                    id: "s".into(),
+                },
+                ErrorCode::Conflict,
+            ),
+            (
+                LifecycleError::InUse {
+                    snapshot: s.clone(),
+                    forks: vec![f],
+                    file_users: Vec::new(),
+                    vms: Vec::new(),
+                },
+                ErrorCode::Conflict,
+            ),
+            (
+                LifecycleError::DeletePending(s.clone()),
+                ErrorCode::Conflict,
+            ),
+            (
+                LifecycleError::BadPath {
+                    path: "/x".into(),
+                    why: "a symlink".into(),
+                },
+                ErrorCode::InvalidArgument,
+            ),
+            (
+                LifecycleError::TooLarge { size: 2, max: 1 },
+                ErrorCode::Unavailable,
+            ),
+            (
+                LifecycleError::Quota {
+                    uid: 1000,
+                    used: 1,
+                    size: 2,
+                    quota: 2,
+                },
+                ErrorCode::Unavailable,
+            ),
+            (
+                LifecycleError::Serve(ServeError::SocketPathTooLong("/long".into())),
+                ErrorCode::InvalidArgument,
+            ),
+            (
+                LifecycleError::Serve(ServeError::TooManyForks(ForkQuotaError::Full { max: 1 })),
+                ErrorCode::Unavailable,
+            ),
+            (
+                store_error(std::io::ErrorKind::StorageFull),
+                ErrorCode::Unavailable,
+            ),
+            (
+                store_error(std::io::ErrorKind::PermissionDenied),
+                ErrorCode::Internal,
+            ),
+            (
+                LifecycleError::CountsUnknown {
+                    snapshot: s,
+                    records: vec!["/state/forks/x.json".into()],
+                },
+                ErrorCode::Internal,
+            ),
+        ];
+        for (e, want) in cases {
+            let shown = e.to_string();
+            assert_eq!(code(e), want, "{shown}");
+        }
+    }
+
+    #[test]
+    fn upgrade_refusals_map_to_their_codes() {
+        assert_eq!(
+            code(UpgradeError::NotAbsolute("bin".into())),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            code(UpgradeError::NotExecutable("/bin/x".into())),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(code(UpgradeError::InProgress), ErrorCode::Unavailable);
+    }
+
+    #[test]
+    fn only_operators_launch_vms_or_upgrade_and_members_change_only_their_own() {
+        let me = nix::unistd::geteuid().as_raw();
+        let member = if me == 4242 { 4243 } else { 4242 };
+        let cx = |uid| {
+            RequestContext::new(
+                Some(Peer {
+                    uid,
+                    gid: uid,
+                    pid: 1,
+                }),
+                Vec::new(),
+            )
+        };
+        let start = Request::from(VmStart {
+            snapshot: "s".parse().unwrap(),
+            vm: None,
+            backend: Default::default(),
+            network_overrides: Vec::new(),
+            vsock: None,
+            prefetch: None,
+        });
+        let upgrade = Request::from(DaemonUpgrade { binary: None });
+        let list = Request::from(ForkList {});
+        for request in [&start, &upgrade] {
+            let refused = refuse_unprivileged(request, &cx(member)).unwrap_err();
+            assert_eq!(
+                refused.code,
+                ErrorCode::PermissionDenied,
+                "{}",
+                request.op()
+            );
+            assert!(refuse_unprivileged(request, &cx(0)).is_ok());
+            assert!(refuse_unprivileged(request, &cx(me)).is_ok());
+        }
+        assert!(refuse_unprivileged(&list, &cx(member)).is_ok());
+        let unknown = RequestContext::default();
+        assert!(
+            refuse_unprivileged(&start, &unknown).is_err(),
+            "an unknown peer is nobody"
+        );
+
+        let id: ForkId = "f".parse().unwrap();
+        assert!(may_change(Some(member), "fork", &id, member).is_ok());
+        assert!(may_change(Some(0), "fork", &id, member).is_ok());
+        let refused = may_change(Some(member), "fork", &id, member + 1).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::PermissionDenied);
+        assert!(refused.message.contains(&format!("uid {}", member + 1)));
+    }
+}

@@ -34,14 +34,14 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use proto::control::ErrorCode;
 use proto::fdpass::{HandoffReceiver, ReceivedHandoff};
 use proto::handoff::{self, HandoffError, HandoffRefusal, HandoffReply};
-use proto::model::{EndReason, ForkState, HandoffErrorInfo, RefusalReason};
+use proto::model::{EndReason, HandoffErrorInfo, RefusalReason};
 use slab::Slab;
 
 use crate::admission::{Admission, Counted, Permit};
 use crate::errors::error_chain;
 use crate::ratelimit::RateLimiter;
 use crate::registry::{Fork, Registry, Serving, Transition};
-use crate::serve::memory::MemorySetupError;
+use crate::serve::attach::{check_features, check_waiting, AttachError};
 use crate::serve::recover::{self, ServedUffd};
 use crate::serve::session::{ServeOptions, Session};
 use crate::serve::uffd::{self, Userfaultfd};
@@ -49,7 +49,7 @@ use crate::serve::worker::{Command, WorkerHandle};
 use crate::serve::AttachJournal;
 use crate::spare_fd::{self, SpareFd};
 use crate::sys;
-use proto::{ForkId, SnapshotId};
+use proto::ForkId;
 
 const WAKER: Token = Token(usize::MAX);
 /// The most handoff connections waiting for their message at once.
@@ -188,59 +188,6 @@ struct Acceptor {
     admission: Arc<Admission>,
     spare: SpareFd,
     busy_log: RateLimiter,
-}
-
-/// Why an accepted, complete handoff could not be attached.
-#[derive(Debug, thiserror::Error)]
-enum AttachError {
-    #[error(transparent)]
-    Handoff(#[from] HandoffError),
-    #[error(
-        "fork `{fork}` is {}: it takes one VMM, once",
-        format!("{state:?}").to_lowercase()
-    )]
-    AlreadyServing { fork: ForkId, state: ForkState },
-    #[error("snapshot `{0}` is not being served")]
-    SnapshotGone(SnapshotId),
-    #[error(
-        "the uffd negotiated features {unsupported:#x} (of {features:#x}) that pagerd does not \
-         serve; it serves {:#x}",
-        uffd::SERVED_FEATURES
-    )]
-    UnsupportedFeatures { features: u64, unsupported: u64 },
-    #[error("cannot read the uffd's features from /proc/self/fdinfo")]
-    FeaturesUnknown,
-    #[error("cannot set up serving")]
-    Setup(#[source] io::Error),
-    #[error("cannot set up serving")]
-    SessionSetup(#[source] MemorySetupError),
-    #[error("no worker is running")]
-    NoWorker,
-}
-
-impl AttachError {
-    fn reason(&self) -> RefusalReason {
-        match self {
-            Self::Handoff(e) => e.reason(),
-            Self::AlreadyServing { .. } => RefusalReason::AlreadyServing,
-            Self::SnapshotGone(_) => RefusalReason::SnapshotMissing,
-            Self::UnsupportedFeatures { .. } => RefusalReason::UnsupportedFeatures,
-            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) => {
-                RefusalReason::SetupFailed
-            }
-            Self::NoWorker => RefusalReason::NoWorker,
-        }
-    }
-
-    fn code(&self) -> ErrorCode {
-        match self {
-            Self::Handoff(_) | Self::UnsupportedFeatures { .. } => ErrorCode::InvalidArgument,
-            Self::AlreadyServing { .. } => ErrorCode::Conflict,
-            Self::SnapshotGone(_) => ErrorCode::NotFound,
-            Self::FeaturesUnknown | Self::Setup(_) | Self::SessionSetup(_) => ErrorCode::Internal,
-            Self::NoWorker => ErrorCode::Unavailable,
-        }
-    }
 }
 
 fn listener_token(key: usize) -> Token {
@@ -615,30 +562,18 @@ impl Acceptor {
         p: &Pending,
         handoff: ReceivedHandoff,
     ) -> Result<PreparedSession, AttachError> {
-        let state = p.fork.status().phase.state();
-        if state != ForkState::Waiting {
-            return Err(AttachError::AlreadyServing {
-                fork: p.fork.id().clone(),
-                state,
-            });
-        }
+        check_waiting(p.fork.id(), p.fork.status().phase.state())?;
         let snapshot = self
             .registry
             .snapshot(p.fork.snapshot())
             .map_err(|_| AttachError::SnapshotGone(p.fork.snapshot().clone()))?;
         handoff::validate(&handoff.regions, snapshot.size())?;
         let uffd = Userfaultfd::new(handoff.uffd).map_err(AttachError::Setup)?;
-        let features = uffd.features().ok_or(AttachError::FeaturesUnknown)?;
+        let features = uffd.features();
         tracing::debug!(fork = %p.fork.id(), peer_pid = p.peer_pid, regions = handoff.regions.len(),
             bytes = handoff.regions.iter().map(|r| r.size).sum::<u64>(),
-            features = format_args!("{features:#x}"), "handoff received");
-        let unsupported = uffd::unsupported_features(features);
-        if unsupported != 0 {
-            return Err(AttachError::UnsupportedFeatures {
-                features,
-                unsupported,
-            });
-        }
+            features = ?features, "handoff received");
+        let features = check_features(features)?;
         let pidfd = match p.peer_pid.map(sys::pidfd_open) {
             Some(Ok(fd)) => Some(fd),
             Some(Err(e)) => return Err(AttachError::Setup(e)),

@@ -10,11 +10,13 @@
 //! takes the uffd back from the live VMM at its next start ([`Server::recover`], [`recover`]).
 
 pub mod acceptor;
+mod attach;
 #[cfg(test)]
 mod fake_vmm;
 mod fault;
 pub mod memory;
 pub mod prefetch;
+mod prefetch_queue;
 pub mod priority;
 pub mod record;
 pub mod recover;

@@ -37,6 +37,7 @@ use proto::ForkId;
 
 use crate::registry::{Registry, Transition};
 use crate::serve::prefetch::{Phase, Step};
+use crate::serve::prefetch_queue::PrefetchQueue;
 use crate::serve::priority::{Level, WorkerPriority};
 use crate::serve::session::{Drain, Session};
 use crate::serve::spin::{ActiveSessions, SpinBudget, ACTIVE_WINDOW};
@@ -97,7 +98,7 @@ impl WorkerHandle {
             load: sessions.clone(),
             spin,
             deferred: Vec::new(),
-            prefetching: Vec::new(),
+            prefetching: PrefetchQueue::default(),
             index,
             active: ActiveSessions::default(),
             spin_budget,
@@ -156,7 +157,7 @@ struct Worker {
     /// Keys of the sessions with faults waiting for a retry, so a wakeup need not scan all.
     deferred: Vec<usize>,
     /// Sessions with pages to install ahead of their guests, in turn order.
-    prefetching: Vec<PrefetchTurn>,
+    prefetching: PrefetchQueue,
     /// This worker's index.
     index: usize,
     /// Its sessions that faulted recently, and what every worker shares about them.
@@ -165,11 +166,11 @@ struct Worker {
     priority: WorkerPriority,
 }
 
-/// A session with prefetch work, and when it may go on if it waits for the disk.
-#[derive(Debug, Clone, Copy)]
-struct PrefetchTurn {
-    key: usize,
-    retry_at: Option<Instant>,
+/// Session `key`'s prefetch phase (`Done` once it is gone).
+fn phase_of(sessions: &Slab<Session>, key: usize) -> Phase {
+    sessions
+        .get(key)
+        .map_or(Phase::Done, Session::prefetch_phase)
 }
 
 fn uffd_token(key: usize) -> Token {
@@ -261,12 +262,10 @@ impl Worker {
     /// What this worker does now, for its priority: replaying if any session replays; only
     /// graduating if that is all there is and no session faulted recently.
     fn priority_level(&self, active: usize) -> Level {
-        let phase = |t: &PrefetchTurn| {
-            self.sessions
-                .get(t.key)
-                .map_or(Phase::Done, Session::prefetch_phase)
-        };
-        if self.prefetching.iter().any(|t| phase(t) == Phase::Replay) {
+        if self
+            .prefetching
+            .any_in(Phase::Replay, |key| phase_of(&self.sessions, key))
+        {
             Level::Replay
         } else if active == 0 && !self.prefetching.is_empty() {
             Level::Background
@@ -277,55 +276,25 @@ impl Worker {
 
     /// How long until some prefetch may go on: zero if one may now, `None` if none waits.
     fn prefetch_wait(&self) -> Option<Duration> {
-        if self.prefetching.is_empty() {
-            return None;
-        }
-        let now = Instant::now();
-        self.prefetching
-            .iter()
-            .map(|t| {
-                t.retry_at
-                    .map_or(Duration::ZERO, |at| at.saturating_duration_since(now))
-            })
-            .min()
+        self.prefetching.wait(Instant::now())
     }
 
-    /// One prefetch step of one session: the first in turn that is replaying its working
-    /// set, else the first graduating; it then goes to the back of the line.
+    /// One prefetch step of the session whose turn it is ([`PrefetchQueue::next`]); it then
+    /// goes to the back of the line.
     fn prefetch_turn(&mut self) {
-        if self.prefetching.is_empty() {
-            return;
-        }
         let now = Instant::now();
-        let ready = |t: &PrefetchTurn| t.retry_at.is_none_or(|at| at <= now);
-        let phase_of = |w: &Self, t: &PrefetchTurn| {
-            w.sessions
-                .get(t.key)
-                .map_or(Phase::Done, Session::prefetch_phase)
-        };
-        let pick = self
-            .prefetching
-            .iter()
-            .position(|t| ready(t) && phase_of(self, t) == Phase::Replay)
-            .or_else(|| self.prefetching.iter().position(ready));
-        let Some(i) = pick else {
+        let sessions = &self.sessions;
+        let Some(key) = self.prefetching.next(now, |key| phase_of(sessions, key)) else {
             return;
         };
-        let mut turn = self.prefetching.remove(i);
-        let Some(session) = self.sessions.get_mut(turn.key) else {
+        let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
         match session.prefetch_step() {
-            Step::More => {
-                turn.retry_at = None;
-                self.prefetching.push(turn);
-            }
-            Step::Waiting => {
-                turn.retry_at = Some(now + DEFERRED_RETRY);
-                self.prefetching.push(turn);
-            }
+            Step::More => self.prefetching.push(key, None),
+            Step::Waiting => self.prefetching.push(key, Some(now + DEFERRED_RETRY)),
             Step::Done => {}
-            Step::Ended(reason) => self.end(turn.key, reason),
+            Step::Ended(reason) => self.end(key, reason),
         }
     }
 
@@ -435,10 +404,7 @@ impl Worker {
             .get(key)
             .is_some_and(|s| s.prefetch_phase() != Phase::Done)
         {
-            self.prefetching.push(PrefetchTurn {
-                key,
-                retry_at: None,
-            });
+            self.prefetching.push(key, None);
         }
         // Faults may have queued before the uffd was registered with this poll: edge-triggered
         // readiness would never report them, so drain once now.
@@ -454,7 +420,7 @@ impl Worker {
     fn end(&mut self, key: usize, reason: EndReason) {
         self.active.forget(key);
         self.hand_on_recording(key, true);
-        self.prefetching.retain(|t| t.key != key);
+        self.prefetching.remove(key);
         let Some(session) = self.sessions.try_remove(key) else {
             return;
         };
