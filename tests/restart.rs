@@ -419,3 +419,70 @@ fn waits_on_a_userfault(pid: i32) -> bool {
         std::fs::read_to_string(task.path().join("wchan")).is_ok_and(|w| w.contains("userfault"))
     })
 }
+
+/// Bytes the daemon has read with `read`-like calls since it started (`rchar`).
+fn bytes_read(daemon: &Daemon) -> u64 {
+    let io =
+        std::fs::read_to_string(format!("/proc/{}/io", daemon.pid())).expect("read /proc/PID/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("rchar in /proc/PID/io")
+}
+
+/// Checks every byte of `mem` through a new fork of `base`.
+fn verify_through_a_fork(daemon: &Daemon, mem: &Path, fork: &str) {
+    let socket = daemon.create_fork("base", fork);
+    let mut vmm = Vmm::attach(mem, &socket, &["verify"]);
+    let verified = vmm.expect("verified");
+    assert_eq!(
+        verified["report"]["pages"],
+        Value::from(MIB64 / 4096),
+        "{verified}"
+    );
+    let (status, events) = vmm.wait_exit();
+    assert!(status.success(), "{events:?}\n{}", daemon.log());
+}
+
+const MIB64: u64 = 64 << 20;
+
+#[test]
+fn a_restart_reads_no_snapshot_data_and_a_damaged_zero_map_is_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    // Data throughout, every 7th page zeros, the last quarter zeros.
+    let mem = write_snapshot(&dir.path().join("mem"), MIB64, 7, 7, MIB64 / 4);
+    let mut daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    let zero_map = daemon.state_dir().join("snapshots/base/zero-map");
+    assert!(zero_map.is_file(), "registration stores the zero map");
+    let zero_pages = daemon.snapshot("base").zero_pages;
+
+    daemon.respawn();
+    let read = bytes_read(&daemon);
+    assert!(
+        read < MIB64 / 8,
+        "a start with a stored zero map read {read} bytes (the snapshot is {MIB64})\n{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.snapshot("base").zero_pages, zero_pages);
+    verify_through_a_fork(&daemon, &mem, "after-restart");
+
+    // A damaged map is never used: the file is read again, and the map stored anew.
+    let mut bytes = std::fs::read(&zero_map).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&zero_map, &bytes).unwrap();
+    daemon.respawn();
+    assert!(
+        bytes_read(&daemon) >= MIB64 / 2,
+        "the data was read again\n{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.log().contains("does not describe the memory file"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.snapshot("base").zero_pages, zero_pages);
+    assert_ne!(std::fs::read(&zero_map).unwrap(), bytes, "stored anew");
+    verify_through_a_fork(&daemon, &mem, "after-damage");
+}

@@ -136,6 +136,40 @@ impl Bitmap {
         }
     }
 
+    /// The runs of set bits, as `start..end` ranges in order: whole chunks at once, mixed
+    /// ones a word at a time.
+    pub fn set_runs(&self) -> Vec<std::ops::Range<u64>> {
+        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        let mut add = |start: u64, end: u64| match runs.last_mut() {
+            Some(last) if last.end == start => last.end = end,
+            _ => runs.push(start..end),
+        };
+        for (index, chunk) in self.chunks.iter().enumerate() {
+            let base = index as u64 * CHUNK_BITS;
+            match chunk {
+                Chunk::Clear => {}
+                Chunk::Set => add(base, (base + CHUNK_BITS).min(self.len)),
+                Chunk::Mixed(words) => {
+                    for (w, &word) in words.iter().enumerate() {
+                        let mut bits = word;
+                        while bits != 0 {
+                            let first = u64::from(bits.trailing_zeros());
+                            let ones = u64::from((bits >> first).trailing_ones());
+                            let start = base + w as u64 * 64 + first;
+                            add(start, (start + ones).min(self.len));
+                            bits = if first + ones >= 64 {
+                                0
+                            } else {
+                                bits & !(((1u64 << ones) - 1) << first)
+                            };
+                        }
+                    }
+                }
+            }
+        }
+        runs
+    }
+
     /// Bytes of words allocated (mixed chunks only), for accounting.
     #[cfg(test)]
     pub fn allocated_bytes(&self) -> usize {
@@ -172,6 +206,31 @@ fn fill_words(words: &mut [u64; CHUNK_WORDS], start: u64, end: u64, value: bool)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_runs_are_the_set_bits_in_order_across_chunks_and_words() {
+        let len = 3 * CHUNK_BITS + 100;
+        let mut b = Bitmap::new(len);
+        let runs = [
+            0..1,
+            63..65,
+            127..128,
+            CHUNK_BITS - 2..2 * CHUNK_BITS + 5,
+            3 * CHUNK_BITS + 90..len,
+        ];
+        for r in &runs {
+            b.fill(r.start, r.end, true);
+        }
+        assert_eq!(b.set_runs(), runs);
+        let mut full = Bitmap::new(len);
+        full.fill(0, len, true);
+        assert_eq!(
+            full.set_runs(),
+            [0..len],
+            "a last partial chunk ends at the map's end"
+        );
+        assert!(Bitmap::new(len).set_runs().is_empty());
+    }
 
     #[test]
     fn set_fill_and_count() {

@@ -25,6 +25,20 @@ pub(crate) fn status(text: &str) {
     }
 }
 
+/// A step of the start that may take long: says what it is and asks the service manager
+/// for `extend` more time before it counts the start as failed (`EXTEND_TIMEOUT_USEC=`).
+pub(crate) fn starting(text: &str, extend: std::time::Duration) {
+    text.clone_into(&mut LAST_STATUS.lock().unwrap_or_else(|p| p.into_inner()));
+    send(&[
+        NotifyState::Status(text),
+        NotifyState::ExtendTimeoutUsec(extend_usec(extend)),
+    ]);
+}
+
+fn extend_usec(extend: std::time::Duration) -> u32 {
+    u32::try_from(extend.as_micros()).unwrap_or(u32::MAX)
+}
+
 /// The daemon serves: every socket listens and the state directory is reconciled.
 pub(crate) fn ready(text: &str) {
     text.clone_into(&mut LAST_STATUS.lock().unwrap_or_else(|p| p.into_inner()));

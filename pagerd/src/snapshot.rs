@@ -77,14 +77,22 @@ pub struct Snapshot {
     file: File,
     map: Mmap,
     zero_pages: Bitmap,
+    /// Whether the zero pages were found by reading the file (not known beforehand).
+    zero_pages_scanned: bool,
     created: SystemTime,
     /// Its recorded working set and any recording in progress.
     pub working_set: Slot,
 }
 
 impl Snapshot {
-    /// Opens `path` (not following a symlink), maps it read-only and records its zero pages.
-    pub fn open(id: SnapshotId, path: &Path) -> Result<Self, SnapshotError> {
+    /// Opens `path` (not following a symlink), maps it read-only and records its zero pages:
+    /// those `stored` knows for the open file and its number of 4 KiB pages, else found by
+    /// reading the file.
+    pub fn open(
+        id: SnapshotId,
+        path: &Path,
+        stored: impl FnOnce(&File, u64) -> Option<Bitmap>,
+    ) -> Result<Self, SnapshotError> {
         let open_err = |source| SnapshotError::Open {
             path: path.to_owned(),
             source,
@@ -125,15 +133,21 @@ impl Snapshot {
                 path: path.to_owned(),
                 source,
             })?;
-        let zero_pages = find_zero_pages(&file, size).map_err(|source| SnapshotError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let known = stored(&file, size / ZERO_MAP_PAGE);
+        let zero_pages_scanned = known.is_none();
+        let zero_pages = match known {
+            Some(map) => map,
+            None => find_zero_pages(&file, size).map_err(|source| SnapshotError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+        };
         Ok(Self {
             id,
             file,
             map,
             zero_pages,
+            zero_pages_scanned,
             created: meta.modified().unwrap_or_else(|_| SystemTime::now()),
             working_set: Slot::default(),
         })
@@ -168,6 +182,16 @@ impl Snapshot {
         let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(usize::MAX)];
         self.file.read_exact_at(&mut buf, start)?;
         Ok(buf)
+    }
+
+    /// Which 4 KiB pages of the file are all zeros.
+    pub fn zero_map(&self) -> &Bitmap {
+        &self.zero_pages
+    }
+
+    /// Whether opening it read the file to find its zero pages.
+    pub fn zero_pages_scanned(&self) -> bool {
+        self.zero_pages_scanned
     }
 
     /// How many 4 KiB pages of the file are all zeros.
@@ -235,7 +259,7 @@ mod tests {
         file.as_file()
             .write_all_at(&[9u8; 10], (2 << 20) + 4095)
             .unwrap();
-        let snap = Snapshot::open("s".parse().unwrap(), file.path()).unwrap();
+        let snap = Snapshot::open("s".parse().unwrap(), file.path(), |_, _| None).unwrap();
         assert_eq!(snap.zero_page_count(), 1024 - 2);
         let zero = |offset: u64| snap.is_zero_page(FileOffset(offset).page());
         assert!(!zero(2 << 20) && !zero((2 << 20) + 4096));
@@ -247,7 +271,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), [0u8; 4096]).unwrap();
         std::os::unix::fs::symlink(dir.path().join("f"), dir.path().join("l")).unwrap();
-        assert!(Snapshot::open("s".parse().unwrap(), &dir.path().join("l")).is_err());
+        assert!(Snapshot::open("s".parse().unwrap(), &dir.path().join("l"), |_, _| None).is_err());
     }
 
     #[test]
@@ -257,7 +281,7 @@ mod tests {
         bytes[4096 + 17] = 1;
         bytes[3 * 4096] = 9;
         file.write_all(&bytes).unwrap();
-        let snap = Snapshot::open("s".parse().unwrap(), file.path()).unwrap();
+        let snap = Snapshot::open("s".parse().unwrap(), file.path(), |_, _| None).unwrap();
         assert_eq!(snap.size(), 4 * 4096);
         let zero = |page: u64| snap.is_zero_page(FilePage(page));
         assert!(zero(0) && zero(2));
@@ -283,7 +307,7 @@ mod tests {
         file.as_file().write_all_at(&bytes, 0).unwrap();
 
         file.as_file().write_all_at(b"odd", 4 * 4096).unwrap();
-        let err = Snapshot::open("s".parse().unwrap(), file.path()).unwrap_err();
+        let err = Snapshot::open("s".parse().unwrap(), file.path(), |_, _| None).unwrap_err();
         assert!(matches!(err, SnapshotError::BadSize { size, .. } if size == 4 * 4096 + 3));
     }
 }

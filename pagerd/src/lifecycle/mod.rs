@@ -176,6 +176,10 @@ fn time_of(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+/// How much more time a start asks of the service manager before it reads a snapshot to find
+/// its zero pages (a large one on a slow disk).
+const SCAN_TIME_EXTENSION: Duration = Duration::from_secs(300);
+
 impl Lifecycle {
     /// A lifecycle over a state directory, a registry and a server.
     pub fn new(
@@ -354,6 +358,36 @@ impl Lifecycle {
         Ok(self.snapshot_info(&catalog, &id, &scan))
     }
 
+    /// Maps snapshot `id`'s memory file with its zero map: the stored one if it still describes
+    /// the file, else found by reading the file and stored for the next start
+    /// ([`crate::store::zero_map`]).
+    pub(super) fn open_snapshot(
+        &self,
+        id: &SnapshotId,
+    ) -> Result<Snapshot, crate::snapshot::SnapshotError> {
+        let snapshot = Snapshot::open(id.clone(), &self.store.memory_path(id), |file, pages| {
+            let stored = self.store.load_zero_map(id, file, pages);
+            if stored.is_none() {
+                // Reading a large file takes a while: keep the service manager waiting.
+                crate::notify::starting(
+                    &format!("reading snapshot {id} to find its zero pages"),
+                    SCAN_TIME_EXTENSION,
+                );
+            }
+            stored
+        })?;
+        if snapshot.zero_pages_scanned() {
+            if let Err(e) = self
+                .store
+                .store_zero_map(id, snapshot.file(), snapshot.zero_map())
+            {
+                tracing::warn!(snapshot = %id, error = %crate::errors::error_chain(&e),
+                    "cannot store the zero map; the next start reads the memory file again");
+            }
+        }
+        Ok(snapshot)
+    }
+
     /// Brings a registration's files into the state directory and opens the memory file
     /// (called without the lock); on failure nothing of it is left.
     fn import(
@@ -381,7 +415,8 @@ impl Lifecycle {
             owner,
             done,
         )?;
-        let opened = Snapshot::open(id.clone(), &self.store.memory_path(id))
+        let opened = self
+            .open_snapshot(id)
             .map_err(LifecycleError::from)
             .and_then(|snapshot| match stored.file_changed(snapshot.file()) {
                 // A linked file written while it was being registered.

@@ -138,7 +138,8 @@ impl Lifecycle {
     /// Maps a snapshot found in the state directory and checks its memory file against its
     /// record; `Err` says why it is damaged.
     fn open_stored(&self, meta: SnapshotMeta) -> Result<(SnapshotMeta, Snapshot), Damage> {
-        let snapshot = Snapshot::open(meta.id.clone(), &self.store.memory_path(&meta.id))
+        let snapshot = self
+            .open_snapshot(&meta.id)
             .map_err(|e| Damage::Unmappable(Arc::new(e)))?;
         if snapshot.size() != meta.size {
             return Err(Damage::SizeMismatch {

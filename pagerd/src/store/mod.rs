@@ -39,6 +39,7 @@ mod forks;
 pub mod identity;
 pub mod import;
 pub mod vms;
+pub mod zero_map;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::access::Access;
+use crate::bitmap::Bitmap;
 use atomic::{fsync_dir, temp_name, write_atomic, TEMP_PREFIX};
 use damage::{Damage, NotLinkable, RecordProblem};
 use identity::{FileIdentity, FileIdentityExt};
@@ -414,6 +416,40 @@ impl Store {
             }
         }
         Ok(meta)
+    }
+
+    /// The stored zero map of snapshot `id` ([`zero_map`]), if it describes its memory `file`
+    /// of `pages` 4 KiB pages as the file is now.
+    pub fn load_zero_map(
+        &self,
+        id: &SnapshotId,
+        file: &std::fs::File,
+        pages: u64,
+    ) -> Option<Bitmap> {
+        let path = self.snapshot_dir(id).join(zero_map::FILE_NAME);
+        let bytes = std::fs::read(&path).ok()?;
+        let map = FileIdentity::of(file)
+            .ok()
+            .and_then(|identity| zero_map::decode(&bytes, &identity, pages));
+        if map.is_none() {
+            tracing::warn!(snapshot = %id, path = %path.display(),
+                "the stored zero map does not describe the memory file; reading the file again");
+        }
+        map
+    }
+
+    /// Stores snapshot `id`'s zero map, of its memory `file` as it is now.
+    pub fn store_zero_map(
+        &self,
+        id: &SnapshotId,
+        file: &std::fs::File,
+        map: &Bitmap,
+    ) -> Result<(), StoreError> {
+        let dir = self.snapshot_dir(id);
+        let identity =
+            FileIdentity::of(file).map_err(at("cannot inspect", &self.memory_path(id)))?;
+        write_atomic(&dir, zero_map::FILE_NAME, &zero_map::encode(&identity, map))
+            .map_err(at("cannot write", &dir.join(zero_map::FILE_NAME)))
     }
 
     /// Rewrites a snapshot's metadata.
