@@ -5,14 +5,17 @@
 //!         or a descriptor the client opened and passed        ─┴▶ regular file, open for reading
 //!
 //! ImportMode::Copy (default)   FICLONE (reflink) where the filesystem can
-//!                              else a sparse copy: data extents by copy_file_range, holes stay
+//!                              else a sparse copy of data only: the source's data extents are
+//!                              read a MiB at a time and only pages holding a non-zero byte are
+//!                              written (holes and all-zero pages stay holes); the zero map is
+//!                              learnt on the way, so the copy is never read again for it
 //!                              ─▶ fsync ─▶ 0400 (0440 root:GROUP): pagerd's private file
 //! ImportMode::Link             linkat(fd, "", AT_EMPTY_PATH): a second name for the caller's
 //!                              inode; its owner and modes are left exactly as they are
 //! ```
 //!
-//! The caller's file is never changed: it is read with explicit offsets (`copy_file_range`,
-//! `pread`), and a hole lookup puts the descriptor's offset back.
+//! The caller's file is never changed: it is read with explicit offsets (`pread`), and a
+//! hole lookup puts the descriptor's offset back.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -26,6 +29,8 @@ use nix::fcntl::{AtFlags, OFlag, AT_FDCWD};
 pub use proto::model::ImportMethod;
 
 use crate::access::Access;
+use crate::bitmap::Bitmap;
+use crate::snapshot::ZERO_MAP_PAGE;
 
 /// How a memory file is brought in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -130,6 +135,16 @@ pub fn check_source(file: &File) -> Result<std::fs::Metadata, SourceError> {
     Ok(meta)
 }
 
+/// What an import did: how the file came in, and, for a byte copy, which 4 KiB pages of it
+/// are all zeros.
+#[derive(Debug)]
+pub struct Imported {
+    /// How.
+    pub method: ImportMethod,
+    /// The zero map learnt while copying (a link or a reflink reads nothing).
+    pub zero_map: Option<Bitmap>,
+}
+
 /// Brings `src` (a checked source of `size` bytes) in as `dst`, which must not exist. A copy
 /// gets `access`'s memory-file mode and group; a link is left as it is.
 pub fn import(
@@ -139,18 +154,21 @@ pub fn import(
     mode: ImportMode,
     access: &Access,
     done: &AtomicU64,
-) -> io::Result<ImportMethod> {
+) -> io::Result<Imported> {
     match mode {
         ImportMode::Link => {
             link(src, dst)?;
-            Ok(ImportMethod::Hardlink)
+            Ok(Imported {
+                method: ImportMethod::Hardlink,
+                zero_map: None,
+            })
         }
         ImportMode::Copy => {
-            let method = clone_or_copy(src, dst, size, done);
-            match method {
-                Ok(method) => {
+            let imported = clone_or_copy(src, dst, size, done);
+            match imported {
+                Ok(imported) => {
                     access.apply(dst, access.memory_mode())?;
-                    Ok(method)
+                    Ok(imported)
                 }
                 Err(e) => {
                     let _ = std::fs::remove_file(dst);
@@ -180,31 +198,80 @@ fn link(src: &File, dst: &Path) -> io::Result<()> {
     .map_err(io::Error::from)
 }
 
-fn clone_or_copy(src: &File, dst: &Path, size: u64, done: &AtomicU64) -> io::Result<ImportMethod> {
+fn clone_or_copy(src: &File, dst: &Path, size: u64, done: &AtomicU64) -> io::Result<Imported> {
     let target = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(OFlag::O_NOFOLLOW.bits())
         .open(dst)?;
-    let method = if rustix::fs::ioctl_ficlone(&target, src).is_ok() {
-        ImportMethod::Reflink
+    let imported = if rustix::fs::ioctl_ficlone(&target, src).is_ok() {
+        Imported {
+            method: ImportMethod::Reflink,
+            zero_map: None,
+        }
     } else {
-        copy_sparse(src, &target, size, done)?;
-        ImportMethod::Copy
+        Imported {
+            method: ImportMethod::Copy,
+            zero_map: Some(copy_data(src, &target, size, done)?),
+        }
     };
     target.sync_all()?;
     done.store(size, Ordering::Relaxed);
-    Ok(method)
+    Ok(imported)
 }
 
-/// Copies the first `size` bytes of `src`, leaving holes where `src` has them; `done`
-/// counts the bytes behind (holes included) as it goes.
-fn copy_sparse(src: &File, dst: &File, size: u64, done: &AtomicU64) -> io::Result<()> {
+/// Copies the first `size` bytes of `src` (a whole number of 4 KiB pages), writing only pages
+/// that hold a non-zero byte: holes and all-zero pages stay holes. Returns the zero map (one
+/// bit per page); `done` counts the bytes behind (holes included) as it goes.
+fn copy_data(src: &File, dst: &File, size: u64, done: &AtomicU64) -> io::Result<Bitmap> {
+    const PAGE: u64 = ZERO_MAP_PAGE;
+    const CHUNK: u64 = 1 << 20;
     dst.set_len(size)?;
+    let pages = size / PAGE;
+    let mut zero = Bitmap::try_new(pages).map_err(|_| io::ErrorKind::OutOfMemory)?;
+    zero.fill(0, pages, true);
+    let mut buf = vec![0u8; CHUNK as usize];
     for extent in crate::extents::data_extents(src, size)? {
-        done.store(extent.start, Ordering::Relaxed);
-        copy_range(src, dst, extent.start, extent.end, done)?;
+        let (start, end) = (
+            extent.start - extent.start % PAGE,
+            extent.end.div_ceil(PAGE) * PAGE,
+        );
+        let mut offset = start;
+        while offset < end.min(size) {
+            done.store(offset, Ordering::Relaxed);
+            let want = usize::try_from((end.min(size) - offset).min(CHUNK)).unwrap_or(buf.len());
+            let chunk = &mut buf[..want];
+            match src.read_exact_at(chunk, offset) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(shrank()),
+                Err(e) => return Err(e),
+            }
+            write_data_pages(dst, chunk, offset, &mut zero)?;
+            offset += want as u64;
+        }
+    }
+    Ok(zero)
+}
+
+/// Writes the runs of pages of `chunk` (at `offset`) that hold a non-zero byte, and clears
+/// their bits in the zero map.
+fn write_data_pages(dst: &File, chunk: &[u8], offset: u64, zero: &mut Bitmap) -> io::Result<()> {
+    let page = ZERO_MAP_PAGE as usize;
+    let first_page = offset / ZERO_MAP_PAGE;
+    let is_data = |p: &[u8]| p.iter().any(|&b| b != 0);
+    let pages: Vec<bool> = chunk.chunks(page).map(is_data).collect();
+    let mut i = 0;
+    while i < pages.len() {
+        if !pages[i] {
+            i += 1;
+            continue;
+        }
+        let run_end = (i..pages.len()).find(|&j| !pages[j]).unwrap_or(pages.len());
+        let bytes = &chunk[i * page..(run_end * page).min(chunk.len())];
+        dst.write_all_at(bytes, offset + (i * page) as u64)?;
+        zero.fill(first_page + i as u64, first_page + run_end as u64, false);
+        i = run_end;
     }
     Ok(())
 }
@@ -214,61 +281,6 @@ fn shrank() -> io::Error {
         io::ErrorKind::UnexpectedEof,
         "the file shrank while it was copied",
     )
-}
-
-/// Copies bytes `start..end` in the kernel (`copy_file_range`), or through a buffer where
-/// the kernel cannot (across some filesystems).
-fn copy_range(src: &File, dst: &File, start: u64, end: u64, done: &AtomicU64) -> io::Result<()> {
-    use rustix::io::Errno as E;
-    let mut offset = start;
-    while offset < end {
-        // 64 MiB a call: progress shows, and a call never runs long.
-        let len = usize::try_from(end - offset)
-            .unwrap_or(usize::MAX)
-            .min(64 << 20);
-        let (mut off_in, mut off_out) = (offset, offset);
-        match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), len) {
-            Ok(0) => return Err(shrank()),
-            Ok(n) => {
-                offset += n as u64;
-                done.store(offset, Ordering::Relaxed);
-            }
-            Err(E::INTR) => {}
-            Err(E::XDEV | E::INVAL | E::NOSYS | E::OPNOTSUPP) => {
-                return copy_range_buffered(src, dst, offset, end, done);
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
-/// [`copy_range`] through a buffer; all-zero chunks are not written (they stay holes).
-fn copy_range_buffered(
-    src: &File,
-    dst: &File,
-    start: u64,
-    end: u64,
-    done: &AtomicU64,
-) -> io::Result<()> {
-    const CHUNK: u64 = 1 << 20;
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut offset = start;
-    while offset < end {
-        let want = usize::try_from((end - offset).min(CHUNK)).unwrap_or(buf.len());
-        let n = match src.read_at(&mut buf[..want], offset) {
-            Ok(0) => return Err(shrank()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if buf[..n].iter().any(|&b| b != 0) {
-            dst.write_all_at(&buf[..n], offset)?;
-        }
-        offset += n as u64;
-        done.store(offset, Ordering::Relaxed);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -298,7 +310,7 @@ mod tests {
             &Default::default(),
         )
         .unwrap();
-        assert_ne!(method, ImportMethod::Hardlink);
+        assert_ne!(method.method, ImportMethod::Hardlink);
         assert_eq!(std::fs::read(&dst).unwrap(), vec![7u8; 8192]);
         let (src_meta, dst_meta) = (
             std::fs::metadata(&src).unwrap(),
@@ -326,7 +338,7 @@ mod tests {
             &Default::default(),
         )
         .unwrap();
-        assert_eq!(method, ImportMethod::Hardlink);
+        assert_eq!(method.method, ImportMethod::Hardlink);
         let (src_meta, dst_meta) = (
             std::fs::metadata(&src).unwrap(),
             std::fs::metadata(&dst).unwrap(),
@@ -336,6 +348,34 @@ mod tests {
             src_meta.mode() & 0o7777,
             0o640,
             "the shared inode keeps its mode"
+        );
+    }
+
+    #[test]
+    fn a_byte_copy_writes_only_pages_with_data_and_learns_the_zero_map() {
+        let dir = tempfile::tempdir().unwrap();
+        // 4 MiB of data with zero pages inside it: pages 1, 2 and 700..1024.
+        let mut bytes = vec![3u8; 4 << 20];
+        bytes[4096..3 * 4096].fill(0);
+        bytes[700 * 4096..].fill(0);
+        bytes[5000] = 0; // a zero byte in a data page changes nothing
+        let (src, file, size) = source(dir.path(), &bytes);
+        let dst = dir.path().join("dst");
+        let target = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&dst)
+            .unwrap();
+        let zero = copy_data(&file, &target, size, &AtomicU64::new(0)).unwrap();
+        drop(target);
+        assert_eq!(std::fs::read(&dst).unwrap(), std::fs::read(&src).unwrap());
+        assert_eq!(zero.count_ones(), 2 + (1024 - 700));
+        assert!(zero.get(1) && zero.get(2) && zero.get(700) && zero.get(1023));
+        assert!(!zero.get(0) && !zero.get(3) && !zero.get(699));
+        let allocated = std::fs::metadata(&dst).unwrap().blocks() * 512;
+        assert!(
+            allocated <= 698 * 4096 + (64 << 10),
+            "zero pages are not written: {allocated} bytes allocated"
         );
     }
 

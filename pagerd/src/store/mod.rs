@@ -326,11 +326,16 @@ impl Store {
                 .apply(&temp, self.access.dir_mode())
                 .map_err(at("cannot set the mode of", &temp))?;
             let memory = temp.join(MEMORY_FILE);
-            let import = import::import(source, &memory, size, mode, &self.access, done)
+            let imported = import::import(source, &memory, size, mode, &self.access, done)
                 .map_err(at("cannot bring in the memory file as", &memory))?;
             let file = std::fs::metadata(&memory)
                 .map(|m| FileIdentity::from_metadata(&m))
                 .map_err(at("cannot inspect", &memory))?;
+            if let Some(map) = &imported.zero_map {
+                // Learnt while copying: opening the snapshot need not read it again.
+                write_atomic(&temp, zero_map::FILE_NAME, &zero_map::encode(&file, map))
+                    .map_err(at("cannot write", &temp.join(zero_map::FILE_NAME)))?;
+            }
             let vmstate = match vmstate {
                 Some(state) => {
                     let path = temp.join(VMSTATE_FILE);
@@ -356,7 +361,7 @@ impl Store {
                 page_size: crate::snapshot::ZERO_MAP_PAGE,
                 created_unix_ms,
                 source: source_name.to_owned(),
-                import,
+                import: imported.method,
                 delete_pending: false,
                 file: Some(file),
                 vmstate,
