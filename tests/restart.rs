@@ -486,3 +486,41 @@ fn a_restart_reads_no_snapshot_data_and_a_damaged_zero_map_is_read_again() {
     assert_ne!(std::fs::read(&zero_map).unwrap(), bytes, "stored anew");
     verify_through_a_fork(&daemon, &mem, "after-damage");
 }
+
+#[test]
+fn a_forks_counters_go_on_across_upgrades_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 4 << 20, 9, 5, 0);
+    let mut daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    let vmm = daemon.attach_holding_vmm("base", "held", &mem);
+    let before = daemon.fork("held").stats;
+    assert!(before.faults > 0 && before.pages_copied > 0, "{before:?}");
+
+    daemon.upgrade(None);
+    let upgraded = daemon.fork("held").stats;
+    assert_eq!(daemon.fork("held").recovered, 1);
+    for (name, was, now) in [
+        ("faults", before.faults, upgraded.faults),
+        ("pages_copied", before.pages_copied, upgraded.pages_copied),
+        ("bytes_copied", before.bytes_copied, upgraded.bytes_copied),
+        ("zero_pages", before.zero_pages, upgraded.zero_pages),
+    ] {
+        assert!(
+            now >= was,
+            "{name} went back from {was} to {now} at the upgrade"
+        );
+    }
+    assert!(upgraded.pages_copied > 0);
+
+    daemon.respawn();
+    let restarted = daemon.fork("held").stats;
+    assert!(
+        restarted.pages_copied >= upgraded.pages_copied && restarted.faults >= upgraded.faults,
+        "{upgraded:?} → {restarted:?}"
+    );
+    assert!(
+        !daemon.state_dir().join("forks/.counters").exists(),
+        "counters are carried over once"
+    );
+    drop(vmm);
+}

@@ -944,6 +944,17 @@ impl Lifecycle {
     /// upgrade (`keep_sockets`) the handoff socket files stay: the new program listens on them.
     pub fn shutdown(&self, keep_sockets: bool) {
         self.server.shutdown();
+        // Every session has ended: the counters are final. The next program carries them on.
+        let counters = self
+            .registry
+            .forks()
+            .iter()
+            .map(|fork| (fork.id().clone(), fork.stats.report()))
+            .collect();
+        if let Err(e) = self.store.write_counters(&counters) {
+            tracing::warn!(error = %crate::errors::error_chain(&e),
+                "cannot keep the forks' counters; they start from 0 in the next program");
+        }
         if keep_sockets {
             return;
         }

@@ -61,6 +61,13 @@ impl Lifecycle {
                 "unreadable fork record; snapshot deletes are refused until it is repaired or removed");
         }
         report.unreadable_fork_records = scan.unreadable.iter().map(|u| u.path.clone()).collect();
+        // What the previous program counted goes on from where it stopped.
+        let mut counters = self.store.take_counters();
+        let mut carry_over = |fork: &crate::registry::Fork| {
+            if let Some(previous) = counters.remove(fork.id()) {
+                fork.stats.carry_over(&previous);
+            }
+        };
         for record in &scan.records {
             let created = time_of(record.created_unix_ms);
             let socket = self.socket_path(&record.id);
@@ -74,6 +81,7 @@ impl Lifecycle {
                         self.new_fork_of(record, socket, created),
                         ForkPhase::Recovering { vmm_pid: vmm.pid },
                     )?;
+                    carry_over(&fork);
                     let inherited = handoffs.remove(&record.id);
                     match recovery::recover_fork(&self.server, &fork, record, vmm, inherited) {
                         Ok(()) => report.recovered.push(record.id.clone()),
@@ -92,6 +100,7 @@ impl Lifecycle {
                         self.new_fork_of(record, socket, created),
                         ForkPhase::Waiting,
                     )?;
+                    carry_over(&fork);
                     let inherited = handoffs.remove(&record.id);
                     if let Err(e) = self.server.listen(fork, inherited) {
                         tracing::error!(fork = %record.id, error = %e, "cannot listen for the fork's VMM");

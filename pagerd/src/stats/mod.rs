@@ -73,6 +73,26 @@ pub fn bump(counter: &AtomicU64, n: u64) {
 }
 
 impl ForkStats {
+    /// Adds counters a previous program of the daemon kept for this fork (the latency summary
+    /// is this program's own).
+    pub fn carry_over(&self, previous: &ForkStatsReport) {
+        let add = |c: &AtomicU64, n: u64| bump(c, n);
+        add(&self.faults, previous.faults);
+        add(&self.pages_copied, previous.pages_copied);
+        add(&self.bytes_copied, previous.bytes_copied);
+        add(&self.zero_pages, previous.zero_pages);
+        add(&self.already_present, previous.already_present);
+        add(&self.removes, previous.removes);
+        add(&self.deferred_retries, previous.deferred_retries);
+        add(&self.outside_faults, previous.outside_faults);
+        add(&self.poisoned_pages, previous.poisoned_pages);
+        add(&self.errors, previous.errors);
+        add(&self.replayed_pages, previous.replayed_pages);
+        add(&self.graduated_pages, previous.graduated_pages);
+        add(&self.prefetch_skipped, previous.prefetch_skipped);
+        add(&self.recorded_pages, previous.recorded_pages);
+    }
+
     /// Records fault latencies measured during one batch.
     pub fn record_latencies(&self, samples_ns: &[u64]) {
         if samples_ns.is_empty() {

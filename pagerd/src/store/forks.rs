@@ -1,12 +1,14 @@
 //! Fork records (`forks/<id>.json`): the only source of reference counts, and what a
 //! restarted daemon needs to take a live VMM's uffd back.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::{at, to_json, Store, StoreError};
 use crate::store::atomic::{remove_durably, write_atomic, TEMP_PREFIX};
+use proto::model::ForkStatsReport;
 use proto::{ForkId, SnapshotId};
 
 /// The VMM serving a fork, identified so that a recycled pid is not mistaken for it.
@@ -126,6 +128,9 @@ impl ForkScan {
 
 /// The name prefix of the space kept for a fork's attach record (`.reserve-ID`).
 pub const RESERVE_PREFIX: &str = ".reserve-";
+
+/// The file in which a stopping daemon leaves every fork's counters for the next program.
+pub const COUNTERS_FILE: &str = ".counters";
 /// Bytes kept per waiting fork: room for its record once a VMM attaches (a record with a
 /// hundred regions fits).
 pub const RESERVE_BYTES: usize = 16 * 1024;
@@ -175,6 +180,34 @@ impl Store {
         remove_durably(&dir, &name).map_err(at("cannot remove", &dir.join(&name)))
     }
 
+    /// Keeps every fork's counters for the next program (an upgrade's, or the next start's):
+    /// one file, written once at shutdown.
+    pub fn write_counters(
+        &self,
+        counters: &BTreeMap<ForkId, ForkStatsReport>,
+    ) -> Result<(), StoreError> {
+        let dir = self.forks_dir();
+        write_atomic(&dir, COUNTERS_FILE, &to_json(counters))
+            .map_err(at("cannot write", &dir.join(COUNTERS_FILE)))
+    }
+
+    /// The counters the previous program kept, taken (the file is removed, so counters are
+    /// carried over once). Unreadable counters are logged and dropped: they are counters, not
+    /// state.
+    pub fn take_counters(&self) -> BTreeMap<ForkId, ForkStatsReport> {
+        let path = self.forks_dir().join(COUNTERS_FILE);
+        let counters = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "unreadable fork counters; forks count from 0");
+                BTreeMap::new()
+            }),
+            Err(_) => BTreeMap::new(),
+        };
+        let _ = std::fs::remove_file(&path);
+        counters
+    }
+
     /// Reads every fork record.
     pub fn scan_forks(&self) -> Result<ForkScan, StoreError> {
         let dir = self.forks_dir();
@@ -182,7 +215,10 @@ impl Store {
         for entry in std::fs::read_dir(&dir).map_err(at("cannot list", &dir))? {
             let entry = entry.map_err(at("cannot list", &dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(TEMP_PREFIX) || name.starts_with(RESERVE_PREFIX) {
+            if name.starts_with(TEMP_PREFIX)
+                || name.starts_with(RESERVE_PREFIX)
+                || name == COUNTERS_FILE
+            {
                 continue;
             }
             let path = entry.path();
