@@ -21,8 +21,8 @@ use serde_json::{Map, Value};
 
 use crate::ids::{ForkId, SnapshotId, VmId};
 use crate::model::{
-    DeleteOutcome, ForkInfo, ForkListEntry, ForkState, NetworkOverride, SnapshotInfo, StatsReport,
-    StatusReport, UpgradeStarted, VmBackend, VmInfo, VmState, VmmKind,
+    DeleteOutcome, ExportInfo, ForkInfo, ForkListEntry, ForkState, NetworkOverride, SnapshotInfo,
+    StatsReport, StatusReport, UpgradeStarted, VmBackend, VmInfo, VmState, VmmKind,
 };
 use crate::prefetch::Prefetch;
 
@@ -91,6 +91,10 @@ requests! {
     "snapshot.record" => SnapshotRecord -> SnapshotInfo;
     /// Deletes a snapshot's stored working set.
     "snapshot.clear_working_set" => SnapshotClearWorkingSet -> SnapshotInfo;
+    /// Writes a snapshot to a directory (backup, or moving it to another host).
+    "snapshot.export" => SnapshotExport -> ExportInfo;
+    /// Registers a snapshot from an exported directory, its digests checked.
+    "snapshot.import" => SnapshotImport -> SnapshotInfo;
     /// Creates a fork.
     "fork.create" => ForkCreate -> ForkInfo;
     /// Every fork.
@@ -205,6 +209,30 @@ pub struct SnapshotRecord {
 pub struct SnapshotClearWorkingSet {
     /// Its id.
     pub snapshot: SnapshotId,
+}
+
+/// `snapshot.export`: writes a snapshot (memory, device state, working set, and a manifest
+/// with their digests) to a directory, created if missing and holding no export yet. Root
+/// and pagerd's own user only: the daemon writes there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotExport {
+    /// Its id.
+    pub snapshot: SnapshotId,
+    /// The directory (absolute).
+    pub dir: PathBuf,
+}
+
+/// `snapshot.import`: registers the export in a directory as a snapshot once every file
+/// matches its digest. Root and pagerd's own user only: the daemon reads there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotImport {
+    /// The directory (absolute).
+    pub dir: PathBuf,
+    /// The new snapshot's id (default: the id it was exported as).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotId>,
 }
 
 /// `fork.create`: creates a fork and returns the handoff socket its VMM must be given.

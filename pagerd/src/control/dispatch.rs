@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use proto::control::{
     Call, ControlError, DaemonUpgrade, ErrorCode, ForkClose, ForkCreate, ForkGet, ForkList,
-    ForkWait, Request, SnapshotClearWorkingSet, SnapshotDelete, SnapshotGet, SnapshotList,
-    SnapshotRecord, SnapshotRegister, Stats, Status, VmDelete, VmGet, VmList, VmSnapshot, VmStart,
-    VmStop, VmWait,
+    ForkWait, Request, SnapshotClearWorkingSet, SnapshotDelete, SnapshotExport, SnapshotGet,
+    SnapshotImport, SnapshotList, SnapshotRecord, SnapshotRegister, Stats, Status, VmDelete, VmGet,
+    VmList, VmSnapshot, VmStart, VmStop, VmWait,
 };
 use serde_json::Value;
 
@@ -201,6 +201,8 @@ impl Dispatcher {
             Request::SnapshotClearWorkingSet(c) => {
                 encode::<SnapshotClearWorkingSet>(self.snapshot_clear_working_set(c, cx))
             }
+            Request::SnapshotExport(c) => encode::<SnapshotExport>(self.snapshot_export(c)),
+            Request::SnapshotImport(c) => encode::<SnapshotImport>(self.snapshot_import(c, cx)),
             Request::ForkCreate(c) => encode::<ForkCreate>(self.fork_create(c, cx)),
             Request::ForkList(c) => encode::<ForkList>(self.fork_list(c)),
             Request::ForkGet(c) => encode::<ForkGet>(self.fork_get(c)),
@@ -277,6 +279,15 @@ impl Dispatcher {
             lc.snapshot_owner(&c.snapshot)?,
         )?;
         Ok(lc.working_sets().clear(&c.snapshot)?)
+    }
+
+    fn snapshot_export(&self, c: SnapshotExport) -> Answer<SnapshotExport> {
+        Ok(self.lifecycle.export_snapshot(&c.snapshot, &c.dir)?)
+    }
+
+    fn snapshot_import(&self, c: SnapshotImport, cx: &RequestContext) -> Answer<SnapshotImport> {
+        let owner = registration::owner_of(cx.peer());
+        Ok(self.lifecycle.import_snapshot(&c.dir, c.snapshot, owner)?)
     }
 
     fn fork_create(&self, c: ForkCreate, cx: &RequestContext) -> Answer<ForkCreate> {
@@ -390,6 +401,10 @@ fn refuse_unprivileged(request: &Request, cx: &RequestContext) -> Result<(), Con
             "only root and pagerd's own user may start, stop or snapshot VMs"
         }
         Request::DaemonUpgrade(_) => "only root and pagerd's own user may upgrade the daemon",
+        // The daemon reads and writes the directory named, as its own user.
+        Request::SnapshotExport(_) | Request::SnapshotImport(_) => {
+            "only root and pagerd's own user may export or import snapshots"
+        }
         _ => return Ok(()),
     };
     Err(ControlError::new(ErrorCode::PermissionDenied, refused))

@@ -37,6 +37,7 @@ mod recovery;
 mod report;
 #[cfg(test)]
 mod tests;
+mod transfer;
 mod working_sets;
 
 use std::collections::{BTreeMap, BTreeSet};

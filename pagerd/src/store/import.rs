@@ -224,7 +224,7 @@ fn clone_or_copy(src: &File, dst: &Path, size: u64, done: &AtomicU64) -> io::Res
 /// Copies the first `size` bytes of `src` (a whole number of 4 KiB pages), writing only pages
 /// that hold a non-zero byte: holes and all-zero pages stay holes. Returns the zero map (one
 /// bit per page); `done` counts the bytes behind (holes included) as it goes.
-fn copy_data(src: &File, dst: &File, size: u64, done: &AtomicU64) -> io::Result<Bitmap> {
+pub(crate) fn copy_data(src: &File, dst: &File, size: u64, done: &AtomicU64) -> io::Result<Bitmap> {
     const PAGE: u64 = ZERO_MAP_PAGE;
     const CHUNK: u64 = 1 << 20;
     dst.set_len(size)?;

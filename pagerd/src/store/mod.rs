@@ -35,6 +35,7 @@
 
 pub mod atomic;
 pub mod damage;
+pub mod exported;
 mod forks;
 pub mod identity;
 pub mod import;

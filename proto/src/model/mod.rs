@@ -610,6 +610,23 @@ pub struct FuseStatus {
     pub file_users: usize,
 }
 
+/// The answer to `snapshot.export`: what was written where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportInfo {
+    /// The snapshot.
+    pub snapshot: SnapshotId,
+    /// The directory written.
+    pub dir: PathBuf,
+    /// The memory's size in bytes.
+    pub size: u64,
+    /// BLAKE3 of the memory's data pages (what `snapshot.import` checks).
+    pub blake3: String,
+    /// Whether the hypervisor's device state went with it.
+    pub vmstate: bool,
+    /// Whether its working set went with it.
+    pub working_set: bool,
+}
+
 /// The answer to `daemon.upgrade`: the daemon is about to run `binary` in place.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpgradeStarted {
