@@ -270,7 +270,7 @@ fn pagerctl_top_shows_each_fork_and_its_fault_rate() {
             .collect::<Vec<_>>()
     };
     let (busy_row, idle_row) = (row("busy"), row("idle"));
-    let rate = |row: &[String]| row[4].parse::<f64>().unwrap();
+    let rate = |row: &[String]| row[5].parse::<f64>().unwrap();
     assert!(
         rate(&busy_row) > 0.0,
         "a churning fork faults: {busy_row:?}"

@@ -28,8 +28,13 @@ impl Report {
                 serde_json::json!({ "error": self.json_of(e) })
             ));
         } else {
-            eprintln!("pagerctl: {} ({})", self.message(e), code_name(e));
+            eprintln!("pagerctl: {}", self.one_line(e));
         }
+    }
+
+    /// `MESSAGE (CODE)`.
+    pub fn one_line(&self, e: &ClientError) -> String {
+        format!("{} ({})", self.message(e), code_name(e))
     }
 
     /// A failed call as `--json` shows it: the daemon's error, or one made alike.

@@ -38,7 +38,7 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     let seconds: f64 = s
         .parse()
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;
-    if !(seconds > 0.0) {
+    if seconds.is_nan() || seconds <= 0.0 {
         return Err("the timeout must be more than 0 seconds".into());
     }
     Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
@@ -90,12 +90,13 @@ enum Command {
     /// Forks.
     #[command(subcommand)]
     Fork(ForkCommand),
-    /// A live view of forks and their fault rates, redrawn in place.
+    /// A live view of forks, file users and VMs, the busiest forks first; fits the
+    /// terminal, `q` quits. Writing to a pipe or a file it prints plain frames.
     Top {
         /// How often to refresh, in ms.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
-        /// Stop after this many frames [default: run until interrupted].
+        /// Stop after this many frames [default: until `q`, or interrupted].
         #[arg(long)]
         iterations: Option<u64>,
     },
@@ -449,8 +450,17 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
             interval_ms,
             iterations,
         } => {
-            top::run(&client, Duration::from_millis(*interval_ms), *iterations)?;
-            done(&Value::Null, String::new())
+            let interval = Duration::from_millis(*interval_ms);
+            match top::run(&client, interval, *iterations, &cli.report()) {
+                Ok(()) => done(&Value::Null, String::new()),
+                Err(top::Error::Daemon(e)) => return Err(e),
+                Err(top::Error::Terminal(e)) => Outcome {
+                    json: Value::Null,
+                    text: String::new(),
+                    exit: 1,
+                    note: Some(format!("the terminal failed: {e}")),
+                },
+            }
         }
         Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("answered without the daemon")
