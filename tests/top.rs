@@ -3,28 +3,12 @@
 //! memory file: the header stays on the first rows, the busiest fork comes first, no line is
 //! wider than the terminal, and `q` quits with status 0.
 
-use std::path::Path;
-
 use proto::model::ForkState;
 use testkit::{binary, poll_until, skip, write_snapshot, Daemon, PaneExit, Tmux, Vmm, DEADLINE};
 
 const MIB: u64 = 1 << 20;
 const WIDTH: u16 = 80;
 const HEIGHT: u16 = 24;
-
-/// A VMM mapping the snapshot's memory file from the FUSE mount and holding it.
-fn file_user(original: &Path, file: &Path) -> Vmm {
-    let mut vmm = Vmm::spawn(&[
-        "--snapshot".to_owned(),
-        original.display().to_string(),
-        "--memory-file".to_owned(),
-        file.display().to_string(),
-        "verify".to_owned(),
-        "hold".to_owned(),
-    ]);
-    vmm.expect("holding");
-    vmm
-}
 
 #[test]
 fn top_keeps_its_header_shows_the_busiest_fork_first_in_80_columns_and_quits_on_q() {
@@ -51,7 +35,8 @@ fn top_keeps_its_header_shows_the_busiest_fork_first_in_80_columns_and_quits_on_
     let mut busy = Vmm::attach(&mem, &socket, &["churn"]);
     busy.expect("churning");
     daemon.wait_fork("zz-busy", ForkState::Serving);
-    let file = file_user(&mem, &daemon.fuse_file("base"));
+    let mut file = Vmm::map_file(&mem, &daemon.fuse_file("base"), &["verify", "hold"]);
+    file.expect("holding");
 
     let tmux = Tmux::start(
         WIDTH,
@@ -125,7 +110,6 @@ fn top_keeps_its_header_shows_the_busiest_fork_first_in_80_columns_and_quits_on_
     for vmm in held {
         vmm.finish();
     }
-    let mut file = file;
     file.close_stdin();
     let (status, _) = file.wait_exit();
     assert!(status.success());
