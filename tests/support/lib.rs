@@ -43,7 +43,7 @@ pub use daemon::{CtlRun, Daemon, Launch};
 pub use handoff::{borrow_all, dev_null, new_uffd, raw_handoff, read_reply};
 pub use host::{cached_kib, HugePages, SmallTmpfs};
 pub use http::{http_get, HttpAnswer};
-pub use tmux::{PaneExit, Tmux};
+pub use tmux::Tmux;
 pub use vmm::{proc_status_kb, Vmm};
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,6 +1,9 @@
 //! A program at a real terminal: a `tmux` server of the test's own (its socket in a temporary
 //! directory, no configuration read) running one command in a detached session of a given
 //! size, its screen read with `capture-pane` and keys typed with `send-keys`.
+//!
+//! The command runs under `sh`, which writes its exit status to a file once it ends: tmux
+//! itself may take its time to reap a finished pane.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -13,16 +16,8 @@ const SESSION: &str = "test";
 /// A tmux server running one command at a terminal of a fixed size.
 pub struct Tmux {
     socket: PathBuf,
+    status: PathBuf,
     _dir: tempfile::TempDir,
-}
-
-/// How the command in the pane ended, once it has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PaneExit {
-    /// Its exit status.
-    pub status: Option<i32>,
-    /// The signal that ended it.
-    pub signal: Option<i32>,
 }
 
 impl Tmux {
@@ -31,8 +26,7 @@ impl Tmux {
         on_path("tmux").is_some()
     }
 
-    /// Runs `command` in a `width`×`height` terminal. The pane stays after the command ends,
-    /// so that its exit status can be read.
+    /// Runs `command` in a `width`×`height` terminal.
     pub fn start(width: u16, height: u16, command: &[String]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("pagerd-tmux")
@@ -40,9 +34,15 @@ impl Tmux {
             .expect("tempdir");
         let tmux = Self {
             socket: dir.path().join("tmux.sock"),
+            status: dir.path().join("status"),
             _dir: dir,
         };
         let (width, height) = (width.to_string(), height.to_string());
+        // The status goes to a temporary name first, so that it is never read half written.
+        let script = format!(
+            "\"$@\"; echo $? >'{0}.new' && mv '{0}.new' '{0}'",
+            tmux.status.display()
+        );
         let mut args = vec![
             "new-session",
             "-d",
@@ -53,10 +53,13 @@ impl Tmux {
             "-y",
             &height,
             "--",
+            "sh",
+            "-c",
+            &script,
+            "sh",
         ];
         args.extend(command.iter().map(String::as_str));
         tmux.ok(&args);
-        tmux.ok(&["set-option", "-t", SESSION, "-w", "remain-on-exit", "on"]);
         tmux
     }
 
@@ -90,25 +93,13 @@ impl Tmux {
         self.ok(&["send-keys", "-t", SESSION, keys]);
     }
 
-    /// How the command ended, or `None` while it runs (or while tmux has seen its terminal
-    /// close but not yet reaped it).
-    pub fn exited(&self) -> Option<PaneExit> {
-        let out = self.ok(&[
-            "display-message",
-            "-p",
-            "-t",
-            SESSION,
-            "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}",
-        ]);
-        let mut fields = out.trim().split(':');
-        if fields.next() != Some("1") {
-            return None;
-        }
-        let exit = PaneExit {
-            status: fields.next().and_then(|s| s.parse().ok()),
-            signal: fields.next().and_then(|s| s.parse().ok()),
-        };
-        (exit.status.is_some() || exit.signal.is_some()).then_some(exit)
+    /// The command's exit status (128 + N for signal N), or `None` while it runs.
+    pub fn exit_status(&self) -> Option<i32> {
+        std::fs::read_to_string(&self.status)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 
