@@ -454,12 +454,12 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
             match top::run(&client, interval, *iterations, &cli.report()) {
                 Ok(()) => done(&Value::Null, String::new()),
                 Err(top::Error::Daemon(e)) => return Err(e),
-                Err(top::Error::Terminal(e)) => Outcome {
-                    json: Value::Null,
-                    text: String::new(),
-                    exit: 1,
-                    note: Some(format!("the terminal failed: {e}")),
-                },
+                Err(top::Error::Terminal(e)) => {
+                    eprintln!("pagerctl: cannot drive the terminal: {e}");
+                    let mut outcome = done(&Value::Null, String::new());
+                    outcome.exit = 1;
+                    outcome
+                }
             }
         }
         Command::Completions { .. } | Command::Man { .. } => {
