@@ -1,10 +1,16 @@
 //! An operator's first hour: `pagerd` and `pagerctl` with no arguments meet; a relative state
 //! directory never reaches a VMM as a relative path; every `pagerctl` outcome has its exit
-//! status, and `--json` errors are JSON on stdout; `fork get` tells why a fork ended and why
-//! its last handoff was refused; logs follow `RUST_LOG` and come as JSON on request.
+//! status, errors are one line with their code, and `--json` errors are JSON on stdout; the
+//! client waits as long as `--timeout` says; `fork close` takes several ids; `fork ls` says
+//! what its numbers count and `fork get` when a fork was made and when it records instead of
+//! graduating; `fork get` tells why a fork ended and why its last handoff was refused; logs
+//! follow `RUST_LOG` and come as JSON on request; the README states pagerctl's defaults.
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use proto::control::ErrorCode;
 use proto::model::{EndReason, ForkInfo, ForkState, RefusalReason, StatusReport};
@@ -270,7 +276,7 @@ fn pagerctl_top_shows_each_fork_and_its_fault_rate() {
             .collect::<Vec<_>>()
     };
     let (busy_row, idle_row) = (row("busy"), row("idle"));
-    let rate = |row: &[String]| row[4].parse::<f64>().unwrap();
+    let rate = |row: &[String]| row[5].parse::<f64>().unwrap();
     assert!(
         rate(&busy_row) > 0.0,
         "a churning fork faults: {busy_row:?}"
@@ -278,4 +284,299 @@ fn pagerctl_top_shows_each_fork_and_its_fault_rate() {
     assert_eq!(rate(&idle_row), 0.0, "{idle_row:?}");
     assert_eq!(busy_row[2], "serving");
     busy.kill();
+}
+
+#[test]
+fn errors_are_one_line_with_their_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 2 * MIB, 77, 0, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    daemon.create_fork("base", "f");
+
+    let run = daemon.pagerctl(&["snapshot", "rm", "base"]);
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    let line = run.stderr.trim_end();
+    assert!(
+        line.starts_with("pagerctl: ")
+            && line.contains("1 fork(s): f")
+            && line.ends_with(" (conflict)"),
+        "{line}"
+    );
+    let run = daemon.pagerctl(&["fork", "get", "nope"]);
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    assert!(run.stderr.trim_end().ends_with(" (not_found)"), "{run:?}");
+
+    // No daemon: the causes joined on the one line.
+    let out = Command::new(binary("pagerctl"))
+        .args(["--socket", "/nonexistent/control.sock", "status"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("pagerctl: cannot connect to pagerd at /nonexistent/control.sock: ")
+            && stderr.trim_end().ends_with(" (unreachable)"),
+        "{stderr}"
+    );
+}
+
+/// A control socket that answers each request as the real daemon at `daemon` does, but only
+/// after `delay`: a daemon slower than a client's patience. Serves `calls` connections.
+fn slow_proxy(
+    daemon: &Path,
+    at: &Path,
+    delay: Duration,
+    calls: usize,
+) -> std::thread::JoinHandle<()> {
+    let listener = UnixListener::bind(at).unwrap();
+    let daemon = daemon.to_owned();
+    std::thread::spawn(move || {
+        for _ in 0..calls {
+            let (client, _) = listener.accept().unwrap();
+            let mut request = String::new();
+            BufReader::new(&client).read_line(&mut request).unwrap();
+            // The slow daemon at work: the delay is what is being tested, not a wait for an
+            // event.
+            std::thread::sleep(delay);
+            let upstream = UnixStream::connect(&daemon).unwrap();
+            (&upstream).write_all(request.as_bytes()).unwrap();
+            let mut answer = String::new();
+            BufReader::new(&upstream).read_line(&mut answer).unwrap();
+            let _ = (&client).write_all(answer.as_bytes());
+        }
+    })
+}
+
+#[test]
+fn the_client_waits_as_long_as_timeout_or_pagerd_timeout_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 2 * MIB, 78, 0, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    let proxy = dir.path().join("slow.sock");
+    let server = slow_proxy(
+        daemon.control_socket(),
+        &proxy,
+        Duration::from_millis(1500),
+        4,
+    );
+    let pagerctl = |args: &[&str], env: Option<&str>| {
+        let mut command = Command::new(binary("pagerctl"));
+        command
+            .arg("--socket")
+            .arg(&proxy)
+            .args(args)
+            .env_remove("PAGERD_TIMEOUT");
+        if let Some(seconds) = env {
+            command.env("PAGERD_TIMEOUT", seconds);
+        }
+        command.output().unwrap()
+    };
+
+    // Too impatient: unreachable (8), saying which limit ran out.
+    let out = pagerctl(&["--timeout", "0.5", "status"], None);
+    assert_eq!(out.status.code(), Some(8), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("did not answer within 500ms (--timeout, $PAGERD_TIMEOUT)"),
+        "{stderr}"
+    );
+    let out = pagerctl(&["status"], Some("0.5"));
+    assert_eq!(out.status.code(), Some(8), "{out:?}");
+
+    // Patient enough: the answer arrives and is printed.
+    let out = pagerctl(&["--json", "status"], Some("10"));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(json_of(&out)["pid"], daemon.pid());
+    let out = pagerctl(&["--timeout", "10", "snapshot", "ls"], None);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("base"),
+        "{out:?}"
+    );
+    server.join().unwrap();
+
+    // Not a duration: a usage error.
+    let out = pagerctl(&["--timeout", "0", "status"], None);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
+fn fork_close_closes_every_id_given_and_reports_each_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 2 * MIB, 79, 0, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    for id in ["a", "b", "c", "d"] {
+        daemon.create_fork("base", id);
+    }
+    let run = daemon.pagerctl(&["fork", "close", "a", "nope", "b"]);
+    assert_eq!(
+        run.code,
+        Some(i32::from(ErrorCode::NotFound.exit_code())),
+        "{run:?}"
+    );
+    assert_eq!(run.stdout, "closed a\nclosed b\n", "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    assert!(run.stderr.contains("nope"), "{run:?}");
+
+    let answers: Vec<Value> = daemon.pagerctl_json(&["fork", "close", "c", "d"]);
+    let closed: Vec<&str> = answers.iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(closed, ["c", "d"]);
+    assert!(daemon.forks().is_empty(), "{:?}", daemon.forks());
+    // One id answers as before: the fork itself.
+    daemon.create_fork("base", "e");
+    let one: ForkInfo = daemon.pagerctl_json(&["fork", "close", "e"]);
+    assert_eq!(one.id.as_str(), "e");
+}
+
+#[test]
+fn fork_ls_says_what_its_numbers_count_and_fork_get_when_the_fork_was_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 2 * MIB, 80, 2, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    let socket = daemon.create_fork("base", "f");
+    let mut vmm = Vmm::attach(&mem, &socket, &["verify"]);
+    vmm.expect("verified");
+    vmm.finish();
+    let info = daemon.wait_fork("f", ForkState::Ended);
+    assert!(info.stats.zero_pages > 0, "{info:?}");
+
+    let run = daemon.pagerctl(&["fork", "ls"]);
+    let header = run.stdout.lines().next().unwrap();
+    let columns: Vec<&str> = header
+        .split("  ")
+        .filter(|c| !c.is_empty())
+        .map(str::trim)
+        .collect();
+    assert!(columns.contains(&"ZERO PAGES"), "{header}");
+    assert!(!columns.contains(&"ZERO"), "{header}");
+    let zero_at = header.find("ZERO PAGES").unwrap();
+    let row = run.stdout.lines().find(|l| l.starts_with("f ")).unwrap();
+    assert_eq!(
+        row[zero_at..].split_whitespace().next(),
+        Some(info.stats.zero_pages.to_string().as_str()),
+        "{}",
+        run.stdout
+    );
+
+    let run = daemon.pagerctl(&["fork", "get", "f"]);
+    let created = run
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("  created: "))
+        .unwrap_or_else(|| panic!("no creation time: {}", run.stdout));
+    let seconds = info.created_unix_ms / 1000;
+    let expected = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{seconds}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    let expected = String::from_utf8_lossy(&expected.stdout);
+    assert!(
+        created.starts_with(&format!("{} (", expected.trim())),
+        "{created}"
+    );
+    assert!(created.ends_with(" ago)"), "{created}");
+}
+
+#[test]
+fn a_fork_asked_to_graduate_says_it_records_instead_while_a_recording_is_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 2 * MIB, 81, 0, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off", "--record-forks", "0"]);
+    assert!(daemon.pagerctl(&["snapshot", "record", "base"]).success());
+
+    let run = daemon.pagerctl(&[
+        "fork",
+        "create",
+        "base",
+        "--id",
+        "g",
+        "--prefetch",
+        "graduate",
+    ]);
+    assert!(run.success(), "{run:?}");
+    let socket = PathBuf::from(run.stdout.trim());
+    assert!(socket.is_absolute(), "stdout is the socket alone: {run:?}");
+    assert!(
+        run.stderr.starts_with("pagerctl: note: ")
+            && run
+                .stderr
+                .contains("g will record it instead of graduating"),
+        "{run:?}"
+    );
+    let run = daemon.pagerctl(&["fork", "get", "g"]);
+    assert!(
+        run.stdout
+            .contains("  note: a recording of base's working set wants 1 more fork(s)"),
+        "{}",
+        run.stdout
+    );
+
+    let mut vmm = Vmm::attach(&mem, &socket, &["verify", "hold"]);
+    vmm.expect("holding");
+    assert!(daemon.wait_fork("g", ForkState::Serving).recording);
+    let run = daemon.pagerctl(&["fork", "get", "g"]);
+    assert!(
+        run.stdout
+            .contains("  note: g records the working set of base instead of graduating"),
+        "{}",
+        run.stdout
+    );
+    vmm.finish();
+    daemon.wait_fork("g", ForkState::Ended);
+    let run = daemon.pagerctl(&["fork", "get", "g"]);
+    assert!(
+        run.stdout
+            .contains("  note: g recorded the working set of base instead of graduating"),
+        "{}",
+        run.stdout
+    );
+
+    // With no recording pending, a graduating fork graduates: nothing to say.
+    let run = daemon.pagerctl(&[
+        "fork",
+        "create",
+        "base",
+        "--id",
+        "h",
+        "--prefetch",
+        "graduate",
+    ]);
+    assert!(run.success() && run.stderr.is_empty(), "{run:?}");
+    assert!(!daemon
+        .pagerctl(&["fork", "get", "h"])
+        .stdout
+        .contains("note:"));
+}
+
+#[test]
+fn the_readme_states_the_default_of_snapshot_record_as_pagerctl_does() {
+    let help = Command::new(binary("pagerctl"))
+        .args(["snapshot", "record", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let default = help
+        .lines()
+        .find(|l| l.contains("--forks"))
+        .and_then(|l| l.split("[default: ").nth(1))
+        .and_then(|d| d.split(']').next())
+        .unwrap_or_else(|| panic!("no default for --forks: {help}"))
+        .to_owned();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.trim_start().starts_with("pagerctl snapshot record"))
+        .expect("the README shows snapshot record");
+    for (n, word) in line.split_whitespace().enumerate() {
+        if word == "--forks" {
+            let value = line.split_whitespace().nth(n + 1).unwrap();
+            assert!(
+                value == "N" || value == "N]",
+                "an example count reads as the default: {line}"
+            );
+        }
+    }
+    assert!(line.contains(&format!("default {default}")), "{line}");
 }

@@ -4,9 +4,12 @@
 //! daemon's JSON (`--json`). Exit status: 0 on success, 2 for a usage error, 3 to 7 for the
 //! daemon's error codes (`not_found`, `conflict`, `invalid_argument`, `unavailable`,
 //! `internal`; 5 also for a file that cannot be opened here), 8 when the daemon cannot be
-//! reached, 9 when `status` finds it unhealthy. Errors
-//! go to stderr as a numbered chain, or with `--json` to stdout as `{"error": {...}}`.
+//! reached, 9 when `status` finds it unhealthy. An error is one line on stderr,
+//! `pagerctl: MESSAGE (CODE)`, or with `--json` goes to stdout as `{"error": {...}}`.
 
+mod each;
+mod failure;
+mod notes;
 mod render;
 mod table;
 mod top;
@@ -14,21 +17,32 @@ mod units;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::{CommandFactory, Parser, Subcommand};
 use proto::client::{Client, ClientError};
-use proto::control::{ErrorCode, VmDelete};
+use proto::control::VmDelete;
 use proto::model::{ForkState, NetworkOverride, VmBackend, VmState, VmmKind};
 use proto::prefetch::Prefetch;
 use proto::wire;
 use serde::Serialize;
 use serde_json::Value;
 
-/// Exit status when the daemon cannot be reached or answers nonsense.
-const EXIT_UNREACHABLE: u8 = 8;
 /// Exit status of `status` when the daemon is unhealthy.
 const EXIT_UNHEALTHY: u8 = 9;
+/// The environment variable that sets `--timeout`.
+const TIMEOUT_ENV: &str = "PAGERD_TIMEOUT";
+
+/// A positive number of seconds, as `--timeout` takes it.
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let seconds: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if seconds.is_nan() || seconds <= 0.0 {
+        return Err("the timeout must be more than 0 seconds".into());
+    }
+    Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
+}
 
 /// Manage pagerd's snapshots and forks.
 #[derive(Debug, Parser)]
@@ -49,6 +63,17 @@ struct Cli {
     /// Print the daemon's JSON instead of text (errors too, on stdout).
     #[arg(long, global = true)]
     json: bool,
+    /// How long to wait for the daemon's answer to a call, in seconds (fractions allowed);
+    /// `fork wait`, `vm wait` and `vm stop` add their own timeout to it.
+    #[arg(
+        long,
+        env = TIMEOUT_ENV,
+        default_value = "30",
+        value_name = "SECONDS",
+        value_parser = parse_seconds,
+        global = true
+    )]
+    timeout: Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,12 +90,13 @@ enum Command {
     /// Forks.
     #[command(subcommand)]
     Fork(ForkCommand),
-    /// A live view of forks and their fault rates, redrawn in place.
+    /// A live view of forks, file users and VMs, the busiest forks first; fits the
+    /// terminal, `q` quits. Writing to a pipe or a file it prints plain frames.
     Top {
         /// How often to refresh, in ms.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
-        /// Stop after this many frames [default: run until interrupted].
+        /// Stop after this many frames [default: until `q`, or interrupted].
         #[arg(long)]
         iterations: Option<u64>,
     },
@@ -285,10 +311,12 @@ enum ForkCommand {
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
     },
-    /// Stop serving a fork and forget it.
+    /// Stop serving forks and forget them. Every id is tried; the exit status is the first
+    /// failure's.
     Close {
-        /// Fork id.
-        id: String,
+        /// Fork ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
     },
 }
 
@@ -297,6 +325,8 @@ struct Outcome {
     json: Value,
     text: String,
     exit: u8,
+    /// A remark for the person, printed on stderr whatever the format.
+    note: Option<String>,
 }
 
 fn done<T: Serialize>(result: &T, text: String) -> Outcome {
@@ -304,6 +334,7 @@ fn done<T: Serialize>(result: &T, text: String) -> Outcome {
         json: serde_json::to_value(result).unwrap_or(Value::Null),
         text,
         exit: 0,
+        note: None,
     }
 }
 
@@ -330,7 +361,7 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
         .socket
         .clone()
         .unwrap_or_else(|| proto::defaults::control_socket(&cli.state_dir));
-    let client = Client::new(&socket);
+    let client = Client::new(&socket).with_timeout(cli.timeout);
     Ok(match &cli.command {
         Command::Status => {
             let r = client.status()?;
@@ -387,7 +418,9 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
             prefetch,
         }) => {
             let r = client.create_fork_with(snapshot, id.as_deref(), *prefetch)?;
-            done(&r, format!("{}\n", r.handoff_socket.display()))
+            let mut outcome = done(&r, format!("{}\n", r.handoff_socket.display()));
+            outcome.note = notes::graduation(&client, &r);
+            outcome
         }
         Command::Fork(ForkCommand::Ls) => {
             let r = client.forks()?;
@@ -395,7 +428,8 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
         }
         Command::Fork(ForkCommand::Get { id }) => {
             let r = client.fork(id)?;
-            done(&r, render::fork(&r))
+            let note = notes::graduation(&client, &r);
+            done(&r, render::fork(&r, note.as_deref(), SystemTime::now()))
         }
         Command::Fork(ForkCommand::Wait {
             id,
@@ -403,21 +437,29 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
             timeout_ms,
         }) => {
             let r = client.wait_fork(id, *state, Duration::from_millis(*timeout_ms))?;
-            done(&r, render::fork(&r))
+            let note = notes::graduation(&client, &r);
+            done(&r, render::fork(&r, note.as_deref(), SystemTime::now()))
         }
-        Command::Fork(ForkCommand::Close { id }) => {
-            let r = client.close_fork(id)?;
-            done(&r, format!("closed {}\n", r.id))
-        }
+        Command::Fork(ForkCommand::Close { ids }) => each::id(
+            ids,
+            |id| client.close_fork(id),
+            |fork| format!("closed {}\n", fork.id),
+            &cli.report(),
+        )?,
         Command::Top {
             interval_ms,
             iterations,
         } => {
-            top::run(&client, Duration::from_millis(*interval_ms), *iterations)?;
-            Outcome {
-                json: Value::Null,
-                text: String::new(),
-                exit: 0,
+            let interval = Duration::from_millis(*interval_ms);
+            match top::run(&client, interval, *iterations, &cli.report()) {
+                Ok(()) => done(&Value::Null, String::new()),
+                Err(top::Error::Daemon(e)) => return Err(e),
+                Err(top::Error::Terminal(e)) => {
+                    eprintln!("pagerctl: cannot drive the terminal: {e}");
+                    let mut outcome = done(&Value::Null, String::new());
+                    outcome.exit = 1;
+                    outcome
+                }
             }
         }
         Command::Completions { .. } | Command::Man { .. } => {
@@ -464,7 +506,12 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
             let r = client.wait_vm(id, *state, Duration::from_millis(*timeout_ms))?;
             done(&r, render::vm(&r))
         }
-        Command::Vm(VmCommand::Rm { ids }) => delete_vms(&client, ids, cli.json)?,
+        Command::Vm(VmCommand::Rm { ids }) => each::id(
+            ids,
+            |id| proto::client::parse_id(id).and_then(|vm| client.call(VmDelete { vm })),
+            |vm| format!("deleted {}\n", vm.id),
+            &cli.report(),
+        )?,
         Command::Vm(VmCommand::Snapshot { id, new, resume }) => {
             let r = client.snapshot_vm(id, new, *resume)?;
             done(&r, render::snapshot_table(std::slice::from_ref(&r)))
@@ -487,50 +534,13 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
     })
 }
 
-/// `vm rm`: one `vm.delete` per id, each tried. One id answers as any command; with several,
-/// `--json` prints one array with, per id, the deleted VM or `{"error": …}`, refusals are
-/// reported as they come, and the exit status is the first refusal's.
-fn delete_vms(client: &Client, ids: &[String], json: bool) -> Result<Outcome, ClientError> {
-    let delete = |id: &str| proto::client::parse_id(id).and_then(|vm| client.call(VmDelete { vm }));
-    if let [id] = ids {
-        let vm = delete(id)?;
-        return Ok(done(&vm, format!("deleted {}\n", vm.id)));
-    }
-    let mut answers = Vec::new();
-    let mut text = String::new();
-    let mut exit = 0;
-    for id in ids {
-        match delete(id) {
-            Ok(vm) => {
-                text += &format!("deleted {}\n", vm.id);
-                answers.push(serde_json::to_value(&vm).unwrap_or(Value::Null));
-            }
-            Err(e @ ClientError::Refused(_)) => {
-                if !json {
-                    report(&e, false);
-                }
-                answers.push(serde_json::json!({ "error": error_json(&e) }));
-                if exit == 0 {
-                    exit = exit_code(&e);
-                }
-            }
-            // The daemon cannot be reached: the next ids would fail the same way.
-            Err(e) => return Err(e),
+impl Cli {
+    /// How this invocation reports a failed call.
+    fn report(&self) -> failure::Report {
+        failure::Report {
+            json: self.json,
+            timeout: self.timeout,
         }
-    }
-    Ok(Outcome {
-        json: Value::Array(answers),
-        text,
-        exit,
-    })
-}
-
-/// The error code a failed call stands for: the daemon's, `invalid_argument` for a file that
-/// cannot be opened here, or none when the daemon could not be reached.
-fn error_code(e: &ClientError) -> Option<ErrorCode> {
-    match e {
-        ClientError::Open { .. } => Some(ErrorCode::InvalidArgument),
-        other => other.code(),
     }
 }
 
@@ -541,47 +551,6 @@ fn emit(text: &str) {
     let _ = stdout
         .write_all(text.as_bytes())
         .and_then(|()| stdout.flush());
-}
-
-/// The exit status for a failed call.
-fn exit_code(e: &ClientError) -> u8 {
-    error_code(e).map_or(EXIT_UNREACHABLE, ErrorCode::exit_code)
-}
-
-/// A failed call as `--json` shows it: the daemon's error, or one made alike.
-fn error_json(e: &ClientError) -> Value {
-    match e {
-        ClientError::Refused(refusal) => serde_json::to_value(refusal).unwrap_or(Value::Null),
-        other => serde_json::json!({
-            "code": error_code(other).map_or("unreachable", ErrorCode::as_str),
-            "message": chain(other).join(": "),
-        }),
-    }
-}
-
-/// Prints a failed call: the numbered chain on stderr, or JSON on stdout.
-fn report(e: &ClientError, json: bool) {
-    if json {
-        emit(&format!(
-            "{}\n",
-            serde_json::json!({ "error": error_json(e) })
-        ));
-        return;
-    }
-    eprintln!("pagerctl: error");
-    for (n, cause) in chain(e).iter().enumerate() {
-        eprintln!("  {n}: {cause}");
-    }
-}
-
-fn chain(e: &dyn std::error::Error) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut source = Some(e);
-    while let Some(cause) = source {
-        out.push(cause.to_string());
-        source = cause.source();
-    }
-    out
 }
 
 fn main() -> ExitCode {
@@ -603,11 +572,14 @@ fn main() -> ExitCode {
             } else {
                 emit(&outcome.text);
             }
+            if let Some(note) = outcome.note {
+                eprintln!("pagerctl: note: {note}");
+            }
             ExitCode::from(outcome.exit)
         }
         Err(e) => {
-            report(&e, cli.json);
-            ExitCode::from(exit_code(&e))
+            cli.report().print(&e);
+            ExitCode::from(failure::exit_code(&e))
         }
     }
 }

@@ -4,6 +4,8 @@ use proto::model::{
     DeleteOutcome, ForkInfo, ForkListEntry, SnapshotInfo, StatsReport, StatusReport, VmInfo,
 };
 
+use std::time::SystemTime;
+
 use crate::table;
 use crate::units;
 
@@ -117,14 +119,23 @@ pub fn fork_table(entries: &[ForkListEntry]) -> String {
         .collect();
     table::render(
         &[
-            "ID", "KIND", "SNAPSHOT", "STATE", "PID", "FAULTS", "COPIED", "ZERO", "P99", "ENDED",
+            "ID",
+            "KIND",
+            "SNAPSHOT",
+            "STATE",
+            "PID",
+            "FAULTS",
+            "COPIED",
+            "ZERO PAGES",
+            "P99",
+            "ENDED",
         ],
         &rows,
     )
 }
 
-/// One fork in full.
-pub fn fork(f: &ForkInfo) -> String {
+/// One fork in full, with its age at `now` and a `note` from pagerctl, if any.
+pub fn fork(f: &ForkInfo, note: Option<&str>, now: SystemTime) -> String {
     let s = &f.stats;
     let handoff_error = f.last_handoff_error.as_ref().map(|e| {
         format!(
@@ -136,11 +147,12 @@ pub fn fork(f: &ForkInfo) -> String {
                 .unwrap_or_default()
         )
     });
-    format!(
-        "fork {}\n  snapshot: {}\n  owner: uid {}\n  state: {}\n  end reason: {}\n  detached reason: {}\n  recovered after restarts: {}\n  handoff socket: {}\n  vmm pid: {}\n  worker: {}\n  last handoff error: {}\n  faults: {} ({} already present, {} outside regions, {} retried)\n  copied: {} pages ({})\n  zero pages: {}\n  removes: {}\n  poisoned pages: {}\n  errors: {}\n  prefetch: {}{}\n  prefetched: {} pages replayed, {} graduated, {} left alone\n  recorded: {} pages\n  latency: p50 {}, p99 {}, max {} over {} faults\n",
+    let mut out = format!(
+        "fork {}\n  snapshot: {}\n  owner: uid {}\n  created: {}\n  state: {}\n  end reason: {}\n  detached reason: {}\n  recovered after restarts: {}\n  handoff socket: {}\n  vmm pid: {}\n  worker: {}\n  last handoff error: {}\n  faults: {} ({} already present, {} outside regions, {} retried)\n  copied: {} pages ({})\n  zero pages: {}\n  removes: {}\n  poisoned pages: {}\n  errors: {}\n  prefetch: {}{}\n  prefetched: {} pages replayed, {} graduated, {} left alone\n  recorded: {} pages\n  latency: p50 {}, p99 {}, max {} over {} faults\n",
         f.id,
         f.snapshot,
         f.owner,
+        units::when(f.created_unix_ms, now),
         f.state,
         or_dash(f.end_reason),
         or_dash(f.detached_reason),
@@ -169,7 +181,11 @@ pub fn fork(f: &ForkInfo) -> String {
         units::nanos(s.latency_ns.p99),
         units::nanos(s.latency_ns.max),
         s.latency_ns.count,
-    )
+    );
+    if let Some(note) = note {
+        out += &format!("  note: {note}\n");
+    }
+    out
 }
 
 /// Snapshots as a table.

@@ -1,19 +1,13 @@
-//! Numbers for people: sizes in binary units, durations in the unit that reads best.
+//! Numbers for people: sizes in binary units (`humansize`), durations in the unit that reads
+//! best, and times of day in UTC.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use humansize::{format_size, BINARY};
 
 /// `bytes` as B, KiB, MiB, GiB or TiB with one decimal where it matters.
 pub fn bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 || value.fract() == 0.0 {
-        format!("{value:.0} {}", UNITS[unit])
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
+    format_size(bytes, BINARY.decimal_places(1))
 }
 
 /// A latency in nanoseconds as ns, µs, ms or s.
@@ -38,6 +32,20 @@ pub fn uptime(ms: u64) -> String {
     }
 }
 
+/// A time given in ms since the Unix epoch, as UTC to the second and how long ago it was
+/// (from `now`).
+pub fn when(unix_ms: u64, now: SystemTime) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(unix_ms);
+    let ago = now
+        .duration_since(at)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    format!(
+        "{} ({} ago)",
+        humantime::format_rfc3339_seconds(at),
+        uptime(ago)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,6 +64,15 @@ mod tests {
         assert_eq!(nanos(12_300), "12.3 µs");
         assert_eq!(nanos(3_300_000), "3.3 ms");
         assert_eq!(nanos(2_500_000_000), "2.50 s");
+    }
+
+    #[test]
+    fn times_read_in_utc_with_their_age() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_125);
+        assert_eq!(
+            when(1_700_000_000_000, now),
+            "2023-11-14T22:13:20Z (2m 5s ago)"
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! - [`cached_kib`] (a file's own page cache) and [`SmallTmpfs`] (a disk to fill).
 //! - [`tenants`]: real users of the host (a group's members and an outsider), for attacks
 //!   run as an unprivileged member.
+//! - [`Tmux`]: a command at a real terminal of a given size, its screen read and keys typed.
 //! - [`http_get`]: one HTTP GET over any stream; [`prometheus`]: a real Prometheus server
 //!   scraping a daemon, and `promtool check metrics`.
 //!
@@ -35,12 +36,14 @@ pub mod prometheus;
 pub mod qemu;
 pub mod restore_guest;
 pub mod tenants;
+mod tmux;
 mod vmm;
 
 pub use daemon::{CtlRun, Daemon, Launch};
 pub use handoff::{borrow_all, dev_null, new_uffd, raw_handoff, read_reply};
 pub use host::{cached_kib, HugePages, SmallTmpfs};
 pub use http::{http_get, HttpAnswer};
+pub use tmux::Tmux;
 pub use vmm::{proc_status_kb, Vmm};
 
 use std::io::{BufRead, BufReader, Read, Write};

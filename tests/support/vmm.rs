@@ -75,6 +75,19 @@ impl Vmm {
         Self::spawn(&args)
     }
 
+    /// Runs `synthetic-vmm` with `file` (a memory file on pagerd's FUSE mount) mapped
+    /// `MAP_PRIVATE` as guest memory, checked against `original`, with these steps.
+    pub fn map_file(original: &Path, file: &Path, steps: &[&str]) -> Self {
+        let mut args = vec![
+            "--snapshot".to_owned(),
+            original.display().to_string(),
+            "--memory-file".to_owned(),
+            file.display().to_string(),
+        ];
+        args.extend(steps.iter().map(|s| (*s).to_owned()));
+        Self::spawn(&args)
+    }
+
     /// The VMM's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
