@@ -7,6 +7,11 @@ packages=(
   libclang-dev # userfaultfd-sys generates its bindings with bindgen, which needs libclang
   systemd      # systemd-analyze checks the shipped unit (systemd need not be running)
   prometheus   # the metrics tests scrape pagerd with a real Prometheus and run promtool
+  dpkg-dev     # scripts/package.sh: dpkg-shlibdeps finds the binaries' library dependencies
+  binutils     # scripts/package.sh: objcopy and strip split the debug symbols off
+  lintian      # the package test: no lintian errors
+  man-db       # the package test: every manual page renders with `man -l`
+  file         # the package test: the installed binaries are stripped
 )
 missing=()
 for p in "${packages[@]}"; do
