@@ -367,6 +367,31 @@ fn start_like_the_unit(log: &Path) -> Child {
         .unwrap()
 }
 
+/// What the installed bash completion offers for `pagerctl WORDS…` (the last word being
+/// completed).
+fn complete_in_bash(words: &[&str]) -> Vec<String> {
+    let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let script = format!(
+        ". /usr/share/bash-completion/completions/pagerctl\n\
+         COMP_WORDS=(pagerctl {})\nCOMP_CWORD={}\n_pagerctl_ids pagerctl\n\
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
+        quoted.join(" "),
+        words.len()
+    );
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .env_remove("PAGERD_STATE_DIR")
+        .env_remove("PAGERD_SOCKET")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Waits until the daemon answers with a program started after `since`, under `pid`.
 fn wait_for_new_program(client: &Client, pid: u32, since: Instant) {
     wait_until("the daemon to serve with a new program", DEADLINE, || {
@@ -488,6 +513,10 @@ fn the_walk_through_in_operations_md_runs_as_written() {
                 vmm.expect("verified");
                 vmm.expect("holding");
                 assert!(stdout.contains("serving"), "{stdout}");
+                // The installed bash completion asks the daemon for ids.
+                assert_eq!(complete_in_bash(&["fork", "get", ""]), ["vm1"]);
+                assert_eq!(complete_in_bash(&["vm", "start", "ba"]), ["base"]);
+                assert!(complete_in_bash(&["vm", "get", ""]).is_empty());
             }
             "dpkg -i target/deb/pagerd_*.deb" => {
                 // The postinst reloaded the daemon: same pid, a program started since.

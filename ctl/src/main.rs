@@ -7,6 +7,7 @@
 //! reached, 9 when `status` finds it unhealthy. Errors
 //! go to stderr as a numbered chain, or with `--json` to stdout as `{"error": {...}}`.
 
+mod completions;
 mod manual;
 mod render;
 mod table;
@@ -317,11 +318,11 @@ fn done<T: Serialize>(result: &T, text: String) -> Outcome {
 /// Writes the manual page or a completion script; these need no daemon.
 fn local(command: &Command) -> Option<std::io::Result<()>> {
     match command {
-        Command::Completions { shell } => {
-            let mut cli = Cli::command();
-            clap_complete::generate(*shell, &mut cli, "pagerctl", &mut std::io::stdout());
-            Some(Ok(()))
-        }
+        Command::Completions { shell } => Some(completions::write(
+            *shell,
+            Cli::command(),
+            &mut std::io::stdout(),
+        )),
         Command::Man { dir } => Some(manual::write_pages(Cli::command(), dir).map(drop)),
         _ => None,
     }
