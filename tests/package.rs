@@ -470,6 +470,15 @@ fn the_walk_through_in_operations_md_runs_as_written() {
                     Path::new(ENABLED_LINK).exists(),
                     "the postinst enabled pagerd.service"
                 );
+                if Path::new("/usr/bin/systemd-analyze").exists() {
+                    let verify = run(
+                        "systemd-analyze",
+                        &["verify", "--man=no", "/lib/systemd/system/pagerd.service"],
+                    );
+                    let remarks = text(&verify.stderr);
+                    assert!(verify.status.success(), "{remarks}");
+                    assert!(!remarks.contains("pagerd.service"), "{remarks}");
+                }
                 let conffiles = ok("dpkg-query", &["-W", "-f=${Conffiles}", "pagerd"]);
                 assert!(conffiles.contains(DEFAULTS), "{conffiles}");
                 if !systemd {
