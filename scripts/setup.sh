@@ -4,7 +4,8 @@
 #
 #   scripts/setup.sh              building pagerd and running the demo (scripts/demo.sh)
 #   scripts/setup.sh --for-tests  that, and what only the tests need (scripts/test.sh):
-#                                 systemd, prometheus, tmux, QEMU >= 8.2, cargo-fuzz
+#                                 systemd, prometheus, tmux, the packaging tools (dpkg-dev,
+#                                 binutils, lintian, man-db, file), QEMU >= 8.2, cargo-fuzz
 #   scripts/setup.sh [--for-tests] --plan   lists what it covers, one line each; installs nothing
 #   scripts/setup.sh --mirror     prints the Debian mirror bookworm-backports would be added
 #                                 from (the one apt's own sources use), or fails saying why
@@ -59,6 +60,11 @@ if $for_tests; then
     systemd    # systemd-analyze checks the shipped unit (systemd need not be running)
     prometheus # the metrics tests scrape pagerd with a real Prometheus and run promtool
     tmux       # pagerctl top is tested at a real terminal
+    dpkg-dev   # scripts/package.sh: dpkg-shlibdeps finds the binaries' library dependencies
+    binutils   # scripts/package.sh: objcopy and strip split the debug symbols off
+    lintian    # the package test: no lintian errors
+    man-db     # the package test: every manual page renders with `man -l`
+    file       # the package test: the installed binaries are stripped
   )
 fi
 if [ "$mode" = plan ]; then

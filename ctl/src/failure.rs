@@ -9,7 +9,7 @@ use proto::control::ErrorCode;
 use serde_json::Value;
 
 /// Exit status when the daemon cannot be reached or answers nonsense.
-const EXIT_UNREACHABLE: u8 = 8;
+pub(crate) const EXIT_UNREACHABLE: u8 = 8;
 
 /// How this invocation reports failures.
 pub struct Report {

@@ -7,13 +7,17 @@
 //! reached, 9 when `status` finds it unhealthy. An error is one line on stderr,
 //! `pagerctl: MESSAGE (CODE)`, or with `--json` goes to stdout as `{"error": {...}}`.
 
+mod completions;
 mod each;
 mod failure;
+mod manual;
 mod notes;
 mod render;
 mod table;
 mod top;
 mod units;
+mod upgrade;
+mod values;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,7 +28,6 @@ use proto::client::{Client, ClientError};
 use proto::control::VmDelete;
 use proto::model::{ForkState, NetworkOverride, VmBackend, VmState, VmmKind};
 use proto::prefetch::Prefetch;
-use proto::wire;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -46,7 +49,7 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 
 /// Manage pagerd's snapshots and forks.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "pagerctl", version, about)]
 struct Cli {
     /// pagerd's state directory; the control socket is STATE_DIR/control.sock unless
     /// --socket says otherwise.
@@ -105,7 +108,8 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Write the manual page pagerctl.1 into a directory (used by packaging).
+    /// Write the manual pages (pagerctl.1 and one per subcommand) into a directory (used by
+    /// packaging).
     #[command(hide = true)]
     Man {
         /// The directory.
@@ -131,7 +135,7 @@ enum VmCommand {
         id: Option<String>,
         /// Where guest memory comes from: `uffd` (a fork pagerd serves page by page) or
         /// `file` (pagerd's FUSE memory file, mapped privately).
-        #[arg(long, default_value = "uffd", value_parser = wire::parse::<VmBackend>)]
+        #[arg(long, default_value = "uffd", value_parser = values::one_of::<VmBackend>())]
         backend: VmBackend,
         /// Give the snapshot's network interface IFACE the host tap device TAPDEV in this
         /// clone. Repeatable.
@@ -142,7 +146,7 @@ enum VmCommand {
         vsock: Option<PathBuf>,
         /// What its uffd fork gets installed before the guest asks: off, working_set,
         /// graduate [default: the daemon's --prefetch].
-        #[arg(long, value_parser = wire::parse::<Prefetch>)]
+        #[arg(long, value_parser = values::one_of::<Prefetch>())]
         prefetch: Option<Prefetch>,
     },
     /// List VMs.
@@ -165,7 +169,7 @@ enum VmCommand {
         /// VM id.
         id: String,
         /// starting, running, exited or failed.
-        #[arg(value_parser = wire::parse::<VmState>)]
+        #[arg(value_parser = values::one_of::<VmState>())]
         state: VmState,
         /// How long to wait at most, in ms.
         #[arg(long, default_value_t = 10_000)]
@@ -206,14 +210,18 @@ fn parse_tap(s: &str) -> Result<NetworkOverride, String> {
 
 #[derive(Debug, Subcommand)]
 enum DaemonCommand {
-    /// Replace the daemon's program in place (same pid) without losing a fork: serving pauses
-    /// while the new program starts and takes every live VMM's uffd back. Control requests
-    /// fail (the socket is gone) for that moment.
+    /// Replace the daemon's program in place (same pid) without losing a fork, then wait until
+    /// the new program serves and print its version. Serving pauses while the new program
+    /// starts and takes every live VMM's uffd back; control requests made meanwhile wait and
+    /// are answered by the new program (none fails).
     Upgrade {
         /// The new pagerd binary (absolute, or relative to the current directory)
         /// [default: the binary the daemon was started from].
         #[arg(long)]
         binary: Option<PathBuf>,
+        /// How long to wait for the new program to serve, in ms (exit 8 if it does not).
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
     },
 }
 
@@ -240,7 +248,7 @@ enum SnapshotCommand {
         #[arg(long, requires = "vmm")]
         vmstate: Option<PathBuf>,
         /// The hypervisor --vmstate is for: firecracker or qemu.
-        #[arg(long, requires = "vmstate", value_parser = wire::parse::<VmmKind>)]
+        #[arg(long, requires = "vmstate", value_parser = values::one_of::<VmmKind>())]
         vmm: Option<VmmKind>,
     },
     /// Delete a snapshot; refused while forks reference it, unless deferred.
@@ -290,7 +298,7 @@ enum ForkCommand {
         /// What to install before the guest asks: off, working_set (the snapshot's recorded
         /// working set), graduate (then every other page, after which the fork needs nothing
         /// more from pagerd) [default: the daemon's --prefetch].
-        #[arg(long, value_parser = wire::parse::<Prefetch>)]
+        #[arg(long, value_parser = values::one_of::<Prefetch>())]
         prefetch: Option<Prefetch>,
     },
     /// List forks and processes holding memory files.
@@ -305,7 +313,7 @@ enum ForkCommand {
         /// Fork id.
         id: String,
         /// The state to wait for: waiting, serving, ended or detached.
-        #[arg(value_parser = wire::parse::<ForkState>)]
+        #[arg(value_parser = values::one_of::<ForkState>())]
         state: ForkState,
         /// How long to wait at most, in ms.
         #[arg(long, default_value_t = 10_000)]
@@ -341,17 +349,12 @@ fn done<T: Serialize>(result: &T, text: String) -> Outcome {
 /// Writes the manual page or a completion script; these need no daemon.
 fn local(command: &Command) -> Option<std::io::Result<()>> {
     match command {
-        Command::Completions { shell } => {
-            let mut cli = Cli::command();
-            clap_complete::generate(*shell, &mut cli, "pagerctl", &mut std::io::stdout());
-            Some(Ok(()))
-        }
-        Command::Man { dir } => Some((|| {
-            std::fs::create_dir_all(dir)?;
-            let mut page = Vec::new();
-            clap_mangen::Man::new(Cli::command()).render(&mut page)?;
-            std::fs::write(dir.join("pagerctl.1"), page)
-        })()),
+        Command::Completions { shell } => Some(completions::write(
+            *shell,
+            Cli::command(),
+            &mut std::io::stdout(),
+        )),
+        Command::Man { dir } => Some(manual::write_pages(Cli::command(), dir).map(drop)),
         _ => None,
     }
 }
@@ -516,20 +519,12 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
             let r = client.snapshot_vm(id, new, *resume)?;
             done(&r, render::snapshot_table(std::slice::from_ref(&r)))
         }
-        Command::Daemon(DaemonCommand::Upgrade { binary }) => {
+        Command::Daemon(DaemonCommand::Upgrade { binary, timeout_ms }) => {
             let binary = binary
                 .as_ref()
                 .map(|b| std::path::absolute(b).unwrap_or_else(|_| b.clone()));
-            let r = client.upgrade(binary)?;
-            done(
-                &r,
-                format!(
-                    "pagerd {} (pid {}) is executing {}\n",
-                    r.version,
-                    r.pid,
-                    r.binary.display()
-                ),
-            )
+            let r = upgrade::run(&client, binary, Duration::from_millis(*timeout_ms))?;
+            done(&r, r.text())
         }
     })
 }
