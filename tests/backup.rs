@@ -88,3 +88,26 @@ fn an_exported_snapshot_restores_on_another_state_directory_and_forks_from_it() 
         .iter()
         .all(|s| s.id.as_str() != "damaged"));
 }
+
+#[test]
+fn pagerctl_exports_and_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), SIZE, 12, 3, 0);
+    let daemon = Daemon::start(&[("base", &mem)], &["--fuse", "off"]);
+    let backup = dir.path().join("backup");
+    let backup_arg = backup.to_str().unwrap();
+    let out = daemon.pagerctl(&["snapshot", "export", "base", backup_arg]);
+    assert!(out.success(), "{out:?}");
+    assert!(
+        out.stdout.starts_with("exported base to "),
+        "{}",
+        out.stdout
+    );
+    let imported: SnapshotInfo =
+        daemon.pagerctl_json(&["snapshot", "import", backup_arg, "--id", "copy"]);
+    assert_eq!(imported.id.as_str(), "copy");
+    verify_fork(&daemon, "copy", "of-copy", &mem);
+    // Ids are checked by pagerctl before anything is sent.
+    let bad = daemon.pagerctl(&["snapshot", "import", backup_arg, "--id", "../etc"]);
+    assert_eq!(bad.code, Some(2), "{bad:?}");
+}

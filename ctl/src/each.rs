@@ -12,21 +12,21 @@ use crate::failure::{self, Report};
 use crate::{done, Outcome};
 
 /// Calls `call` for each of `ids`; `text` is how one answer reads.
-pub fn id<T: Serialize>(
-    ids: &[String],
+pub fn id<I: AsRef<str>, T: Serialize>(
+    ids: &[I],
     call: impl Fn(&str) -> Result<T, ClientError>,
     text: impl Fn(&T) -> String,
     report: &Report,
 ) -> Result<Outcome, ClientError> {
     if let [id] = ids {
-        let answer = call(id)?;
+        let answer = call(id.as_ref())?;
         return Ok(done(&answer, text(&answer)));
     }
     let mut answers = Vec::new();
     let mut out = String::new();
     let mut exit = 0;
     for id in ids {
-        match call(id) {
+        match call(id.as_ref()) {
             Ok(answer) => {
                 out += &text(&answer);
                 answers.push(serde_json::to_value(&answer).unwrap_or(Value::Null));

@@ -25,9 +25,10 @@ use std::time::{Duration, SystemTime};
 
 use clap::{CommandFactory, Parser, Subcommand};
 use proto::client::{Client, ClientError};
-use proto::control::VmDelete;
+use proto::control::{SnapshotExport, SnapshotImport, VmDelete};
 use proto::model::{ForkState, NetworkOverride, VmBackend, VmState, VmmKind};
 use proto::prefetch::Prefetch;
+use proto::{ForkId, SnapshotId, VmId};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -129,10 +130,10 @@ enum VmCommand {
     /// its memory served by pagerd.
     Start {
         /// Snapshot id.
-        snapshot: String,
+        snapshot: SnapshotId,
         /// VM id [default: generated].
         #[arg(long)]
-        id: Option<String>,
+        id: Option<VmId>,
         /// Where guest memory comes from: `uffd` (a fork pagerd serves page by page) or
         /// `file` (pagerd's FUSE memory file, mapped privately).
         #[arg(long, default_value = "uffd", value_parser = values::one_of::<VmBackend>())]
@@ -154,12 +155,12 @@ enum VmCommand {
     /// Show one VM: state, hypervisor pid, fork, backend, API socket and console log.
     Get {
         /// VM id.
-        id: String,
+        id: VmId,
     },
     /// Stop a VM: SIGTERM, then SIGKILL after the timeout.
     Stop {
         /// VM id.
-        id: String,
+        id: VmId,
         /// How long to wait after SIGTERM before SIGKILL, in ms.
         #[arg(long, default_value_t = 5_000)]
         timeout_ms: u64,
@@ -167,7 +168,7 @@ enum VmCommand {
     /// Wait until a VM reaches a state (or a later one).
     Wait {
         /// VM id.
-        id: String,
+        id: VmId,
         /// starting, running, exited or failed.
         #[arg(value_parser = values::one_of::<VmState>())]
         state: VmState,
@@ -181,16 +182,16 @@ enum VmCommand {
     Rm {
         /// VM ids.
         #[arg(required = true)]
-        ids: Vec<String>,
+        ids: Vec<VmId>,
     },
     /// Save a running VM as a new snapshot (pause, full snapshot, register), then leave it
     /// paused unless --resume.
     Snapshot {
         /// VM id.
-        id: String,
+        id: VmId,
         /// The new snapshot's id.
         #[arg(long = "id", value_name = "NEW")]
-        new: String,
+        new: SnapshotId,
         /// Resume the VM afterwards.
         #[arg(long)]
         resume: bool,
@@ -232,7 +233,7 @@ enum SnapshotCommand {
     /// to pagerd as a descriptor, so only files this user can read can be registered.
     Add {
         /// Snapshot id.
-        id: String,
+        id: SnapshotId,
         /// The memory file (relative paths are taken from the current directory; a symlink is
         /// refused: pass its target).
         path: PathBuf,
@@ -254,7 +255,7 @@ enum SnapshotCommand {
     /// Delete a snapshot; refused while forks reference it, unless deferred.
     Rm {
         /// Snapshot id.
-        id: String,
+        id: SnapshotId,
         /// If forks reference it, delete it when the last one ends.
         #[arg(long)]
         defer: bool,
@@ -267,13 +268,13 @@ enum SnapshotCommand {
     /// Show one snapshot, with its working set.
     Get {
         /// Snapshot id.
-        id: String,
+        id: SnapshotId,
     },
     /// Record the snapshot's working set from its next uffd forks (the pages touched by more
     /// than half of them, in rough first-touch order); the new set replaces the stored one.
     Record {
         /// Snapshot id.
-        id: String,
+        id: SnapshotId,
         /// How many forks to record (1 to 16).
         #[arg(long, default_value_t = 1)]
         forks: u32,
@@ -282,7 +283,26 @@ enum SnapshotCommand {
     /// is recorded).
     ClearWorkingSet {
         /// Snapshot id.
-        id: String,
+        id: SnapshotId,
+    },
+    /// Write a snapshot to a directory (created if missing, holding no export yet): its
+    /// memory (only pages holding data), device state and working set, with a manifest of
+    /// their digests. A backup that `snapshot import` restores, here or on another host.
+    /// Root and pagerd's own user only.
+    Export {
+        /// Snapshot id.
+        id: SnapshotId,
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// Register the snapshot exported to a directory, once every file matches its digest.
+    /// Root and pagerd's own user only.
+    Import {
+        /// The directory `snapshot export` wrote.
+        dir: PathBuf,
+        /// The new snapshot's id [default: the id it was exported as].
+        #[arg(long)]
+        id: Option<SnapshotId>,
     },
 }
 
@@ -291,10 +311,10 @@ enum ForkCommand {
     /// Create a fork of a snapshot and print the handoff socket to give its VMM.
     Create {
         /// Snapshot id.
-        snapshot: String,
+        snapshot: SnapshotId,
         /// Fork id [default: generated].
         #[arg(long)]
-        id: Option<String>,
+        id: Option<ForkId>,
         /// What to install before the guest asks: off, working_set (the snapshot's recorded
         /// working set), graduate (then every other page, after which the fork needs nothing
         /// more from pagerd) [default: the daemon's --prefetch].
@@ -306,12 +326,12 @@ enum ForkCommand {
     /// Show one fork with its counters, end reason and last refused handoff.
     Get {
         /// Fork id.
-        id: String,
+        id: ForkId,
     },
     /// Wait until a fork reaches a state (`serving` is also satisfied by `ended`).
     Wait {
         /// Fork id.
-        id: String,
+        id: ForkId,
         /// The state to wait for: waiting, serving, ended or detached.
         #[arg(value_parser = values::one_of::<ForkState>())]
         state: ForkState,
@@ -324,7 +344,7 @@ enum ForkCommand {
     Close {
         /// Fork ids.
         #[arg(required = true)]
-        ids: Vec<String>,
+        ids: Vec<ForkId>,
     },
 }
 
@@ -335,6 +355,14 @@ struct Outcome {
     exit: u8,
     /// A remark for the person, printed on stderr whatever the format.
     note: Option<String>,
+}
+
+/// `path` made absolute against the current directory (the daemon resolves nothing).
+fn absolute(path: &std::path::Path) -> Result<PathBuf, ClientError> {
+    std::path::absolute(path).map_err(|source| ClientError::Open {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn done<T: Serialize>(result: &T, text: String) -> Outcome {
@@ -415,12 +443,36 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
             let r = client.clear_working_set(id)?;
             done(&r, render::snapshot(&r))
         }
+        Command::Snapshot(SnapshotCommand::Export { id, dir }) => {
+            let r = client.call(SnapshotExport {
+                snapshot: id.clone(),
+                dir: absolute(dir)?,
+            })?;
+            let text = format!(
+                "exported {} to {} ({} bytes of memory, blake3 {}{}{})",
+                r.snapshot,
+                r.dir.display(),
+                r.size,
+                r.blake3,
+                if r.vmstate { ", device state" } else { "" },
+                if r.working_set { ", working set" } else { "" },
+            );
+            done(&r, text)
+        }
+        Command::Snapshot(SnapshotCommand::Import { dir, id }) => {
+            let r = client.call(SnapshotImport {
+                dir: absolute(dir)?,
+                snapshot: id.clone(),
+            })?;
+            done(&r, render::snapshot(&r))
+        }
         Command::Fork(ForkCommand::Create {
             snapshot,
             id,
             prefetch,
         }) => {
-            let r = client.create_fork_with(snapshot, id.as_deref(), *prefetch)?;
+            let r =
+                client.create_fork_with(snapshot, id.as_ref().map(ForkId::as_str), *prefetch)?;
             let mut outcome = done(&r, format!("{}\n", r.handoff_socket.display()));
             outcome.note = notes::graduation(&client, &r);
             outcome
@@ -481,7 +533,7 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
                 .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
             let r = client.start_vm_with(
                 snapshot,
-                id.as_deref(),
+                id.as_ref().map(VmId::as_str),
                 *backend,
                 taps.clone(),
                 vsock,

@@ -173,7 +173,7 @@ impl Client {
     /// With `link` the file is linked, not copied, and must never be written again.
     pub fn register_snapshot(
         &self,
-        id: &str,
+        id: impl AsRef<str>,
         path: &Path,
         link: bool,
     ) -> Result<SnapshotInfo, ClientError> {
@@ -184,13 +184,13 @@ impl Client {
     /// `snapshot.register` of an open file; `name` is recorded as its source.
     pub fn register_snapshot_fd(
         &self,
-        id: &str,
+        id: impl AsRef<str>,
         name: &Path,
         file: BorrowedFd<'_>,
         link: bool,
     ) -> Result<SnapshotInfo, ClientError> {
         let call = SnapshotRegister {
-            snapshot: parse_id(id)?,
+            snapshot: parse_id(id.as_ref())?,
             path: Some(name.to_owned()),
             fd: true,
             link,
@@ -204,12 +204,12 @@ impl Client {
     /// only for root and its own user.
     pub fn register_snapshot_path(
         &self,
-        id: &str,
+        id: impl AsRef<str>,
         path: &Path,
         link: bool,
     ) -> Result<SnapshotInfo, ClientError> {
         self.call(SnapshotRegister {
-            snapshot: parse_id(id)?,
+            snapshot: parse_id(id.as_ref())?,
             path: Some(path.to_owned()),
             fd: false,
             link,
@@ -222,7 +222,7 @@ impl Client {
     /// opened here and passed as descriptors (memory first).
     pub fn register_bundle(
         &self,
-        id: &str,
+        id: impl AsRef<str>,
         memory: &Path,
         vmstate: &Path,
         vmm: VmmKind,
@@ -231,7 +231,7 @@ impl Client {
         let memory_file = open_memory_file(memory)?;
         let state_file = open_memory_file(vmstate)?;
         let call = SnapshotRegister {
-            snapshot: parse_id(id)?,
+            snapshot: parse_id(id.as_ref())?,
             path: Some(memory.to_owned()),
             fd: true,
             link,
@@ -244,12 +244,12 @@ impl Client {
     /// `snapshot.delete`; `force` removes a damaged snapshot.
     pub fn delete_snapshot(
         &self,
-        id: &str,
+        id: impl AsRef<str>,
         defer: bool,
         force: bool,
     ) -> Result<DeleteOutcome, ClientError> {
         self.call(SnapshotDelete {
-            snapshot: parse_id(id)?,
+            snapshot: parse_id(id.as_ref())?,
             defer,
             force,
         })
@@ -261,26 +261,30 @@ impl Client {
     }
 
     /// `snapshot.get`.
-    pub fn snapshot(&self, id: &str) -> Result<SnapshotInfo, ClientError> {
+    pub fn snapshot(&self, id: impl AsRef<str>) -> Result<SnapshotInfo, ClientError> {
         self.call(SnapshotGet {
-            snapshot: parse_id(id)?,
+            snapshot: parse_id(id.as_ref())?,
         })
     }
 
     /// `fork.create` with the daemon's default prefetch.
-    pub fn create_fork(&self, snapshot: &str, fork: Option<&str>) -> Result<ForkInfo, ClientError> {
+    pub fn create_fork(
+        &self,
+        snapshot: impl AsRef<str>,
+        fork: Option<&str>,
+    ) -> Result<ForkInfo, ClientError> {
         self.create_fork_with(snapshot, fork, None)
     }
 
     /// `fork.create`, choosing what is installed before the guest asks.
     pub fn create_fork_with(
         &self,
-        snapshot: &str,
+        snapshot: impl AsRef<str>,
         fork: Option<&str>,
         prefetch: Option<Prefetch>,
     ) -> Result<ForkInfo, ClientError> {
         self.call(ForkCreate {
-            snapshot: parse_id(snapshot)?,
+            snapshot: parse_id(snapshot.as_ref())?,
             fork: fork.map(parse_id).transpose()?,
             prefetch,
         })
@@ -289,19 +293,22 @@ impl Client {
     /// `snapshot.record`: the next `forks` uffd forks record the working set.
     pub fn record_working_set(
         &self,
-        snapshot: &str,
+        snapshot: impl AsRef<str>,
         forks: Option<u32>,
     ) -> Result<SnapshotInfo, ClientError> {
         self.call(SnapshotRecord {
-            snapshot: parse_id(snapshot)?,
+            snapshot: parse_id(snapshot.as_ref())?,
             forks,
         })
     }
 
     /// `snapshot.clear_working_set`.
-    pub fn clear_working_set(&self, snapshot: &str) -> Result<SnapshotInfo, ClientError> {
+    pub fn clear_working_set(
+        &self,
+        snapshot: impl AsRef<str>,
+    ) -> Result<SnapshotInfo, ClientError> {
         self.call(SnapshotClearWorkingSet {
-            snapshot: parse_id(snapshot)?,
+            snapshot: parse_id(snapshot.as_ref())?,
         })
     }
 
@@ -311,37 +318,37 @@ impl Client {
     }
 
     /// `fork.get`.
-    pub fn fork(&self, id: &str) -> Result<ForkInfo, ClientError> {
+    pub fn fork(&self, id: impl AsRef<str>) -> Result<ForkInfo, ClientError> {
         self.call(ForkGet {
-            fork: parse_id(id)?,
+            fork: parse_id(id.as_ref())?,
         })
     }
 
     /// `fork.wait`.
     pub fn wait_fork(
         &self,
-        id: &str,
+        id: impl AsRef<str>,
         state: ForkState,
         timeout: Duration,
     ) -> Result<ForkInfo, ClientError> {
         self.call(ForkWait {
-            fork: parse_id(id)?,
+            fork: parse_id(id.as_ref())?,
             state,
             timeout_ms: Some(millis(timeout)),
         })
     }
 
     /// `fork.close`.
-    pub fn close_fork(&self, id: &str) -> Result<ForkInfo, ClientError> {
+    pub fn close_fork(&self, id: impl AsRef<str>) -> Result<ForkInfo, ClientError> {
         self.call(ForkClose {
-            fork: parse_id(id)?,
+            fork: parse_id(id.as_ref())?,
         })
     }
 
     /// `vm.start` with the daemon's default prefetch.
     pub fn start_vm(
         &self,
-        snapshot: &str,
+        snapshot: impl AsRef<str>,
         vm: Option<&str>,
         backend: VmBackend,
         network_overrides: Vec<NetworkOverride>,
@@ -353,7 +360,7 @@ impl Client {
     /// `vm.start`, choosing what the VM's fork prefetches.
     pub fn start_vm_with(
         &self,
-        snapshot: &str,
+        snapshot: impl AsRef<str>,
         vm: Option<&str>,
         backend: VmBackend,
         network_overrides: Vec<NetworkOverride>,
@@ -361,7 +368,7 @@ impl Client {
         prefetch: Option<Prefetch>,
     ) -> Result<VmInfo, ClientError> {
         self.call(VmStart {
-            snapshot: parse_id(snapshot)?,
+            snapshot: parse_id(snapshot.as_ref())?,
             vm: vm.map(parse_id).transpose()?,
             backend,
             prefetch,
@@ -376,14 +383,20 @@ impl Client {
     }
 
     /// `vm.get`.
-    pub fn vm(&self, id: &str) -> Result<VmInfo, ClientError> {
-        self.call(VmGet { vm: parse_id(id)? })
+    pub fn vm(&self, id: impl AsRef<str>) -> Result<VmInfo, ClientError> {
+        self.call(VmGet {
+            vm: parse_id(id.as_ref())?,
+        })
     }
 
     /// `vm.stop`.
-    pub fn stop_vm(&self, id: &str, timeout: Option<Duration>) -> Result<VmInfo, ClientError> {
+    pub fn stop_vm(
+        &self,
+        id: impl AsRef<str>,
+        timeout: Option<Duration>,
+    ) -> Result<VmInfo, ClientError> {
         self.call(VmStop {
-            vm: parse_id(id)?,
+            vm: parse_id(id.as_ref())?,
             timeout_ms: timeout.map(millis),
         })
     }
@@ -391,12 +404,12 @@ impl Client {
     /// `vm.wait`.
     pub fn wait_vm(
         &self,
-        id: &str,
+        id: impl AsRef<str>,
         state: VmState,
         timeout: Duration,
     ) -> Result<VmInfo, ClientError> {
         self.call(VmWait {
-            vm: parse_id(id)?,
+            vm: parse_id(id.as_ref())?,
             state,
             timeout_ms: Some(millis(timeout)),
         })
@@ -405,13 +418,13 @@ impl Client {
     /// `vm.snapshot`: a new snapshot `snapshot` of VM `id`.
     pub fn snapshot_vm(
         &self,
-        id: &str,
-        snapshot: &str,
+        id: impl AsRef<str>,
+        snapshot: impl AsRef<str>,
         resume: bool,
     ) -> Result<SnapshotInfo, ClientError> {
         self.call(VmSnapshot {
-            vm: parse_id(id)?,
-            snapshot: parse_id(snapshot)?,
+            vm: parse_id(id.as_ref())?,
+            snapshot: parse_id(snapshot.as_ref())?,
             resume,
         })
     }

@@ -121,6 +121,12 @@ impl<K: Kind> From<Id<K>> for String {
     }
 }
 
+impl<K: Kind> AsRef<str> for Id<K> {
+    fn as_ref(&self) -> &str {
+        &self.name
+    }
+}
+
 impl<K: Kind> fmt::Display for Id<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.name)

@@ -555,8 +555,16 @@ mod tests {
             prefetch: None,
         });
         let upgrade = Request::from(DaemonUpgrade { binary: None });
+        let export = Request::from(SnapshotExport {
+            snapshot: "s".parse().unwrap(),
+            dir: "/backup".into(),
+        });
+        let import = Request::from(SnapshotImport {
+            dir: "/backup".into(),
+            snapshot: None,
+        });
         let list = Request::from(ForkList {});
-        for request in [&start, &upgrade] {
+        for request in [&start, &upgrade, &export, &import] {
             let refused = refuse_unprivileged(request, &cx(member)).unwrap_err();
             assert_eq!(
                 refused.code,
