@@ -13,7 +13,9 @@
 //! timed). While they read, the daemon is upgraded (or killed and restarted) `--rounds` times
 //! at random moments. A read that began while no daemon served measures the stall: the
 //! longest read of the phase is the longest stall; the median of the VMMs' p50 reads is the
-//! normal fault latency. Writes `restart.json` to `--out`.
+//! normal fault latency. With `--ballast-gib N` a second snapshot of N GiB of data (linked,
+//! not copied) is registered too: what a start must not read again. Writes `restart.json` to
+//! `--out`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -37,6 +39,9 @@ struct Args {
     /// Pause between a VMM's reads, in µs.
     #[arg(long, default_value_t = 1000)]
     pace_us: u64,
+    /// A second registered snapshot of this many GiB of data, which no fork uses.
+    #[arg(long, default_value_t = 0)]
+    ballast_gib: u64,
     /// Where results go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -74,8 +79,30 @@ fn median(mut v: Vec<u64>) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-fn run_phase(phase: Phase, args: &Args, mem: &std::path::Path) -> Value {
+/// `gib` GiB of non-zero bytes at `path`.
+fn write_ballast(path: &std::path::Path, gib: u64) {
+    use std::io::Write;
+    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251 + 1) as u8).collect();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create ballast"));
+    for _ in 0..gib << 10 {
+        out.write_all(&chunk).expect("write ballast");
+    }
+    out.flush().expect("write ballast");
+}
+
+fn run_phase(
+    phase: Phase,
+    args: &Args,
+    mem: &std::path::Path,
+    ballast: Option<&std::path::Path>,
+) -> Value {
     let mut daemon = Daemon::start(&[("base", mem)], &["--fuse", "off"]);
+    if let Some(path) = ballast {
+        daemon
+            .client()
+            .register_snapshot_path("ballast", path, true)
+            .expect("register the ballast");
+    }
     let mut vmms: Vec<Vmm> = daemon.paced_readers(args.forks, mem, args.pace_us);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut outages = Vec::new();
@@ -121,6 +148,7 @@ fn run_phase(phase: Phase, args: &Args, mem: &std::path::Path) -> Value {
     let longest_outage = outages.iter().max().copied().unwrap_or_default();
     json!({
         "phase": phase.name(),
+        "ballast_gib": args.ballast_gib,
         "forks": args.forks,
         "rounds": args.rounds,
         "during_ms": during.as_millis() as u64,
@@ -143,6 +171,11 @@ fn main() {
     let args = Args::parse();
     let dir = tempfile::tempdir().expect("tempdir");
     let mem = write_snapshot(&dir.path().join("mem"), args.size_mib << 20, 0x5eed, 7, 0);
+    let ballast = (args.ballast_gib > 0).then(|| {
+        let path = dir.path().join("ballast");
+        write_ballast(&path, args.ballast_gib);
+        path
+    });
     let mut rows = Vec::new();
     for phase in [Phase::Upgrade, Phase::Crash] {
         eprintln!(
@@ -151,7 +184,7 @@ fn main() {
             args.forks,
             args.rounds
         );
-        let row = run_phase(phase, &args, &mem);
+        let row = run_phase(phase, &args, &mem, ballast.as_deref());
         println!("{row}");
         rows.push(row);
     }
