@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs pagerd's libFuzzer targets (fuzz/; docs/security.md, "Fuzzing") for SECONDS each,
 # starting from the committed seeds and the corpus kept in fuzz/corpus/ by earlier runs.
-# Needs `cargo +nightly` and cargo-fuzz (scripts/setup.sh installs it).
+# Needs `cargo +nightly` and cargo-fuzz (scripts/setup.sh --for-tests installs it).
 #
 #   scripts/fuzz.sh [SECONDS [TARGET...]]     # default: 20 s, every target
 #
