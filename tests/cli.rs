@@ -581,3 +581,36 @@ fn the_readme_states_the_default_of_snapshot_record_as_pagerctl_does() {
     }
     assert!(line.contains(&format!("default {default}")), "{line}");
 }
+
+#[test]
+fn snapshot_add_no_wait_returns_while_pagerd_imports_and_the_import_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    // 1 GiB of data: its copy and the copy's fsync take seconds here.
+    let big = dir.path().join("big");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
+    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253 + 1) as u8).collect();
+    for _ in 0..1024 {
+        file.write_all(&chunk).unwrap();
+    }
+    file.into_inner().unwrap().sync_all().unwrap();
+    let daemon = Daemon::start(&[], &["--fuse", "off"]);
+    let added: Value =
+        daemon.pagerctl_json(&["snapshot", "add", "big", big.to_str().unwrap(), "--no-wait"]);
+    assert_eq!(added["id"], "big", "{added}");
+    assert_eq!(
+        added["importing"]["total_bytes"],
+        Value::from(1u64 << 30),
+        "pagerctl returned while pagerd imports: {added}"
+    );
+    testkit::wait_until("the import to finish", Duration::from_secs(120), || {
+        daemon.snapshot("big").importing.is_none()
+    });
+    let done = daemon.snapshot("big");
+    assert_eq!(done.size, Some(1 << 30), "{done:?}");
+    assert!(done.error.is_none(), "{done:?}");
+    // Without --no-wait the answer is the finished snapshot.
+    let small = write_snapshot(&dir.path().join("small"), 1 << 20, 3, 0, 0);
+    let waited: Value =
+        daemon.pagerctl_json(&["snapshot", "add", "small", small.to_str().unwrap()]);
+    assert!(waited["importing"].is_null(), "{waited}");
+}

@@ -10,6 +10,7 @@
 mod completions;
 mod each;
 mod failure;
+mod import;
 mod manual;
 mod notes;
 mod render;
@@ -251,6 +252,10 @@ enum SnapshotCommand {
         /// The hypervisor --vmstate is for: firecracker or qemu.
         #[arg(long, requires = "vmstate", value_parser = values::one_of::<VmmKind>())]
         vmm: Option<VmmKind>,
+        /// Return as soon as pagerd has the snapshot (`importing`), not when its copy is done:
+        /// pagerd finishes the import by itself (`snapshot get` shows its progress).
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Delete a snapshot; refused while forks reference it, unless deferred.
     Rm {
@@ -412,14 +417,26 @@ fn run(cli: &Cli) -> Result<Outcome, ClientError> {
             link,
             vmstate,
             vmm,
+            no_wait,
         }) => {
             let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-            let r = match vmstate.as_ref().zip(*vmm) {
+            let bundle = vmstate
+                .as_ref()
+                .zip(*vmm)
+                .map(|(v, vmm)| (std::path::absolute(v).unwrap_or_else(|_| v.clone()), vmm));
+            let (registrar, registered, link) = (client.clone(), id.clone(), *link);
+            let register = move || match bundle {
                 Some((vmstate, vmm)) => {
-                    let vmstate = std::path::absolute(vmstate).unwrap_or_else(|_| vmstate.clone());
-                    client.register_bundle(id, &path, &vmstate, vmm, *link)?
+                    registrar.register_bundle(&registered, &path, &vmstate, vmm, link)
                 }
-                None => client.register_snapshot(id, &path, *link)?,
+                None => registrar.register_snapshot(&registered, &path, link),
+            };
+            // An id already taken is refused by the registration itself, not shown as added.
+            let r = if client.snapshot(id).is_ok() {
+                register()?
+            } else {
+                let show = !cli.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+                import::watch(&client, id, *no_wait, show, register)?
             };
             done(&r, render::snapshot_table(std::slice::from_ref(&r)))
         }
