@@ -614,3 +614,68 @@ fn snapshot_add_no_wait_returns_while_pagerd_imports_and_the_import_finishes() {
         daemon.pagerctl_json(&["snapshot", "add", "small", small.to_str().unwrap()]);
     assert!(waited["importing"].is_null(), "{waited}");
 }
+
+#[test]
+fn json_logs_carry_fields_wire_spellings_and_who_changed_what() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = write_snapshot(&dir.path().join("mem"), 1 << 20, 5, 0, 0);
+    let daemon = Daemon::start(
+        &[("base", &mem)],
+        &["--fuse", "off", "--log-format", "json"],
+    );
+    let socket = daemon.create_fork("base", "logged");
+    // A handoff without a descriptor is refused with reason `no_fd`.
+    let reply = raw_handoff(&socket, b"[]", &[]).expect("a reply");
+    assert!(!reply.ok);
+    daemon.close_fork("logged");
+    let lines: Vec<Value> = daemon
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let find = |message: &str| -> Vec<&Value> {
+        lines
+            .iter()
+            .filter(|l| l["fields"]["message"] == message)
+            .collect()
+    };
+    let ready = find("pagerd ready");
+    assert_eq!(ready.len(), 1, "{lines:?}");
+    assert_eq!(ready[0]["fields"]["version"], env!("CARGO_PKG_VERSION"));
+    assert!(
+        ready[0]["fields"]["options"]
+            .as_str()
+            .is_some_and(|o| o.contains("--log-format json")),
+        "{}",
+        ready[0]
+    );
+    let reconciled = find("reconciled the state directory");
+    assert_eq!(reconciled.len(), 1, "{lines:?}");
+    assert!(
+        reconciled[0]["fields"]["snapshots"].is_u64() && reconciled[0]["fields"]["reaped"].is_u64(),
+        "numbers, not text: {}",
+        reconciled[0]
+    );
+    assert_eq!(reconciled[0]["fields"]["recovered"], 0);
+    let refused = find("handoff refused");
+    assert_eq!(refused.len(), 1, "{lines:?}");
+    assert_eq!(
+        refused[0]["fields"]["reason"], "no_fd",
+        "the wire's spelling: {}",
+        refused[0]
+    );
+    let changes: Vec<&Value> = find("control request")
+        .into_iter()
+        .filter(|l| l["level"] == "INFO")
+        .collect();
+    let closed = changes
+        .iter()
+        .find(|l| l["fields"]["op"] == "fork.close")
+        .unwrap_or_else(|| panic!("the close is logged at info: {changes:?}"));
+    assert_eq!(closed["fields"]["fork"], "logged");
+    assert_eq!(closed["fields"]["peer_uid"], 0, "who asked: {closed}");
+    assert!(
+        changes.iter().all(|l| l["fields"]["op"] != "status"),
+        "reads stay at debug: {changes:?}"
+    );
+}

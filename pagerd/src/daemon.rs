@@ -310,7 +310,9 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
                 .map_err(|source| DaemonError::Metrics(addr.to_string(), source))
         })
         .transpose()?;
-    tracing::info!(control = %control_path.display(), workers = config.worker_count(), "pagerd ready");
+    tracing::info!(control = %control_path.display(), workers = config.worker_count(),
+        version = env!("CARGO_PKG_VERSION"), pid = std::process::id(),
+        options = %std::env::args().skip(1).collect::<Vec<_>>().join(" "), "pagerd ready");
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "pagerd ready control={}", control_path.display());
     let _ = stdout.flush();
@@ -321,7 +323,7 @@ pub(crate) fn run(mut config: Config) -> Result<(), DaemonError> {
     let next = loop {
         let signal = signals.wait().map_err(DaemonError::Signals)?;
         if signal != UPGRADE_SIGNAL {
-            tracing::info!(signal = ?signal, "shutting down; fork records are kept for the next start");
+            tracing::info!(signal = %signal, "shutting down; fork records are kept for the next start");
             notify::stopping();
             break None;
         }

@@ -123,6 +123,26 @@ requests! {
     "daemon.upgrade" => DaemonUpgrade -> UpgradeStarted;
 }
 
+impl Request {
+    /// Whether the request changes something (as opposed to reading or waiting): what the
+    /// daemon logs at `info`, with who asked.
+    pub fn changes(&self) -> bool {
+        !matches!(
+            self,
+            Self::Status(_)
+                | Self::Stats(_)
+                | Self::SnapshotList(_)
+                | Self::SnapshotGet(_)
+                | Self::ForkList(_)
+                | Self::ForkGet(_)
+                | Self::ForkWait(_)
+                | Self::VmList(_)
+                | Self::VmGet(_)
+                | Self::VmWait(_)
+        )
+    }
+}
+
 /// `status`: daemon health, version and counts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

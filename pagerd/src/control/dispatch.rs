@@ -161,19 +161,52 @@ impl Handler for Dispatcher {
         request: Request,
         context: &mut RequestContext,
     ) -> Result<Value, ControlError> {
-        if !tracing::enabled!(tracing::Level::DEBUG) {
+        let changes = request.changes();
+        if !changes && !tracing::enabled!(tracing::Level::DEBUG) {
             return self.dispatch(request, context);
         }
         let op = request.op();
+        let named = Named::of(&request);
         let started = std::time::Instant::now();
         let outcome = self.dispatch(request, context);
-        tracing::debug!(
-            op,
-            peer_uid = context.peer().map(|p| p.uid),
-            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            error = outcome.as_ref().err().map(|e| e.code.as_str()),
-            "control request"
+        // An object made with a generated id is named by the answer.
+        let made = outcome
+            .as_ref()
+            .ok()
+            .and_then(|answer| answer.get("id"))
+            .and_then(Value::as_str);
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let peer_uid = context.peer().map(|p| p.uid);
+        let error = outcome.as_ref().err().map(|e| e.code.as_str());
+        let (snapshot, fork, vm) = (
+            named.snapshot.as_deref(),
+            named.fork.as_deref(),
+            named.vm.as_deref(),
         );
+        if changes {
+            tracing::info!(
+                op,
+                snapshot,
+                fork,
+                vm,
+                id = made,
+                peer_uid,
+                micros,
+                error,
+                "control request"
+            );
+        } else {
+            tracing::debug!(
+                op,
+                snapshot,
+                fork,
+                vm,
+                peer_uid,
+                micros,
+                error,
+                "control request"
+            );
+        }
         outcome
     }
 }
@@ -372,6 +405,26 @@ impl Dispatcher {
             binary,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         })
+    }
+}
+
+/// The objects a request names, for its log line.
+#[derive(Debug, Default)]
+struct Named {
+    snapshot: Option<String>,
+    fork: Option<String>,
+    vm: Option<String>,
+}
+
+impl Named {
+    fn of(request: &Request) -> Self {
+        let fields = serde_json::to_value(request).unwrap_or_default();
+        let text = |name: &str| fields.get(name).and_then(Value::as_str).map(str::to_owned);
+        Self {
+            snapshot: text("snapshot"),
+            fork: text("fork"),
+            vm: text("vm"),
+        }
     }
 }
 

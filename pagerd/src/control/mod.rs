@@ -359,16 +359,18 @@ fn accept_loop(
                 continue;
             }
         };
-        let peer = match nix::sys::socket::getsockopt(
-            &stream,
-            nix::sys::socket::sockopt::PeerCredentials,
-        ) {
-            Ok(c) if may_connect(c.into(), owner, options.group) => Peer::from(c),
-            other => {
-                tracing::warn!(creds = ?other.map(|c| c.uid()), "control connection from another user refused");
-                continue;
-            }
-        };
+        let peer =
+            match nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+            {
+                Ok(c) if may_connect(c.into(), owner, options.group) => Peer::from(c),
+                other => {
+                    tracing::warn!(
+                        peer_uid = other.ok().map(|c| c.uid()),
+                        "control connection from another user refused"
+                    );
+                    continue;
+                }
+            };
         if !admission.is_operator(peer.uid) && (in_spare_room || spare_fd::low_on_descriptors()) {
             // The last descriptors are kept for root: anyone else's connection closes at once.
             refuse(stream, "pagerd is low on file descriptors; try again later");

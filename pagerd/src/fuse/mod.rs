@@ -179,7 +179,7 @@ impl FuseView {
                 tracing::warn!(error = %e, "cannot set the FUSE mount's readahead; keeping the kernel's");
             }
         }
-        tracing::info!(mountpoint = %view.info.path.display(), read_path = ?read_path, "memory files mounted");
+        tracing::info!(mountpoint = %view.info.path.display(), read_path = %read_path, "memory files mounted");
         Ok(view)
     }
 

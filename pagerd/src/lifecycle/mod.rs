@@ -92,6 +92,34 @@ pub(crate) struct ReconcileReport {
     pub unreadable_fork_records: Vec<PathBuf>,
 }
 
+impl ReconcileReport {
+    /// One log line with every count a field of its own, and the ids of the forks and
+    /// snapshots named (comma-separated) beside them.
+    fn log(&self) {
+        fn ids<T: std::fmt::Display>(list: &[T]) -> String {
+            list.iter().map(T::to_string).collect::<Vec<_>>().join(",")
+        }
+        tracing::info!(
+            snapshots = self.snapshots,
+            damaged_snapshots = self.damaged_snapshots.len(),
+            damaged_snapshot_ids = %ids(&self.damaged_snapshots),
+            waiting = self.waiting.len(),
+            recovered = self.recovered.len(),
+            recovered_ids = %ids(&self.recovered),
+            detached = self.detached.len(),
+            detached_ids = %ids(&self.detached),
+            reaped = self.reaped.len(),
+            reaped_ids = %ids(&self.reaped),
+            file_users = self.file_users,
+            deleted = self.deleted.len(),
+            deleted_ids = %ids(&self.deleted),
+            unreadable_fork_records = self.unreadable_fork_records.len(),
+            removed_leftovers = self.removed_leftovers.len(),
+            "reconciled the state directory"
+        );
+    }
+}
+
 /// The in-memory copy of snapshot metadata, changed only together with the store.
 #[derive(Debug, Default)]
 struct Catalog {
@@ -348,7 +376,7 @@ impl Lifecycle {
         catalog.importing.remove(&id);
         let (stored, snapshot) = imported?;
         crate::stats::DAEMON.imported(stored.import, started.elapsed());
-        tracing::info!(snapshot = %id, source = %source.name.display(), import = ?stored.import, size = stored.size,
+        tracing::info!(snapshot = %id, source = %source.name.display(), import = %stored.import, size = stored.size,
             zero_pages = snapshot.zero_page_count(), "snapshot registered");
         if let Err(e) = self.registry.add_snapshot(snapshot) {
             let _ = self.store.remove_snapshot(&id);

@@ -140,7 +140,7 @@ impl Lifecycle {
                 report.deleted.push(id);
             }
         }
-        tracing::info!(report = %serde_json::to_string(&report).unwrap_or_default(), "reconciled the state directory");
+        report.log();
         Ok(report)
     }
 

@@ -498,7 +498,7 @@ impl Acceptor {
             message: error_chain(&error),
         };
         crate::stats::DAEMON.refused(refusal.reason);
-        tracing::warn!(fork = %p.fork.id(), peer_pid = p.peer_pid, reason = ?refusal.reason,
+        tracing::warn!(fork = %p.fork.id(), peer_pid = p.peer_pid, reason = %refusal.reason,
             error = %refusal.message, "handoff refused");
         // Record first: whoever reads the reply may look at the fork next.
         self.registry.handoff_refused(
@@ -572,7 +572,7 @@ impl Acceptor {
         let features = uffd.features();
         tracing::debug!(fork = %p.fork.id(), peer_pid = p.peer_pid, regions = handoff.regions.len(),
             bytes = handoff.regions.iter().map(|r| r.size).sum::<u64>(),
-            features = ?features, "handoff received");
+            features, "handoff received");
         let features = check_features(features)?;
         let pidfd = match p.peer_pid.map(sys::pidfd_open) {
             Some(Ok(fd)) => Some(fd),

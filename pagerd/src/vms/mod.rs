@@ -331,7 +331,7 @@ impl Vms {
                     slot.pidfd = Some(pidfd.clone());
                 })?;
                 self.supervise(id.clone(), pidfd, process.child);
-                tracing::info!(vm = %id, snapshot = %info.snapshot, backend = %info.backend, pid = ?info.pid, "VM running");
+                tracing::info!(vm = %id, snapshot = %info.snapshot, backend = %info.backend, pid = info.pid, "VM running");
                 Ok(info)
             }
             // A hypervisor it started is killed by now: its guard was dropped on the way out.
@@ -528,7 +528,7 @@ impl Vms {
         });
         match updated {
             Ok(info) => {
-                tracing::info!(vm = %id, code = ?info.exit_code, signal = ?info.exit_signal, "VM exited");
+                tracing::info!(vm = %id, code = info.exit_code, signal = info.exit_signal, "VM exited");
                 self.release(&info);
             }
             Err(e) => {
