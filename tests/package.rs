@@ -319,8 +319,12 @@ impl Drop for Cleanup {
         let _ = run("dpkg", &["--purge", "pagerd", "pagerd-dbgsym"]);
         let _ = run("umount", &["-l", &format!("{STATE_DIR}/fuse")]);
         let _ = std::fs::remove_dir_all(STATE_DIR);
+        let _ = std::fs::remove_dir_all(BACKUP);
     }
 }
+
+/// Where the walk-through exports its snapshot.
+const BACKUP: &str = "/tmp/pagerd-backup-base";
 
 /// The walk-through block of `docs/operations.md`: its command lines, comments included.
 fn walk_through() -> Vec<String> {
@@ -425,6 +429,7 @@ fn the_walk_through_in_operations_md_runs_as_written() {
     let memory = write_snapshot(&dir.path().join("base.mem"), 1 << 20, 23, 5, 0);
     let client = Client::new(&Path::new(STATE_DIR).join("control.sock"));
     let mut cleanup = Cleanup { daemon: None };
+    let _ = std::fs::remove_dir_all(BACKUP);
     let mut pid = 0;
     let mut vmm: Option<Vmm> = None;
     let mut installs = 0;
@@ -527,6 +532,18 @@ fn the_walk_through_in_operations_md_runs_as_written() {
                 assert_eq!(complete_in_bash(&["vm", "start", "ba"]), ["base"]);
                 assert!(complete_in_bash(&["vm", "get", ""]).is_empty());
             }
+            "pagerctl snapshot export base /tmp/pagerd-backup-base" => {
+                assert!(
+                    stdout.starts_with("exported base to /tmp/pagerd-backup-base"),
+                    "{stdout}"
+                );
+                assert!(Path::new(BACKUP).join("manifest.json").is_file());
+            }
+            "pagerctl snapshot import /tmp/pagerd-backup-base --id restored" => {
+                let restored = client.snapshot("restored").unwrap();
+                assert_eq!(restored.size, Some(1 << 20));
+                assert!(restored.importing.is_none() && restored.error.is_none());
+            }
             "dpkg -i target/deb/pagerd_*.deb" => {
                 // The postinst reloaded the daemon: same pid, a program started since.
                 wait_for_new_program(&client, pid, started);
@@ -578,7 +595,7 @@ fn the_walk_through_in_operations_md_runs_as_written() {
         }
         ran.push(command.to_owned());
     }
-    assert_eq!(ran.len(), 11, "every step of the walk-through ran: {ran:?}");
+    assert_eq!(ran.len(), 13, "every step of the walk-through ran: {ran:?}");
 }
 
 /// Where systemd runs: the postinst enables and starts the unit, an upgrade reloads it (same
