@@ -18,6 +18,40 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<std::ops::Range<u6
     found
 }
 
+/// The size of the pages [`read_data`] aligns to.
+pub const PAGE: u64 = 4096;
+/// The most bytes [`read_data`] hands over at once.
+const CHUNK: u64 = 1 << 20;
+
+/// Reads the data of the first `size` bytes of `file` (a whole number of 4 KiB pages), holes
+/// skipped, in page-aligned pieces of at most 1 MiB: `each(offset, bytes)` in file order.
+/// Data that is gone by the time it is read (the file shrank meanwhile) is `UnexpectedEof`.
+pub fn read_data(
+    file: &File,
+    size: u64,
+    mut each: impl FnMut(u64, &[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; CHUNK as usize];
+    for extent in data_extents(file, size)? {
+        let end = extent.end.div_ceil(PAGE).saturating_mul(PAGE).min(size);
+        let mut offset = extent.start - extent.start % PAGE;
+        while offset < end {
+            let len = usize::try_from((end - offset).min(CHUNK)).unwrap_or(buf.len());
+            let bytes = &mut buf[..len];
+            file.read_exact_at(bytes, offset)?;
+            each(offset, bytes)?;
+            offset += len as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Whether a page holds only zeros.
+pub fn is_zero(page: &[u8]) -> bool {
+    page.iter().all(|&b| b == 0)
+}
+
 fn find(file: &File, size: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
     let whole = || Ok(std::iter::once(0..size).collect());
     let mut extents = Vec::new();
@@ -49,6 +83,35 @@ fn find(file: &File, size: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_is_read_page_aligned_in_order_and_holes_are_skipped() {
+        let file = tempfile::tempfile().unwrap();
+        let size = 8u64 << 20;
+        file.set_len(size).unwrap();
+        file.write_all_at(&[1, 2, 3], (3 << 20) + 10).unwrap();
+        file.write_all_at(&[4; 4096], 6 << 20).unwrap();
+        let mut pieces = Vec::new();
+        read_data(&file, size, |offset, bytes| {
+            pieces.push((
+                offset,
+                bytes.len(),
+                bytes.iter().map(|&b| u64::from(b)).sum::<u64>(),
+            ));
+            Ok(())
+        })
+        .unwrap();
+        assert!(pieces
+            .iter()
+            .all(|(offset, len, _)| offset % PAGE == 0 && *len as u64 % PAGE == 0));
+        assert!(
+            pieces.windows(2).all(|w| w[0].0 + w[0].1 as u64 <= w[1].0),
+            "{pieces:?}"
+        );
+        let read: u64 = pieces.iter().map(|p| p.1 as u64).sum();
+        assert!(read < size / 2, "holes are not read: {read} bytes");
+        assert_eq!(pieces.iter().map(|p| p.2).sum::<u64>(), 6 + 4 * 4096);
+    }
     use std::os::unix::fs::FileExt;
 
     #[test]

@@ -222,28 +222,17 @@ impl MemorySource for Snapshot {
 /// The all-zero 4 KiB pages of the first `size` bytes of `file`: holes without reading them,
 /// data extents with `pread` (an error if the file is shorter than `size`).
 fn find_zero_pages(file: &File, size: u64) -> io::Result<Bitmap> {
-    const PAGE: usize = ZERO_MAP_PAGE as usize;
-    const CHUNK_PAGES: u64 = 256;
-    static ZERO: [u8; PAGE] = [0; PAGE];
     let pages = size / ZERO_MAP_PAGE;
     let mut map = Bitmap::new(pages);
     map.fill(0, pages, true);
-    let mut buf = vec![0u8; PAGE * CHUNK_PAGES as usize];
-    for extent in crate::extents::data_extents(file, size)? {
-        let mut page = extent.start / ZERO_MAP_PAGE;
-        let end = extent.end.div_ceil(ZERO_MAP_PAGE).min(pages);
-        while page < end {
-            let count = (end - page).min(CHUNK_PAGES);
-            let bytes = &mut buf[..count as usize * PAGE];
-            file.read_exact_at(bytes, page * ZERO_MAP_PAGE)?;
-            for (i, chunk) in (page..).zip(bytes.chunks_exact(PAGE)) {
-                if chunk != ZERO {
-                    map.fill(i, i + 1, false);
-                }
+    crate::extents::read_data(file, size, |offset, bytes| {
+        for (i, page) in (offset / ZERO_MAP_PAGE..).zip(bytes.chunks(ZERO_MAP_PAGE as usize)) {
+            if !crate::extents::is_zero(page) {
+                map.fill(i, i + 1, false);
             }
-            page += count;
         }
-    }
+        Ok(())
+    })?;
     Ok(map)
 }
 

@@ -15,7 +15,6 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use proto::model::VmmKind;
@@ -70,31 +69,16 @@ pub struct FileDigest {
 
 /// The digest of the first `size` bytes of memory `file` (data pages only, numbered).
 pub fn memory_digest(file: &File, size: u64) -> io::Result<String> {
-    const CHUNK: usize = 1 << 20;
-    let page = ZERO_MAP_PAGE as usize;
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; CHUNK];
-    for extent in crate::extents::data_extents(file, size)? {
-        let mut offset = extent.start - extent.start % ZERO_MAP_PAGE;
-        let end = extent
-            .end
-            .div_ceil(ZERO_MAP_PAGE)
-            .saturating_mul(ZERO_MAP_PAGE)
-            .min(size);
-        while offset < end {
-            let want = usize::try_from(end - offset).map_or(CHUNK, |n| n.min(CHUNK));
-            let chunk = &mut buf[..want];
-            file.read_exact_at(chunk, offset)?;
-            for (i, bytes) in chunk.chunks(page).enumerate() {
-                if bytes.iter().any(|&b| b != 0) {
-                    let number = offset / ZERO_MAP_PAGE + i as u64;
-                    hasher.update(&number.to_le_bytes());
-                    hasher.update(bytes);
-                }
+    crate::extents::read_data(file, size, |offset, bytes| {
+        for (number, page) in (offset / ZERO_MAP_PAGE..).zip(bytes.chunks(ZERO_MAP_PAGE as usize)) {
+            if !crate::extents::is_zero(page) {
+                hasher.update(&number.to_le_bytes());
+                hasher.update(page);
             }
-            offset += want as u64;
         }
-    }
+        Ok(())
+    })?;
     Ok(hasher.finalize().to_hex().to_string())
 }
 
@@ -111,6 +95,8 @@ pub fn file_digest(path: &Path) -> io::Result<FileDigest> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileExt;
+
     use super::*;
 
     #[test]

@@ -225,32 +225,18 @@ fn clone_or_copy(src: &File, dst: &Path, size: u64, done: &AtomicU64) -> io::Res
 /// that hold a non-zero byte: holes and all-zero pages stay holes. Returns the zero map (one
 /// bit per page); `done` counts the bytes behind (holes included) as it goes.
 pub(crate) fn copy_data(src: &File, dst: &File, size: u64, done: &AtomicU64) -> io::Result<Bitmap> {
-    const PAGE: u64 = ZERO_MAP_PAGE;
-    const CHUNK: u64 = 1 << 20;
     dst.set_len(size)?;
-    let pages = size / PAGE;
+    let pages = size / ZERO_MAP_PAGE;
     let mut zero = Bitmap::try_new(pages).map_err(|_| io::ErrorKind::OutOfMemory)?;
     zero.fill(0, pages, true);
-    let mut buf = vec![0u8; CHUNK as usize];
-    for extent in crate::extents::data_extents(src, size)? {
-        let (start, end) = (
-            extent.start - extent.start % PAGE,
-            extent.end.div_ceil(PAGE) * PAGE,
-        );
-        let mut offset = start;
-        while offset < end.min(size) {
-            done.store(offset, Ordering::Relaxed);
-            let want = usize::try_from((end.min(size) - offset).min(CHUNK)).unwrap_or(buf.len());
-            let chunk = &mut buf[..want];
-            match src.read_exact_at(chunk, offset) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(shrank()),
-                Err(e) => return Err(e),
-            }
-            write_data_pages(dst, chunk, offset, &mut zero)?;
-            offset += want as u64;
-        }
-    }
+    crate::extents::read_data(src, size, |offset, chunk| {
+        done.store(offset, Ordering::Relaxed);
+        write_data_pages(dst, chunk, offset, &mut zero)
+    })
+    .map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => shrank(),
+        _ => e,
+    })?;
     Ok(zero)
 }
 
@@ -259,8 +245,10 @@ pub(crate) fn copy_data(src: &File, dst: &File, size: u64, done: &AtomicU64) -> 
 fn write_data_pages(dst: &File, chunk: &[u8], offset: u64, zero: &mut Bitmap) -> io::Result<()> {
     let page = ZERO_MAP_PAGE as usize;
     let first_page = offset / ZERO_MAP_PAGE;
-    let is_data = |p: &[u8]| p.iter().any(|&b| b != 0);
-    let pages: Vec<bool> = chunk.chunks(page).map(is_data).collect();
+    let pages: Vec<bool> = chunk
+        .chunks(page)
+        .map(|p| !crate::extents::is_zero(p))
+        .collect();
     let mut i = 0;
     while i < pages.len() {
         if !pages[i] {
