@@ -263,14 +263,20 @@ impl Dispatcher {
     }
 
     fn snapshot_delete(&self, c: SnapshotDelete, cx: &RequestContext) -> Answer<SnapshotDelete> {
-        let lc = &self.lifecycle;
-        may_change(
-            caller(cx),
-            "snapshot",
-            &c.snapshot,
-            lc.snapshot_owner(&c.snapshot)?,
-        )?;
-        Ok(lc.delete_snapshot(&c.snapshot, c.defer, c.force)?)
+        self.may_change_snapshot(cx, &c.snapshot)?;
+        Ok(self
+            .lifecycle
+            .delete_snapshot(&c.snapshot, c.defer, c.force)?)
+    }
+
+    /// Refuses a change of snapshot `id` by anyone but its owner and the operators.
+    fn may_change_snapshot(
+        &self,
+        cx: &RequestContext,
+        id: &proto::SnapshotId,
+    ) -> Result<(), ControlError> {
+        let owner = self.lifecycle.snapshot_owner(id)?;
+        may_change(caller(cx), "snapshot", id, owner)
     }
 
     fn snapshot_list(&self, _: SnapshotList) -> Answer<SnapshotList> {
@@ -282,13 +288,7 @@ impl Dispatcher {
     }
 
     fn snapshot_record(&self, c: SnapshotRecord, cx: &RequestContext) -> Answer<SnapshotRecord> {
-        let lc = &self.lifecycle;
-        may_change(
-            caller(cx),
-            "snapshot",
-            &c.snapshot,
-            lc.snapshot_owner(&c.snapshot)?,
-        )?;
+        self.may_change_snapshot(cx, &c.snapshot)?;
         let forks = c.forks.unwrap_or(1);
         if !(1..=MAX_RECORD_FORKS).contains(&forks) {
             return Err(ControlError::new(
@@ -296,7 +296,7 @@ impl Dispatcher {
                 format!("`forks` must be 1 to {MAX_RECORD_FORKS}, not {forks}"),
             ));
         }
-        Ok(lc.working_sets().record(&c.snapshot, forks)?)
+        Ok(self.lifecycle.working_sets().record(&c.snapshot, forks)?)
     }
 
     fn snapshot_clear_working_set(
@@ -304,14 +304,8 @@ impl Dispatcher {
         c: SnapshotClearWorkingSet,
         cx: &RequestContext,
     ) -> Answer<SnapshotClearWorkingSet> {
-        let lc = &self.lifecycle;
-        may_change(
-            caller(cx),
-            "snapshot",
-            &c.snapshot,
-            lc.snapshot_owner(&c.snapshot)?,
-        )?;
-        Ok(lc.working_sets().clear(&c.snapshot)?)
+        self.may_change_snapshot(cx, &c.snapshot)?;
+        Ok(self.lifecycle.working_sets().clear(&c.snapshot)?)
     }
 
     fn snapshot_export(&self, c: SnapshotExport) -> Answer<SnapshotExport> {
