@@ -1,20 +1,22 @@
-//! A minimal HTTP/1.1 client over a Unix socket, enough for a hypervisor's API (Firecracker):
-//! one request per connection, a JSON body sized by `Content-Length`, and the answer read
-//! until the server closes or its `Content-Length` is complete.
+//! An HTTP/1.1 client over a Unix socket for a hypervisor's API (Firecracker): hyper's
+//! client connection on a single-threaded tokio runtime that lives for the call. One request
+//! per connection, a JSON body, and the whole answer read within one deadline.
 //!
 //! ```text
-//! PUT /snapshot/load HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n
-//! Content-Length: 97\r\nConnection: close\r\n\r\n{…}
-//! ◀ HTTP/1.1 204 \r\n…\r\n\r\n
+//! connect(socket) ─▶ http1::handshake ─▶ PUT /snapshot/load {…} ─▶ 204 (or 400 {"fault_message"})
+//! └──────────────────────────── all within `timeout` ───────────────────────────┘
 //! ```
 
-use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io;
 use std::path::Path;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+
 /// The largest answer read (Firecracker's are a few hundred bytes).
-const MAX_RESPONSE: u64 = 1024 * 1024;
+const MAX_RESPONSE: usize = 1024 * 1024;
 
 /// An HTTP answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +35,7 @@ impl Response {
 }
 
 /// Sends `method path` with an optional JSON `body` to the server on `socket` and reads its
-/// answer, each step bounded by `timeout`.
+/// answer, the whole exchange bounded by `timeout`.
 pub fn request(
     socket: &Path,
     method: &str,
@@ -41,105 +43,69 @@ pub fn request(
     body: Option<&str>,
     timeout: Duration,
 ) -> io::Result<Response> {
-    let mut stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let body = body.unwrap_or("");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
-    read_response(&mut stream)
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "localhost")
+        .header(hyper::header::ACCEPT, "application/json")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
+        .map_err(io::Error::other)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    runtime.block_on(async {
+        match tokio::time::timeout(timeout, exchange(socket, request)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no whole answer within {timeout:?}"),
+            )),
+        }
+    })
 }
 
-fn invalid(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
-}
-
-/// Reads one response: the head up to the blank line, then `Content-Length` bytes (or until
-/// the server closes when it sends none).
-fn read_response(stream: &mut impl Read) -> io::Result<Response> {
-    let mut stream = stream.take(MAX_RESPONSE);
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(at) = find(&buf, b"\r\n\r\n") {
-            break at;
-        }
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            return Err(invalid("the server closed before a whole response head"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| invalid("non-UTF-8 head"))?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| invalid("malformed status line"))?;
-    let length = lines.find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse::<usize>().ok())
-            .flatten()
-    });
-    let mut body = buf[head_end + 4..].to_vec();
-    match length {
-        Some(length) => {
-            while body.len() < length {
-                let n = stream.read(&mut chunk)?;
-                if n == 0 {
-                    return Err(invalid("the server closed before the whole body"));
-                }
-                body.extend_from_slice(&chunk[..n]);
-            }
-            body.truncate(length);
-        }
-        // 1xx, 204 and 304 have no body; anything else without a length ends at close.
-        None if status == 204 || status == 304 || status < 200 => body.clear(),
-        None => {
-            stream.read_to_end(&mut body)?;
-        }
-    }
+/// Connects, sends `request` and reads the answer.
+async fn exchange(socket: &Path, request: hyper::Request<Full<Bytes>>) -> io::Result<Response> {
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(io::Error::other)?;
+    // The connection is driven beside the request; it ends when the answer is read.
+    let driver = tokio::spawn(connection);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let status = response.status().as_u16();
+    let body = Limited::new(response.into_body(), MAX_RESPONSE)
+        .collect()
+        .await
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+        .to_bytes();
+    driver.abort();
     Ok(Response {
         status,
         body: String::from_utf8_lossy(&body).into_owned(),
     })
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
 
-    #[test]
-    fn reads_bodies_by_length_and_empty_answers() {
-        let mut ok = &b"HTTP/1.1 400 \r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"fault\":\"x\"}trailing"[..];
-        let r = read_response(&mut ok).unwrap();
-        assert_eq!(r.status, 400);
-        assert_eq!(r.body, "{\"fault\":\"x\"}");
-        let mut empty = &b"HTTP/1.1 204 \r\nServer: Firecracker API\r\n\r\n"[..];
-        let r = read_response(&mut empty).unwrap();
-        assert!(r.is_success());
-        assert!(r.body.is_empty());
-        let mut cut = &b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"[..];
-        assert!(read_response(&mut cut).is_err());
-        let mut junk = &b"garbage\r\n\r\n"[..];
-        assert!(read_response(&mut junk).is_err());
-    }
-
-    #[test]
-    fn talks_to_a_unix_socket_server() {
+    /// A one-connection server on a fresh socket: it reads a request until `until` appears,
+    /// writes `answer`, and returns what it read.
+    fn serve_once(
+        answer: &'static [u8],
+        until: &'static [u8],
+    ) -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        std::thread::JoinHandle<String>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
@@ -147,13 +113,23 @@ mod tests {
             let (mut conn, _) = listener.accept().unwrap();
             let mut got = vec![0u8; 4096];
             let mut len = 0;
-            while find(&got[..len], b"{\"a\":1}").is_none() {
-                len += conn.read(&mut got[len..]).unwrap();
+            while !got[..len].windows(until.len()).any(|w| w == until) {
+                let n = conn.read(&mut got[len..]).unwrap();
+                assert_ne!(n, 0, "the client closed early");
+                len += n;
             }
-            conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                .unwrap();
+            conn.write_all(answer).unwrap();
             String::from_utf8_lossy(&got[..len]).into_owned()
         });
+        (dir, path, server)
+    }
+
+    #[test]
+    fn sends_a_json_request_and_reads_the_answer_by_length() {
+        let (_dir, path, server) = serve_once(
+            b"HTTP/1.1 400 \r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"fault\":\"x\"}",
+            b"{\"a\":1}",
+        );
         let r = request(
             &path,
             "PUT",
@@ -162,9 +138,62 @@ mod tests {
             Duration::from_secs(5),
         )
         .unwrap();
-        assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+        assert_eq!((r.status, r.body.as_str()), (400, "{\"fault\":\"x\"}"));
+        assert!(!r.is_success());
         let sent = server.join().unwrap();
         assert!(sent.starts_with("PUT /x HTTP/1.1\r\n"), "{sent}");
-        assert!(sent.contains("Content-Length: 7\r\n"), "{sent}");
+        assert!(
+            sent.to_ascii_lowercase().contains("content-length: 7\r\n"),
+            "{sent}"
+        );
+    }
+
+    #[test]
+    fn an_empty_answer_is_a_success_without_body() {
+        let (_dir, path, server) = serve_once(
+            b"HTTP/1.1 204 \r\nServer: Firecracker API\r\n\r\n",
+            b"\r\n\r\n{}",
+        );
+        let r = request(&path, "PATCH", "/vm", Some("{}"), Duration::from_secs(5)).unwrap();
+        assert!(r.is_success());
+        assert!(r.body.is_empty());
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_cut_or_malformed_answer_is_an_error() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"[..],
+            &b"garbage\r\n\r\n"[..],
+        ] {
+            let answer: &'static [u8] = answer;
+            let (_dir, path, server) = serve_once(answer, b"{}");
+            let r = request(&path, "PUT", "/x", Some("{}"), Duration::from_secs(5));
+            assert!(r.is_err(), "{answer:?} gave {r:?}");
+            server.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_server_that_never_answers_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let error = request(&path, "GET", "/", None, Duration::from_millis(200)).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
+    }
+
+    #[test]
+    fn no_server_is_a_connect_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = request(
+            &dir.path().join("none.sock"),
+            "GET",
+            "/",
+            None,
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::NotFound, "{error}");
     }
 }

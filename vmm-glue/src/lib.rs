@@ -9,7 +9,7 @@
 //! - [`binary`]: finding a hypervisor's binary ([`find_binary`]); [`ready`]: waiting for its
 //!   control socket to come up.
 //! - [`firecracker`]: its command line and its API (snapshot load and create, pause and
-//!   resume), over [`http`], a minimal HTTP/1.1 client on a Unix socket.
+//!   resume), over [`http`], hyper's HTTP/1.1 client on a Unix socket.
 //! - [`qemu`]: the QEMU machine bundles are made with and restored into (RAM the FUSE memory
 //!   file, mapped privately), and the QMP calls that save and restore device state.
 
